@@ -1,0 +1,35 @@
+"""fusar-edge: edge inference for SAR vision-language models.
+
+The Python API ground-station software embeds::
+
+    from fusar_edge import Runtime, AnchorSet
+    rt = Runtime.open("bundles/fusar-7b")          # or Runtime.open() for the tiny preset
+    ans = rt.ask("scene.tif", "How many ships are there?", anchors="anchors.npz")
+    ans.answer, ans.text, ans.timings_ms
+"""
+
+__version__ = "0.1.0"
+
+from .errors import AnchorError, BundleError, FusarError, InputError  # noqa: E402
+
+_LAZY = {
+    "Runtime": ("runtime", "Runtime"),
+    "Answer": ("runtime", "Answer"),
+    "Anchor": ("geo.anchors", "Anchor"),
+    "AnchorSet": ("geo.anchors", "AnchorSet"),
+    "FusarConfig": ("config", "FusarConfig"),
+}
+
+
+def __getattr__(name):
+    # Lazy so `fusar-edge --help` and light imports do not pay for torch/transformers.
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Runtime", "Answer", "Anchor", "AnchorSet", "FusarConfig", "FusarError", "InputError",
+           "AnchorError", "BundleError", "__version__"]

@@ -1,0 +1,334 @@
+"""Model configuration: the Qwen2.5-VL backbone plus the FUSAR modules (TLM, GRASP).
+
+A ``FusarConfig`` is what a bundle's ``fusar.json`` holds; the backbone part is a plain
+transformers ``Qwen2_5_VLConfig`` (the bundle's ``config.json``), so real checkpoints load
+unchanged. Presets:
+
+- ``tiny``: built in code, a few MB of random weights, a 224-px chip; runs in seconds on
+  two CPU cores. Untrained: its answers are not meaningful, it exercises every code path.
+- ``qwen2.5-vl-3b`` / ``qwen2.5-vl-7b``: the real architectures' dimensions (as in the
+  official ``config.json`` files), so a real checkpoint loads into them and benchmarks can
+  build random weights at true size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
+
+FUSAR_JSON = "fusar.json"
+FUSAR_FORMAT = "fusar-edge-bundle-v1"
+
+
+@dataclass
+class TLMConfig:
+    """Token-wise linear modulation at the vision tower's output (after the patch merger)."""
+
+    enabled: bool = True
+    vec_dim: int = 64  # AEF embedding width
+    hidden_mult: int = 4  # MLP hidden = max(128, hidden_mult * C)
+    sigma: float = 2.0  # Gaussian width in pre-merge patches
+    eps: float = 1e-6  # normalisation epsilon (reference value)
+
+
+@dataclass
+class GRASPConfig:
+    """Region-aware soft prompts fused by question-guided sparse selection."""
+
+    enabled: bool = False
+    grid: tuple[int, int] = (2, 2)  # spatial blocks (rows, cols) over the merged token grid
+    proj_dim: int = 512  # h: width of the projected query/key space
+    prompt_len: int = 1  # L: tokens in the global prompt
+    selector: str = "topk"  # "topk" (softmax over the k best) or "entmax15"
+    k: int = 2
+
+    def __post_init__(self) -> None:
+        self.grid = tuple(int(g) for g in self.grid)  # JSON gives lists
+        if self.selector not in ("topk", "entmax15"):
+            raise BundleError(f"grasp.selector: expected 'topk' or 'entmax15', got {self.selector!r}")
+        blocks = self.grid[0] * self.grid[1]
+        if not 1 <= self.k <= blocks:
+            raise BundleError(f"grasp.k: expected 1..{blocks} (number of blocks), got {self.k}")
+
+
+@dataclass
+class FusarConfig:
+    """Everything the runtime needs besides weights and tokenizer."""
+
+    name: str
+    backbone: dict[str, Any]  # kwargs of transformers.Qwen2_5_VLConfig
+    chip_size: int = 504  # model input is chip_size x chip_size (the reference uses 504)
+    tlm: TLMConfig = field(default_factory=TLMConfig)
+    grasp: GRASPConfig = field(default_factory=GRASPConfig)
+    aef_years: list[int] = field(default_factory=lambda: list(range(2017, 2025)))
+    max_new_tokens: int = 512
+    system_prompt: str = "You are a helpful assistant."
+
+    # --- derived geometry -------------------------------------------------------------
+    @property
+    def vision(self) -> dict[str, Any]:
+        return self.backbone["vision_config"]
+
+    @property
+    def text(self) -> dict[str, Any]:
+        return self.backbone["text_config"]
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text["hidden_size"])
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
+        """Pre-merge ViT patch grid (hp, wp) of one chip."""
+        n = self.chip_size // int(self.vision.get("patch_size", 14))
+        return (n, n)
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        """Merged visual token grid (h, w) that reaches the language model."""
+        merge = int(self.vision.get("spatial_merge_size", 2))
+        hp, wp = self.patch_grid
+        return (hp // merge, wp // merge)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        h, w = self.token_grid
+        return h * w
+
+    def validate(self) -> None:
+        patch = int(self.vision.get("patch_size", 14))
+        merge = int(self.vision.get("spatial_merge_size", 2))
+        if self.chip_size <= 0 or self.chip_size % (patch * merge):
+            raise BundleError(
+                f"chip_size: expected a positive multiple of {patch * merge} (patch {patch} x merge {merge}), "
+                f"got {self.chip_size}"
+            )
+        if int(self.vision.get("out_hidden_size", -1)) != self.hidden_size:
+            raise BundleError(
+                "vision_config.out_hidden_size must equal text_config.hidden_size "
+                f"({self.vision.get('out_hidden_size')} != {self.hidden_size})"
+            )
+
+    # --- transformers bridge ----------------------------------------------------------
+    def backbone_config(self):
+        from transformers import Qwen2_5_VLConfig
+
+        return Qwen2_5_VLConfig(**json.loads(json.dumps(self.backbone)))
+
+    # --- fusar.json ---------------------------------------------------------------------
+    def to_fusar_json(self) -> dict[str, Any]:
+        """The FUSAR part of a bundle (the backbone lives in config.json)."""
+        return {
+            "format": FUSAR_FORMAT,
+            "name": self.name,
+            "chip_size": self.chip_size,
+            "patch_grid": list(self.patch_grid),
+            "token_grid": list(self.token_grid),
+            "tlm": {"placement": "after_merger", **dataclasses.asdict(self.tlm)},
+            "grasp": {"placement": "after_vision_end", **dataclasses.asdict(self.grasp)},
+            "aef_years": list(self.aef_years),
+            "max_new_tokens": self.max_new_tokens,
+            "system_prompt": self.system_prompt,
+        }
+
+    @classmethod
+    def from_fusar_json(cls, data: dict[str, Any], backbone: dict[str, Any], where: str = FUSAR_JSON) -> "FusarConfig":
+        if data.get("format") != FUSAR_FORMAT:
+            raise BundleError(f"{where}: format: expected {FUSAR_FORMAT!r}, got {data.get('format')!r}")
+        try:
+            tlm = {k: v for k, v in data.get("tlm", {}).items() if k != "placement"}
+            grasp = {k: v for k, v in data.get("grasp", {}).items() if k != "placement"}
+            cfg = cls(
+                name=data.get("name", "bundle"),
+                backbone=backbone,
+                chip_size=int(data["chip_size"]),
+                tlm=TLMConfig(**tlm),
+                grasp=GRASPConfig(**grasp),
+                aef_years=[int(y) for y in data.get("aef_years", [])],
+                max_new_tokens=int(data.get("max_new_tokens", 512)),
+                system_prompt=data.get("system_prompt", "You are a helpful assistant."),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{where}: malformed field ({exc})") from None
+        cfg.validate()
+        if tuple(data.get("token_grid", cfg.token_grid)) != cfg.token_grid:
+            raise BundleError(f"{where}: token_grid {data['token_grid']} does not match chip_size {cfg.chip_size}")
+        return cfg
+
+
+# --- presets ---------------------------------------------------------------------------
+
+# Special-token ids of the shipped tiny tokenizer (fusar_edge/assets/tiny_tokenizer.json,
+# built by scripts/build_tiny_tokenizer.py); tests check the two agree.
+TINY_SPECIAL_TOKENS = {
+    "<|endoftext|>": 0,
+    "<|im_start|>": 1,
+    "<|im_end|>": 2,
+    "<|vision_start|>": 3,
+    "<|vision_end|>": 4,
+    "<|vision_pad|>": 5,
+    "<|image_pad|>": 6,
+    "<|video_pad|>": 7,
+}
+TINY_VOCAB_SIZE = 1024
+
+
+def _tiny() -> FusarConfig:
+    hidden = 64
+    sp = TINY_SPECIAL_TOKENS
+    backbone = {
+        "vision_config": {
+            "depth": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_heads": 2,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [1],
+            "out_hidden_size": hidden,
+            "tokens_per_second": 2,
+        },
+        "text_config": {
+            "vocab_size": TINY_VOCAB_SIZE,
+            "hidden_size": hidden,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+            "bos_token_id": sp["<|endoftext|>"],
+            "eos_token_id": sp["<|im_end|>"],
+        },
+        "image_token_id": sp["<|image_pad|>"],
+        "video_token_id": sp["<|video_pad|>"],
+        "vision_start_token_id": sp["<|vision_start|>"],
+        "vision_end_token_id": sp["<|vision_end|>"],
+        "tie_word_embeddings": False,
+    }
+    return FusarConfig(
+        name="tiny",
+        backbone=backbone,
+        chip_size=224,
+        tlm=TLMConfig(),
+        grasp=GRASPConfig(enabled=True, grid=(2, 2), proj_dim=32, prompt_len=1, selector="topk", k=2),
+        max_new_tokens=32,
+    )
+
+
+def _qwen_vision(out_hidden: int) -> dict[str, Any]:
+    # Identical in the official 3B and 7B checkpoints except for out_hidden_size.
+    return {
+        "depth": 32,
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "in_channels": 3,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "out_hidden_size": out_hidden,
+        "tokens_per_second": 2,
+        "hidden_act": "silu",
+    }
+
+
+def _qwen_ids() -> dict[str, Any]:
+    return {
+        "image_token_id": 151655,
+        "video_token_id": 151656,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+    }
+
+
+def _qwen_text(**dims: Any) -> dict[str, Any]:
+    return {
+        "max_position_embeddings": 128000,
+        "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+        "bos_token_id": 151643,
+        "eos_token_id": 151645,
+        **dims,
+    }
+
+
+def _qwen_3b() -> FusarConfig:
+    backbone = {
+        "vision_config": _qwen_vision(2048),
+        "text_config": _qwen_text(
+            vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+            num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+        ),
+        "tie_word_embeddings": True,
+        **_qwen_ids(),
+    }
+    return FusarConfig(name="qwen2.5-vl-3b", backbone=backbone,
+                       grasp=GRASPConfig(enabled=True, grid=(2, 2), proj_dim=512, k=2))
+
+
+def _qwen_7b() -> FusarConfig:
+    backbone = {
+        "vision_config": _qwen_vision(3584),
+        "text_config": _qwen_text(
+            vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+            num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+        ),
+        "tie_word_embeddings": False,
+        **_qwen_ids(),
+    }
+    return FusarConfig(name="qwen2.5-vl-7b", backbone=backbone,
+                       grasp=GRASPConfig(enabled=True, grid=(2, 2), proj_dim=512, k=2))
+
+
+PRESETS = {"tiny": _tiny, "qwen2.5-vl-3b": _qwen_3b, "qwen2.5-vl-7b": _qwen_7b}
+
+
+def preset(name: str) -> FusarConfig:
+    """A fresh copy of a named preset."""
+    if name not in PRESETS:
+        raise BundleError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}")
+    cfg = PRESETS[name]()
+    cfg.validate()
+    return cfg
+
+
+def load_backbone_json(path: Path) -> dict[str, Any]:
+    """Read a Hugging Face ``config.json`` into plain kwargs for Qwen2_5_VLConfig."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing (a bundle needs the backbone's config.json)") from None
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if data.get("model_type") not in ("qwen2_5_vl", None):
+        raise BundleError(f"{path}: model_type: expected 'qwen2_5_vl', got {data.get('model_type')!r}")
+    # Normalise through transformers so flat legacy configs get their sub-configs.
+    from transformers import Qwen2_5_VLConfig
+
+    cfg = Qwen2_5_VLConfig(**{k: v for k, v in data.items() if k not in ("architectures", "transformers_version")})
+    d = cfg.to_dict()
+    return {
+        "vision_config": _strip(d["vision_config"]),
+        "text_config": _strip(d["text_config"]),
+        **{k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                             "vision_end_token_id", "tie_word_embeddings") if k in d},
+    }
+
+
+def _strip(sub: dict[str, Any]) -> dict[str, Any]:
+    drop = {"transformers_version", "architectures", "model_type", "dtype", "torch_dtype",
+            "_name_or_path", "output_attentions", "output_hidden_states", "return_dict",
+            "id2label", "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder",
+            "tie_word_embeddings", "layer_types", "base_config_key"}
+    return {k: v for k, v in sub.items() if k not in drop}

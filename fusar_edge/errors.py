@@ -1,0 +1,23 @@
+"""User-facing errors.
+
+Anything the user can fix (a bad file, a wrong field, a missing weight) raises a
+``FusarError`` whose message names the file, field or value and what was expected.
+The CLI prints it as one line and exits with code 2; other exceptions are bugs and
+keep their traceback.
+"""
+
+
+class FusarError(Exception):
+    """An error caused by input the user can fix."""
+
+
+class InputError(FusarError):
+    """A bad image, anchor file or command-line value."""
+
+
+class AnchorError(InputError):
+    """A malformed or unusable anchor set."""
+
+
+class BundleError(FusarError):
+    """A missing, incomplete or inconsistent model bundle or checkpoint."""

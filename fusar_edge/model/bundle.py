@@ -1,0 +1,189 @@
+"""Bundles: a directory holding one deployable FUSAR model.
+
+Layout (Hugging Face style, safetensors only, no pickle, no remote code)::
+
+    config.json                  transformers Qwen2_5_VLConfig of the backbone
+    model*.safetensors           backbone weights, transformers key names (sharded + index when large)
+    fusar_modules.safetensors    TLM / GRASP weights: keys "tlm.film_mlp.0.weight", "grasp.prompts", ...
+    fusar.json                   chip size, token grid, TLM/GRASP settings, AEF years (FusarConfig)
+    tokenizer.json, tokenizer_config.json
+    manifest.json                sha256 and size of every file above
+
+``save_bundle`` writes into a temporary sibling directory and renames it into place, so an
+interrupted save never leaves a half-written bundle under the target name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ..config import FUSAR_JSON, FusarConfig, load_backbone_json, preset, PRESETS
+from ..errors import BundleError
+from .fusar import FusarModel
+
+FUSAR_WEIGHTS = "fusar_modules.safetensors"
+MANIFEST = "manifest.json"
+TINY_SEED = 0
+
+
+def build_random(config: FusarConfig, seed: int = TINY_SEED, dtype: torch.dtype = torch.float32) -> FusarModel:
+    """A model with seeded random weights (presets; benchmarks at true size)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = FusarModel(config)
+    return model.to(dtype).eval()
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_bundle(model: FusarModel, tokenizer, out_dir: str | Path, overwrite: bool = False) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out}: already exists (pass overwrite=True / --force to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.backbone.save_pretrained(tmp, safe_serialization=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.fusar_state_dict().items()}
+        save_file(state, str(tmp / FUSAR_WEIGHTS), metadata={"format": "pt"})
+        (tmp / FUSAR_JSON).write_text(json.dumps(model.config.to_fusar_json(), indent=2), encoding="utf-8")
+        tokenizer.save(tmp)
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        manifest = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}
+        (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=2), encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_config(bundle: Path) -> FusarConfig:
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle}: not a directory (expected a bundle directory or one of: {', '.join(PRESETS)})")
+    path = bundle / FUSAR_JSON
+    if not path.is_file():
+        raise BundleError(f"{path}: missing (not a fusar-edge bundle; import a checkpoint with `fusar-edge import-fusar-gpt`)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    return FusarConfig.from_fusar_json(data, load_backbone_json(bundle / "config.json"), where=str(path))
+
+
+def load_bundle(bundle: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """-> ``(FusarModel, TextTokenizer)`` from a bundle directory, with strict weight checks."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from ..tokenizer import TextTokenizer
+
+    bundle = Path(bundle)
+    config = read_config(bundle)
+    if not any(bundle.glob("model*.safetensors")):
+        raise BundleError(f"{bundle}: no model*.safetensors backbone weights")
+    kwargs = {"dtype": dtype} if dtype is not None else {"dtype": "auto"}
+    try:
+        backbone, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            bundle, config=config.backbone_config(), local_files_only=True, use_safetensors=True,
+            trust_remote_code=False, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise BundleError(f"{bundle}: backbone weights do not load ({str(exc).splitlines()[0]})") from None
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys", "unexpected_keys") and v}
+    if problems:
+        detail = "; ".join(f"{k}: {sorted(map(str, v))[:3]}{' ...' if len(v) > 3 else ''}" for k, v in problems.items())
+        raise BundleError(f"{bundle}: backbone weights do not match config.json ({detail})")
+    model = FusarModel(config, backbone=backbone)
+    _load_fusar_weights(model, bundle / FUSAR_WEIGHTS)
+    model = model.to(device=device, dtype=backbone.dtype).eval()
+    return model, TextTokenizer.from_file(bundle / "tokenizer.json")
+
+
+def _load_fusar_weights(model: FusarModel, path: Path) -> None:
+    expected = model.fusar_state_dict()
+    if not expected:
+        return
+    if not path.is_file():
+        raise BundleError(f"{path}: missing (fusar.json enables TLM/GRASP, whose weights live here)")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise BundleError(f"{path}: unreadable safetensors file ({exc})") from None
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise BundleError(f"{path}: keys do not match fusar.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, ref in expected.items():
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise BundleError(f"{path}: {key}: expected shape {list(ref.shape)}, got {list(state[key].shape)}")
+    for name in ("tlm", "grasp"):
+        module = getattr(model, name)
+        if module is not None:
+            module.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
+
+
+def open_model(bundle: str | Path | None, dtype: torch.dtype | None = None, device="cpu"):
+    """A bundle directory, or a preset name (random weights) -> ``(model, tokenizer, weights_id)``.
+
+    ``weights_id`` is ``"random"`` for presets, else the sha256 of the bundle's manifest.
+    """
+    from ..tokenizer import TextTokenizer
+
+    name = "tiny" if bundle is None else str(bundle)
+    if name in PRESETS and not Path(name).is_dir():
+        cfg = preset(name)
+        model = build_random(cfg, dtype=dtype or torch.float32).to(device)
+        if name == "tiny":
+            tok = TextTokenizer.tiny()
+        else:
+            raise BundleError(f"preset {name!r} has no built-in tokenizer: use it for benchmarks, "
+                              "or import a checkpoint with `fusar-edge import-fusar-gpt` to get a bundle")
+        return model, tok, "random"
+    model, tok = load_bundle(name, dtype=dtype, device=device)
+    manifest = Path(name) / MANIFEST
+    return model, tok, sha256(manifest) if manifest.is_file() else "unhashed"
+
+
+def describe(bundle: str | Path) -> dict:
+    """Summary of a bundle or preset for ``fusar-edge info`` (reads configs, not weights)."""
+    name = str(bundle)
+    if name in PRESETS and not Path(name).is_dir():
+        cfg, files, weights = preset(name), {}, "random (preset)"
+    else:
+        cfg = read_config(Path(name))
+        manifest = Path(name) / MANIFEST
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"] if manifest.is_file() else {}
+        weights = sha256(manifest) if manifest.is_file() else "unhashed"
+    text, vision = cfg.text, cfg.vision
+    return {
+        "name": cfg.name,
+        "weights": weights,
+        "chip_size": cfg.chip_size,
+        "token_grid": list(cfg.token_grid),
+        "visual_tokens": cfg.num_visual_tokens,
+        "llm": f"{text['num_hidden_layers']} layers, hidden {text['hidden_size']}, "
+               f"{text['num_attention_heads']} heads / {text.get('num_key_value_heads')} kv, vocab {text['vocab_size']}",
+        "vit": f"{vision['depth']} blocks, hidden {vision['hidden_size']}, patch {vision.get('patch_size', 14)}",
+        "tlm": cfg.to_fusar_json()["tlm"],
+        "grasp": cfg.to_fusar_json()["grasp"],
+        "aef_years": cfg.aef_years,
+        "files": {k: v["bytes"] for k, v in files.items()},
+        "size_mb": round(sum(v["bytes"] for v in files.values()) / 2**20, 2) if files else None,
+    }

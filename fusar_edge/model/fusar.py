@@ -1,0 +1,122 @@
+"""The FUSAR model: transformers' Qwen2.5-VL with TLM and GRASP, split into three stages.
+
+- ``vision(pixel_values, grid_thw, anchors)``: ViT + patch merger + TLM -> visual tokens ``[T, C]``.
+- ``fusion(input_ids, layout, visual_tokens, question_ids)``: token embeddings, the visual
+  tokens spliced over the image placeholders, and (GRASP) the global prompt over its slots
+  right after ``<|vision_end|>`` -> ``inputs_embeds [1, L, C]``.
+- ``decoder(inputs_embeds, position_ids, cache)``: the language model + LM head -> logits.
+
+The three are the unit of export (ONNX / TensorRT); everything data-dependent (M-RoPE
+positions, ViT window indices) stays on the host. The backbone is an unmodified
+``Qwen2_5_VLForConditionalGeneration`` so real checkpoints load through transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import FusarConfig
+from .grasp import GRASP
+from .rope import text_positions
+from .tlm import TLM
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """Where the image tokens and the GRASP prompt slots sit in the input sequence."""
+
+    image_start: int
+    image_len: int
+    prompt_start: int  # first GRASP slot (== image end + 1, after <|vision_end|>)
+    prompt_len: int  # 0 when GRASP is off
+
+
+class FusarModel(nn.Module):
+    def __init__(self, config: FusarConfig, backbone: nn.Module | None = None):
+        super().__init__()
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        config.validate()
+        self.config = config
+        self.backbone = backbone if backbone is not None else Qwen2_5_VLForConditionalGeneration(config.backbone_config())
+        c = config.hidden_size
+        t, g = config.tlm, config.grasp
+        self.tlm = TLM(c, t.vec_dim, t.hidden_mult, t.sigma, t.eps) if t.enabled else None
+        self.grasp = GRASP(c, g.grid, g.proj_dim, g.prompt_len, g.selector, g.k) if g.enabled else None
+
+    # -- pieces of the backbone ------------------------------------------------------------
+    @property
+    def visual(self) -> nn.Module:
+        return self.backbone.model.visual
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.backbone.model.language_model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.backbone.lm_head
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def fusar_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights of the FUSAR modules only (the backbone saves through transformers)."""
+        state = {}
+        for name, module in (("tlm", self.tlm), ("grasp", self.grasp)):
+            if module is not None:
+                state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+        return state
+
+    # -- stage 1: vision -----------------------------------------------------------------
+    def vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+               anchors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """ViT + merger (+ TLM when anchors are given) -> ``[T, C]`` in raster order."""
+        out = self.visual(pixel_values.to(device=self.device, dtype=self.visual.dtype), grid_thw=grid_thw.to(self.device))
+        tokens = out.pooler_output if hasattr(out, "pooler_output") else out
+        if anchors is not None and self.tlm is not None:
+            features, positions, mask = anchors
+            tokens = self.tlm(tokens, features, positions, mask, self.config.patch_grid, self.config.token_grid)
+        return tokens
+
+    # -- stage 2: fusion ------------------------------------------------------------------
+    def question_vector(self, question_ids: torch.Tensor) -> torch.Tensor:
+        """GRASP's ``q``: mean final hidden state over the question tokens, text-only pass."""
+        ids = question_ids.view(1, -1).to(self.device)
+        out = self.language_model(input_ids=ids, position_ids=text_positions(0, ids.shape[1]).to(self.device),
+                                  use_cache=False)
+        return out.last_hidden_state[0].mean(dim=0)
+
+    def fusion(self, input_ids: torch.Tensor, layout: SequenceLayout, visual_tokens: torch.Tensor,
+               question_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> ``(inputs_embeds [1, L, C], grasp block weights [N] or None)``."""
+        ids = input_ids.view(1, -1).to(self.device)
+        embeds = self.language_model.embed_tokens(ids).clone()
+        s, n = layout.image_start, layout.image_len
+        if visual_tokens.shape[0] != n:
+            raise ValueError(f"fusion: {visual_tokens.shape[0]} visual tokens for {n} image placeholders")
+        embeds[0, s:s + n] = visual_tokens.to(embeds.dtype)
+        weights = None
+        if self.grasp is not None and layout.prompt_len:
+            if question_ids is None:
+                raise ValueError("fusion: GRASP needs the question's token ids")
+            q = self.question_vector(question_ids)
+            prompt, weights = self.grasp(visual_tokens, self.config.token_grid, q)
+            p = layout.prompt_start
+            embeds[0, p:p + layout.prompt_len] = prompt.to(embeds.dtype)
+        return embeds, weights
+
+    # -- stage 3: decoder -----------------------------------------------------------------
+    def decoder(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, cache=None):
+        """Language model + LM head -> ``(logits [1, L, V] float32, cache)``."""
+        out = self.language_model(inputs_embeds=inputs_embeds, position_ids=position_ids.to(self.device),
+                                  cache=cache, use_cache=True)
+        return self.lm_head(out.last_hidden_state).float(), out.cache

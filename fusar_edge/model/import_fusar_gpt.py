@@ -1,0 +1,113 @@
+"""Import a FUSAR-GPT checkpoint, as its public reference code writes it, into a bundle.
+
+Inputs (kklvyyhadr/FUSAR-GPT, MIT):
+
+- ``BASE``: a Hugging Face Qwen2.5-VL folder (``config.json``, ``*.safetensors``, ``tokenizer.json``).
+- ``LORA``: a PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``;
+  the reference trains r=8, alpha=32 on the LLM, and legacy stage-1 weights also on the ViT).
+- ``TLM``: ``vec64_film.pt`` (``{"film_mlp": state_dict}``, read with ``weights_only=True``) and
+  ``tlm_config.json`` (``format == "tlm_original_train_patch_resize_v1"``, ``sigma``,
+  ``hidden_mult``, ``image_size``, ``vec_dim == 64``). Legacy checkpoints without the JSON
+  need the training sigma given explicitly (the reference demands the same).
+
+The LoRA is merged into the base weights (PEFT ``merge_and_unload``), the TLM MLP is
+converted to safetensors, GRASP stays off (FUSAR-GPT has none), and a bundle is written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..config import FusarConfig, GRASPConfig, TLMConfig, load_backbone_json
+from ..errors import BundleError
+from .bundle import save_bundle
+from .fusar import FusarModel
+
+TLM_FORMAT = "tlm_original_train_patch_resize_v1"
+
+
+def read_tlm_config(tlm_dir: Path, legacy_sigma: float | None) -> dict:
+    path = tlm_dir / "tlm_config.json"
+    if not path.is_file():
+        if legacy_sigma is None:
+            raise BundleError(f"{path}: missing; a legacy checkpoint needs its TRAINING sigma (--legacy-sigma, "
+                              "the reference script trained with 2)")
+        return {"format": TLM_FORMAT, "sigma": float(legacy_sigma), "hidden_mult": 4, "image_size": 504, "vec_dim": 64}
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc.msg})") from None
+    if cfg.get("format") != TLM_FORMAT:
+        raise BundleError(f"{path}: format: expected {TLM_FORMAT!r}, got {cfg.get('format')!r}")
+    if cfg.get("vec_dim") != 64:
+        raise BundleError(f"{path}: vec_dim: expected 64, got {cfg.get('vec_dim')!r}")
+    for key in ("sigma", "hidden_mult", "image_size"):
+        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
+            raise BundleError(f"{path}: {key}: expected a positive number, got {cfg.get(key)!r}")
+    return cfg
+
+
+def read_film_state(tlm_dir: Path) -> dict[str, torch.Tensor]:
+    path = tlm_dir / "vec64_film.pt"
+    if not path.is_file():
+        raise BundleError(f"{path}: missing (the TLM MLP weights)")
+    try:
+        # weights_only: never unpickle arbitrary objects from a checkpoint.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad/unsafe pickles
+        raise BundleError(f"{path}: cannot be read as a weights-only torch file ({str(exc).splitlines()[0]})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("film_mlp"), dict):
+        raise BundleError(f"{path}: expected a dict with key 'film_mlp' holding the MLP state_dict")
+    return state["film_mlp"]
+
+
+def merge_lora(base_dir: Path, lora_dir: Path):
+    from peft import PeftModel
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    if not (lora_dir / "adapter_config.json").is_file():
+        raise BundleError(f"{lora_dir / 'adapter_config.json'}: missing (LORA must be a PEFT adapter folder)")
+    backbone_kwargs = load_backbone_json(base_dir / "config.json")
+    try:
+        base = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            base_dir, local_files_only=True, use_safetensors=True, trust_remote_code=False, dtype="auto")
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{base_dir}: base Qwen2.5-VL weights do not load ({str(exc).splitlines()[0]})") from None
+    try:
+        peft_model = PeftModel.from_pretrained(base, lora_dir, is_trainable=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise BundleError(f"{lora_dir}: LoRA adapter does not apply to the base model ({str(exc).splitlines()[0]})") from None
+    return peft_model.merge_and_unload(), backbone_kwargs
+
+
+def import_fusar_gpt(base: str | Path, lora: str | Path, tlm: str | Path, out: str | Path,
+                     legacy_sigma: float | None = None, overwrite: bool = False) -> Path:
+    from ..tokenizer import TextTokenizer
+
+    base, lora, tlm = Path(base), Path(lora), Path(tlm)
+    for name, path in (("BASE", base), ("LORA", lora), ("TLM", tlm)):
+        if not path.is_dir():
+            raise BundleError(f"{path}: {name} must be a directory")
+    tlm_cfg = read_tlm_config(tlm, legacy_sigma)
+    film = read_film_state(tlm)
+    tok_path = lora / "tokenizer.json" if (lora / "tokenizer.json").is_file() else base / "tokenizer.json"
+    tokenizer = TextTokenizer.from_file(tok_path)
+    merged, backbone_kwargs = merge_lora(base, lora)
+    config = FusarConfig(
+        name=f"fusar-gpt:{base.name}",
+        backbone=backbone_kwargs,
+        chip_size=int(tlm_cfg["image_size"]),
+        tlm=TLMConfig(enabled=True, vec_dim=64, hidden_mult=int(tlm_cfg["hidden_mult"]), sigma=float(tlm_cfg["sigma"])),
+        grasp=GRASPConfig(enabled=False),
+    )
+    model = FusarModel(config, backbone=merged)
+    try:
+        model.tlm.film_mlp.load_state_dict(film, strict=True)
+    except RuntimeError as exc:
+        raise BundleError(f"{tlm / 'vec64_film.pt'}: film_mlp does not fit hidden size {config.hidden_size} "
+                          f"and hidden_mult {config.tlm.hidden_mult} ({str(exc).splitlines()[0]})") from None
+    model.tlm.to(merged.dtype)
+    return save_bundle(model, tokenizer, out, overwrite=overwrite)

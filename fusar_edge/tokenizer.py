@@ -1,0 +1,98 @@
+"""Text tokenizer and the Qwen2.5-VL chat sequence.
+
+Bundles carry their checkpoint's ``tokenizer.json`` (read with the ``tokenizers``
+library, nothing downloaded); the ``tiny`` preset ships a small byte-level BPE
+(``assets/tiny_tokenizer.json``, built by ``scripts/build_tiny_tokenizer.py``).
+
+The sequence is Qwen2.5-VL's chat template for one image and one question (what the
+FUSAR-GPT reference gets from ``processor.apply_chat_template``), plus the GRASP slots::
+
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n<|vision_start|>
+    <|image_pad|> x T <|vision_end|> [GRASP slot x L] {question}<|im_end|>\\n<|im_start|>assistant\\n
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer
+
+from .errors import BundleError
+from .model.fusar import SequenceLayout
+
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer: Tokenizer, source: str):
+        self._tok = tokenizer
+        self.source = source
+        self.ids = {}
+        for name in SPECIALS:
+            idx = tokenizer.token_to_id(name)
+            if idx is None:
+                raise BundleError(f"{source}: tokenizer lacks the Qwen2.5-VL special token {name}")
+            self.ids[name] = idx
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TextTokenizer":
+        path = Path(path)
+        if not path.is_file():
+            raise BundleError(f"{path}: missing (bundles need their checkpoint's tokenizer.json)")
+        try:
+            return cls(Tokenizer.from_file(str(path)), str(path))
+        except Exception as exc:  # tokenizers raises bare Exceptions on malformed JSON
+            raise BundleError(f"{path}: not a valid tokenizers JSON file ({exc})") from None
+
+    @classmethod
+    def tiny(cls) -> "TextTokenizer":
+        ref = resources.files("fusar_edge") / "assets" / "tiny_tokenizer.json"
+        return cls(Tokenizer.from_str(ref.read_text(encoding="utf-8")), "tiny preset tokenizer")
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids the tokenizer can decode (real checkpoints pad the embedding beyond this)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        return [self.ids[t] for t in STOP_TOKENS]
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def save(self, directory: Path) -> None:
+        self._tok.save(str(Path(directory) / "tokenizer.json"))
+        config = {"tokenizer_class": "Qwen2TokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                  "model_max_length": 32768, "clean_up_tokenization_spaces": False}
+        (Path(directory) / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+@dataclass
+class ChatSequence:
+    input_ids: torch.Tensor  # [L] long
+    layout: SequenceLayout
+    question_ids: torch.Tensor  # [n] long: the question alone, for GRASP's text-only pass
+
+
+def build_sequence(tok: TextTokenizer, question: str, num_image_tokens: int, prompt_len: int,
+                   system_prompt: str) -> ChatSequence:
+    head = tok.encode(f"<|im_start|>system\n{system_prompt}<|im_end|>\n<|im_start|>user\n<|vision_start|>")
+    image = [tok.ids["<|image_pad|>"]] * num_image_tokens
+    vend = [tok.ids["<|vision_end|>"]]
+    # GRASP slots hold a placeholder id; fusion overwrites their embeddings with the prompt.
+    slots = [tok.ids["<|endoftext|>"]] * prompt_len
+    question_ids = tok.encode(question)
+    tail = question_ids + tok.encode("<|im_end|>\n<|im_start|>assistant\n")
+    ids = head + image + vend + slots + tail
+    layout = SequenceLayout(image_start=len(head), image_len=num_image_tokens,
+                            prompt_start=len(head) + num_image_tokens + 1, prompt_len=prompt_len)
+    return ChatSequence(torch.tensor(ids, dtype=torch.long), layout, torch.tensor(question_ids, dtype=torch.long))

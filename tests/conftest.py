@@ -1,0 +1,27 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from fusar_edge.config import preset
+    from fusar_edge.model.bundle import build_random
+
+    return build_random(preset("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from fusar_edge.tokenizer import TextTokenizer
+
+    return TextTokenizer.tiny()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
