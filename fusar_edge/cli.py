@@ -1,0 +1,168 @@
+"""The ``fusar-edge`` command line.
+
+Every user-fixable problem (bad image, malformed anchors, missing bundle file) prints one
+line ``fusar-edge: error: ...`` and exits with code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import FusarError
+
+# No hub, ever: model loading stays on local files even if a library would try otherwise.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+EPILOG_ASK = """examples:
+  fusar-edge sample demo/                      # write a synthetic SAR scene + anchors
+  fusar-edge ask demo/scene.tif "How many ships are there?" --anchors demo/anchors.npz --json
+  fusar-edge ask chip.png "Detect the planes" --bundle bundles/fusar-7b --task detect
+
+Without --bundle the built-in `tiny` preset runs: random, untrained weights that exercise
+every stage in seconds on a CPU; its answers are not meaningful.
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fusar-edge",
+        description="Edge inference for SAR vision-language models (FUSAR-GPT: Qwen2.5-VL + AEF anchors + TLM + GRASP).",
+    )
+    p.add_argument("--version", action="version", version=f"fusar-edge {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    a = sub.add_parser("ask", help="answer a question about a SAR image",
+                       description="Answer a question about one SAR image (GeoTIFF, PNG/JPEG or .npy).",
+                       epilog=EPILOG_ASK, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("image", help="SAR image: GeoTIFF (georeferenced), PNG/JPEG, or .npy (real or complex)")
+    a.add_argument("question", help='the question, e.g. "How many ships are there?"')
+    a.add_argument("--bundle", help="bundle directory or preset name (default: built-in tiny preset)")
+    a.add_argument("--anchors", metavar="FILE", help="AEF anchor set: reference NPZ (features, positions) or NPY columns")
+    a.add_argument("--tiles", metavar="DIR", help="AEF tile store for anchored lookup (not available in this version)")
+    a.add_argument("--bbox", nargs=4, type=float, metavar=("LON_MIN", "LAT_MIN", "LON_MAX", "LAT_MAX"),
+                   help="footprint of an image without georeference (overrides the GeoTIFF's)")
+    a.add_argument("--date", metavar="YYYY-MM-DD", help="acquisition date (overrides the file's metadata)")
+    a.add_argument("--task", choices=["count", "locate", "classify", "detect", "caption"],
+                   help="answer type; default: inferred from the question")
+    a.add_argument("--scale", choices=["auto", "amplitude", "db", "power"], default="auto",
+                   help="how to read real-valued pixels (default: auto)")
+    a.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch")
+    a.add_argument("--max-new-tokens", type=int, metavar="N", help="bound on generated tokens (default: the bundle's)")
+    a.add_argument("--max-image-side", type=int, default=20000, metavar="PX",
+                   help="refuse images with a side above this (default: 20000)")
+    a.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    i = sub.add_parser("info", help="describe a bundle or preset")
+    i.add_argument("bundle", help="bundle directory or preset name")
+    i.add_argument("--json", action="store_true")
+
+    m = sub.add_parser("import-fusar-gpt", help="turn a FUSAR-GPT checkpoint into a bundle",
+                       description="Merge a FUSAR-GPT checkpoint (base Qwen2.5-VL folder + PEFT LoRA adapter + "
+                                   "vec64_film.pt / tlm_config.json) into one safetensors bundle.")
+    m.add_argument("base", help="base Qwen2.5-VL folder (config.json, *.safetensors, tokenizer.json)")
+    m.add_argument("lora", help="PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors)")
+    m.add_argument("tlm", help="folder with vec64_film.pt and tlm_config.json (often the adapter folder)")
+    m.add_argument("--out", required=True, help="bundle directory to write")
+    m.add_argument("--legacy-sigma", type=float, help="TLM sigma for old checkpoints without tlm_config.json")
+    m.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    s = sub.add_parser("sample", help="write a synthetic SAR scene and anchor set to try `ask` on")
+    s.add_argument("out", help="directory to write scene.tif, scene.png, anchors.npz into")
+    s.add_argument("--size", type=int, default=256)
+    s.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _print_answer(ans) -> None:
+    print(f"answer: {json.dumps(ans.answer)}")
+    if ans.parse_error:
+        print(f"parse error: {ans.parse_error}")
+    a = ans.anchor
+    where = f"{a['count']} points, coverage {a['coverage']:.2f}, year {a['year']}" if a["count"] else a.get("note", "")
+    print(f"task: {ans.task} | anchors: {a['source']} ({where}) | {ans.timings_ms['total']:.0f} ms")
+    print(f"text: {ans.text!r}")
+
+
+def cmd_ask(args) -> int:
+    from .runtime import Runtime
+
+    rt = Runtime.open(args.bundle, tiles=args.tiles, backend=args.backend, max_image_side=args.max_image_side)
+    ans = rt.ask(args.image, args.question, anchors=args.anchors, task=args.task,
+                 bbox=tuple(args.bbox) if args.bbox else None, date=args.date, scale=args.scale,
+                 max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(ans.to_json()))
+    else:
+        _print_answer(ans)
+    if rt.weights == "random":
+        print(f"note: preset {rt.config.name!r} has random, untrained weights: the answer is not meaningful",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .model.bundle import describe
+
+    info = describe(args.bundle)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for key, value in info.items():
+            print(f"{key:>16}: {value if not isinstance(value, (dict, list)) else json.dumps(value)}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from .model.import_fusar_gpt import import_fusar_gpt
+
+    out = import_fusar_gpt(args.base, args.lora, args.tlm, args.out, legacy_sigma=args.legacy_sigma,
+                           overwrite=args.force)
+    print(f"wrote bundle {out}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .geo.synthetic import write_demo_scene
+
+    paths = write_demo_scene(args.out, size=args.size, seed=args.seed)
+    for key, value in paths.items():
+        if isinstance(value, (str, Path)):
+            print(f"{key}: {value}")
+    return 0
+
+
+COMMANDS = {"ask": cmd_ask, "info": cmd_info, "import-fusar-gpt": cmd_import, "sample": cmd_sample}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if not args.debug:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+        return COMMANDS[args.command](args)
+    except FusarError as exc:
+        if args.debug:
+            raise
+        print(f"fusar-edge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fusar-edge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""SAR image input: read a GeoTIFF, PNG/JPEG or ``.npy`` into one display representation.
+
+The model was trained on 8-bit renderings of SAR scenes (the FUSAR-GPT reference opens a
+PNG, converts it to RGB and resizes it bicubically to 504 x 504), so every input ends as
+such a rendering; what differs is how radar measurements become one.
+
+Normalisation contract (THE contract; ``SarImage.data`` and ``to_chip`` follow it):
+
+1. Complex (SLC) pixels become amplitude ``|z|``. Real pixels are read per ``scale``:
+   ``"amplitude"`` (linear), ``"power"`` (linear intensity, e.g. sigma0), ``"db"``, or
+   ``"auto"``: 8-bit unsigned data is an already-visual image (kept as is, below); other
+   data is ``"db"`` if any valid pixel is negative (linear values never are), else
+   ``"amplitude"``.
+2. Linear values become dB: ``20 log10(max(a, 1e-10))`` for amplitude,
+   ``10 log10(max(p, 1e-10))`` for power. After step 3 amplitude and power give the same
+   image (the factor 2 cancels); only dB versus linear matters.
+3. A robust stretch maps the 2nd..98th percentile of the valid pixels linearly to [0, 1]
+   and clips. Valid pixels are finite, not equal to the GeoTIFF's declared nodata value,
+   and, for linear data, > 0 (zero amplitude is the fill of SAR products, not a
+   measurement). If the two percentiles coincide, min..max is used instead; a constant
+   image becomes all 0. Invalid pixels are 0 after the stretch.
+4. ``to_chip`` renders ``round(255 * value)`` as 8-bit gray, replicates it to RGB and
+   resizes with PIL bicubic to ``size x size`` (aspect ratio not kept, as in the reference).
+
+``SarImage.data`` therefore has one of two forms, told apart by ``kind``:
+``kind == "visual8"``: uint8 ``[H, W, 3]``, exactly ``PIL.Image.open(p).convert("RGB")``
+(so the chip of an 8-bit PNG is byte-identical to the reference's); every other kind
+(``"amplitude"``, ``"power"``, ``"db"``, ``"complex"``): float32 ``[H, W]`` in [0, 1] after
+steps 1-3.
+
+PNGs with 16/32-bit pixels hold radar values, not a rendering: they go through steps 1-3.
+NaN/Inf pixels are an error unless the GeoTIFF declares NaN as its nodata value: silently
+zeroing them would hide a broken product. Images with a side above ``max_side`` are
+refused before their pixels are read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import rasterio
+import rasterio.errors
+from PIL import Image
+from rasterio.warp import transform_bounds
+
+from ..errors import InputError
+
+SCALES = ("auto", "amplitude", "db", "power")
+RASTER_SUFFIXES = (".tif", ".tiff")
+PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
+NPY_SUFFIXES = (".npy",)
+SUFFIXES = RASTER_SUFFIXES + PIL_SUFFIXES + NPY_SUFFIXES
+EPS = 1e-10
+STRETCH_PERCENTILES = (2.0, 98.0)
+# Tag keys that may carry the acquisition date, most specific first. TIFFTAG_DATETIME is
+# last: it is often the time the file was written, not when the scene was acquired.
+DATE_KEYS = ("ACQUISITION_DATE", "ACQUISITION_START_TIME", "FIRST_LINE_TIME", "ACQUISITION_TIME",
+             "START_TIME", "DATE", "DATETIME", "TIFFTAG_DATETIME")
+# YYYY-MM-DD, YYYY:MM:DD (TIFF), YYYYMMDD, each optionally followed by a time.
+_TAG_DATE = re.compile(r"\s*(\d{4})[-:/.]?(\d{2})[-:/.]?(\d{2})(?!\d)")
+_ISO_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})")
+
+
+@dataclass
+class SarImage:
+    """One SAR image in display form plus what is known of where and when it was taken.
+
+    ``data``: see the module docstring (float32 ``[H, W]`` in [0, 1], or uint8 ``[H, W, 3]``
+    when ``kind == "visual8"``). ``transform`` holds the affine coefficients
+    ``(a, b, c, d, e, f)`` of the pixel grid in ``crs``; ``bounds_lonlat`` is the WGS84
+    footprint ``(lon_min, lat_min, lon_max, lat_max)``; ``date_tag`` names the metadata
+    key the acquisition date was read from.
+    """
+
+    path: str
+    data: np.ndarray
+    height: int
+    width: int
+    crs: str | None = None
+    transform: tuple[float, ...] | None = None
+    bounds_lonlat: tuple[float, float, float, float] | None = None
+    acquisition_date: dt.date | None = None
+    kind: str = "amplitude"
+    date_tag: str | None = None
+
+
+def parse_date(text: str) -> dt.date:
+    """``"YYYY-MM-DD"`` -> date; anything else is an InputError naming the value."""
+    match = _ISO_DATE.fullmatch(text.strip()) if isinstance(text, str) else None
+    try:
+        if match:
+            return dt.date(*map(int, match.groups()))
+    except ValueError:
+        pass
+    raise InputError(f"date: expected a calendar date YYYY-MM-DD, got {text!r}")
+
+
+def read_sar(path: str | Path, *, scale: str = "auto", band: int = 1, max_side: int = 20000) -> SarImage:
+    """Read a SAR image (GeoTIFF/TIFF, PNG/JPEG, ``.npy``) and normalise it per the module contract.
+
+    ``band`` (1-based) selects the GeoTIFF band; PNG/JPEG and ``.npy`` hold a single image.
+    """
+    p = Path(path)
+    if scale not in SCALES:
+        raise InputError(f"scale: expected one of {', '.join(SCALES)}, got {scale!r}")
+    if isinstance(band, bool) or not isinstance(band, int) or band < 1:
+        raise InputError(f"band: expected a 1-based band index, got {band!r}")
+    if not p.exists():
+        raise InputError(f"image {p}: no such file")
+    if not p.is_file():
+        raise InputError(f"image {p}: not a file")
+    suffix = p.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise InputError(f"image {p}: unsupported extension {p.suffix!r}; expected one of {', '.join(SUFFIXES)}")
+    if p.stat().st_size == 0:
+        raise InputError(f"image {p}: the file is empty (0 bytes)")
+    if suffix in RASTER_SUFFIXES:
+        return _read_raster(p, scale, band, max_side)
+    if band != 1:
+        raise InputError(f"image {p}: band {band} out of range; a {suffix} file holds one image (band 1)")
+    if suffix in PIL_SUFFIXES:
+        return _read_pil(p, scale, max_side)
+    return _read_npy(p, scale, max_side)
+
+
+def render(img: SarImage) -> Image.Image:
+    """The full-size 8-bit rendering: ``"RGB"`` for visual images, ``"L"`` for radar data."""
+    if img.kind == "visual8":
+        return Image.fromarray(img.data, "RGB")
+    return Image.fromarray(np.rint(np.clip(img.data, 0.0, 1.0) * 255.0).astype(np.uint8), "L")
+
+
+def to_chip(img: SarImage, size: int) -> np.ndarray:
+    """uint8 ``[size, size, 3]``: the rendering resized with PIL bicubic, as the reference does."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise InputError(f"chip size: expected a positive integer, got {size!r}")
+    chip = np.asarray(render(img).resize((size, size), Image.Resampling.BICUBIC))
+    # Resizing gray then replicating equals PIL's convert("RGB") then resize (per-channel
+    # resampling), at a third of the work.
+    return chip if chip.ndim == 3 else np.repeat(chip[:, :, None], 3, axis=2)
+
+
+# -- GeoTIFF ------------------------------------------------------------------------------
+
+
+@contextmanager
+def open_raster(path: Path) -> Iterator[rasterio.io.DatasetReader]:
+    """Open a GeoTIFF with GDAL errors turned into one-line InputErrors naming the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:
+                yield ds
+    except rasterio.errors.RasterioError as exc:
+        reason = " ".join(str(exc.__cause__ or exc).split())
+        raise InputError(f"image {path}: cannot read it as a TIFF ({reason}); is the file truncated or corrupt?") from exc
+
+
+def raster_georef(ds) -> tuple[str | None, tuple[float, ...] | None, tuple[float, float, float, float] | None]:
+    """``(crs, transform, bounds_lonlat)`` from an affine geotransform, else from GCPs.
+
+    GCP-georeferenced files (e.g. Sentinel-1 GRD) get a footprint from the envelope of
+    their GCPs and no affine transform.
+    """
+    if ds.crs and not ds.transform.is_identity:
+        t = ds.transform
+        xs, ys = zip(*(t @ corner for corner in ((0, 0), (ds.width, 0), (0, ds.height), (ds.width, ds.height))))
+        crs, affine = ds.crs, tuple(float(v) for v in t[:6])
+    else:
+        gcps, crs = ds.gcps
+        if not gcps or not crs:
+            return None, None, None
+        xs, ys = [g.x for g in gcps], [g.y for g in gcps]
+        affine = None
+    bounds = transform_bounds(crs, "EPSG:4326", min(xs), min(ys), max(xs), max(ys), densify_pts=21)
+    return crs.to_string(), affine, tuple(float(v) for v in bounds)
+
+
+def raster_date(ds) -> tuple[dt.date | None, str | None]:
+    """Acquisition date and the tag it came from, searching every namespace and the band tags."""
+    tags: dict[str, str] = {}
+    for group in [ds.tags(), *(ds.tags(ns=ns) for ns in ds.tag_namespaces() or ()), ds.tags(1)]:
+        for key, value in group.items():
+            tags.setdefault(key.upper(), value)
+    for key in DATE_KEYS:
+        match = _TAG_DATE.match(tags.get(key, ""))
+        if match:
+            try:
+                return dt.date(*map(int, match.groups())), key
+            except ValueError:
+                continue  # a malformed tag: try the next key
+    return None, None
+
+
+def _read_raster(p: Path, scale: str, band: int, max_side: int) -> SarImage:
+    with open_raster(p) as ds:
+        if band > ds.count:
+            raise InputError(f"image {p}: band {band} out of range; the file has {ds.count} band(s)")
+        _check_size(p, ds.height, ds.width, max_side)
+        crs, affine, bounds = raster_georef(ds)
+        date, date_tag = raster_date(ds)
+        rgb = (scale == "auto" and ds.count >= 3 and all(d == "uint8" for d in ds.dtypes[:3])
+               and [c.name for c in ds.colorinterp[:3]] == ["red", "green", "blue"])
+        nodata, height, width = ds.nodatavals[band - 1], ds.height, ds.width
+        pixels = ds.read((1, 2, 3)).transpose(1, 2, 0) if rgb else ds.read(band)  # read errors: open_raster
+    if rgb:
+        data, kind = np.ascontiguousarray(pixels), "visual8"
+    else:
+        data, kind = _normalise(p, pixels, scale, nodata)
+    return SarImage(str(p), data, height, width, crs, affine, bounds, date, kind, date_tag)
+
+
+# -- PNG / JPEG and .npy ------------------------------------------------------------------
+
+
+def _read_pil(p: Path, scale: str, max_side: int) -> SarImage:
+    try:
+        with warnings.catch_warnings():
+            # max_side is the size guard here; Pillow's warning would only add noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                _check_size(p, im.height, im.width, max_side)
+                im.load()
+                if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit: radar data, not a rendering
+                    data, kind = _normalise(p, np.asarray(im), scale, None)
+                elif scale == "auto":
+                    data, kind = np.asarray(im.convert("RGB")), "visual8"
+                else:
+                    data, kind = _normalise(p, np.asarray(im.convert("L")), scale, None)
+                height, width = im.height, im.width
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"image {p}: more pixels than Pillow's decompression-bomb limit ({exc}); "
+                         "convert it to GeoTIFF or .npy") from exc
+    except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError and truncation are OSErrors
+        raise InputError(f"image {p}: cannot read it as {p.suffix[1:].upper()} "
+                         f"({' '.join(str(exc).split())}); is the file truncated or corrupt?") from exc
+    return SarImage(str(p), data, height, width, kind=kind)
+
+
+def _read_npy(p: Path, scale: str, max_side: int) -> SarImage:
+    with open(p, "rb") as f:
+        if not f.read(len(np.lib.format.MAGIC_PREFIX)) == np.lib.format.MAGIC_PREFIX:
+            raise InputError(f"image {p}: not a NumPy .npy file (wrong magic bytes; pickles are never loaded)")
+    try:
+        arr = np.load(p, mmap_mode="r", allow_pickle=False)  # header only until the size is checked
+    except ValueError as exc:
+        if "object" in str(exc).lower():
+            raise InputError(f"image {p}: holds Python objects, which are never unpickled; "
+                             "save a plain numeric 2-D array") from exc
+        raise InputError(f"image {p}: cannot read it as .npy ({exc}); is the file truncated or corrupt?") from exc
+    except (OSError, EOFError) as exc:
+        raise InputError(f"image {p}: cannot read it as .npy ({exc}); is the file truncated or corrupt?") from exc
+    if arr.ndim != 2:
+        raise InputError(f"image {p}: expected a 2-D array [H, W], got shape {list(arr.shape)}")
+    if arr.dtype.names or arr.dtype.kind not in "biufc" or arr.dtype.kind == "b":
+        raise InputError(f"image {p}: expected real or complex numbers, got dtype {arr.dtype}")
+    _check_size(p, arr.shape[0], arr.shape[1], max_side)
+    data, kind = _normalise(p, np.asarray(arr), scale, None)
+    return SarImage(str(p), data, arr.shape[0], arr.shape[1], kind=kind)
+
+
+def _check_size(p: Path, height: int, width: int, max_side: int) -> None:
+    if height == 0 or width == 0:
+        raise InputError(f"image {p}: zero-size image ({height} x {width} px)")
+    if max(height, width) > max_side:
+        raise InputError(f"image {p}: {height} x {width} px exceeds the limit of {max_side} px per side "
+                          "(configurable: read_sar(max_side=...), --max-image-side)")
+
+
+# -- values -------------------------------------------------------------------------------
+
+
+def _normalise(p: Path, pixels: np.ndarray, scale: str, nodata: float | None) -> tuple[np.ndarray, str]:
+    """Steps 1-3 of the contract: raw pixels -> (data, kind)."""
+    if pixels.size == 0:
+        raise InputError(f"image {p}: zero-size image (shape {list(pixels.shape)})")
+    if scale == "auto" and pixels.dtype == np.uint8:
+        return np.repeat(pixels[:, :, None], 3, axis=2), "visual8"
+    nodata_mask = None
+    if nodata is not None:
+        nodata_mask = np.isnan(pixels) if np.isnan(nodata) else pixels == nodata
+    if pixels.dtype.kind in "fc":
+        bad = ~np.isfinite(pixels)
+        if nodata_mask is not None:
+            bad &= ~nodata_mask
+        n_bad = int(bad.sum())
+        if n_bad:
+            raise InputError(f"image {p}: {n_bad} of {pixels.size} pixels are NaN/Inf; fill them (e.g. with 0) "
+                             "or declare them as the GeoTIFF's nodata value")
+    if pixels.dtype.kind == "c":
+        if scale not in ("auto", "amplitude"):
+            raise InputError(f"image {p}: complex (SLC) pixels are read as amplitude |z|; "
+                             f"scale={scale!r} does not apply (use auto or amplitude)")
+        values, kind = np.abs(pixels).astype(np.float32), "complex"
+    else:
+        values = pixels.astype(np.float32)
+        kind = scale
+    valid = np.ones(values.shape, bool) if nodata_mask is None else ~nodata_mask
+    if kind == "auto":
+        kind = "db" if (values[valid] < 0).any() else "amplitude"
+    if kind != "db":
+        valid &= values > 0
+        np.log10(np.maximum(values, EPS), out=values)
+        values *= 10.0 if kind == "power" else 20.0
+    return _stretch(p, values, valid), kind
+
+
+def _stretch(p: Path, db: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Percentile stretch of the valid pixels to [0, 1]; invalid pixels -> 0 (in place on ``db``)."""
+    sample = db[valid]
+    if sample.size == 0:
+        raise InputError(f"image {p}: no valid pixels (all are nodata, or zero in linear data)")
+    lo, hi = (float(v) for v in np.percentile(sample, STRETCH_PERCENTILES))
+    if hi <= lo:
+        lo, hi = float(sample.min()), float(sample.max())
+    if hi <= lo:
+        return np.zeros(db.shape, np.float32)
+    db -= lo
+    db /= hi - lo
+    np.clip(db, 0.0, 1.0, out=db)
+    db[~valid] = 0.0
+    return db

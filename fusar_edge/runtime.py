@@ -1,0 +1,188 @@
+"""The runtime: one SAR image + one question -> a typed answer, with per-stage timings.
+
+``Runtime.open(bundle)`` loads a bundle (or the built-in ``tiny`` preset); ``runtime.ask``
+reads the image, prepares its anchors, runs the three stages (vision + TLM, fusion +
+GRASP, decoder) with greedy decoding over a KV cache, and parses the text into the
+task's answer type. Decoding is deterministic: greedy, no sampling, fixed bound.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import tasks
+from .errors import FusarError, InputError
+from .geo.anchors import Anchor, AnchorSet
+from .geo.sar import SarImage, parse_date, read_sar, to_chip
+from .model.bundle import open_model
+from .model.preprocess import chip_to_patches
+from .model.rope import mrope_positions, text_positions
+from .tokenizer import build_sequence
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+@dataclass
+class Answer:
+    answer: Any  # typed per task: int, list of boxes, dict cell, str
+    text: str  # the model's raw text
+    task: str
+    question: str
+    anchor: dict[str, Any]
+    timings_ms: dict[str, float]
+    parse_error: str | None = None
+    flags: list[str] = field(default_factory=list)
+    image: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    grasp_weights: list[float] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Timer:
+    def __init__(self):
+        self.ms: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        self.ms[name] = round((time.perf_counter() - t0) * 1e3, 3)
+
+
+class Runtime:
+    def __init__(self, model, tokenizer, weights: str, source: str, backend: str = "torch",
+                 max_image_side: int = 20000):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = model.config
+        self.weights, self.source, self.backend = weights, source, backend
+        self.max_image_side = max_image_side
+
+    @classmethod
+    def open(cls, bundle: str | Path | None = None, tiles: str | Path | None = None, backend: str = "torch",
+             dtype: torch.dtype | None = None, device: str = "cpu", max_image_side: int = 20000) -> "Runtime":
+        """Open a bundle directory or a preset name (default: the built-in ``tiny``)."""
+        if backend not in BACKENDS:
+            raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend != "torch":
+            raise FusarError(f"backend {backend!r} is not available yet: this version runs the torch backend only "
+                             "(ONNX Runtime / TensorRT come with `fusar-edge export`)")
+        if tiles is not None:
+            raise FusarError("tile stores are not supported yet: pass anchors explicitly (--anchors FILE)")
+        model, tok, weights = open_model(bundle, dtype=dtype, device=device)
+        return cls(model, tok, weights, "tiny" if bundle is None else str(bundle), backend, max_image_side)
+
+    # -- inputs --------------------------------------------------------------------------
+    def _image(self, image: str | Path | SarImage, scale: str) -> SarImage:
+        if isinstance(image, SarImage):
+            return image
+        return read_sar(image, scale=scale, max_side=self.max_image_side)
+
+    def _anchors(self, anchors, img: SarImage, bbox, date) -> tuple[AnchorSet | None, dict[str, Any]]:
+        footprint = Anchor.from_sar_image(img, date=date, bbox=bbox) if (img.bounds_lonlat or bbox) else None
+        info: dict[str, Any] = {
+            "source": "none", "crs": img.crs,
+            "bounds": list(footprint.bbox) if footprint else None,
+            "date": footprint.date.isoformat() if footprint and footprint.date else (date.isoformat() if date else None),
+            "year": None, "coverage": 0.0, "count": 0,
+        }
+        if anchors is None:
+            info["note"] = "no anchors given: TLM not applied"
+            return None, info
+        if isinstance(anchors, Anchor):
+            raise FusarError("an Anchor needs a tile store for the AEF lookup, which this version lacks: "
+                             "pass an anchor file (.npz/.npy) or an AnchorSet")
+        if isinstance(anchors, (str, Path)):
+            info["source"] = f"file:{anchors}"
+            anchors = AnchorSet.load(anchors)
+        elif isinstance(anchors, AnchorSet):
+            info["source"] = anchors.source or "anchor set"
+        else:
+            raise InputError(f"anchors: expected an AnchorSet or a .npz/.npy path, got {type(anchors).__name__}")
+        info.update(year=anchors.year if anchors.year is not None else info["date"] and int(info["date"][:4]),
+                    coverage=round(float(anchors.coverage), 4), count=int(anchors.size))
+        if not anchors.mask.any():
+            info["note"] = "every anchor is masked (no AEF data): TLM not applied"
+            return None, info
+        return anchors, info
+
+    # -- the question --------------------------------------------------------------------
+    @torch.inference_mode()
+    def ask(self, image: str | Path | SarImage, question: str, anchors=None, *, task: str | None = None,
+            bbox: tuple[float, float, float, float] | None = None, date=None, scale: str = "auto",
+            max_new_tokens: int | None = None) -> Answer:
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("question: expected a non-empty string")
+        if task is not None and task not in tasks.TASKS:
+            raise InputError(f"task: expected one of {', '.join(tasks.TASKS)}, got {task!r}")
+        if isinstance(date, str):
+            date = parse_date(date)
+        limit = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if limit < 1:
+            raise InputError(f"max_new_tokens: expected a positive integer, got {limit}")
+        cfg, model, timer = self.config, self.model, _Timer()
+        t_total = time.perf_counter()
+
+        with timer.stage("preprocess"):
+            img = self._image(image, scale)
+            chip = to_chip(img, cfg.chip_size)
+            pixels, grid_thw = chip_to_patches(chip, int(cfg.vision.get("patch_size", 14)),
+                                               int(cfg.vision.get("spatial_merge_size", 2)),
+                                               int(cfg.vision.get("temporal_patch_size", 2)))
+            task = task or tasks.infer_task(question)
+            label = tasks.extract_label(question)
+            prompt = tasks.build_prompt(task, question)
+            grasp_len = cfg.grasp.prompt_len if model.grasp is not None else 0
+            seq = build_sequence(self.tokenizer, prompt, cfg.num_visual_tokens, grasp_len, cfg.system_prompt)
+            positions, next_pos = mrope_positions(len(seq.input_ids), seq.layout.image_start, cfg.token_grid)
+        with timer.stage("anchors"):
+            anchor_set, anchor_info = self._anchors(anchors, img, bbox, date)
+            anchor_tensors = anchor_set.to_torch() if anchor_set is not None else None
+        with timer.stage("vision"):
+            visual = model.vision(pixels, grid_thw, anchor_tensors)
+        with timer.stage("fusion"):
+            embeds, grasp_w = model.fusion(seq.input_ids, seq.layout, visual, seq.question_ids)
+        ids, decode_ms = self._generate(embeds, positions, next_pos, limit, timer)
+        text = self.tokenizer.decode(ids).strip()
+        with timer.stage("parse"):
+            parsed = tasks.parse_answer(task, text, chip_size=cfg.chip_size, image_size=(img.height, img.width),
+                                        label=label)
+        timer.ms["decode_per_token"] = round(sum(decode_ms) / len(decode_ms), 3) if decode_ms else 0.0
+        timer.ms["total"] = round((time.perf_counter() - t_total) * 1e3, 3)
+        return Answer(
+            answer=parsed.to_json()["value"], text=text, task=task, question=question, anchor=anchor_info,
+            timings_ms=timer.ms, parse_error=parsed.parse_error, flags=list(parsed.flags),
+            image={"path": img.path, "height": img.height, "width": img.width, "kind": img.kind,
+                   "chip_size": cfg.chip_size},
+            model={"source": self.source, "preset": cfg.name, "weights": self.weights, "backend": self.backend,
+                   "new_tokens": len(ids), "max_new_tokens": limit},
+            grasp_weights=[round(float(w), 6) for w in grasp_w] if grasp_w is not None else None,
+        )
+
+    def _generate(self, embeds: torch.Tensor, positions: torch.Tensor, next_pos: int, limit: int,
+                  timer: _Timer) -> tuple[list[int], list[float]]:
+        """Greedy decoding over the KV cache; never emits ids the tokenizer cannot decode."""
+        model, stop, vocab = self.model, set(self.tokenizer.stop_ids), self.tokenizer.vocab_size
+        with timer.stage("prefill"):
+            logits, cache = model.decoder(embeds, positions)
+            token = int(logits[0, -1, :vocab].argmax())
+        ids, decode_ms = [], []
+        while token not in stop:
+            ids.append(token)
+            if len(ids) >= limit:
+                break
+            t0 = time.perf_counter()
+            step = model.language_model.embed_tokens(torch.tensor([[token]], device=model.device))
+            logits, cache = model.decoder(step, text_positions(next_pos, 1), cache)
+            next_pos += 1
+            token = int(logits[0, -1, :vocab].argmax())
+            decode_ms.append((time.perf_counter() - t0) * 1e3)
+        timer.ms["decode"] = round(sum(decode_ms), 3)
+        return ids, decode_ms

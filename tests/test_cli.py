@@ -1,0 +1,170 @@
+"""`fusar-edge ask` / `info` / `sample` end to end on the tiny preset, and every bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fusar_edge.cli import main
+from fusar_edge.geo.synthetic import write_demo_scene
+
+ASK_KEYS = {"answer", "text", "task", "question", "anchor", "timings_ms", "parse_error", "flags", "image", "model",
+            "grasp_weights"}
+ANCHOR_KEYS = {"source", "crs", "bounds", "date", "year", "coverage", "count"}
+STAGES = {"preprocess", "anchors", "vision", "fusion", "prefill", "decode", "decode_per_token", "parse", "total"}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return write_demo_scene(tmp_path_factory.mktemp("demo"), size=128, seed=1)
+
+
+def ask_json(capsys, *argv):
+    assert main(["ask", *argv, "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, "ask --json must print exactly one line"
+    return json.loads(out[0])
+
+
+def test_ask_json_schema_with_anchors(demo, capsys):
+    res = ask_json(capsys, demo["scene_tif"], "How many ships are there?", "--anchors", demo["anchors"])
+    assert set(res) == ASK_KEYS
+    assert res["task"] == "count"
+    assert res["answer"] is None or isinstance(res["answer"], int)
+    assert isinstance(res["text"], str)
+    assert set(res["anchor"]) >= ANCHOR_KEYS
+    a = res["anchor"]
+    assert a["source"].startswith("file:") and a["count"] == 64 and a["crs"] == "EPSG:32631"
+    assert a["year"] == 2023 and 0.9 < a["coverage"] < 1.0
+    assert a["bounds"] == pytest.approx(list(demo["bounds"]))
+    assert set(res["timings_ms"]) == STAGES and all(v >= 0 for v in res["timings_ms"].values())
+    assert res["model"]["weights"] == "random" and res["model"]["new_tokens"] <= res["model"]["max_new_tokens"]
+    assert len(res["grasp_weights"]) == 4 and abs(sum(res["grasp_weights"]) - 1) < 1e-5
+
+
+def test_ask_without_anchors_says_so(demo, capsys):
+    res = ask_json(capsys, demo["scene_png"], "Detect the ships")
+    assert res["task"] == "detect"
+    assert res["anchor"]["source"] == "none" and res["anchor"]["count"] == 0
+    assert "TLM not applied" in res["anchor"]["note"]
+    assert res["answer"] is None or isinstance(res["answer"], list)
+
+
+def test_anchors_change_the_answer_path_and_runs_are_deterministic(demo, capsys):
+    from fusar_edge.runtime import Runtime
+
+    rt = Runtime.open()
+    with_a = rt.ask(demo["scene_tif"], "Describe the image.", anchors=demo["anchors"], max_new_tokens=8)
+    again = rt.ask(demo["scene_tif"], "Describe the image.", anchors=demo["anchors"], max_new_tokens=8)
+    assert with_a.text == again.text and with_a.model["new_tokens"] <= 8
+    import torch
+
+    from fusar_edge.geo.anchors import AnchorSet
+    from fusar_edge.geo.sar import read_sar, to_chip
+    from fusar_edge.model.preprocess import chip_to_patches
+
+    pixels, grid = chip_to_patches(to_chip(read_sar(demo["scene_tif"]), rt.config.chip_size))
+    with torch.no_grad():
+        plain = rt.model.vision(pixels, grid)
+        tlm = rt.model.vision(pixels, grid, AnchorSet.load(demo["anchors"]).to_torch())
+    assert not torch.allclose(plain, tlm)  # the anchors reach the visual tokens
+
+
+def test_task_flag_bbox_and_date_for_plain_png(demo, capsys):
+    res = ask_json(capsys, demo["scene_png"], "What is in the image?", "--task", "count", "--bbox", "3.0", "54.0",
+                   "3.1", "54.1", "--date", "2021-06-01", "--max-new-tokens", "3")
+    assert res["task"] == "count"
+    assert res["anchor"]["bounds"] == [3.0, 54.0, 3.1, 54.1] and res["anchor"]["date"] == "2021-06-01"
+    assert res["model"]["new_tokens"] <= 3
+
+
+def test_detections_are_mapped_to_original_pixels(tmp_path, monkeypatch):
+    """The runtime hands the original image size to the parser: a 300x150 image, chip 224."""
+    from fusar_edge.runtime import Runtime
+
+    img = tmp_path / "wide.npy"
+    np.save(img, np.random.default_rng(0).random((150, 300)).astype(np.float32) + 0.1)
+    rt = Runtime.open()
+    monkeypatch.setattr(rt.tokenizer, "decode", lambda ids: '[{"bbox_2d": [0, 112, 112, 224], "label": "ship"}]')
+    ans = rt.ask(img, "Detect the ships", max_new_tokens=2)
+    assert ans.answer == [{"bbox_2d": [0.0, 75.0, 150.0, 150.0], "label": "ship"}]
+
+
+def test_text_output_and_info(demo, capsys):
+    assert main(["ask", demo["scene_tif"], "How many ships are there?", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("answer: ") and "task: count" in out.out
+    assert "not meaningful" in out.err
+    assert main(["info", "tiny", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["chip_size"] == 224 and info["visual_tokens"] == 64
+
+
+def test_sample_writes_demo(tmp_path, capsys):
+    assert main(["sample", str(tmp_path / "d"), "--size", "64"]) == 0
+    assert (tmp_path / "d" / "scene.tif").is_file() and (tmp_path / "d" / "anchors.npz").is_file()
+
+
+def test_console_script_version_and_help():
+    exe = [sys.executable, "-m", "fusar_edge.cli"]
+    assert subprocess.run([*exe, "--version"], capture_output=True, text=True).stdout.startswith("fusar-edge ")
+    helptext = subprocess.run([*exe, "ask", "--help"], capture_output=True, text=True).stdout
+    assert "--anchors" in helptext and "examples:" in helptext and "not meaningful" in helptext
+
+
+# --- bad input: one line, exit code 2, no traceback --------------------------------------
+
+def _bad_inputs(tmp_path, demo):
+    truncated = tmp_path / "cut.tif"
+    truncated.write_bytes(open(demo["scene_tif"], "rb").read()[:300])
+    zero = tmp_path / "zero.npy"
+    np.save(zero, np.zeros((0, 4), np.float32))
+    nan = tmp_path / "nan.npy"
+    arr = np.ones((32, 32), np.float32)
+    arr[3, 4] = np.nan
+    np.save(nan, arr)
+    big = tmp_path / "big.npy"
+    np.save(big, np.ones((64, 300), np.float32))
+    txt = tmp_path / "image.txt"
+    txt.write_text("not an image")
+    bad_npz = tmp_path / "bad.npz"
+    np.savez(bad_npz, features=np.ones((4, 32), np.float32), positions=np.zeros((4, 2), np.float32))
+    no_bundle = tmp_path / "empty_bundle"
+    no_bundle.mkdir()
+    tif, q = demo["scene_tif"], "How many ships?"
+    return {
+        "missing image": ([str(tmp_path / "nope.tif"), q], "nope.tif"),
+        "truncated": ([str(truncated), q], "cut.tif"),
+        "unsupported": ([str(txt), q], "image.txt"),
+        "zero-size": ([str(zero), q], "zero.npy"),
+        "nan pixels": ([str(nan), q], "nan.npy"),
+        "too large": ([str(big), q, "--max-image-side", "128"], "128"),
+        "malformed anchors": ([tif, q, "--anchors", str(bad_npz)], "bad.npz"),
+        "missing anchors": ([tif, q, "--anchors", str(tmp_path / "none.npz")], "none.npz"),
+        "bundle missing files": ([tif, q, "--bundle", str(no_bundle)], "fusar.json"),
+        "bundle not found": ([tif, q, "--bundle", str(tmp_path / "nob")], "nob"),
+        "bad date": ([tif, q, "--date", "2021-13-45"], "2021-13-45"),
+        "empty question": ([tif, "  "], "question"),
+        "zero new tokens": ([tif, q, "--max-new-tokens", "0"], "max_new_tokens"),
+        "tiles not yet": ([tif, q, "--tiles", str(tmp_path)], "tile store"),
+        "backend not yet": ([tif, q, "--backend", "onnxruntime"], "onnxruntime"),
+    }
+
+
+def test_bad_inputs_give_one_clear_line(tmp_path, demo, capsys):
+    for name, (argv, must_mention) in _bad_inputs(tmp_path, demo).items():
+        code = main(["ask", *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, name
+        assert len(err) == 1 and err[0].startswith("fusar-edge: error: "), (name, err)
+        assert must_mention in err[0], (name, err[0])
+        assert "Traceback" not in err[0]
+
+
+def test_debug_shows_traceback(tmp_path, demo):
+    from fusar_edge.errors import InputError
+
+    with pytest.raises(InputError):
+        main(["--debug", "ask", str(tmp_path / "nope.tif"), "q"])
