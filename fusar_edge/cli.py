@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--scale", choices=["auto", "amplitude", "db", "power"], default="auto",
                    help="how to read real-valued pixels (default: auto)")
     a.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch")
+    a.add_argument("--device", default="auto", help="auto (GPU if torch sees one), cpu, cuda, cuda:N")
+    a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights/activations dtype (default: bfloat16 on GPU, float32 on CPU)")
     a.add_argument("--max-new-tokens", type=int, metavar="N", help="bound on generated tokens (default: the bundle's)")
     a.add_argument("--max-image-side", type=int, default=20000, metavar="PX",
                    help="refuse images with a side above this (default: 20000)")
@@ -93,7 +96,8 @@ def _print_answer(ans) -> None:
 def cmd_ask(args) -> int:
     from .runtime import Runtime
 
-    rt = Runtime.open(args.bundle, tiles=args.tiles, backend=args.backend, max_image_side=args.max_image_side)
+    rt = Runtime.open(args.bundle, tiles=args.tiles, backend=args.backend, device=args.device, dtype=args.dtype,
+                      max_image_side=args.max_image_side)
     ans = rt.ask(args.image, args.question, anchors=args.anchors, task=args.task,
                  bbox=tuple(args.bbox) if args.bbox else None, date=args.date, scale=args.scale,
                  max_new_tokens=args.max_new_tokens)

@@ -57,6 +57,28 @@ class _Timer:
         self.ms[name] = round((time.perf_counter() - t0) * 1e3, 3)
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str, dtype) -> tuple[torch.device, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FusarError(f"device {device!r}: this torch build sees no CUDA GPU (use --device cpu)")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise InputError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    if dtype is None:
+        dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return dev, dtype
+
+
 class Runtime:
     def __init__(self, model, tokenizer, weights: str, source: str, backend: str = "torch",
                  max_image_side: int = 20000):
@@ -67,8 +89,13 @@ class Runtime:
 
     @classmethod
     def open(cls, bundle: str | Path | None = None, tiles: str | Path | None = None, backend: str = "torch",
-             dtype: torch.dtype | None = None, device: str = "cpu", max_image_side: int = 20000) -> "Runtime":
-        """Open a bundle directory or a preset name (default: the built-in ``tiny``)."""
+             dtype: torch.dtype | str | None = None, device: str = "auto",
+             max_image_side: int = 20000) -> "Runtime":
+        """Open a bundle directory or a preset name (default: the built-in ``tiny``).
+
+        ``device="auto"`` takes the GPU when torch sees one; ``dtype=None`` means bf16 on a GPU
+        that supports it (the reference's inference dtype) and fp32 on the CPU.
+        """
         if backend not in BACKENDS:
             raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
         if backend != "torch":
@@ -76,6 +103,7 @@ class Runtime:
                              "(ONNX Runtime / TensorRT come with `fusar-edge export`)")
         if tiles is not None:
             raise FusarError("tile stores are not supported yet: pass anchors explicitly (--anchors FILE)")
+        device, dtype = resolve_device(device, dtype)
         model, tok, weights = open_model(bundle, dtype=dtype, device=device)
         return cls(model, tok, weights, "tiny" if bundle is None else str(bundle), backend, max_image_side)
 

@@ -210,6 +210,13 @@ def test_structured_npy_falls_back_to_col_row_and_orders_other_fields(tmp_path, 
     np.testing.assert_array_equal(s.positions, np.column_stack([ref_norm(samples["row"]), ref_norm(samples["col"])]))
 
 
+def test_structured_npy_with_a_vector_field(tmp_path, samples):
+    arr = np.zeros(S, dtype=[("x", "f8"), ("y", "f8"), ("vec", "f4", (64,))])
+    arr["x"], arr["y"], arr["vec"] = samples["x"], samples["y"], samples["features"]
+    np.save(tmp_path / "v.npy", arr)
+    np.testing.assert_array_equal(AnchorSet.load(tmp_path / "v.npy").features, samples["features"])
+
+
 def _numeric(samples):
     return np.column_stack([samples[k] for k in ("lon", "lat", "row", "col", "x", "y")] + [samples["features"]])
 
@@ -301,9 +308,23 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatc
         raise OSError("disk full")
 
     monkeypatch.setattr(np, "savez", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(InputError) as e:
         AnchorSet(unit_features(seed=9), np.full((S, 2), 0.1)).save_npz(out)
+    one_line(e, "a.npz", "disk full", "unchanged")
     assert out.read_bytes() == before and _temp_files(tmp_path) == []
+    monkeypatch.undo()
+    with pytest.raises(InputError) as e:
+        AnchorSet(unit_features(), np.full((S, 2), 0.5)).save_npz(tmp_path / "no" / "such" / "dir.npz")
+    one_line(e, "dir.npz", "cannot write")
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        out = AnchorSet(unit_features(), np.full((S, 2), 0.5)).save_npz(tmp_path / "a.npz")
+    finally:
+        os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o644
 
 
 # -- bad anchor files -------------------------------------------------------------------

@@ -168,3 +168,11 @@ def test_debug_shows_traceback(tmp_path, demo):
 
     with pytest.raises(InputError):
         main(["--debug", "ask", str(tmp_path / "nope.tif"), "q"])
+
+
+def test_device_and_dtype_flags(demo, capsys):
+    res = ask_json(capsys, demo["scene_tif"], "How many ships?", "--device", "cpu", "--dtype", "bfloat16",
+                   "--max-new-tokens", "2", "--anchors", demo["anchors"])
+    assert res["task"] == "count"
+    assert main(["ask", demo["scene_tif"], "q", "--device", "tpu7"]) == 2
+    assert "device" in capsys.readouterr().err

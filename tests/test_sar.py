@@ -441,3 +441,6 @@ def test_demo_scene_is_deterministic_and_sar_like(tmp_path):
         sea[y0:y1, x0:x1] = False
     for x0, y0, x1, y1 in a["ships"]:
         assert 20 * np.log10(raw[y0:y1, x0:x1].mean() / raw[sea].mean()) > 15  # ships stand out of the clutter
+    with pytest.raises(InputError) as e:
+        write_demo_scene(tmp_path / "d", size=16)
+    one_line(e, "size", "16")

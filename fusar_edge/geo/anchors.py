@@ -29,7 +29,7 @@ import datetime as dt
 import math
 import os
 import re
-import tempfile
+import secrets
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -78,8 +78,8 @@ class Anchor:
                 raise InputError(f"anchor bbox: {name} = {value} is outside [-{limit}, {limit}]")
         for axis, lo, hi in (("lon", bbox[0], bbox[2]), ("lat", bbox[1], bbox[3])):
             if not lo < hi:
-                raise InputError(f"anchor bbox: {axis}_min = {lo} must be below {axis}_max = {hi}"
-                                 + (" (footprints crossing the antimeridian are not supported)" if axis == "lon" else ""))
+                note = " (footprints crossing the antimeridian are not supported)" if axis == "lon" else ""
+                raise InputError(f"anchor bbox: {axis}_min = {lo} must be below {axis}_max = {hi}{note}")
         object.__setattr__(self, "bbox", bbox)
         date = self.date
         if isinstance(date, str):
@@ -239,7 +239,8 @@ class AnchorSet:
     def _from_npz(cls, p: Path, arrays: dict[str, np.ndarray]) -> "AnchorSet":
         missing = [key for key in ("features", "positions") if key not in arrays]
         if missing:
-            raise AnchorError(f"anchors {p}: missing key {', '.join(missing)} (has: {', '.join(sorted(arrays)) or 'none'})")
+            has = ", ".join(sorted(arrays)) or "none"
+            raise AnchorError(f"anchors {p}: missing key {', '.join(missing)} (has: {has})")
         year = arrays.get("year")
         if year is not None and (year.size != 1 or year.dtype.kind not in "iu"):
             raise AnchorError(f"anchors {p}: year: expected one integer, got {year.dtype} {list(year.shape)}")
@@ -262,8 +263,11 @@ class AnchorSet:
             if missing or not fields:
                 raise AnchorError(f"anchors {p}: structured array needs fields x, y (or col, row) and A00..A63; "
                                   f"has {', '.join(names)}")
-            for n in (*fields, *pos_fields):
-                if arr.dtype[n].kind not in "iuf" or arr.dtype[n].shape:
+            for n in fields:  # a sub-array field (e.g. 64 values) is stacked as its columns, like the reference
+                if arr.dtype[n].base.kind not in "iuf":
+                    raise AnchorError(f"anchors {p}: field {n}: expected real numbers, got {arr.dtype[n]}")
+            for n in pos_fields:
+                if arr.dtype[n].kind not in "iuf":
                     raise AnchorError(f"anchors {p}: field {n}: expected one real number per row, got {arr.dtype[n]}")
             features = np.column_stack([arr[n] for n in fields]) if len(arr) else np.zeros((0, len(fields)))
             xs, ys = arr[pos_fields[0]], arr[pos_fields[1]]
@@ -326,18 +330,28 @@ def _minmax(a) -> np.ndarray:
 
 
 def _atomic_write(path: str | Path, suffix: str, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write through a temp file in the target directory, fsync, then ``os.replace`` it into place."""
+    """Write through a temp file in the target directory, fsync, then ``os.replace`` it into place.
+
+    A crash leaves either the old file or the new one, never half of one; the temp file is
+    created with the usual permissions (0666 less the umask), unlike ``mkstemp``'s 0600.
+    """
     p = Path(path)
     if p.suffix.lower() != suffix:
         raise InputError(f"anchors {p}: expected a {suffix} file name (the reader dispatches on it)")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    except OSError as exc:
+        raise InputError(f"anchors {p}: cannot write there ({exc.strerror or exc})") from exc
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise InputError(f"anchors {p}: writing failed ({exc.strerror or exc}); the old file is unchanged") from exc
         raise
     return p

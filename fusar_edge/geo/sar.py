@@ -106,6 +106,8 @@ def read_sar(path: str | Path, *, scale: str = "auto", band: int = 1, max_side: 
     """Read a SAR image (GeoTIFF/TIFF, PNG/JPEG, ``.npy``) and normalise it per the module contract.
 
     ``band`` (1-based) selects the GeoTIFF band; PNG/JPEG and ``.npy`` hold a single image.
+    ``max_side`` bounds both sides; PNG/JPEG are also held to Pillow's decompression-bomb
+    limit (about 179 Mpx), as they cannot be read in windows.
     """
     p = Path(path)
     if scale not in SCALES:
@@ -160,7 +162,8 @@ def open_raster(path: Path) -> Iterator[rasterio.io.DatasetReader]:
                 yield ds
     except rasterio.errors.RasterioError as exc:
         reason = " ".join(str(exc.__cause__ or exc).split())
-        raise InputError(f"image {path}: cannot read it as a TIFF ({reason}); is the file truncated or corrupt?") from exc
+        raise InputError(f"image {path}: cannot read it as a TIFF ({reason}); "
+                         "is the file truncated or corrupt?") from exc
 
 
 def raster_georef(ds) -> tuple[str | None, tuple[float, ...] | None, tuple[float, float, float, float] | None]:

@@ -17,6 +17,7 @@ import numpy as np
 import rasterio
 from rasterio.transform import Affine
 
+from ..errors import InputError
 from .anchors import AnchorSet
 from .sar import read_sar, render
 
@@ -36,8 +37,8 @@ def write_demo_scene(out_dir: str | Path, size: int = 256, seed: int = 0, year: 
     (ISO string), the lon/lat ``bounds`` and ``ships``: pixel boxes ``[x0, y0, x1, y1]`` with
     exclusive ``x1``/``y1`` (numpy slice bounds), in the ``size x size`` scene.
     """
-    if size < 32:
-        raise ValueError(f"size: expected at least 32 px, got {size}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 32:
+        raise InputError(f"size: expected an integer of at least 32 px, got {size!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

@@ -1,0 +1,72 @@
+"""Presets: the real presets have the official architectures; fusar.json round-trips."""
+
+import json
+
+import pytest
+import torch
+
+from fusar_edge.config import TINY_SPECIAL_TOKENS, FusarConfig, preset
+from fusar_edge.errors import BundleError
+from fusar_edge.tokenizer import TextTokenizer
+
+# Parameter counts of the official checkpoints (Qwen/Qwen2.5-VL-{3B,7B}-Instruct).
+OFFICIAL_PARAMS = {"qwen2.5-vl-3b": 3_754_622_976, "qwen2.5-vl-7b": 8_292_166_656}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
+def test_real_presets_have_official_parameter_counts(name):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    cfg = preset(name)
+    with torch.device("meta"):  # shapes only, no memory
+        model = Qwen2_5_VLForConditionalGeneration(cfg.backbone_config())
+    assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAMS[name]
+    assert cfg.chip_size == 504 and cfg.patch_grid == (36, 36) and cfg.token_grid == (18, 18)
+
+
+def test_tiny_is_small_and_matches_its_tokenizer():
+    from fusar_edge.model.bundle import build_random
+
+    model = build_random(preset("tiny"))
+    assert sum(p.numel() for p in model.parameters()) * 4 < 8 * 2**20  # a few MB in fp32
+    tok = TextTokenizer.tiny()
+    for name, idx in TINY_SPECIAL_TOKENS.items():
+        assert tok.ids.get(name, idx) == idx
+    assert tok.vocab_size <= preset("tiny").text["vocab_size"]
+    assert tok.decode(tok.encode("How many ships? 12 ✓")) == "How many ships? 12 ✓"
+
+
+def test_fusar_json_round_trip():
+    cfg = preset("tiny")
+    data = json.loads(json.dumps(cfg.to_fusar_json()))
+    back = FusarConfig.from_fusar_json(data, cfg.backbone)
+    assert back.to_fusar_json() == cfg.to_fusar_json()
+
+
+@pytest.mark.parametrize("field,value,msg", [
+    ("chip_size", 100, "chip_size"),
+    ("format", "other", "format"),
+    ("token_grid", [3, 3], "token_grid"),
+])
+def test_fusar_json_rejects_bad_fields(field, value, msg):
+    cfg = preset("tiny")
+    data = cfg.to_fusar_json()
+    data[field] = value
+    with pytest.raises(BundleError, match=msg):
+        FusarConfig.from_fusar_json(data, cfg.backbone)
+
+
+def test_grasp_config_validation():
+    cfg = preset("tiny")
+    data = cfg.to_fusar_json()
+    data["grasp"]["k"] = 5
+    with pytest.raises(BundleError, match="grasp.k"):
+        FusarConfig.from_fusar_json(data, cfg.backbone)
+    data["grasp"]["k"], data["grasp"]["selector"] = 2, "softmax"
+    with pytest.raises(BundleError, match="grasp.selector"):
+        FusarConfig.from_fusar_json(data, cfg.backbone)
+
+
+def test_unknown_preset():
+    with pytest.raises(BundleError, match="tiny"):
+        preset("qwen9")
