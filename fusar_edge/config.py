@@ -263,32 +263,24 @@ def _qwen_text(**dims: Any) -> dict[str, Any]:
     }
 
 
-def _qwen_3b() -> FusarConfig:
+def _qwen(name: str, *, out_hidden: int, tie: bool, **text_dims: Any) -> FusarConfig:
     backbone = {
-        "vision_config": _qwen_vision(2048),
-        "text_config": _qwen_text(
-            vocab_size=151936, hidden_size=2048, intermediate_size=11008,
-            num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-        ),
-        "tie_word_embeddings": True,
+        "vision_config": _qwen_vision(out_hidden),
+        "text_config": _qwen_text(hidden_size=out_hidden, **text_dims),
+        "tie_word_embeddings": tie,
         **_qwen_ids(),
     }
-    return FusarConfig(name="qwen2.5-vl-3b", backbone=backbone,
-                       grasp=GRASPConfig(enabled=True, grid=(2, 2), proj_dim=512, k=2))
+    return FusarConfig(name=name, backbone=backbone, grasp=GRASPConfig(enabled=True, grid=(2, 2), proj_dim=512, k=2))
+
+
+def _qwen_3b() -> FusarConfig:
+    return _qwen("qwen2.5-vl-3b", out_hidden=2048, tie=True, vocab_size=151936, intermediate_size=11008,
+                 num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2)
 
 
 def _qwen_7b() -> FusarConfig:
-    backbone = {
-        "vision_config": _qwen_vision(3584),
-        "text_config": _qwen_text(
-            vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-            num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-        ),
-        "tie_word_embeddings": False,
-        **_qwen_ids(),
-    }
-    return FusarConfig(name="qwen2.5-vl-7b", backbone=backbone,
-                       grasp=GRASPConfig(enabled=True, grid=(2, 2), proj_dim=512, k=2))
+    return _qwen("qwen2.5-vl-7b", out_hidden=3584, tie=False, vocab_size=152064, intermediate_size=18944,
+                 num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4)
 
 
 PRESETS = {"tiny": _tiny, "qwen2.5-vl-3b": _qwen_3b, "qwen2.5-vl-7b": _qwen_7b}

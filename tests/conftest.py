@@ -25,3 +25,12 @@ def tiny_tokenizer():
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def one_line(exc_info, *words):
+    """The error message is one line and names every given word (file, field, value)."""
+    msg = str(exc_info.value)
+    assert "\n" not in msg
+    for w in words:
+        assert str(w) in msg, (w, msg)
+    return msg

@@ -10,6 +10,7 @@ import pytest
 import rasterio
 import torch
 
+from conftest import one_line
 from fusar_edge.errors import AnchorError, InputError
 from fusar_edge.geo import Anchor, AnchorSet, read_sar
 from fusar_edge.geo.synthetic import write_demo_scene
@@ -37,14 +38,6 @@ def samples():
     col = rng.integers(0, 504, S).astype(np.float64)
     return {"lon": 3.0 + col * 1e-4, "lat": 54.0 - row * 1e-4, "row": row, "col": col,
             "x": col + 0.5, "y": row + 0.5, "features": unit_features()}
-
-
-def one_line(exc_info, *words):
-    msg = str(exc_info.value)
-    assert "\n" not in msg
-    for w in words:
-        assert str(w) in msg, (w, msg)
-    return msg
 
 
 # -- Anchor -----------------------------------------------------------------------------

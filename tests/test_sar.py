@@ -13,6 +13,7 @@ from rasterio.control import GroundControlPoint
 from rasterio.transform import Affine
 from rasterio.warp import transform as warp_transform
 
+from conftest import one_line
 from fusar_edge.errors import InputError
 from fusar_edge.geo import SarImage, parse_date, read_sar, to_chip
 from fusar_edge.geo.synthetic import write_demo_scene
@@ -62,14 +63,6 @@ def reference_chip(path, size=504):
 def amplitude():
     rng = np.random.default_rng(1)
     return np.sqrt(0.05 * rng.gamma(4, 0.25, (96, 128))).astype(np.float32)
-
-
-def one_line(exc_info, *words):
-    msg = str(exc_info.value)
-    assert "\n" not in msg
-    for w in words:
-        assert str(w) in msg, (w, msg)
-    return msg
 
 
 # -- formats and scales -----------------------------------------------------------------
