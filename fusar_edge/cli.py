@@ -127,7 +127,7 @@ def cmd_import(args) -> int:
     from .model.import_fusar_gpt import import_fusar_gpt
 
     out = import_fusar_gpt(args.base, args.lora, args.tlm, args.out, legacy_sigma=args.legacy_sigma,
-                           overwrite=args.force)
+                           overwrite=args.force, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"wrote bundle {out}")
     return 0
 
@@ -152,11 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if not args.debug:
-            from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging
 
-            hf_logging.disable_progress_bar()
-            hf_logging.set_verbosity_error()
+        if not args.debug:
+            hf_logging.set_verbosity_error()  # keep library chatter off the user's terminal
+        if getattr(args, "json", False):
+            hf_logging.disable_progress_bar()  # machine-readable runs print nothing else
         return COMMANDS[args.command](args)
     except FusarError as exc:
         if args.debug:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -84,7 +85,9 @@ def merge_lora(base_dir: Path, lora_dir: Path):
 
 
 def import_fusar_gpt(base: str | Path, lora: str | Path, tlm: str | Path, out: str | Path,
-                     legacy_sigma: float | None = None, overwrite: bool = False) -> Path:
+                     legacy_sigma: float | None = None, overwrite: bool = False,
+                     progress: Callable[[str], None] = lambda msg: None) -> Path:
+    """Merge the checkpoint and write a bundle; ``progress`` receives one line per step."""
     from ..tokenizer import TextTokenizer
 
     base, lora, tlm = Path(base), Path(lora), Path(tlm)
@@ -95,6 +98,7 @@ def import_fusar_gpt(base: str | Path, lora: str | Path, tlm: str | Path, out: s
     film = read_film_state(tlm)
     tok_path = lora / "tokenizer.json" if (lora / "tokenizer.json").is_file() else base / "tokenizer.json"
     tokenizer = TextTokenizer.from_file(tok_path)
+    progress(f"[1/3] loading {base} and merging the LoRA adapter {lora}")
     merged, backbone_kwargs = merge_lora(base, lora)
     config = FusarConfig(
         name=f"fusar-gpt:{base.name}",
@@ -110,4 +114,6 @@ def import_fusar_gpt(base: str | Path, lora: str | Path, tlm: str | Path, out: s
         raise BundleError(f"{tlm / 'vec64_film.pt'}: film_mlp does not fit hidden size {config.hidden_size} "
                           f"and hidden_mult {config.tlm.hidden_mult} ({str(exc).splitlines()[0]})") from None
     model.tlm.to(merged.dtype)
+    progress(f"[2/3] TLM: sigma {config.tlm.sigma}, hidden_mult {config.tlm.hidden_mult}, chip {config.chip_size}")
+    progress(f"[3/3] writing bundle {out}")
     return save_bundle(model, tokenizer, out, overwrite=overwrite)
