@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import FUSAR_JSON, FusarConfig, load_backbone_json, preset, PRESETS
@@ -86,34 +86,77 @@ def read_config(bundle: Path) -> FusarConfig:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise BundleError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    return FusarConfig.from_fusar_json(data, load_backbone_json(bundle / "config.json"), where=str(path))
+    backbone = load_backbone_json(bundle / "config.json")
+    try:
+        return FusarConfig.from_fusar_json(data, backbone, where=str(path))
+    except BundleError as exc:
+        # FusarConfig.validate() / GRASPConfig name the field but not the file: add it (only the
+        # vision_config/text_config checks come from config.json, the rest from fusar.json).
+        msg = str(exc)
+        if msg.startswith(str(path)):
+            raise
+        where = bundle / "config.json" if msg.startswith(("vision_config", "text_config")) else path
+        raise BundleError(f"{where}: {msg}") from None
 
 
 def load_bundle(bundle: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """-> ``(FusarModel, TextTokenizer)`` from a bundle directory, with strict weight checks."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     from ..tokenizer import TextTokenizer
 
     bundle = Path(bundle)
     config = read_config(bundle)
-    if not any(bundle.glob("model*.safetensors")):
-        raise BundleError(f"{bundle}: no model*.safetensors backbone weights")
-    kwargs = {"dtype": dtype} if dtype is not None else {"dtype": "auto"}
-    try:
-        backbone, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            bundle, config=config.backbone_config(), local_files_only=True, use_safetensors=True,
-            trust_remote_code=False, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
-        raise BundleError(f"{bundle}: backbone weights do not load ({str(exc).splitlines()[0]})") from None
-    problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys", "unexpected_keys") and v}
-    if problems:
-        detail = "; ".join(f"{k}: {sorted(map(str, v))[:3]}{' ...' if len(v) > 3 else ''}" for k, v in problems.items())
-        raise BundleError(f"{bundle}: backbone weights do not match config.json ({detail})")
+    tokenizer = TextTokenizer.from_file(bundle / "tokenizer.json")  # cheap checks before the weights
+    backbone = load_backbone(bundle, config.backbone_config(), dtype)
     model = FusarModel(config, backbone=backbone)
     _load_fusar_weights(model, bundle / FUSAR_WEIGHTS)
     model = model.to(device=device, dtype=backbone.dtype).eval()
-    return model, TextTokenizer.from_file(bundle / "tokenizer.json")
+    return model, tokenizer
+
+
+def load_backbone(directory: Path, config=None, dtype: torch.dtype | None = None):
+    """``Qwen2_5_VLForConditionalGeneration`` from a Hugging Face folder (a bundle or a base checkpoint).
+
+    Strict: a missing, unexpected or wrongly shaped tensor is a ``BundleError`` naming the weight
+    file(s) and config.json (transformers would silently random-initialise missing weights).
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    directory = Path(directory)
+    files = sorted(directory.glob("model*.safetensors"))
+    if not files:
+        raise BundleError(f"{directory / 'model*.safetensors'}: missing (no backbone weights)")
+    weights = files[0] if len(files) == 1 else directory / f"model*.safetensors ({len(files)} shards)"
+    for path in files:  # a truncated or corrupt shard is named here, before transformers sees it
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise BundleError(f"{path}: unreadable safetensors file ({str(exc).splitlines()[0]})") from None
+    kwargs = {"dtype": dtype if dtype is not None else "auto"}
+    if config is not None:
+        kwargs["config"] = config
+    try:
+        # ignore_mismatched_sizes only makes transformers *report* wrong shapes in `info`
+        # (otherwise it raises "look at the above report", a log the CLI hides); we refuse them below.
+        backbone, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            directory, local_files_only=True, use_safetensors=True, trust_remote_code=False,
+            output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise BundleError(f"{weights}: backbone weights do not load ({str(exc).splitlines()[0]})") from None
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys", "unexpected_keys") and v}
+    if problems:
+        detail = "; ".join(f"{k}: {sorted(map(_key_str, v))[:3]}{' ...' if len(v) > 3 else ''}"
+                           for k, v in problems.items())
+        raise BundleError(f"{weights}: backbone weights do not match {directory / 'config.json'} ({detail})")
+    return backbone.eval()
+
+
+def _key_str(item) -> str:
+    """A loading-info entry: a key, or ``(key, checkpoint shape, model shape)`` for mismatches."""
+    if isinstance(item, tuple) and len(item) == 3:
+        key, ckpt, want = item
+        return f"{key} {list(ckpt)} in file, {list(want)} expected"
+    return str(item)
 
 
 def _load_fusar_weights(model: FusarModel, path: Path) -> None:

@@ -17,6 +17,7 @@ converted to safetensors, GRASP stays off (FUSAR-GPT has none), and a bundle is 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -24,10 +25,17 @@ import torch
 
 from ..config import FusarConfig, GRASPConfig, TLMConfig, load_backbone_json
 from ..errors import BundleError
-from .bundle import save_bundle
+from .bundle import load_backbone, save_bundle
 from .fusar import FusarModel
 
 TLM_FORMAT = "tlm_original_train_patch_resize_v1"
+# Adapters saved with transformers < 4.52 use the old Qwen2.5-VL module layout (``model.layers``,
+# top-level ``visual``); transformers maps base weights the same way, PEFT needs to be told.
+# Keys as PEFT's key_mapping sees them: without "base_model.model.", first match wins.
+LEGACY_ADAPTER_KEYS = {
+    r"^visual\.": "model.visual.",
+    r"^model\.(?!language_model\.|visual\.)": "model.language_model.",
+}
 
 
 def read_tlm_config(tlm_dir: Path, legacy_sigma: float | None) -> dict:
@@ -41,6 +49,8 @@ def read_tlm_config(tlm_dir: Path, legacy_sigma: float | None) -> dict:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise BundleError(f"{path}: not valid JSON ({exc.msg})") from None
+    if not isinstance(cfg, dict):
+        raise BundleError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
     if cfg.get("format") != TLM_FORMAT:
         raise BundleError(f"{path}: format: expected {TLM_FORMAT!r}, got {cfg.get('format')!r}")
     if cfg.get("vec_dim") != 64:
@@ -59,28 +69,55 @@ def read_film_state(tlm_dir: Path) -> dict[str, torch.Tensor]:
         # weights_only: never unpickle arbitrary objects from a checkpoint.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad/unsafe pickles
-        raise BundleError(f"{path}: cannot be read as a weights-only torch file ({str(exc).splitlines()[0]})") from None
+        text = " ".join(str(exc).split())  # torch's first line is boilerplate; the reason is further down
+        reason = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed| Check the documentation|$)", text)
+        detail = reason.group(1).rstrip(". ") if reason else text[:200]
+        raise BundleError(f"{path}: cannot be read as a weights-only torch file ({detail}); it must hold "
+                          "only tensors, other pickled objects are refused") from None
     if not isinstance(state, dict) or not isinstance(state.get("film_mlp"), dict):
         raise BundleError(f"{path}: expected a dict with key 'film_mlp' holding the MLP state_dict")
     return state["film_mlp"]
 
 
 def merge_lora(base_dir: Path, lora_dir: Path):
-    from peft import PeftModel
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from peft import LoraConfig, PeftModel
+    from safetensors import SafetensorError
 
-    if not (lora_dir / "adapter_config.json").is_file():
-        raise BundleError(f"{lora_dir / 'adapter_config.json'}: missing (LORA must be a PEFT adapter folder)")
+    config_path = lora_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise BundleError(f"{config_path}: missing (LORA must be a PEFT adapter folder)")
+    weights = lora_dir / "adapter_model.safetensors"
+    if not weights.is_file() and (lora_dir / "adapter_model.bin").is_file():
+        weights = lora_dir / "adapter_model.bin"  # old PEFT default; PEFT reads it weights-only
+    if not weights.is_file():
+        raise BundleError(f"{lora_dir / 'adapter_model.safetensors'}: missing (the LoRA adapter weights)")
+    try:
+        peft_type = json.loads(config_path.read_text(encoding="utf-8")).get("peft_type")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise BundleError(f"{config_path}: not a JSON object ({exc})") from None
+    if peft_type != "LORA":  # LoraConfig would silently overwrite another adapter type's peft_type
+        raise BundleError(f"{config_path}: peft_type: expected 'LORA', got {peft_type!r}")
+    try:
+        lora_config = LoraConfig.from_pretrained(str(lora_dir))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise BundleError(f"{config_path}: not a readable PEFT LoRA config ({str(exc).splitlines()[0]})") from None
     backbone_kwargs = load_backbone_json(base_dir / "config.json")
+    base = load_backbone(base_dir)
+    lora_config.inference_mode = True
     try:
-        base = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            base_dir, local_files_only=True, use_safetensors=True, trust_remote_code=False, dtype="auto")
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"{base_dir}: base Qwen2.5-VL weights do not load ({str(exc).splitlines()[0]})") from None
-    try:
-        peft_model = PeftModel.from_pretrained(base, lora_dir, is_trainable=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise BundleError(f"{lora_dir}: LoRA adapter does not apply to the base model ({str(exc).splitlines()[0]})") from None
+        # What PeftModel.from_pretrained does, but keeping the load result: PEFT only *warns*
+        # about adapter tensors it could not place, which would silently drop the fine-tune.
+        peft_model = PeftModel(base, lora_config)
+        result = peft_model.load_adapter(str(lora_dir), "default", is_trainable=False,
+                                         key_mapping=LEGACY_ADAPTER_KEYS)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise BundleError(f"{weights}: LoRA adapter does not apply to the base model "
+                          f"({' '.join(str(exc).split())[:300]})") from None
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    unexpected = list(result.unexpected_keys)
+    if missing or unexpected:
+        raise BundleError(f"{weights}: LoRA tensors do not match the base model {base_dir} "
+                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     return peft_model.merge_and_unload(), backbone_kwargs
 
 
@@ -90,7 +127,9 @@ def import_fusar_gpt(base: str | Path, lora: str | Path, tlm: str | Path, out: s
     """Merge the checkpoint and write a bundle; ``progress`` receives one line per step."""
     from ..tokenizer import TextTokenizer
 
-    base, lora, tlm = Path(base), Path(lora), Path(tlm)
+    base, lora, tlm, out = Path(base), Path(lora), Path(tlm), Path(out)
+    if out.exists() and not overwrite:  # before minutes of loading and merging, not after
+        raise BundleError(f"{out}: already exists (pass overwrite=True / --force to replace it)")
     for name, path in (("BASE", base), ("LORA", lora), ("TLM", tlm)):
         if not path.is_dir():
             raise BundleError(f"{path}: {name} must be a directory")
@@ -112,7 +151,7 @@ def import_fusar_gpt(base: str | Path, lora: str | Path, tlm: str | Path, out: s
         model.tlm.film_mlp.load_state_dict(film, strict=True)
     except RuntimeError as exc:
         raise BundleError(f"{tlm / 'vec64_film.pt'}: film_mlp does not fit hidden size {config.hidden_size} "
-                          f"and hidden_mult {config.tlm.hidden_mult} ({str(exc).splitlines()[0]})") from None
+                          f"and hidden_mult {config.tlm.hidden_mult} ({' '.join(str(exc).split())[:400]})") from None
     model.tlm.to(merged.dtype)
     progress(f"[2/3] TLM: sigma {config.tlm.sigma}, hidden_mult {config.tlm.hidden_mult}, chip {config.chip_size}")
     progress(f"[3/3] writing bundle {out}")
