@@ -44,8 +44,17 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("image", help="SAR image: GeoTIFF (georeferenced), PNG/JPEG, or .npy (real or complex)")
     a.add_argument("question", help='the question, e.g. "How many ships are there?"')
     a.add_argument("--bundle", help="bundle directory or preset name (default: built-in tiny preset)")
-    a.add_argument("--anchors", metavar="FILE", help="AEF anchor set: reference NPZ (features, positions) or NPY columns")
-    a.add_argument("--tiles", metavar="DIR", help="AEF tile store for anchored lookup (not available in this version)")
+    source = a.add_mutually_exclusive_group()
+    source.add_argument("--anchors", metavar="FILE",
+                        help="AEF anchor set: reference NPZ (features, positions) or NPY columns")
+    source.add_argument("--tiles", metavar="DIR",
+                        help="AEF tile store (`fusar-edge tiles ingest`): anchors are looked up for the image's "
+                             "footprint (its georeference, or --bbox) and acquisition year")
+    a.add_argument("--grid", nargs=2, type=int, default=[16, 16], metavar=("ROWS", "COLS"),
+                   help="anchor grid over the footprint for --tiles (default: 16 16)")
+    a.add_argument("--allow-no-coverage", action="store_true",
+                   help="with --tiles, answer without anchors when the store has no data for the footprint "
+                        "(default: error)")
     a.add_argument("--bbox", nargs=4, type=float, metavar=("LON_MIN", "LAT_MIN", "LON_MAX", "LAT_MAX"),
                    help="footprint of an image without georeference (overrides the GeoTIFF's)")
     a.add_argument("--date", metavar="YYYY-MM-DD", help="acquisition date (overrides the file's metadata)")
@@ -76,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--legacy-sigma", type=float, help="TLM sigma for old checkpoints without tlm_config.json")
     m.add_argument("--force", action="store_true", help="replace --out if it exists")
 
+    from . import cli_tiles
+
+    cli_tiles.add_parser(sub)
+
     s = sub.add_parser("sample", help="write a synthetic SAR scene and anchor set to try `ask` on")
     s.add_argument("out", help="directory to write scene.tif, scene.png, anchors.npz into")
     s.add_argument("--size", type=int, default=256)
@@ -91,13 +104,16 @@ def _print_answer(ans) -> None:
     where = f"{a['count']} points, coverage {a['coverage']:.2f}, year {a['year']}" if a["count"] else a.get("note", "")
     print(f"task: {ans.task} | anchors: {a['source']} ({where}) | {ans.timings_ms['total']:.0f} ms")
     print(f"text: {ans.text!r}")
+    for note in a.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
 
 
 def cmd_ask(args) -> int:
     from .runtime import Runtime
 
     rt = Runtime.open(args.bundle, tiles=args.tiles, backend=args.backend, device=args.device, dtype=args.dtype,
-                      max_image_side=args.max_image_side)
+                      max_image_side=args.max_image_side, anchor_grid=tuple(args.grid),
+                      allow_empty_anchors=args.allow_no_coverage)
     ans = rt.ask(args.image, args.question, anchors=args.anchors, task=args.task,
                  bbox=tuple(args.bbox) if args.bbox else None, date=args.date, scale=args.scale,
                  max_new_tokens=args.max_new_tokens)
@@ -142,7 +158,15 @@ def cmd_sample(args) -> int:
     return 0
 
 
-COMMANDS = {"ask": cmd_ask, "info": cmd_info, "import-fusar-gpt": cmd_import, "sample": cmd_sample}
+def cmd_tiles(args) -> int:
+    from . import cli_tiles
+
+    return cli_tiles.run(args)
+
+
+COMMANDS = {"ask": cmd_ask, "info": cmd_info, "import-fusar-gpt": cmd_import, "sample": cmd_sample,
+            "tiles": cmd_tiles}
+MODEL_COMMANDS = ("ask", "info", "import-fusar-gpt")  # the ones that load transformers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,12 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        from transformers.utils import logging as hf_logging
+        if args.command in MODEL_COMMANDS:
+            from transformers.utils import logging as hf_logging
 
-        if not args.debug:
-            hf_logging.set_verbosity_error()  # keep library chatter off the user's terminal
-        if getattr(args, "json", False):
-            hf_logging.disable_progress_bar()  # machine-readable runs print nothing else
+            if not args.debug:
+                hf_logging.set_verbosity_error()  # keep library chatter off the user's terminal
+            if getattr(args, "json", False):
+                hf_logging.disable_progress_bar()  # machine-readable runs print nothing else
         return COMMANDS[args.command](args)
     except FusarError as exc:
         if args.debug:

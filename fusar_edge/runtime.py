@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from . import tasks
-from .errors import FusarError, InputError
+from .errors import AnchorError, FusarError, InputError
 from .geo.anchors import Anchor, AnchorSet
+from .geo.tilestore import DEFAULT_GRID, TileStore, check_grid
 from .geo.sar import SarImage, parse_date, read_sar, to_chip
 from .model.bundle import open_model
 from .model.preprocess import chip_to_patches
@@ -81,31 +82,38 @@ def resolve_device(device: str, dtype) -> tuple[torch.device, torch.dtype]:
 
 class Runtime:
     def __init__(self, model, tokenizer, weights: str, source: str, backend: str = "torch",
-                 max_image_side: int = 20000):
+                 max_image_side: int = 20000, tiles: TileStore | None = None,
+                 anchor_grid: tuple[int, int] = DEFAULT_GRID, allow_empty_anchors: bool = False):
         self.model, self.tokenizer = model, tokenizer
         self.config = model.config
         self.weights, self.source, self.backend = weights, source, backend
         self.max_image_side = max_image_side
+        self.tiles, self.anchor_grid, self.allow_empty_anchors = tiles, anchor_grid, allow_empty_anchors
 
     @classmethod
     def open(cls, bundle: str | Path | None = None, tiles: str | Path | None = None, backend: str = "torch",
              dtype: torch.dtype | str | None = None, device: str = "auto",
-             max_image_side: int = 20000) -> "Runtime":
+             max_image_side: int = 20000, anchor_grid: tuple[int, int] = DEFAULT_GRID,
+             allow_empty_anchors: bool = False) -> "Runtime":
         """Open a bundle directory or a preset name (default: the built-in ``tiny``).
 
         ``device="auto"`` takes the GPU when torch sees one; ``dtype=None`` means bf16 on a GPU
         that supports it (the reference's inference dtype) and fp32 on the CPU.
+        ``tiles``: an AEF tile store; every georeferenced image (or one given a ``bbox``) then
+        gets its anchors looked up on an ``anchor_grid`` (rows, cols) over its footprint. A
+        footprint the store does not cover is an error unless ``allow_empty_anchors``.
         """
         if backend not in BACKENDS:
             raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
         if backend != "torch":
             raise FusarError(f"backend {backend!r} is not available yet: this version runs the torch backend only "
                              "(ONNX Runtime / TensorRT come with `fusar-edge export`)")
-        if tiles is not None:
-            raise FusarError("tile stores are not supported yet: pass anchors explicitly (--anchors FILE)")
+        store = TileStore.open(tiles) if tiles is not None else None  # cheap; fail before loading weights
+        check_grid(anchor_grid)
         device, dtype = resolve_device(device, dtype)
         model, tok, weights = open_model(bundle, dtype=dtype, device=device)
-        return cls(model, tok, weights, "tiny" if bundle is None else str(bundle), backend, max_image_side)
+        return cls(model, tok, weights, "tiny" if bundle is None else str(bundle), backend, max_image_side,
+                   store, tuple(anchor_grid), allow_empty_anchors)
 
     # -- inputs --------------------------------------------------------------------------
     def _image(self, image: str | Path | SarImage, scale: str) -> SarImage:
@@ -121,19 +129,32 @@ class Runtime:
             "date": footprint.date.isoformat() if footprint and footprint.date else (date.isoformat() if date else None),
             "year": None, "coverage": 0.0, "count": 0,
         }
+        if anchors is None and self.tiles is not None:
+            if footprint is None:
+                raise AnchorError(f"image {img.path}: no georeference, so the tile store cannot be used; give the "
+                                  "footprint (--bbox LON_MIN LAT_MIN LON_MAX LAT_MAX, or bbox=...)")
+            anchors = footprint
         if anchors is None:
             info["note"] = "no anchors given: TLM not applied"
             return None, info
         if isinstance(anchors, Anchor):
-            raise FusarError("an Anchor needs a tile store for the AEF lookup, which this version lacks: "
-                             "pass an anchor file (.npz/.npy) or an AnchorSet")
-        if isinstance(anchors, (str, Path)):
+            if self.tiles is None:
+                raise FusarError("an Anchor needs a tile store for the AEF lookup: open the runtime with "
+                                 "tiles=DIR (--tiles DIR), or pass an anchor file (.npz/.npy) or an AnchorSet")
+            info.update(bounds=list(anchors.bbox), date=anchors.date.isoformat() if anchors.date else None)
+            anchors = self.tiles.lookup(anchors, grid=self.anchor_grid, allow_empty=self.allow_empty_anchors)
+            info["source"] = anchors.source
+            info["crs"] = anchors.crs
+        elif isinstance(anchors, (str, Path)):
             info["source"] = f"file:{anchors}"
             anchors = AnchorSet.load(anchors)
         elif isinstance(anchors, AnchorSet):
             info["source"] = anchors.source or "anchor set"
         else:
-            raise InputError(f"anchors: expected an AnchorSet or a .npz/.npy path, got {type(anchors).__name__}")
+            raise InputError(f"anchors: expected an AnchorSet, an Anchor or a .npz/.npy path, "
+                             f"got {type(anchors).__name__}")
+        if anchors.notes:
+            info["notes"] = list(anchors.notes)
         info.update(year=anchors.year if anchors.year is not None else info["date"] and int(info["date"][:4]),
                     coverage=round(float(anchors.coverage), 4), count=int(anchors.size))
         if not anchors.mask.any():

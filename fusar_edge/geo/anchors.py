@@ -134,7 +134,8 @@ class AnchorSet:
 
     ``year`` is the AEF year the vectors come from, ``bounds`` the lon/lat footprint they were
     sampled over, ``crs`` the CRS of their source, ``source`` where they came from (a path for
-    loaded sets; it prefixes every error message).
+    loaded sets; it prefixes every error message), ``notes`` what the user should know about
+    how they were made (e.g. the nearest AEF year was used).
     """
 
     features: np.ndarray
@@ -144,6 +145,7 @@ class AnchorSet:
     source: str = ""
     crs: str | None = None
     bounds: tuple | None = None
+    notes: list[str] = field(default_factory=list)  # e.g. "used the nearest AEF year"
 
     def __post_init__(self):
         self.features = self._real("features", self.features)
@@ -175,6 +177,16 @@ class AnchorSet:
                 raise self._error("bounds", f"expected 4 finite numbers (lon_min, lat_min, lon_max, lat_max), "
                                             f"got {self.bounds!r}")
             self.bounds = bounds
+
+    @classmethod
+    def trusted(cls, features, positions, mask, year=None, source="", crs=None, bounds=None, notes=None):
+        """Build without the input checks, for producers whose arrays are valid by construction
+        (the tile store: float32 [S, 64], positions in [0, 1], bool mask); ~60 us saved per call."""
+        self = object.__new__(cls)
+        self.features, self.positions, self.mask = features, positions, mask
+        self.year, self.source, self.crs, self.bounds = year, source, crs, bounds
+        self.notes = list(notes or [])
+        return self
 
     def _error(self, key: str, what: str) -> AnchorError:
         return AnchorError(f"anchors {self.source or '(in memory)'}: {key}: {what}")

@@ -31,9 +31,9 @@ ANCHOR_GRID = 8
 
 
 def write_demo_scene(out_dir: str | Path, size: int = 256, seed: int = 0, year: int = 2023) -> dict[str, Any]:
-    """Write ``scene.tif``, ``scene.png`` and ``anchors.npz`` into ``out_dir``.
+    """Write ``scene.tif``, ``scene.png``, ``anchors.npz`` and a tile store ``tiles/`` into ``out_dir``.
 
-    Returns their paths (``scene_tif``, ``scene_png``, ``anchors``), the acquisition ``date``
+    Returns their paths (``scene_tif``, ``scene_png``, ``anchors``, ``tiles``), the acquisition ``date``
     (ISO string), the lon/lat ``bounds`` and ``ships``: pixel boxes ``[x0, y0, x1, y1]`` with
     exclusive ``x1``/``y1`` (numpy slice bounds), in the ``size x size`` scene.
     """
@@ -67,8 +67,47 @@ def write_demo_scene(out_dir: str | Path, size: int = 256, seed: int = 0, year: 
     features[~mask] = 0.0  # as a tile store returns points without AEF data
     AnchorSet(features, np.column_stack([yy.ravel(), xx.ravel()]), mask, year, "synthetic", CRS,
               img.bounds_lonlat).save_npz(npz)
-    return {"scene_tif": str(tif), "scene_png": str(png), "anchors": str(npz), "date": date.isoformat(),
-            "bounds": img.bounds_lonlat, "ships": ships}
+    tiles = write_demo_tiles(out / "tiles", size + 64, year, seed)
+    return {"scene_tif": str(tif), "scene_png": str(png), "anchors": str(npz), "tiles": str(tiles),
+            "date": date.isoformat(), "bounds": img.bounds_lonlat, "ships": ships}
+
+
+def quantise(values: np.ndarray) -> np.ndarray:
+    """Inverse of AEF's de-quantisation ``(q / 127.5)^2 * sign(q)``, to the nearest int8 code."""
+    q = np.rint(np.sqrt(np.abs(values)) * 127.5) * np.sign(values)
+    return np.clip(q, -127, 127).astype(np.int8)
+
+
+def write_demo_tiles(store: str | Path, size: int, year: int, seed: int = 0) -> Path:
+    """A tile store with one synthetic AEF tile (``size`` px at 10 m) centred on the demo scene.
+
+    The embeddings are a smooth random field of unit vectors (like AEF's, they vary slowly
+    over the ground), with a small no-data hole under the scene.
+    """
+    from .tile_format import write_store
+
+    rng = np.random.default_rng(seed + 1)
+    coarse = rng.standard_normal((size // 32 + 2, size // 32 + 2, 64))
+    rows = np.linspace(0, coarse.shape[0] - 1, size)
+    r0 = np.minimum(rows.astype(int), coarse.shape[0] - 2)
+    fr = (rows - r0)[:, None, None]
+    field = coarse[r0] * (1 - fr) + coarse[r0 + 1] * fr  # bilinear upsampling, rows then columns
+    c0 = r0
+    fc = (rows - c0)[None, :, None]
+    field = field[:, c0] * (1 - fc) + field[:, c0 + 1] * fc
+    field /= np.linalg.norm(field, axis=2, keepdims=True)
+    q = quantise(field)
+    q[size // 8: size // 4, size // 8: size // 4] = -128  # a no-data hole under the scene
+    half = size * PIXEL_M / 2
+    tile = dict(year=year, epsg=int(CRS.split(":")[1]), x0=CENTRE_EN[0] - half, y0=CENTRE_EN[1] + half,
+                dx=PIXEL_M, dy=PIXEL_M, data=q, name="demo", source="synthetic (fusar-edge sample)")
+    store = Path(store)
+    if store.exists():
+        import shutil
+
+        shutil.rmtree(store)
+    write_store(store, [tile])
+    return store
 
 
 def _place_ships(rng: np.random.Generator, size: int) -> list[list[int]]:
