@@ -17,6 +17,7 @@ _LAZY = {
     "Answer": ("runtime", "Answer"),
     "Anchor": ("geo.anchors", "Anchor"),
     "AnchorSet": ("geo.anchors", "AnchorSet"),
+    "TileStore": ("geo.tilestore", "TileStore"),
     "FusarConfig": ("config", "FusarConfig"),
 }
 
@@ -31,5 +32,5 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Runtime", "Answer", "Anchor", "AnchorSet", "FusarConfig", "FusarError", "InputError",
+__all__ = ["Runtime", "Answer", "Anchor", "AnchorSet", "TileStore", "FusarConfig", "FusarError", "InputError",
            "AnchorError", "BundleError", "__version__"]

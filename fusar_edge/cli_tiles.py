@@ -108,12 +108,14 @@ def _ingest(args) -> int:
                         progress=bar, root=args.root)
     finally:
         bar.close()
-    data = report.to_json() if hasattr(report, "to_json") else vars(report)
     if args.json:
-        print(json.dumps(data))
+        print(json.dumps(report.to_json()))
     else:
-        for key, value in data.items():
-            print(f"{key:>16}: {value if not isinstance(value, (dict, list)) else json.dumps(value)}")
+        for warning in report.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        for skipped in report.skipped:
+            print(f"skipped: {skipped}", file=sys.stderr)
+        print(report.summary())
     return 0
 
 
@@ -139,15 +141,14 @@ def _verify(args) -> int:
         report = verify(args.store, progress=bar)
     finally:
         bar.close()
-    data = report.to_json() if hasattr(report, "to_json") else vars(report)
     if args.json:
-        print(json.dumps(data))
+        print(json.dumps(report.to_json()))
     else:
         for problem in report.problems:
             print(f"problem: {problem}")
         for warning in getattr(report, "warnings", []):
             print(f"warning: {warning}")
-        print(f"{args.store}: " + ("intact" if report.ok else f"{len(report.problems)} problem(s)"))
+        print(report.summary())
     return 0 if report.ok else 1
 
 

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Callable, IO
 
 import numpy as np
-import torch
 
 from ..errors import AnchorError, InputError
 from .sar import SarImage, open_raster, parse_date, raster_date, raster_georef
@@ -213,8 +212,10 @@ class AnchorSet:
         """Fraction of anchors with AEF data."""
         return float(self.mask.mean())
 
-    def to_torch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def to_torch(self) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
         """``(features [S, 64] float32, positions [S, 2] float32, mask [S] bool)``, sharing memory."""
+        import torch  # here, so `fusar-edge tiles ...` never pays for importing torch
+
         return torch.from_numpy(self.features), torch.from_numpy(self.positions), torch.from_numpy(self.mask)
 
     # -- files ------------------------------------------------------------------------------

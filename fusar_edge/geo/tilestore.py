@@ -26,6 +26,7 @@ from .utm import central_meridian, lonlat_to_utm
 
 FIRST_AEF_YEAR = 2017
 DEFAULT_GRID = (16, 16)
+BACKENDS = ("auto", "native", "numpy")
 
 
 def dequantise_table() -> np.ndarray:
@@ -60,8 +61,11 @@ class _Tile:
 class TileStore:
     """A read-only view of one generation of a tile store."""
 
-    def __init__(self, root: Path, generation: Path, records: list[TileRecord], manifest: dict):
+    def __init__(self, root: Path, generation: Path, records: list[TileRecord], manifest: dict,
+                 native=None):
         self.root = root
+        self._native = native  # a NativeTileStore on the same generation, or None
+        self.backend = "native" if native is not None else "numpy"
         self.generation = generation
         self.records = records
         self.manifest = manifest
@@ -84,12 +88,34 @@ class TileStore:
             self._tiles.setdefault(rec.year, []).append(_Tile(rec, data, meridian))
 
     @classmethod
-    def open(cls, root: str | Path) -> "TileStore":
+    def open(cls, root: str | Path, backend: str = "auto") -> "TileStore":
+        """Open the store's current generation.
+
+        ``backend``: ``"native"`` looks up through libfusar_tiles (C, the fast path; built by
+        ``pip install`` when a C compiler is present), ``"numpy"`` through the numpy reference
+        in this module, ``"auto"`` (default) the native one when the library is available.
+        Both return the same bytes (tests/test_native_tiles.py).
+        """
+        if backend not in BACKENDS:
+            raise InputError(f"tile store backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
         root = Path(root)
         generation, records, manifest = read_generation(root)
         if not records:
             raise StoreError(f"tile store {root}: holds no tiles")
-        return cls(root, generation, records, manifest)
+        native = None
+        if backend != "numpy":
+            from .native_tiles import NativeTilesUnavailable, NativeTileStore
+
+            try:
+                native = NativeTileStore(root)
+            except NativeTilesUnavailable:
+                if backend == "native":
+                    raise
+            if native is not None and native.generation != generation.name:
+                # the store was rewritten between the two opens: retry once on the new generation
+                native.close()
+                return cls.open(root, backend)
+        return cls(root, generation, records, manifest, native)
 
     # -- what is in it ------------------------------------------------------------------------
 
@@ -135,6 +161,14 @@ class TileStore:
 
     def lookup_points(self, lon, lat, year: int) -> tuple[np.ndarray, np.ndarray]:
         """``(features float32 [S, 64], mask bool [S])`` at WGS84 points, per docs/tilestore.md."""
+        if self._native is not None:
+            if year not in self._tiles:
+                raise AnchorError(f"tile store {self.root}: no tiles for year {year} (has {self.years})")
+            return self._native.lookup_points(lon, lat, year)
+        return self.lookup_points_numpy(lon, lat, year)
+
+    def lookup_points_numpy(self, lon, lat, year: int) -> tuple[np.ndarray, np.ndarray]:
+        """The numpy reference of ``lookup_points`` (what the C reader is tested against)."""
         lon = np.ascontiguousarray(lon, dtype=np.float64).reshape(-1)
         lat = np.ascontiguousarray(lat, dtype=np.float64).reshape(-1)
         if lon.shape != lat.shape:
@@ -147,7 +181,12 @@ class TileStore:
             raise AnchorError(f"tile store {self.root}: no tiles for year {year} (has {self.years})")
         if n == 0:
             return features, mask
-        lo0, lo1, la0, la1 = lon.min(), lon.max(), lat.min(), lat.max()
+        finite = np.isfinite(lon) & np.isfinite(lat)  # points are independent: a NaN one finds nothing
+        if not finite.all():
+            if not finite.any():
+                return features, mask
+            lon, lat = np.where(finite, lon, np.nan), np.where(finite, lat, np.nan)
+        lo0, lo1, la0, la1 = np.nanmin(lon), np.nanmax(lon), np.nanmin(lat), np.nanmax(lat)
         tiles = [t for t in tiles if t.record.lonlat_bounds[0] <= lo1 and t.record.lonlat_bounds[2] >= lo0
                  and t.record.lonlat_bounds[1] <= la1 and t.record.lonlat_bounds[3] >= la0]
         if not tiles:
@@ -203,8 +242,11 @@ class TileStore:
         """
         rows, cols = check_grid(grid)
         year, note = self.pick_year(anchor.date)
-        lon, lat = grid_lonlat(anchor, rows, cols)
-        features, mask = self.lookup_points(lon, lat, year)
+        if self._native is not None and not _has_image_grid(anchor):
+            features, _, mask = self._native.lookup_bbox(anchor.bbox, year, (rows, cols))  # grid laid in C
+        else:
+            lon, lat = grid_lonlat(anchor, rows, cols)
+            features, mask = self.lookup_points(lon, lat, year)
         if not mask.any() and not allow_empty:
             extent = self.describe()["per_year"][str(year)]["lonlat_extent"]
             raise AnchorError(f"anchor bbox {_fmt_box(anchor.bbox)}: no AEF data for {year} in tile store "
@@ -238,7 +280,7 @@ def grid_positions(rows: int, cols: int) -> np.ndarray:
 def grid_lonlat(anchor: Anchor, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
     """WGS84 lon/lat of the ``rows x cols`` grid's cell centres, row-major (docs/tilestore.md)."""
     fy, fx = _grid_fractions(rows, cols)
-    if anchor.crs and anchor.transform and anchor.size:
+    if _has_image_grid(anchor):
         from rasterio.warp import transform as warp
 
         height, width = anchor.size
@@ -253,6 +295,11 @@ def grid_lonlat(anchor: Anchor, rows: int, cols: int) -> tuple[np.ndarray, np.nd
     lon = lon_min + (lon_max - lon_min) * fx
     lat = lat_max - (lat_max - lat_min) * fy
     return np.tile(lon, rows), np.repeat(lat, cols)
+
+
+def _has_image_grid(anchor: Anchor) -> bool:
+    """A georeferenced image: its grid is laid in image space, not over the lon/lat box."""
+    return bool(anchor.crs and anchor.transform and anchor.size)
 
 
 def check_grid(grid) -> tuple[int, int]:

@@ -58,24 +58,49 @@ def central_meridian(zone: int) -> float:
 
 
 def lonlat_to_utm(lon, lat, zone: int, north: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Easting, northing (metres) of WGS84 ``lon``/``lat`` (degrees, float64) in UTM ``zone``."""
+    """Easting, northing (metres) of WGS84 ``lon``/``lat`` (degrees, float64) in UTM ``zone``.
+
+    Written as explicit real arithmetic, one rounded operation at a time, in the order the
+    C reader uses (no complex numbers: numpy may fuse or reorder their products on some
+    CPUs). Only five transcendental functions per point: the double angles of the
+    Gauss-Schreiber coordinates follow algebraically from ``t`` and ``lambda``.
+    """
     lon = np.asarray(lon, dtype=np.float64)
     lat = np.asarray(lat, dtype=np.float64)
     lam = np.radians(lon - central_meridian(zone))
     sin_phi = np.sin(np.radians(lat))
-    # tangent of the conformal latitude, then Gauss-Schreiber coordinates (xi', eta')
+    # tangent of the conformal latitude
     t = np.sinh(np.arctanh(sin_phi) - _E * np.arctanh(_E * sin_phi))
-    xi_p = np.arctan2(t, np.cos(lam))
-    eta_p = np.arctanh(np.sin(lam) / np.sqrt(1.0 + t * t))
-    # zeta = zeta' + sum_j alpha_j sin(2 j zeta') with zeta' = xi' + i eta', summed by Clenshaw's
-    # recurrence on complex numbers: two complex sin/cos instead of 24 real transcendentals.
-    two_zeta = 2.0 * (xi_p + 1j * eta_p)
-    a = 2.0 * np.cos(two_zeta)
-    b1 = np.zeros_like(two_zeta)
-    b2 = np.zeros_like(two_zeta)
+    cos_lam = np.cos(lam)
+    sin_lam = np.sin(lam)
+    # Gauss-Schreiber coordinates: xi' = atan2(t, cos lam), eta' = atanh(u)
+    xi_p = np.arctan2(t, cos_lam)
+    u = sin_lam / np.sqrt(1.0 + t * t)
+    eta_p = np.arctanh(u)
+    # sin/cos of 2 xi' and sinh/cosh of 2 eta' without further transcendentals
+    r2 = t * t + cos_lam * cos_lam
+    sin2xi = 2.0 * t * cos_lam / r2
+    cos2xi = (cos_lam * cos_lam - t * t) / r2
+    d = 1.0 - u * u
+    sinh2eta = 2.0 * u / d
+    cosh2eta = (1.0 + u * u) / d
+    # zeta = zeta' + sum_j alpha_j sin(2 j zeta'), zeta' = xi' + i eta', by Clenshaw's recurrence
+    # b_j = a b_{j+1} - b_{j+2} + alpha_j with a = 2 cos(2 zeta'); the sum is b_1 sin(2 zeta')
+    sin_r = sin2xi * cosh2eta  # sin(2 zeta') = sin_r + i sin_i
+    sin_i = cos2xi * sinh2eta
+    a_r = 2.0 * (cos2xi * cosh2eta)  # a = 2 cos(2 zeta') = a_r + i a_i
+    a_i = -2.0 * (sin2xi * sinh2eta)
+    b1_r = np.zeros_like(t)
+    b1_i = np.zeros_like(t)
+    b2_r = np.zeros_like(t)
+    b2_i = np.zeros_like(t)
     for alpha in reversed(_ALPHA):
-        b1, b2 = a * b1 - b2 + alpha, b1
-    zeta = 0.5 * two_zeta + b1 * np.sin(two_zeta)
-    easting = FALSE_EASTING + _K0A * zeta.imag
-    northing = _K0A * zeta.real + (0.0 if north else FALSE_NORTHING_SOUTH)
+        n_r = a_r * b1_r - a_i * b1_i - b2_r + alpha
+        n_i = a_r * b1_i + a_i * b1_r - b2_i
+        b2_r, b2_i = b1_r, b1_i
+        b1_r, b1_i = n_r, n_i
+    xi = xi_p + (b1_r * sin_r - b1_i * sin_i)
+    eta = eta_p + (b1_r * sin_i + b1_i * sin_r)
+    easting = FALSE_EASTING + _K0A * eta
+    northing = _K0A * xi + (0.0 if north else FALSE_NORTHING_SOUTH)
     return easting, northing
