@@ -20,8 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 EPILOG_ASK = """examples:
-  fusar-edge sample demo/                      # write a synthetic SAR scene + anchors
-  fusar-edge ask demo/scene.tif "How many ships are there?" --anchors demo/anchors.npz --json
+  fusar-edge sample demo/                      # a synthetic SAR scene, anchors and AEF tile store
+  fusar-edge ask demo/scene.tif "How many ships are there?" --tiles demo/tiles --json
+  fusar-edge ask demo/scene.tif "How many ships are there?" --anchors demo/anchors.npz
+  fusar-edge ask chip.png "How many ships?" --tiles store/ --bbox 2.9 54.0 2.97 54.04 --date 2023-03-15
   fusar-edge ask chip.png "Detect the planes" --bundle bundles/fusar-7b --task detect
 
 Without --bundle the built-in `tiny` preset runs: random, untrained weights that exercise

@@ -1,20 +1,17 @@
 """Fused ops for the FUSAR modules (installed as ``fusar_edge.kernels``).
 
-Each op has a torch reference beside it; the model calls the op, and the op picks an
-implementation. The Triton kernels arrive with issue 4; until then every op runs its
-torch reference, so callers need not change when they land.
+Each op sits in its own file beside its torch reference (Liger-Kernel style) and takes
+``backend="auto"|"triton"|"torch"`` (see ``_backend``): on CUDA tensors ``auto`` runs the
+Triton kernel, elsewhere the reference, so the model's stages call these without a flag.
+
+- ``tlm_modulate(x, a, gamma, beta)``: ``y = x * (1 + a @ gamma) + a @ beta`` in one pass over x
+- ``tlm_weights(positions, mask, patch_grid, token_grid, sigma)``: the matrix ``a`` of DESIGN.md
+- ``grasp_fuse(q, keys, prompts, selector, k)``: scores, sparse selection, weighted prompt sum
 """
 
-from __future__ import annotations
+from ._backend import BACKENDS, resolve_backend, triton_available
+from .grasp import grasp_fuse, grasp_fuse_reference
+from .tlm import tlm_modulate, tlm_modulate_reference, tlm_weights
 
-import torch
-
-
-def tlm_modulate(x: torch.Tensor, a: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """``y = x * (1 + a @ gamma) + a @ beta`` for ``x[T, C]``, ``a[T, S]``, ``gamma/beta[S, C]``."""
-    from fusar_edge.model.tlm import modulate_reference
-
-    return modulate_reference(x, a, gamma, beta)
-
-
-__all__ = ["tlm_modulate"]
+__all__ = ["tlm_modulate", "tlm_modulate_reference", "tlm_weights", "grasp_fuse", "grasp_fuse_reference",
+           "BACKENDS", "resolve_backend", "triton_available"]

@@ -6,6 +6,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run through Triton's interpreter (must be set before any
+# kernel module is imported); on a GPU machine they compile for real.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="session")
 def tiny_model():

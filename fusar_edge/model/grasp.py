@@ -10,7 +10,9 @@ Semantics (GRASP, arXiv 2601.17089, as DESIGN.md fixes them; no public code exis
   question tokens, from a text-only pass (computed by the fusion stage).
 - ``s_i = <W_q q, W_k b_i> / sqrt(h)`` with ``h = proj_dim``; a sparse selector turns scores
   into weights: ``topk`` (softmax over the k largest, zero elsewhere; ties broken by
-  lower block index) or ``entmax15`` (exact 1.5-entmax, Peters et al. 2019, sort-based).
+  lower block index, via a stable sort) or ``entmax15`` (exact 1.5-entmax, Peters et al.
+  2019, sort-based). ``GRASP.forward`` runs scores, selection and the weighted sum as one
+  fused op (``fusar_edge.kernels.grasp_fuse``: Triton on CUDA, this module's torch otherwise).
 - The global prompt ``g = sum_i w_i p_i`` (``[L, C]``) is inserted right after
   ``<|vision_end|>``, i.e. at the vision-language boundary.
 """
@@ -25,13 +27,17 @@ from torch import nn
 
 
 def topk_softmax(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Softmax over the k largest scores of the last dim, exact zeros elsewhere."""
+    """Softmax over the k largest scores of the last dim, exact zeros elsewhere.
+
+    Ties are broken by the lower index: a stable descending sort keeps equal scores in index
+    order (``torch.topk`` does not promise that, and its CPU and CUDA choices differ).
+    """
     n = scores.shape[-1]
     if not 1 <= k <= n:
         raise ValueError(f"top-k selector: k must be in 1..{n}, got {k}")
-    top = torch.topk(scores, k, dim=-1, sorted=False)
+    values, indices = torch.sort(scores, dim=-1, descending=True, stable=True)
     weights = torch.zeros_like(scores, dtype=torch.float32)
-    return weights.scatter(-1, top.indices, torch.softmax(top.values.float(), dim=-1))
+    return weights.scatter(-1, indices[..., :k], torch.softmax(values[..., :k].float(), dim=-1))
 
 
 def entmax15(scores: torch.Tensor) -> torch.Tensor:
@@ -96,14 +102,26 @@ class GRASP(nn.Module):
         pooled = F.adaptive_avg_pool2d(fmap, self.grid).reshape(tokens.shape[1], -1).T
         return pooled + self.block_pos.to(pooled.device)
 
-    def scores(self, tokens: torch.Tensor, token_grid: tuple[int, int], q: torch.Tensor) -> torch.Tensor:
+    def project(self, tokens: torch.Tensor, token_grid: tuple[int, int], q: torch.Tensor):
+        """-> ``(query [h], keys [N, h])`` in the projection weights' dtype."""
         dtype = self.w_k.weight.dtype
-        keys = self.w_k(self.blocks(tokens, token_grid).to(dtype)).float()  # [N, h]
-        query = self.w_q(q.to(dtype)).float()  # [h]
-        return keys @ query / math.sqrt(self.proj_dim)
+        keys = self.w_k(self.blocks(tokens, token_grid).to(dtype))  # [N, h]
+        query = self.w_q(q.to(dtype))  # [h]
+        return query, keys
+
+    def scores(self, tokens: torch.Tensor, token_grid: tuple[int, int], q: torch.Tensor) -> torch.Tensor:
+        query, keys = self.project(tokens, token_grid, q)
+        return keys.float() @ query.float() / math.sqrt(self.proj_dim)
 
     def forward(self, tokens: torch.Tensor, token_grid: tuple[int, int], q: torch.Tensor):
-        """Returns ``(prompt [L, C], weights [N])`` for one image and its question vector."""
-        weights = select(self.scores(tokens, token_grid, q), self.selector, self.k)
-        prompt = torch.einsum("n,nlc->lc", weights, self.prompts.float())
+        """Returns ``(prompt [L, C], weights [N])`` for one image and its question vector.
+
+        Scores, selection and the weighted prompt sum run as one fused op
+        (``fusar_edge.kernels.grasp_fuse``: the Triton kernel on CUDA, else the torch reference,
+        which is ``scores`` + ``select`` + the fp32 einsum over the prompts).
+        """
+        from fusar_edge.kernels import grasp_fuse  # lazy: the kernels package imports this module too
+
+        query, keys = self.project(tokens, token_grid, q)
+        prompt, weights = grasp_fuse(query, keys, self.prompts, self.selector, self.k)
         return prompt.to(tokens.dtype), weights

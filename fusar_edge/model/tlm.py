@@ -24,7 +24,6 @@ the MLP runs in its weights' dtype (the reference autocasts to bf16 in bf16 runs
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AnchorError
@@ -38,23 +37,14 @@ def anchor_weights(
     sigma: float,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """The combined Gaussian + bilinear matrix ``A[h*w, S]`` (float32)."""
-    hp, wp = patch_grid
-    pos = positions.to(torch.float32)
-    yy, xx = torch.meshgrid(
-        torch.arange(hp, dtype=torch.float32, device=pos.device),
-        torch.arange(wp, dtype=torch.float32, device=pos.device),
-        indexing="ij",
-    )
-    d2 = (pos[:, 0, None] * (hp - 1) - yy.flatten()).square() + (pos[:, 1, None] * (wp - 1) - xx.flatten()).square()
-    w = torch.exp(-d2 / (2.0 * sigma**2))  # [S, hp*wp]
-    w = w / (w.sum(dim=0, keepdim=True) + eps)
-    w = w * mask.to(device=pos.device, dtype=torch.float32).view(-1, 1)
-    w = w / (w.sum(dim=0, keepdim=True) + eps)
-    # Resize each anchor's weight map exactly as the reference resizes the fields: bilinear
-    # interpolation is linear, so resizing W (S maps) equals resizing W^T gamma (C maps).
-    resized = F.interpolate(w.view(-1, 1, hp, wp), size=token_grid, mode="bilinear", align_corners=False)
-    return resized.reshape(w.shape[0], -1).T.contiguous()  # [h*w, S]
+    """The combined Gaussian + bilinear matrix ``A[h*w, S]`` (float32).
+
+    One implementation, shared with the fused path: ``fusar_edge.kernels.tlm_weights``
+    (which also takes a batch, and raises ``AnchorError`` when every anchor is masked).
+    """
+    from ..kernels.tlm import tlm_weights
+
+    return tlm_weights(positions, mask, patch_grid, token_grid, sigma, eps)
 
 
 def modulate_reference(x: torch.Tensor, a: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -93,10 +83,9 @@ class TLM(nn.Module):
             raise ValueError(f"TLM: {tokens.shape[0]} visual tokens do not fill the token grid {token_grid}")
         if features.ndim != 2 or features.shape[1] != self.vec_dim:
             raise AnchorError(f"anchor features: expected [S, {self.vec_dim}], got {list(features.shape)}")
-        if not bool(mask.any()):
-            raise AnchorError("anchor mask: every anchor is masked out; TLM needs at least one valid AEF vector")
-        gamma, beta = self.film(features)
+        # Raises AnchorError when every anchor is masked out (before the MLP runs).
         a = anchor_weights(positions.to(tokens.device), mask.to(tokens.device), patch_grid, token_grid, self.sigma, self.eps)
+        gamma, beta = self.film(features)
         from ..kernels import tlm_modulate  # dispatches to the fused kernel where one exists
 
         return tlm_modulate(tokens, a, gamma.to(tokens.dtype), beta.to(tokens.dtype))
