@@ -1,5 +1,10 @@
-"""Export pipeline: ONNX stages, GPTQ 4-bit, TensorRT (installed as ``fusar_edge.export``).
+"""Export pipeline (installed as ``fusar_edge.export``).
 
-Not implemented yet (issue 5). The model already exposes its three stages
-(``FusarModel.vision`` / ``.fusion`` / ``.decoder``) as the unit of export.
+- ``onnx_stages``: the model's stages as ONNX graphs (vision, embed, fusion, decoder with KV
+  cache) and the parity report against the torch model
+- ``gptq`` / ``gptq_format``: GPTQ and round-to-nearest 4-bit quantisation of any causal LM's
+  linear layers; Hugging Face GPTQ checkpoints (both zero-point storages)
+- ``int4_onnx``: 4-bit weights packed into ONNX as ``MatMulNBits`` or INT4 ``DequantizeLinear``
+  -> ``MatMul`` (TensorRT weight-only INT4), and a TensorRT lint of the latter
+- ``bundle_export``: ``fusar-edge export``, which writes all of these into a new bundle
 """

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import FusarError
+from .errors import FusarError, InputError
 
 # No hub, ever: model loading stays on local files even if a library would try otherwise.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,6 +86,27 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="bundle directory to write")
     m.add_argument("--legacy-sigma", type=float, help="TLM sigma for old checkpoints without tlm_config.json")
     m.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    x = sub.add_parser("export", help="write deployable artifacts: ONNX stages, GPTQ 4-bit, TensorRT engines",
+                       description="Export a bundle (or a preset such as `tiny`) into a new bundle DIR with the "
+                                   "artifacts inside: onnx/ (fp32 stages), gptq/ + onnx-int4/ + onnx-int4-qdq/ "
+                                   "(--gptq4), tensorrt/<gpu>/ (--tensorrt). Writes a parity report against the "
+                                   "torch model into DIR/export.json. A failed export leaves nothing behind.",
+                       epilog="examples:\n  fusar-edge export tiny --out bundles/tiny-onnx --onnx\n"
+                              "  fusar-edge ask demo/scene.tif \"How many ships?\" --bundle bundles/tiny-onnx "
+                              "--backend onnxruntime\n  fusar-edge export bundles/fusar-7b --out bundles/fusar-7b-int4 "
+                              "--gptq4 --calib 64",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("bundle", nargs="?", default="tiny", help="bundle directory or preset name (default: tiny)")
+    x.add_argument("--out", required=True, metavar="DIR", help="bundle directory to write")
+    x.add_argument("--onnx", action="store_true", help="export the three stages to ONNX (default when nothing "
+                                                       "else is asked)")
+    x.add_argument("--gptq4", action="store_true", help="GPTQ 4-bit weights for the language model (implies --onnx)")
+    x.add_argument("--calib", type=int, default=16, metavar="N", help="calibration samples for --gptq4 (default 16)")
+    x.add_argument("--group-size", type=int, default=128, choices=[64, 128], help="4-bit group size (default 128)")
+    x.add_argument("--tensorrt", action="store_true", help="build TensorRT engines (needs TensorRT installed)")
+    x.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    x.add_argument("--json", action="store_true", help="print the export report as JSON")
 
     from . import cli_tiles
 
@@ -160,6 +181,31 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export.bundle_export import export_bundle
+
+    if args.calib < 1:
+        raise InputError(f"--calib: expected a positive number of samples, got {args.calib}")
+    onnx = args.onnx or not (args.gptq4 or args.tensorrt)
+    report = export_bundle(args.bundle, args.out, onnx=onnx, gptq4=args.gptq4, calib=args.calib,
+                           group_size=args.group_size, tensorrt=args.tensorrt, force=args.force,
+                           progress=None if args.json else lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for name, art in report["artifacts"].items():
+            parity = art.get("parity") if isinstance(art, dict) else None
+            if parity:
+                worst = max(parity["max_rel_err"].values())
+                g = parity["greedy"]
+                print(f"{name}: parity {'ok' if parity['ok'] else 'FAILED'} (worst stage relative error {worst:.2e}, "
+                      f"greedy tokens identical on {g['identical_sequences']}/{g['of']} prompts)")
+            else:
+                print(f"{name}: written")
+        print(f"wrote {args.out} in {report['seconds']} s")
+    return 0
+
+
 def cmd_tiles(args) -> int:
     from . import cli_tiles
 
@@ -167,8 +213,8 @@ def cmd_tiles(args) -> int:
 
 
 COMMANDS = {"ask": cmd_ask, "info": cmd_info, "import-fusar-gpt": cmd_import, "sample": cmd_sample,
-            "tiles": cmd_tiles}
-MODEL_COMMANDS = ("ask", "info", "import-fusar-gpt")  # the ones that load transformers
+            "tiles": cmd_tiles, "export": cmd_export}
+MODEL_COMMANDS = ("ask", "info", "import-fusar-gpt", "export")  # the ones that load transformers
 
 
 def main(argv: list[str] | None = None) -> int:

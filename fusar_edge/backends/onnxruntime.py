@@ -1,0 +1,278 @@
+"""ONNX Runtime backend: the exported stages (``<bundle>/onnx/``) behind the runtime's stage interface.
+
+``OnnxStages`` offers what ``fusar_edge.runtime.TorchStages`` offers (``vision``,
+``fusion``, ``prefill``, ``step``), over the graphs ``fusar_edge.export.onnx_stages``
+writes:
+
+- vision: the host computes TLM's matrix A (``kernels.tlm.tlm_weights``) from the anchor
+  positions and mask, pads A and the features to the export's S anchors (zero columns =
+  masked anchors); no anchors -> A = 0, i.e. the plain tower;
+- fusion: ``embed.onnx`` embeds the chat sequence; with GRASP the question goes through
+  ``embed.onnx`` + ``decoder.onnx`` (no past) for its hidden states; ``fusion.onnx``
+  splices the visual tokens and the global prompt;
+- decoder: prefill with an empty past, then one token per ``step``; the KV cache stays
+  in ONNX Runtime's memory between steps: ``present.*`` outputs are bound with
+  ``io_binding`` on the execution device and fed back as the next step's
+  ``past_key_values.*`` with ``bind_ortvalue_input`` (no host round trip), and so are
+  the embeddings between ``embed.onnx``, ``fusion.onnx`` and ``decoder.onnx``. Only the
+  last position's logits come back to the host.
+
+Providers: CUDA when ONNX Runtime has the CUDA execution provider and ``device`` allows
+it, else CPU; ``providers=[...]`` overrides (names or ``(name, options)`` pairs, as
+``onnxruntime.InferenceSession`` takes them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import AnchorError, FusarError, InputError
+
+STAGES = ("vision", "embed", "fusion", "decoder")
+
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+       "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise FusarError("backend 'onnxruntime' needs the onnxruntime package "
+                         "(pip install onnxruntime, or onnxruntime-gpu for CUDA)") from None
+    return onnxruntime
+
+
+def export_hint(bundle: str | Path | None = None) -> str:
+    src = str(bundle) if bundle is not None else "BUNDLE"
+    return f"`fusar-edge export {src} --out DIR --onnx`"
+
+
+def check_export(onnx_dir: str | Path, bundle: str | Path | None = None) -> dict:
+    """``stages.json`` of ``onnx_dir`` after checking every file it needs exists (one-line errors)."""
+    from ..export.onnx_stages import STAGE_FILES, STAGES_JSON, read_stages
+
+    onnx_dir = Path(onnx_dir)
+    hint = (f"backend 'onnxruntime' runs the exported ONNX stages: run {export_hint(bundle)} "
+            "and open DIR")
+    for name in (STAGES_JSON, *STAGE_FILES.values()):
+        if not (onnx_dir / name).is_file():
+            raise FusarError(f"{onnx_dir / name}: missing ({hint})")
+    spec = read_stages(onnx_dir)
+    for stage in spec["stages"].values():
+        if stage.get("data") and not (onnx_dir / stage["data"]).is_file():
+            raise FusarError(f"{onnx_dir / stage['data']}: missing (external weights of {stage['file']}; {hint})")
+    return spec
+
+
+def resolve_providers(providers=None, device: str = "auto") -> list:
+    ort = _ort()
+    available = ort.get_available_providers()
+    if providers:
+        names = [p[0] if isinstance(p, (tuple, list)) else p for p in providers]
+        missing = [n for n in names if n not in available]
+        if missing:
+            raise FusarError(f"onnxruntime providers {missing} are not available here (available: "
+                             f"{', '.join(available)})")
+        return list(providers)
+    dev = str(device or "auto")
+    if dev == "cpu":
+        return ["CPUExecutionProvider"]
+    if dev == "auto" or dev.startswith("cuda"):
+        if "CUDAExecutionProvider" in available:
+            index = int(dev.split(":", 1)[1]) if ":" in dev else 0
+            return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+        if dev != "auto":
+            raise FusarError(f"device {dev!r}: this onnxruntime has no CUDAExecutionProvider (install "
+                             "onnxruntime-gpu, or use --device cpu)")
+        return ["CPUExecutionProvider"]
+    raise InputError(f"device: expected auto, cpu, cuda or cuda:N, got {dev!r}")
+
+
+class OnnxStages:
+    """The exported stages of one bundle in ONNX Runtime sessions (one sequence at a time)."""
+
+    def __init__(self, onnx_dir: str | Path, providers=None, device: str = "auto", bundle=None,
+                 session_options=None):
+        ort = _ort()
+        self.dir = Path(onnx_dir)
+        self.spec = check_export(self.dir, bundle)
+        chosen = resolve_providers(providers, device)
+        opts = session_options
+        if opts is None:
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+        self.sessions = {}
+        for name in STAGES:
+            path = self.dir / self.spec["stages"][name]["file"]
+            try:
+                self.sessions[name] = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise FusarError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
+        self.providers = self.sessions["decoder"].get_providers()
+        self.device_type, self.device_id = "cpu", 0
+        if self.providers[0] == "CUDAExecutionProvider":
+            self.device_type = "cuda"
+            opts_cuda = self.sessions["decoder"].get_provider_options().get("CUDAExecutionProvider", {})
+            self.device_id = int(opts_cuda.get("device_id", 0))
+        s = self.spec
+        self.has_tlm = bool(s["tlm"]["enabled"])
+        self.has_grasp = bool(s["grasp"]["enabled"])
+        self.max_anchors = int(s["tlm"]["max_anchors"])
+        self.num_layers = int(s["decoder"]["num_layers"])
+        self.kv_heads, self.head_dim = int(s["decoder"]["num_kv_heads"]), int(s["decoder"]["head_dim"])
+        dec_inputs = {i.name: i for i in self.sessions["decoder"].get_inputs()}
+        self.kv_dtype = _NP.get(dec_inputs["past_key_values.0.key"].type, np.float32)
+        self._past: list | None = None
+        self._total = 0
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _value(self, array: np.ndarray):
+        ort = _ort()
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, self.device_id)
+
+    def _run(self, stage: str, feeds: dict[str, Any], outputs: list[str], host: tuple[str, ...] = ()) -> list:
+        """Run one stage through IO binding; inputs: numpy arrays or OrtValues.
+
+        -> OrtValues, on the execution device except the outputs named in ``host`` (bound to CPU
+        memory: what the host reads anyway, such as logits).
+        """
+        ort = _ort()
+        sess = self.sessions[stage]
+        io = sess.io_binding()
+        keep = []
+        for name, value in feeds.items():
+            if not isinstance(value, ort.OrtValue):
+                value = self._value(np.asarray(value))
+                keep.append(value)
+            io.bind_ortvalue_input(name, value)
+        for name in outputs:
+            if name in host:
+                io.bind_output(name, "cpu")
+            else:
+                io.bind_output(name, self.device_type, self.device_id)
+        sess.run_with_iobinding(io)
+        return io.get_outputs()
+
+    @staticmethod
+    def to_numpy(value) -> np.ndarray:
+        return value.numpy() if hasattr(value, "numpy") and not isinstance(value, np.ndarray) else np.asarray(value)
+
+    # -- stages ---------------------------------------------------------------------------
+    def anchor_inputs(self, anchors) -> tuple[np.ndarray, np.ndarray]:
+        """``(A [T, S], features [S, 64])`` float32 for ``vision.onnx``, padded to the export's S."""
+        import torch
+
+        from ..kernels.tlm import tlm_weights
+
+        s = self.spec
+        t_tok, width = int(s["visual_tokens"]), int(s["tlm"]["vec_dim"])
+        a = np.zeros((t_tok, self.max_anchors), np.float32)
+        f = np.zeros((self.max_anchors, width), np.float32)
+        if anchors is None:
+            return a, f
+        features, positions, mask = (torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+                                     for x in anchors)
+        if features.ndim != 2 or features.shape[1] != width:
+            raise AnchorError(f"anchor features: expected [S, {width}], got {list(features.shape)}")
+        n = features.shape[0]
+        if n > self.max_anchors:
+            raise AnchorError(f"anchor set: {n} anchors, but vision.onnx in {self.dir} was exported for at most "
+                              f"{self.max_anchors}; use a coarser anchor grid or re-export with more anchors")
+        weights = tlm_weights(positions.cpu(), mask.cpu(), tuple(s["patch_grid"]), tuple(s["token_grid"]),
+                              s["tlm"]["sigma"], s["tlm"]["eps"])
+        a[:, :n] = weights.numpy()
+        f[:n] = features.detach().cpu().float().numpy()
+        return a, f
+
+    def vision(self, pixels, grid_thw=None, anchors=None):
+        """-> visual tokens ``[T, C]`` (an OrtValue on the execution device)."""
+        s = self.spec
+        px = np.asarray(pixels.numpy() if hasattr(pixels, "numpy") else pixels, dtype=np.float32)
+        want = (int(s["num_patches"]), int(s["patch_dim"]))
+        if px.shape != want:
+            raise InputError(f"vision: pixel_values {list(px.shape)} do not match the export's chip "
+                             f"({s['chip_size']} px -> {list(want)})")
+        feeds: dict[str, Any] = {"pixel_values": px}
+        if self.has_tlm:
+            a, f = self.anchor_inputs(anchors)
+            feeds.update(anchor_weights=a, anchor_features=f)
+        return self._run("vision", feeds, ["visual_tokens"])[0]
+
+    def embed(self, input_ids):
+        ids = np.asarray(input_ids.numpy() if hasattr(input_ids, "numpy") else input_ids, dtype=np.int64)
+        return self._run("embed", {"input_ids": ids.reshape(1, -1)}, ["inputs_embeds"])[0]
+
+    def _empty_past(self) -> list:
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), self.kv_dtype)
+        return [self._value(empty) for _ in range(2 * self.num_layers)]
+
+    def _decoder(self, embeds, positions: np.ndarray, past: list, total: int, outputs: list[str]) -> list:
+        """One decoder run; ``logits`` come back in host memory, everything else stays on the device."""
+        feeds: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": np.ones((1, total), np.int64),
+                                 "position_ids": np.ascontiguousarray(positions, dtype=np.int64)}
+        for i in range(self.num_layers):
+            feeds[f"past_key_values.{i}.key"] = past[2 * i]
+            feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
+        return self._run("decoder", feeds, outputs, host=("logits",))
+
+    def question_hidden(self, question_ids):
+        """The decoder's final hidden states over the question alone (GRASP's text-only pass)."""
+        ids = np.asarray(question_ids.numpy() if hasattr(question_ids, "numpy") else question_ids,
+                         dtype=np.int64).reshape(1, -1)
+        n = ids.shape[1]
+        pos = np.broadcast_to(np.arange(n, dtype=np.int64), (3, 1, n))
+        return self._decoder(self.embed(ids), pos, self._empty_past(), n, ["last_hidden_state"])[0]
+
+    def fusion(self, input_ids, layout, visual_tokens, question_ids=None):
+        """-> ``(inputs_embeds [1, L, C] OrtValue, GRASP block weights [N] numpy or None)``."""
+        t_tok = int(self.spec["visual_tokens"])
+        if layout.image_len != t_tok:
+            raise ValueError(f"fusion: {t_tok} visual tokens for {layout.image_len} image placeholders")
+        text = self.embed(input_ids)
+        feeds: dict[str, Any] = {"text_embeds": text, "visual_tokens": visual_tokens,
+                                 "image_start": np.array([layout.image_start], np.int64)}
+        if not self.has_grasp:
+            return self._run("fusion", feeds, ["inputs_embeds"])[0], None
+        length = int(np.asarray(input_ids).size)
+        if layout.prompt_len:
+            if question_ids is None:
+                raise ValueError("fusion: GRASP needs the question's token ids")
+            feeds["question_hidden"] = self.question_hidden(question_ids)
+            feeds["prompt_start"] = np.array([layout.prompt_start], np.int64)
+        else:  # no prompt slots: nothing to splice (prompt_start past the end)
+            c = int(self.spec["hidden_size"])
+            feeds["question_hidden"] = np.zeros((1, 1, c), self.kv_dtype)
+            feeds["prompt_start"] = np.array([length], np.int64)
+        embeds, weights = self._run("fusion", feeds, ["inputs_embeds", "grasp_weights"], host=("grasp_weights",))
+        return embeds, (weights.numpy() if layout.prompt_len else None)
+
+    def prefill(self, embeds, positions, full: bool = False) -> np.ndarray:
+        """Run the whole sequence; -> the last position's logits ``[V]`` (``full``: ``[1, L, V]``)."""
+        pos = np.asarray(positions.numpy() if hasattr(positions, "numpy") else positions, dtype=np.int64)
+        length = pos.shape[-1]
+        if not hasattr(embeds, "numpy") or isinstance(embeds, np.ndarray):
+            embeds = np.asarray(embeds)
+        outs = self._decoder(embeds, pos, self._empty_past(), length, self._outputs())
+        self._past, self._total = outs[1:], length
+        logits = outs[0].numpy()
+        return logits if full else logits[0, -1]
+
+    def step(self, token: int, position: int) -> np.ndarray:
+        """One decode step at M-RoPE text position ``position``; -> logits ``[V]``."""
+        if self._past is None:
+            raise FusarError("decode step before prefill")
+        embeds = self.embed(np.array([[token]], np.int64))
+        pos = np.full((3, 1, 1), position, np.int64)
+        outs = self._decoder(embeds, pos, self._past, self._total + 1, self._outputs())
+        self._past, self._total = outs[1:], self._total + 1
+        return outs[0].numpy()[0, -1]
+
+    def _outputs(self) -> list[str]:
+        return ["logits", *(f"present.{i}.{w}" for i in range(self.num_layers) for w in ("key", "value"))]
+
+    def reset(self) -> None:
+        self._past, self._total = None, 0

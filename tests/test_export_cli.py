@@ -1,0 +1,55 @@
+"""`fusar-edge export`: refuses to overwrite, leaves nothing behind on failure, writes a hashed bundle."""
+
+import json
+
+import pytest
+
+from fusar_edge.cli import main
+from fusar_edge.model.bundle import sha256
+
+
+def test_existing_output_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous export")
+    assert main(["export", "tiny", "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "previous export"
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import fusar_edge.export.onnx_stages as stages
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("simulated crash in the middle of the export")
+
+    monkeypatch.setattr(stages, "export_stages", boom)
+    with pytest.raises(RuntimeError):
+        main(["export", "tiny", "--out", str(tmp_path / "out"), "--json"])
+    assert list(tmp_path.iterdir()) == []  # neither the output nor a temp directory
+
+
+def test_failed_forced_export_keeps_the_old_one(tmp_path, monkeypatch):
+    import fusar_edge.export.onnx_stages as stages
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous export")
+    monkeypatch.setattr(stages, "export_stages", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("crash")))
+    with pytest.raises(RuntimeError):
+        main(["export", "tiny", "--out", str(out), "--force", "--json"])
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert (out / "keep.txt").read_text() == "previous export"
+
+
+def test_export_tiny_end_to_end(tmp_path, capsys):
+    out = tmp_path / "tiny-onnx"
+    assert main(["export", "tiny", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    parity = report["artifacts"]["onnx"]["parity"]
+    assert parity["ok"] and parity["greedy"]["token_agreement"] == 1.0
+    manifest = json.loads((out / "manifest.json").read_text())["files"]
+    assert {"onnx/decoder.onnx", "onnx/vision.onnx", "export.json", "model.safetensors"} <= set(manifest)
+    for rel, entry in manifest.items():  # every file hashed, sub-folders included
+        assert sha256(out / rel) == entry["sha256"]
+    assert json.loads((out / "export.json").read_text())["artifacts"]["onnx"]["parity"]["ok"]

@@ -1,0 +1,238 @@
+"""ONNX export of the three stages, their parity with torch, and the ONNX Runtime backend.
+
+The tiny preset is exported once for the module (random weights, fp32); every test reads
+that export.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+ort = pytest.importorskip("onnxruntime")
+
+import onnx  # noqa: E402
+
+from conftest import one_line, rel_err  # noqa: E402
+from fusar_edge.errors import AnchorError, FusarError, InputError  # noqa: E402
+from fusar_edge.export.onnx_stages import (  # noqa: E402
+    FusionStage, DecoderStage, STAGE_FILES, VisionStage, export_stages, parity_report, synthetic_anchors,
+    synthetic_chip)
+from fusar_edge.model.bundle import save_bundle  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_model, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("onnx_export")
+    bundle = save_bundle(tiny_model, tiny_tokenizer, root / "bundle")
+    messages = []
+    files = export_stages(tiny_model, bundle / "onnx", progress=messages.append)
+    return {"bundle": bundle, "onnx": bundle / "onnx", "files": files, "messages": messages}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from fusar_edge.geo.synthetic import write_demo_scene
+
+    return write_demo_scene(tmp_path_factory.mktemp("onnx_demo"), size=128, seed=3)
+
+
+def _dims(value):
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def test_files_opset_standard_ops_and_progress(exported):
+    files, onnx_dir = exported["files"], exported["onnx"]
+    assert set(STAGE_FILES) <= set(files) and files["config"].name == "stages.json"
+    assert any("decoder.onnx" in m for m in exported["messages"])
+    spec = json.loads((onnx_dir / "stages.json").read_text())
+    assert spec["opset"] >= 21 and spec["chip_size"] == 224 and spec["visual_tokens"] == 64
+    for name, file in STAGE_FILES.items():
+        path = onnx_dir / file
+        assert spec["files"][file]["bytes"] == path.stat().st_size
+        onnx.checker.check_model(str(path), full_check=True)
+        model = onnx.load(str(path))
+        assert {o.domain: o.version for o in model.opset_import}.get("", 0) >= 21
+        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, name  # no custom ops
+        assert not model.functions
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # loads in onnxruntime
+
+
+def test_io_names_and_shapes(exported, tiny_model):
+    cfg = tiny_model.config
+    load = lambda n: onnx.load(str(exported["onnx"] / STAGE_FILES[n]), load_external_data=False)  # noqa: E731
+
+    vision = load("vision")
+    assert [(i.name, _dims(i)) for i in vision.graph.input] == [
+        ("pixel_values", [256, 1176]), ("anchor_weights", [64, 256]), ("anchor_features", [256, 64])]
+    assert [(o.name, _dims(o)) for o in vision.graph.output] == [("visual_tokens", [64, cfg.hidden_size])]
+
+    embed = load("embed")
+    assert [(i.name, _dims(i)) for i in embed.graph.input] == [("input_ids", ["batch_size", "sequence_length"])]
+
+    fusion = load("fusion")
+    assert [i.name for i in fusion.graph.input] == ["text_embeds", "visual_tokens", "image_start",
+                                                    "question_hidden", "prompt_start"]
+    assert [o.name for o in fusion.graph.output] == ["inputs_embeds", "grasp_weights"]
+
+    dec = load("decoder")
+    n = cfg.text["num_hidden_layers"]
+    kv = [f"past_key_values.{i}.{w}" for i in range(n) for w in ("key", "value")]
+    assert [i.name for i in dec.graph.input] == ["inputs_embeds", "attention_mask", "position_ids", *kv]
+    present = [f"present.{i}.{w}" for i in range(n) for w in ("key", "value")]
+    assert [o.name for o in dec.graph.output] == ["logits", "last_hidden_state", *present]
+    shapes = {v.name: _dims(v) for v in [*dec.graph.input, *dec.graph.output]}
+    assert shapes["position_ids"] == [3, "batch_size", "sequence_length"]
+    assert shapes["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert shapes["past_key_values.1.value"] == ["batch_size", 2, "past_sequence_length", 16]
+    assert shapes["present.0.key"] == ["batch_size", 2, "total_sequence_length", 16]
+    assert shapes["logits"] == ["batch_size", "sequence_length", 1024]
+
+
+def test_decoder_linears_are_named_matmuls_over_transposed_weights(exported, tiny_model):
+    from onnx import numpy_helper
+
+    dec = onnx.load(str(exported["onnx"] / "decoder.onnx"))
+    inits = {i.name: i for i in dec.graph.initializer}
+    matmuls = {n.name: n for n in dec.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
+    state = tiny_model.backbone.state_dict()
+    n = tiny_model.config.text["num_hidden_layers"]
+    names = [f"model.language_model.layers.{i}.{s}" for i in range(n) for s in DecoderStage.LINEARS] + ["lm_head"]
+    assert sorted(matmuls) == sorted(f"{m}/MatMul" for m in names)
+    for module in names:
+        node = matmuls[f"{module}/MatMul"]
+        assert node.input[1] == f"{module}.weight_t"
+        w_t = numpy_helper.to_array(inits[node.input[1]])
+        assert np.array_equal(w_t, state[f"{module}.weight"].numpy().T)  # [in, out]
+    adds = {n.name: n for n in dec.graph.node if n.op_type == "Add" and n.name.endswith("/Add")}
+    for i in range(n):
+        for p in ("q_proj", "k_proj", "v_proj"):
+            module = f"model.language_model.layers.{i}.self_attn.{p}"
+            assert adds[f"{module}/Add"].input[1] == f"{module}.bias"
+
+
+def test_stage_parity_and_greedy_agreement(exported, tiny_model, tiny_tokenizer):
+    report = parity_report(tiny_model, tiny_tokenizer, exported["onnx"], n_prompts=3, new_tokens=16)
+    assert report["providers"][0] == "CPUExecutionProvider"
+    assert set(report["max_rel_err"]) == {"vision", "fusion", "grasp_weights", "prefill_logits", "decode_logits"}
+    for stage, err in report["max_rel_err"].items():
+        assert err < 1e-4, (stage, err)
+    assert report["greedy"] == {"identical_sequences": 3, "of": 3, "token_agreement": 1.0}
+    assert report["ok"] and report["prompts"] == 3 and report["new_tokens"] == 16
+    assert [p["anchors"] for p in report["per_prompt"]] == [True, False, True]
+    json.dumps(report)  # export.json material
+
+
+def test_no_anchors_is_the_plain_tower_and_padding_is_masking(exported, tiny_model):
+    """A = 0 gives the un-modulated tower; padded anchor columns change nothing."""
+    from fusar_edge.backends.onnxruntime import OnnxStages
+    from fusar_edge.model.preprocess import chip_to_patches
+
+    stages = OnnxStages(exported["onnx"], device="cpu")
+    pixels, grid = chip_to_patches(synthetic_chip(224, 7))
+    with torch.no_grad():
+        plain = tiny_model.vision(pixels, grid)
+        anchors = synthetic_anchors(20, 5, masked=4)
+        tlm = tiny_model.vision(pixels, grid, anchors)
+    assert rel_err(torch.from_numpy(stages.vision(pixels, grid).numpy()), plain) < 1e-5
+    assert rel_err(torch.from_numpy(stages.vision(pixels, grid, anchors).numpy()), tlm) < 1e-5
+    a, f = stages.anchor_inputs(anchors)
+    assert a.shape == (64, 256) and not a[:, 20:].any() and not a[:, :4].any() and not f[20:].any()
+    too_many = synthetic_anchors(300, 1)
+    with pytest.raises(AnchorError) as e:
+        stages.vision(pixels, grid, too_many)
+    one_line(e, "300", "256")
+
+
+def test_runtime_onnxruntime_answers_like_torch(exported, demo):
+    from fusar_edge.runtime import Runtime
+
+    bundle = exported["bundle"]
+    rt_torch = Runtime.open(bundle)
+    rt_onnx = Runtime.open(bundle, backend="onnxruntime", device="cpu")
+    assert rt_onnx.model is None and rt_onnx.backend == "onnxruntime" and rt_onnx.weights == rt_torch.weights
+    for anchors in (demo["anchors"], None):
+        a = rt_torch.ask(demo["scene_tif"], "How many ships are there?", anchors=anchors, max_new_tokens=12)
+        b = rt_onnx.ask(demo["scene_tif"], "How many ships are there?", anchors=anchors, max_new_tokens=12)
+        assert b.text == a.text and b.answer == a.answer and b.anchor == a.anchor
+        assert b.model["new_tokens"] == a.model["new_tokens"] and b.model["backend"] == "onnxruntime"
+        assert np.allclose(b.grasp_weights, a.grasp_weights, atol=1e-5)
+        for stage in ("preprocess", "anchors", "vision", "fusion", "prefill", "decode", "decode_per_token",
+                      "parse", "total"):
+            assert stage in b.timings_ms, stage
+    # anchors looked up in a tile store (the default 16 x 16 grid = the export's 256 anchors)
+    tiles_torch = Runtime.open(bundle, tiles=demo["tiles"])
+    tiles_onnx = Runtime.open(bundle, tiles=demo["tiles"], backend="onnxruntime", device="cpu")
+    a = tiles_torch.ask(demo["scene_tif"], "Detect the ships.", max_new_tokens=8)
+    b = tiles_onnx.ask(demo["scene_tif"], "Detect the ships.", max_new_tokens=8)
+    assert a.anchor["count"] == 256 and b.text == a.text
+    with pytest.raises(InputError) as e:  # a finer grid than the export's S anchors: refused at open
+        Runtime.open(bundle, tiles=demo["tiles"], backend="onnxruntime", anchor_grid=(17, 17))
+    one_line(e, "289", "256")
+
+
+def test_missing_onnx_export_is_one_clear_line(exported, tmp_path):
+    from fusar_edge.runtime import Runtime
+
+    plain = tmp_path / "plain"
+    shutil.copytree(exported["bundle"], plain, ignore=shutil.ignore_patterns("onnx"))
+    with pytest.raises(FusarError) as e:
+        Runtime.open(plain, backend="onnxruntime")
+    one_line(e, str(plain / "onnx" / "stages.json"), "missing", f"fusar-edge export {plain} --out DIR --onnx")
+
+    partial = tmp_path / "partial"
+    shutil.copytree(exported["bundle"], partial)
+    (partial / "onnx" / "decoder.onnx").unlink()
+    with pytest.raises(FusarError) as e:
+        Runtime.open(partial, backend="onnxruntime")
+    one_line(e, str(partial / "onnx" / "decoder.onnx"), "--onnx")
+
+    with pytest.raises(FusarError) as e:
+        Runtime.open(None, backend="onnxruntime")
+    one_line(e, "onnxruntime", "fusar-edge export tiny --out DIR --onnx")
+
+
+# --- the wrappers' semantics beyond the tiny preset's settings (torch only, no export) ---------
+
+def test_wrappers_match_the_model_for_other_settings(tiny_tokenizer):
+    """Entmax GRASP, no TLM, MHA (no GQA), a 280 px chip (10 x 10 tokens: ViT windows of 4, 4, 2
+    tokens a side, GRASP blocks of uneven size): the export wrappers compute what the model does."""
+    from fusar_edge.config import preset
+    from fusar_edge.model.bundle import build_random
+    from fusar_edge.model.preprocess import chip_to_patches
+    from fusar_edge.model.rope import mrope_positions
+    from fusar_edge.tokenizer import build_sequence
+
+    cfg = preset("tiny")
+    cfg.tlm.enabled = False
+    cfg.grasp.selector, cfg.grasp.grid, cfg.grasp.prompt_len = "entmax15", (3, 3), 2
+    cfg.backbone["text_config"]["num_key_value_heads"] = 4
+    cfg.chip_size = 280
+    model = build_random(cfg, seed=11)
+    pixels, grid = chip_to_patches(synthetic_chip(280, 2))
+    seq = build_sequence(tiny_tokenizer, "How many ships?", cfg.num_visual_tokens, 2, cfg.system_prompt)
+    lay = seq.layout
+    with torch.no_grad():
+        vis = model.vision(pixels, grid)
+        assert rel_err(VisionStage(model)(pixels), vis) < 1e-5
+        embeds, w = model.fusion(seq.input_ids, lay, vis, seq.question_ids)
+        text = model.language_model.embed_tokens(seq.input_ids[None])
+        q_ids = seq.question_ids[None]
+        n = q_ids.shape[1]
+        dec = DecoderStage(model)
+        empty = [torch.zeros(1, 4, 0, 16) for _ in range(4)]
+        qpos = torch.arange(n).view(1, 1, n).expand(3, 1, n)
+        q_hidden = dec(model.language_model.embed_tokens(q_ids), torch.ones(1, n, dtype=torch.long), qpos, *empty)[1]
+        got, got_w = FusionStage(model)(text, vis, torch.tensor([lay.image_start]), q_hidden,
+                                        torch.tensor([lay.prompt_start]))
+        assert rel_err(got_w, w) < 1e-5 and rel_err(got, embeds) < 1e-5
+        pos, _ = mrope_positions(len(seq.input_ids), lay.image_start, cfg.token_grid)
+        ref, cache = model.decoder(embeds, pos)
+        length = embeds.shape[1]
+        out = dec(embeds, torch.ones(1, length, dtype=torch.long), pos, *empty)
+        assert rel_err(out[0], ref) < 1e-5
+        assert rel_err(out[2], cache.layers[0].keys) < 1e-5
