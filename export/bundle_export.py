@@ -123,7 +123,77 @@ def _publish(stage: Path, out: Path) -> None:
 
 
 def _export_gptq4(model, tokenizer, stage: Path, calib: int, group_size: int, progress: Progress) -> dict:
-    raise FusarError("--gptq4 is not available in this version yet")
+    """GPTQ on real multimodal inputs -> gptq/ checkpoint, onnx-int4/ (MatMulNBits), onnx-int4-qdq/ (TensorRT)."""
+    from .gptq import apply_quantized, fusar_calibration_inputs, quantize_gptq, restore_weights, summarize
+    from .gptq_format import save_gptq_checkpoint
+    from .int4_onnx import lint_tensorrt_qdq, quantize_onnx_model
+    from .onnx_stages import parity_report
+
+    progress(f"building {calib} calibration inputs (synthetic SAR scenes + anchors + questions)")
+    samples = fusar_calibration_inputs(model, tokenizer, n=calib)
+    progress(f"GPTQ 4-bit, group size {group_size}")
+    try:
+        weights = quantize_gptq(model, samples, group_size=group_size, progress=progress)
+    except ValueError as exc:  # e.g. a group size that does not divide the layers (tiny: width 64)
+        raise FusarError(f"--gptq4: {exc} (--group-size 64 or 128)") from None
+    progress("writing the GPTQ checkpoint")
+    save_gptq_checkpoint(stage / "gptq", weights, model=model)
+
+    def module_of(initializer: str) -> str | None:  # decoder.onnx names each linear's W^T `<module>.weight_t`
+        return initializer[: -len(".weight_t")] if initializer.endswith(".weight_t") else None
+
+    out: dict = {"gptq": {"dir": "gptq", "group_size": group_size, "calibration_samples": calib,
+                          "summary": summarize(weights)}}
+    for form, folder, level in (("matmulnbits", "onnx-int4", 4), ("qdq", "onnx-int4-qdq", 0)):
+        progress(f"packing the decoder as {form} into {folder}/")
+        target = stage / folder
+        _copy_stages(stage / "onnx", target)
+        result = quantize_onnx_model(stage / "onnx" / "decoder.onnx", weights, form=form, block_size=group_size,
+                                     out_path=target / "decoder.onnx", name_map=module_of, missing="skip",
+                                     accuracy_level=level)
+        _restamp_stages(target, form, group_size)
+        entry = {"dir": folder, "form": form, "quantized_layers": len(result.quantized),
+                 "kept_float": [str(s) for s in result.skipped]}
+        if form == "qdq":
+            entry["tensorrt_lint"] = lint_tensorrt_qdq(target / "decoder.onnx") or "clean"
+        out[folder] = entry
+    # parity of the MatMulNBits graphs against the torch model holding the same (dequantised) weights
+    progress("checking 4-bit parity against the dequantised torch model")
+    originals = apply_quantized(model, weights)
+    try:
+        out["onnx-int4"]["parity_vs_dequantised_torch"] = parity_report(model, tokenizer, stage / "onnx-int4")
+    finally:
+        restore_weights(model, originals)
+    return out
+
+
+def _copy_stages(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in src.iterdir():
+        if p.is_file() and not p.name.startswith("decoder.onnx"):
+            shutil.copy2(p, dst / p.name)
+
+
+def _restamp_stages(folder: Path, form: str, group_size: int) -> None:
+    """stages.json of a 4-bit folder: say what its decoder holds and refresh file hashes/sizes."""
+    path = folder / "stages.json"
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec["weights"] = {"decoder": f"int4 {form}, symmetric, block {group_size} (GPTQ)"}
+    files = spec.get("files")
+    if isinstance(files, dict):
+        for name in list(files):
+            p = folder / name
+            if p.is_file():
+                files[name] = {"sha256": sha256(p), "bytes": p.stat().st_size}
+            else:
+                files.pop(name)
+        for p in folder.glob("decoder.onnx*"):
+            files[p.name] = {"sha256": sha256(p), "bytes": p.stat().st_size}
+    dec = spec.get("stages", {}).get("decoder")
+    if isinstance(dec, dict):
+        data = [p.name for p in folder.glob("decoder.onnx.*")]
+        dec["data"] = data[0] if data else None
+    path.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
 
 
 def _require_tensorrt() -> None:

@@ -194,12 +194,15 @@ def cmd_export(args) -> int:
         print(json.dumps(report))
     else:
         for name, art in report["artifacts"].items():
-            parity = art.get("parity") if isinstance(art, dict) else None
+            parity = (art.get("parity") or art.get("parity_vs_dequantised_torch")) if isinstance(art, dict) else None
             if parity:
                 worst = max(parity["max_rel_err"].values())
                 g = parity["greedy"]
-                print(f"{name}: parity {'ok' if parity['ok'] else 'FAILED'} (worst stage relative error {worst:.2e}, "
-                      f"greedy tokens identical on {g['identical_sequences']}/{g['of']} prompts)")
+                within = "within" if parity["ok"] else "ABOVE"
+                print(f"{name}: worst stage relative error {worst:.2e} ({within} {parity['tolerance']:g}), greedy "
+                      f"tokens identical on {g['identical_sequences']}/{g['of']} prompts")
+            elif isinstance(art, dict) and "tensorrt_lint" in art:
+                print(f"{name}: TensorRT lint {art['tensorrt_lint'] if art['tensorrt_lint'] == 'clean' else art['tensorrt_lint']}")
             else:
                 print(f"{name}: written")
         print(f"wrote {args.out} in {report['seconds']} s")

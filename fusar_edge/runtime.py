@@ -8,6 +8,7 @@ task's answer type. Decoding is deterministic: greedy, no sampling, fixed bound.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -178,7 +179,10 @@ class Runtime:
         root = Path(name)
         config = read_config(root)
         tok = TextTokenizer.from_file(root / "tokenizer.json")
-        stages = OnnxStages(root / "onnx", providers=providers, device=device, bundle=root)
+        # the 4-bit export when there is one (what `export --gptq4` is for), else the fp32 stages;
+        # FUSAR_ONNX_VARIANT=onnx forces the fp32 ones
+        variant = os.environ.get("FUSAR_ONNX_VARIANT") or ("onnx-int4" if (root / "onnx-int4").is_dir() else "onnx")
+        stages = OnnxStages(root / variant, providers=providers, device=device, bundle=root)
         spec = stages.spec
         if spec["chip_size"] != config.chip_size or tuple(spec["token_grid"]) != config.token_grid:
             raise BundleError(f"{root / 'onnx'}: exported for chip {spec['chip_size']} px, but fusar.json says "
@@ -296,7 +300,8 @@ class Runtime:
             image={"path": img.path, "height": img.height, "width": img.width, "kind": img.kind,
                    "chip_size": cfg.chip_size},
             model={"source": self.source, "preset": cfg.name, "weights": self.weights, "backend": self.backend,
-                   "new_tokens": len(ids), "max_new_tokens": limit},
+                   "new_tokens": len(ids), "max_new_tokens": limit,
+                   **({"onnx": self.stages.dir.name} if hasattr(self.stages, "dir") else {})},
             grasp_weights=[round(float(w), 6) for w in grasp_w] if grasp_w is not None else None,
         )
 

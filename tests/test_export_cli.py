@@ -53,3 +53,23 @@ def test_export_tiny_end_to_end(tmp_path, capsys):
     for rel, entry in manifest.items():  # every file hashed, sub-folders included
         assert sha256(out / rel) == entry["sha256"]
     assert json.loads((out / "export.json").read_text())["artifacts"]["onnx"]["parity"]["ok"]
+
+
+def test_export_gptq4_writes_every_form_and_runs_4bit(tmp_path, capsys):
+    from fusar_edge.geo.synthetic import write_demo_scene
+    from fusar_edge.runtime import Runtime
+    from fusar_edge.export.gptq_format import load_gptq_checkpoint
+
+    out = tmp_path / "tiny-int4"
+    # tiny's layers are 64 wide, so group size 64
+    assert main(["export", "tiny", "--out", str(out), "--gptq4", "--calib", "4", "--group-size", "64", "--json"]) == 0
+    arts = json.loads(capsys.readouterr().out)["artifacts"]
+    assert arts["onnx-int4-qdq"]["tensorrt_lint"] == "clean"
+    assert arts["onnx-int4"]["quantized_layers"] == arts["gptq"]["summary"]["linears"] > 0
+    parity = arts["onnx-int4"]["parity_vs_dequantised_torch"]
+    assert parity["greedy"]["token_agreement"] >= 0.9  # MatMulNBits accuracy level 4: int8 activations
+    weights = load_gptq_checkpoint(out / "gptq")
+    assert len(weights) == arts["gptq"]["summary"]["linears"]
+    scene = write_demo_scene(tmp_path / "scene", size=64, seed=3)
+    ans = Runtime.open(out, backend="onnxruntime").ask(scene["scene_tif"], "How many ships?", max_new_tokens=4)
+    assert ans.model["onnx"] == "onnx-int4"
