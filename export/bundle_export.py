@@ -205,5 +205,47 @@ def _require_tensorrt() -> None:
                          "ONNX graphs in onnx-int4-qdq/ are ready for trtexec") from None
 
 
-def _build_tensorrt(stage: Path, progress: Progress) -> dict:
-    raise FusarError("--tensorrt engine building is not available in this version yet")
+def _build_tensorrt(stage: Path, progress: Progress, max_sequence: int = 2048) -> dict:
+    """One serialized engine per stage in ``tensorrt/<gpu>/``, from the INT4 QDQ graphs when present.
+
+    UNVERIFIED: TensorRT cannot be installed on the machines this was written on, so this path
+    has never run. Symbolic dims get one optimisation profile: batch 1, sequence 1..max_sequence,
+    past 0..max_sequence (TensorRT 10 accepts zero-length past tensors).
+    """
+    import re
+
+    import tensorrt as trt
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda"
+    target = stage / "tensorrt" / re.sub(r"[^A-Za-z0-9_.-]+", "-", gpu)
+    target.mkdir(parents=True, exist_ok=True)
+    src = stage / "onnx-int4-qdq" if (stage / "onnx-int4-qdq").is_dir() else stage / "onnx"
+    spec = json.loads((src / "stages.json").read_text(encoding="utf-8"))
+    ranges = {"batch_size": (1, 1, 1), "sequence_length": (1, 256, max_sequence),
+              "total_sequence_length": (1, 512, 2 * max_sequence), "past_sequence_length": (0, 256, max_sequence),
+              "question_length": (1, 32, 256)}
+    logger = trt.Logger(trt.Logger.WARNING)
+    engines = {}
+    for name, entry in spec["stages"].items():
+        progress(f"TensorRT: building the {name} engine from {src.name}/{entry['file']}")
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(src / entry["file"])):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise FusarError(f"TensorRT cannot parse {src / entry['file']}: {errors}")
+        config = builder.create_builder_config()
+        if src.name == "onnx-int4-qdq":
+            config.set_flag(trt.BuilderFlag.FP16)  # INT4 weight-only: the QDQ nodes carry the INT4
+        profile = builder.create_optimization_profile()
+        for io in entry["inputs"]:
+            dims = [ranges.get(d, (d, d, d)) if isinstance(d, str) else (d, d, d) for d in io["shape"]]
+            profile.set_shape(io["name"], *[tuple(r[k] for r in dims) for k in range(3)])
+        config.add_optimization_profile(profile)
+        blob = builder.build_serialized_network(network, config)
+        if blob is None:
+            raise FusarError(f"TensorRT failed to build the {name} engine (see the messages above)")
+        path = target / f"{name}.engine"
+        path.write_bytes(bytes(blob))
+        engines[name] = path.relative_to(stage).as_posix()
+    return {"gpu": gpu, "source": src.name, "engines": engines, "tensorrt": trt.__version__}

@@ -73,3 +73,15 @@ def test_export_gptq4_writes_every_form_and_runs_4bit(tmp_path, capsys):
     scene = write_demo_scene(tmp_path / "scene", size=64, seed=3)
     ans = Runtime.open(out, backend="onnxruntime").ask(scene["scene_tif"], "How many ships?", max_new_tokens=4)
     assert ans.model["onnx"] == "onnx-int4"
+
+
+def test_tensorrt_missing_is_a_clear_error(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    assert main(["export", "tiny", "--out", str(tmp_path / "trt"), "--tensorrt"]) == 2
+    assert "TensorRT" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
