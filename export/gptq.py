@@ -61,6 +61,13 @@ codes that checkpoints and ONNX store are ``u = q + 8`` in ``[0, 15]``:
 - TensorRT INT4 weight-only (``DequantizeLinear`` on INT4): signed ``q``, zero point 0;
 - GPTQ checkpoints: ``qweight`` holds ``u``; ``qzeros`` holds 7 (legacy AutoGPTQ
   ``checkpoint_format="gptq"``, which stores zero - 1) or 8 (GPTQModel ``"gptq_v2"``).
+
+Sources for these conventions (semantics only): IST-DASLab/gptq issue #19 (the reference's
+symmetric 4-bit ``zero = 8`` "means that quantized values are in range [-8, 7]"); the ONNX
+Runtime MatMulNBits contrib-op spec (``(code - zero_point) * scale`` per power-of-two K block,
+codes packed low-first; tract-onnx's importer documents the absent ``zero_points`` as 8);
+the Torch-TensorRT INT4 weight-only example ("TensorRT's IDequantizeLayer rejects" a nonzero
+INT4 zero point, hence symmetric group-wise INT4); ``gptq_format.py`` cites the checkpoint side.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ unchanged. Presets:
 
 - ``tiny``: built in code, a few MB of random weights, a 224-px chip; runs in seconds on
   two CPU cores. Untrained: its answers are not meaningful, it exercises every code path.
+- ``small``: the tiny vision tower and tokenizer in front of a mid-size language model
+  (hidden 1024, 8 layers, ~110M decoder parameters, ~0.45 GB fp32) whose decode is bound by
+  reading weights, as a real model's is; for decode benchmarks (random weights).
 - ``qwen2.5-vl-3b`` / ``qwen2.5-vl-7b``: the real architectures' dimensions (as in the
   official ``config.json`` files), so a real checkpoint loads into them and benchmarks can
   build random weights at true size.
@@ -224,6 +227,24 @@ def _tiny() -> FusarConfig:
     )
 
 
+def _small() -> FusarConfig:
+    """``tiny`` with a mid-size language model (same vision tower, tokenizer, TLM and GRASP)."""
+    cfg = _tiny()
+    hidden = 1024
+    cfg.name = "small"
+    cfg.backbone["vision_config"]["out_hidden_size"] = hidden
+    cfg.backbone["text_config"].update({
+        "hidden_size": hidden,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        # head_dim 64: the sections sum to head_dim / 2
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
+    })
+    return cfg
+
+
 def _qwen_vision(out_hidden: int) -> dict[str, Any]:
     # Identical in the official 3B and 7B checkpoints except for out_hidden_size.
     return {
@@ -283,7 +304,7 @@ def _qwen_7b() -> FusarConfig:
                  num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4)
 
 
-PRESETS = {"tiny": _tiny, "qwen2.5-vl-3b": _qwen_3b, "qwen2.5-vl-7b": _qwen_7b}
+PRESETS = {"tiny": _tiny, "small": _small, "qwen2.5-vl-3b": _qwen_3b, "qwen2.5-vl-7b": _qwen_7b}
 
 
 def preset(name: str) -> FusarConfig:

@@ -242,6 +242,15 @@ def test_gptq_fusar_decoder_multimodal(tiny_model, tiny_tokenizer, tmp_path):
         gptq.restore_weights(model, originals)
     ref, _ = model.decoder(calib[0]["inputs_embeds"], calib[0]["position_ids"])
     assert 0 < float((logits - ref).detach().norm() / ref.detach().norm()) < 0.2
+    # a complete GPTQ checkpoint of the backbone (transformers keys, config.json + quantization_config)
+    out = gptq_format.save_gptq_checkpoint(tmp_path / "ckpt", g, model=model)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "qwen2_5_vl" and config["quantization_config"]["group_size"] == GS
+    keys = set(load_file(str(out / "model.safetensors")))
+    assert "model.language_model.layers.0.mlp.up_proj.qweight" in keys and "lm_head.weight" in keys
+    assert any(k.startswith("model.visual.") for k in keys) and not any(k.startswith(("tlm.", "grasp.")) for k in keys)
+    back = gptq_format.load_gptq_checkpoint(out)
+    assert all(torch.equal(back[n].q, w.q) and torch.equal(back[n].scales, w.scales) for n, w in g.items())
 
 
 # -- the checkpoint format ---------------------------------------------------------------------

@@ -193,7 +193,7 @@ def open_model(bundle: str | Path | None, dtype: torch.dtype | None = None, devi
     if name in PRESETS and not Path(name).is_dir():
         cfg = preset(name)
         model = build_random(cfg, dtype=dtype or torch.float32).to(device)
-        if name == "tiny":
+        if name in ("tiny", "small"):  # both use the tiny vocabulary
             tok = TextTokenizer.tiny()
         else:
             raise BundleError(f"preset {name!r} has no built-in tokenizer: use it for benchmarks, "
