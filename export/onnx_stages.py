@@ -76,7 +76,6 @@ i.e. the transposed torch weight), ``<module>`` being the backbone's qualified n
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import math
 import time
@@ -88,6 +87,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fusar_edge.model.bundle import sha256
 
 FORMAT = "fusar-edge-onnx-v1"
 STAGES_JSON = "stages.json"
@@ -476,7 +477,7 @@ def export_stages(model, out_dir: str | Path, opset: int = MIN_OPSET, progress: 
         "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
         "seconds": round(time.perf_counter() - started, 2),
         "stages": specs,
-        "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        "files": {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
                   for p in sorted([*files.values(), *data_files])},
     }
     cfg_path = out / STAGES_JSON
@@ -580,14 +581,6 @@ def _io(values) -> list[dict]:
         dims = [d if isinstance(d, int) else str(d) for d in (v.shape or [])]
         out.append({"name": v.name, "dtype": _DTYPES.get(v.dtype.name, v.dtype.name.lower()), "shape": dims})
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_stages(onnx_dir: str | Path) -> dict:

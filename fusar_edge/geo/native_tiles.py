@@ -226,18 +226,9 @@ class NativeTileStore:
 
     def pick_year(self, date: dt.date | str | int | None) -> tuple[int, str | None]:
         """``(year, note)`` as ``TileStore.pick_year``: the acquisition year if stored, else the nearest."""
-        if date is None:
-            raise AnchorError("anchor date: unknown acquisition date; AEF is annual, so give one "
-                              "(--date YYYY-MM-DD, or Anchor(..., date=...))")
-        if isinstance(date, str):
-            from .sar import parse_date
+        from .tilestore import acquisition_year
 
-            date = parse_date(date)
-        if isinstance(date, dt.datetime):
-            date = date.date()
-        if isinstance(date, dt.date) and date > dt.date.today():
-            raise AnchorError(f"anchor date: {date.isoformat()} is in the future")
-        year = int(date if isinstance(date, (int, np.integer)) else date.year)
+        year = acquisition_year(date)
         handle = self._acquire()
         try:
             used = self._lib.fusar_tiles_pick_year(handle, year)

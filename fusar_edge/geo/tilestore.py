@@ -140,18 +140,7 @@ class TileStore:
 
     def pick_year(self, date: dt.date | str | int | None) -> tuple[int, str | None]:
         """``(year, note)``: the acquisition year if stored, else the nearest (ties: earlier)."""
-        if date is None:
-            raise AnchorError("anchor date: unknown acquisition date; AEF is annual, so give one "
-                              "(--date YYYY-MM-DD, or Anchor(..., date=...))")
-        if isinstance(date, str):
-            from .sar import parse_date
-
-            date = parse_date(date)
-        year = date if isinstance(date, int) else date.year
-        if isinstance(date, dt.date) and date > dt.date.today():
-            raise AnchorError(f"anchor date: {date.isoformat()} is in the future")
-        if year < FIRST_AEF_YEAR or year > dt.date.today().year:
-            raise AnchorError(f"anchor date: year {year} is outside AEF's range ({FIRST_AEF_YEAR} to this year)")
+        year = acquisition_year(date)
         if year in self._tiles:
             return year, None
         best = min(self.years, key=lambda y: (abs(y - year), y))
@@ -275,6 +264,26 @@ def grid_positions(rows: int, cols: int) -> np.ndarray:
     pos = np.stack([np.repeat(fy, cols), np.tile(fx, rows)], axis=1).astype(np.float32)
     pos.flags.writeable = False
     return pos
+
+
+def acquisition_year(date: dt.date | dt.datetime | str | int | None) -> int:
+    """The AEF year asked for by an acquisition date (or year), checked: known, not in the
+    future, within AEF's range. Shared by both readers' ``pick_year``."""
+    if date is None:
+        raise AnchorError("anchor date: unknown acquisition date; AEF is annual, so give one "
+                          "(--date YYYY-MM-DD, or Anchor(..., date=...))")
+    if isinstance(date, str):
+        from .sar import parse_date
+
+        date = parse_date(date)
+    if isinstance(date, dt.datetime):
+        date = date.date()
+    if isinstance(date, dt.date) and date > dt.date.today():
+        raise AnchorError(f"anchor date: {date.isoformat()} is in the future")
+    year = int(date.year if isinstance(date, dt.date) else date)
+    if year < FIRST_AEF_YEAR or year > dt.date.today().year:
+        raise AnchorError(f"anchor date: year {year} is outside AEF's range ({FIRST_AEF_YEAR} to this year)")
+    return year
 
 
 def grid_lonlat(anchor: Anchor, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
