@@ -24,11 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,25 +42,6 @@ VARIANTS = [  # (name, backend, FUSAR_ONNX_VARIANT)
     ("ort-fp32", "onnxruntime", "onnx"),
     ("ort-int4", "onnxruntime", "onnx-int4"),
 ]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return rev + ("-dirty" if dirty.strip() else "")
-    except OSError:
-        return "unknown"
 
 
 def safetensors_bytes(path: Path, keep) -> int:
@@ -130,20 +109,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="result JSON (default benchmarks/results/decode-<host>.json)")
     args = ap.parse_args(argv)
 
-    import onnxruntime
-    import torch
 
     from export.bundle_export import export_bundle
+    from fusar_edge.bench.machine import machine_info
     from fusar_edge.geo.synthetic import write_demo_scene
 
     host = socket.gethostname().split(".")[0]
     result = {
         "benchmark": "decode",
-        "machine": {"host": host, "cpu": cpu_name(), "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "onnxruntime": onnxruntime.__version__, "python": platform.python_version(),
-                    "platform": platform.platform(), "commit": git_commit(),
-                    "loadavg_at_start": list(os.getloadavg())},
+        "machine": {**machine_info(), "loadavg_at_start": list(os.getloadavg())},
         "settings": {"question": QUESTION, "max_new_tokens": args.tokens, "runs": args.runs,
                      "warmup": args.warmup, "calib": args.calib, "group_size": GROUP_SIZE, "statistic": "median"},
         "presets": {},

@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -231,25 +229,9 @@ CALIB_PROMPTS = [
 
 
 def machine() -> dict:
-    import transformers
+    from fusar_edge.bench.machine import machine_info
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = None
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "platform": platform.platform(), "commit": commit, "gpu": None,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    return {**machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
 
 
 def find_gguf() -> Path:

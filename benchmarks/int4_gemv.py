@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,24 +39,9 @@ D, LAYERS, BLOCK = 2048, 8, 128
 
 
 def machine() -> dict:
-    cpu = platform.processor() or None
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__,
-            "numpy": np.__version__, "platform": platform.platform(), "commit": commit, "gpu": None,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    from fusar_edge.bench.machine import machine_info
+
+    return {**machine_info(), "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
 
 
 def timed_ms(fns: dict, warmup: int, iters: int, repeats: int) -> dict:

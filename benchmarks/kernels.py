@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -112,18 +110,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def machine() -> dict:
-    import triton
+    from fusar_edge.bench.machine import machine_info
 
-    props = torch.cuda.get_device_properties(0)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = None
-    return {"gpu": props.name, "gpu_memory_gb": round(props.total_memory / 2**30, 1),
-            "capability": f"{props.major}.{props.minor}", "torch": torch.__version__, "cuda": torch.version.cuda,
-            "triton": triton.__version__, "python": platform.python_version(), "host": platform.node(),
-            "commit": commit}
+    return machine_info()  # GPUs under "gpus", Triton under "versions"
 
 
 def main(argv=None) -> int:

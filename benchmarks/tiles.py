@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -79,22 +78,9 @@ def _write(path: Path, size: int, rng, profile: dict) -> None:
 def machine() -> dict:
     import rasterio as rio
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = None
-    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "rasterio": rio.__version__, "gdal": rio.__gdal_version__,
-            "platform": platform.platform(), "commit": commit, "gpu": None,
+    from fusar_edge.bench.machine import machine_info
+
+    return {**machine_info(), "rasterio": rio.__version__, "gdal": rio.__gdal_version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z")}
 
 

@@ -108,9 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="replace DIR if it exists")
     x.add_argument("--json", action="store_true", help="print the export report as JSON")
 
-    from . import cli_tiles
+    from . import cli_bench, cli_tiles
 
     cli_tiles.add_parser(sub)
+    cli_bench.add_parser(sub)
 
     s = sub.add_parser("sample", help="write a synthetic SAR scene and anchor set to try `ask` on")
     s.add_argument("out", help="directory to write scene.tif, scene.png, anchors.npz into")
@@ -209,6 +210,12 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from . import cli_bench
+
+    return cli_bench.run(args)
+
+
 def cmd_tiles(args) -> int:
     from . import cli_tiles
 
@@ -216,8 +223,8 @@ def cmd_tiles(args) -> int:
 
 
 COMMANDS = {"ask": cmd_ask, "info": cmd_info, "import-fusar-gpt": cmd_import, "sample": cmd_sample,
-            "tiles": cmd_tiles, "export": cmd_export}
-MODEL_COMMANDS = ("ask", "info", "import-fusar-gpt", "export")  # the ones that load transformers
+            "tiles": cmd_tiles, "export": cmd_export, "bench": cmd_bench}
+MODEL_COMMANDS = ("ask", "info", "import-fusar-gpt", "export", "bench")  # the ones that load transformers
 
 
 def main(argv: list[str] | None = None) -> int:

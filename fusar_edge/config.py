@@ -264,12 +264,26 @@ def _qwen_vision(out_hidden: int) -> dict[str, Any]:
     }
 
 
+# The Qwen2.5 tokenizer's ids of the same special tokens (its tokenizer.json's added_tokens).
+QWEN_SPECIAL_TOKENS = {
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<|vision_start|>": 151652,
+    "<|vision_end|>": 151653,
+    "<|vision_pad|>": 151654,
+    "<|image_pad|>": 151655,
+    "<|video_pad|>": 151656,
+}
+
+
 def _qwen_ids() -> dict[str, Any]:
+    sp = QWEN_SPECIAL_TOKENS
     return {
-        "image_token_id": 151655,
-        "video_token_id": 151656,
-        "vision_start_token_id": 151652,
-        "vision_end_token_id": 151653,
+        "image_token_id": sp["<|image_pad|>"],
+        "video_token_id": sp["<|video_pad|>"],
+        "vision_start_token_id": sp["<|vision_start|>"],
+        "vision_end_token_id": sp["<|vision_end|>"],
     }
 
 

@@ -85,9 +85,11 @@ def resolve_device(device: str, dtype) -> tuple[torch.device, torch.dtype]:
 class TorchStages:
     """The torch model behind the runtime's stage interface (``OnnxStages`` is the ONNX Runtime one).
 
-    ``vision`` / ``fusion`` are the model's stages; ``prefill`` runs the decoder over the
-    fused sequence and keeps its KV cache, ``step`` feeds one token; both return logits
-    (the last position's ``[V]``, or ``[1, L, V]`` with ``full``).
+    ``vision`` / ``fusion`` are the model's stages (one image); ``prefill_batch`` runs the
+    decoder over B fused sequences of one length (``stack`` joins them) and keeps their KV
+    cache, ``step_batch`` feeds one token per sequence; both return the last position's
+    logits ``[B, V]``. ``prefill`` / ``step`` are the one-sequence forms (``[V]``, or
+    ``[1, L, V]`` with ``full``).
     """
 
     def __init__(self, model):
@@ -101,19 +103,49 @@ class TorchStages:
     def fusion(self, input_ids, layout, visual_tokens, question_ids=None):
         return self.model.fusion(input_ids, layout, visual_tokens, question_ids)
 
+    @staticmethod
+    def stack(embeds: list) -> torch.Tensor:
+        return embeds[0] if len(embeds) == 1 else torch.cat(embeds, dim=0)
+
+    def prefill_batch(self, embeds, positions):
+        b = embeds.shape[0]
+        logits, self._cache = self.model.decoder(embeds, positions.expand(3, b, -1), last_only=True)
+        return logits[:, -1]
+
+    def step_batch(self, tokens: list[int], position: int):
+        model = self.model
+        ids = torch.tensor(tokens, device=model.device).view(-1, 1)
+        embeds = model.language_model.embed_tokens(ids)
+        pos = text_positions(position, 1).expand(3, len(tokens), 1)
+        logits, self._cache = model.decoder(embeds, pos, self._cache, last_only=True)
+        return logits[:, -1]
+
     def prefill(self, embeds, positions, full: bool = False):
+        if not full:
+            return self.prefill_batch(embeds, positions)[0]
         logits, self._cache = self.model.decoder(embeds, positions)
-        return logits if full else logits[0, -1]
+        return logits
 
     def step(self, token: int, position: int):
-        model = self.model
-        embeds = model.language_model.embed_tokens(torch.tensor([[token]], device=model.device))
-        logits, self._cache = model.decoder(embeds, text_positions(position, 1), self._cache)
-        return logits[0, -1]
+        return self.step_batch([token], position)[0]
 
     def reset(self) -> None:
         """Drop the KV cache of the last sequence."""
         self._cache = None
+
+
+@dataclass
+class Request:
+    """One image + question made ready for the stages (what ``Runtime.prepare`` returns)."""
+
+    image: SarImage
+    pixels: torch.Tensor  # [patches, patch_dim]
+    grid_thw: torch.Tensor  # [1, 3]
+    sequence: Any  # tokenizer.ChatSequence
+    positions: torch.Tensor  # M-RoPE [3, 1, L]
+    next_position: int  # the first generated token's text position
+    task: str
+    label: str | None
 
 
 class Runtime:
@@ -134,7 +166,8 @@ class Runtime:
     def open(cls, bundle: str | Path | None = None, tiles: str | Path | None = None, backend: str = "torch",
              dtype: torch.dtype | str | None = None, device: str = "auto",
              max_image_side: int = 20000, anchor_grid: tuple[int, int] = DEFAULT_GRID,
-             allow_empty_anchors: bool = False, providers: list | None = None) -> "Runtime":
+             allow_empty_anchors: bool = False, providers: list | None = None,
+             threads: int | None = None) -> "Runtime":
         """Open a bundle directory or a preset name (default: the built-in ``tiny``).
 
         ``device="auto"`` takes the GPU when torch sees one; ``dtype=None`` means bf16 on a GPU
@@ -146,7 +179,8 @@ class Runtime:
         ``backend="onnxruntime"`` runs the bundle's exported stages (``<bundle>/onnx/``, written
         by ``fusar-edge export BUNDLE --out DIR --onnx``) in ONNX Runtime; ``device`` then picks
         the execution provider (auto: CUDA when onnxruntime has it), ``providers`` overrides it,
-        and ``dtype`` is the export's.
+        and ``dtype`` is the export's. ``threads``: ONNX Runtime's intra-op threads (default: its
+        own choice, one per physical core); torch's are ``torch.set_num_threads``.
         """
         if backend not in BACKENDS:
             raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -157,7 +191,7 @@ class Runtime:
         check_grid(anchor_grid)
         if backend == "onnxruntime":
             return cls._open_onnx(bundle, store, device, dtype, providers, max_image_side, tuple(anchor_grid),
-                                  allow_empty_anchors)
+                                  allow_empty_anchors, threads)
         device, dtype = resolve_device(device, dtype)
         model, tok, weights = open_model(bundle, dtype=dtype, device=device)
         return cls(model, tok, weights, "tiny" if bundle is None else str(bundle), backend, max_image_side,
@@ -165,7 +199,7 @@ class Runtime:
 
     @classmethod
     def _open_onnx(cls, bundle, store, device, dtype, providers, max_image_side, anchor_grid,
-                   allow_empty_anchors) -> "Runtime":
+                   allow_empty_anchors, threads=None) -> "Runtime":
         from .backends.onnxruntime import OnnxStages, export_hint
         from .model.bundle import MANIFEST, read_config, sha256
         from .tokenizer import TextTokenizer
@@ -182,7 +216,7 @@ class Runtime:
         # the 4-bit export when there is one (what `export --gptq4` is for), else the fp32 stages;
         # FUSAR_ONNX_VARIANT=onnx forces the fp32 ones
         variant = os.environ.get("FUSAR_ONNX_VARIANT") or ("onnx-int4" if (root / "onnx-int4").is_dir() else "onnx")
-        stages = OnnxStages(root / variant, providers=providers, device=device, bundle=root)
+        stages = OnnxStages(root / variant, providers=providers, device=device, bundle=root, threads=threads)
         spec = stages.spec
         if spec["chip_size"] != config.chip_size or tuple(spec["token_grid"]) != config.token_grid:
             raise BundleError(f"{root / 'onnx'}: exported for chip {spec['chip_size']} px, but fusar.json says "
@@ -248,6 +282,28 @@ class Runtime:
             return None, info
         return anchors, info
 
+    def prepare(self, image: str | Path | SarImage, question: str, *, task: str | None = None,
+                scale: str = "auto") -> Request:
+        """Read the image into the model's chip and patches, and build the chat sequence."""
+        cfg = self.config
+        img = self._image(image, scale)
+        chip = to_chip(img, cfg.chip_size)
+        pixels, grid_thw = chip_to_patches(chip, int(cfg.vision.get("patch_size", 14)),
+                                           int(cfg.vision.get("spatial_merge_size", 2)),
+                                           int(cfg.vision.get("temporal_patch_size", 2)))
+        task = task or tasks.infer_task(question)
+        prompt = tasks.build_prompt(task, question)
+        grasp_len = cfg.grasp.prompt_len if self.stages.has_grasp else 0
+        seq = build_sequence(self.tokenizer, prompt, cfg.num_visual_tokens, grasp_len, cfg.system_prompt)
+        positions, next_pos = mrope_positions(len(seq.input_ids), seq.layout.image_start, cfg.token_grid)
+        return Request(img, pixels, grid_thw, seq, positions, next_pos, task, tasks.extract_label(question))
+
+    def anchor_tensors(self, anchors, img: SarImage, bbox=None, date=None):
+        """The image's anchors (looked up in the tile store when there is one) as the vision
+        stage's ``(features, positions, mask)``, or None; plus the answer's ``anchor`` report."""
+        anchor_set, info = self._anchors(anchors, img, bbox, date)
+        return (anchor_set.to_torch() if anchor_set is not None else None), info
+
     # -- the question --------------------------------------------------------------------
     @torch.inference_mode()
     def ask(self, image: str | Path | SarImage, question: str, anchors=None, *, task: str | None = None,
@@ -266,32 +322,22 @@ class Runtime:
         t_total = time.perf_counter()
 
         with timer.stage("preprocess"):
-            img = self._image(image, scale)
-            chip = to_chip(img, cfg.chip_size)
-            pixels, grid_thw = chip_to_patches(chip, int(cfg.vision.get("patch_size", 14)),
-                                               int(cfg.vision.get("spatial_merge_size", 2)),
-                                               int(cfg.vision.get("temporal_patch_size", 2)))
-            task = task or tasks.infer_task(question)
-            label = tasks.extract_label(question)
-            prompt = tasks.build_prompt(task, question)
-            grasp_len = cfg.grasp.prompt_len if stages.has_grasp else 0
-            seq = build_sequence(self.tokenizer, prompt, cfg.num_visual_tokens, grasp_len, cfg.system_prompt)
-            positions, next_pos = mrope_positions(len(seq.input_ids), seq.layout.image_start, cfg.token_grid)
+            req = self.prepare(image, question, task=task, scale=scale)
+            img, seq, task = req.image, req.sequence, req.task
         with timer.stage("anchors"):
-            anchor_set, anchor_info = self._anchors(anchors, img, bbox, date)
-            anchor_tensors = anchor_set.to_torch() if anchor_set is not None else None
+            anchor_tensors, anchor_info = self.anchor_tensors(anchors, img, bbox, date)
         with timer.stage("vision"):
-            visual = stages.vision(pixels, grid_thw, anchor_tensors)
+            visual = stages.vision(req.pixels, req.grid_thw, anchor_tensors)
         with timer.stage("fusion"):
             embeds, grasp_w = stages.fusion(seq.input_ids, seq.layout, visual, seq.question_ids)
         try:
-            ids, decode_ms = self._generate(embeds, positions, next_pos, limit, timer)
+            ids, decode_ms = self._generate(embeds, req.positions, req.next_position, limit, timer)
         finally:
             stages.reset()  # the KV cache is not kept between questions
         text = self.tokenizer.decode(ids).strip()
         with timer.stage("parse"):
             parsed = tasks.parse_answer(task, text, chip_size=cfg.chip_size, image_size=(img.height, img.width),
-                                        label=label)
+                                        label=req.label)
         timer.ms["decode_per_token"] = round(sum(decode_ms) / len(decode_ms), 3) if decode_ms else 0.0
         timer.ms["total"] = round((time.perf_counter() - t_total) * 1e3, 3)
         return Answer(

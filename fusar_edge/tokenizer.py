@@ -54,10 +54,26 @@ class TextTokenizer:
         ref = resources.files("fusar_edge") / "assets" / "tiny_tokenizer.json"
         return cls(Tokenizer.from_str(ref.read_text(encoding="utf-8")), "tiny preset tokenizer")
 
+    @classmethod
+    def stand_in(cls, special_ids: dict[str, int]) -> "TextTokenizer":
+        """The tiny tokenizer with its special tokens moved to ``special_ids`` (a real model's).
+
+        For the random-weight presets at true size (``qwen2.5-vl-7b``): the sequence has the real
+        special ids, image-token count and vocabulary width, so timings match the real model's
+        up to a few prompt tokens; the text is meaningless, as the weights are.
+        """
+        ref = resources.files("fusar_edge") / "assets" / "tiny_tokenizer.json"
+        data = json.loads(ref.read_text(encoding="utf-8"))
+        vocab = data["model"]["vocab"]
+        for token in data["added_tokens"]:
+            if token["content"] in special_ids:
+                token["id"] = vocab[token["content"]] = int(special_ids[token["content"]])
+        return cls(Tokenizer.from_str(json.dumps(data)), "stand-in tokenizer (tiny BPE, real special ids)")
+
     @property
     def vocab_size(self) -> int:
-        """Ids the tokenizer can decode (real checkpoints pad the embedding beyond this)."""
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        """One past the highest id the tokenizer can decode (real checkpoints pad the embedding beyond it)."""
+        return max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
 
     @property
     def stop_ids(self) -> list[int]:

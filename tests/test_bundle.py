@@ -253,12 +253,24 @@ def test_open_model_on_a_bundle_reports_the_manifest_hash(saved):
     assert torch.equal(model.fusar_state_dict()["grasp.prompts"], saved[0].fusar_state_dict()["grasp.prompts"])
 
 
-def test_open_model_real_size_preset_without_tokenizer_is_refused(monkeypatch):
-    # build_random is stubbed: the refusal must not depend on building 7B parameters.
+def test_real_size_preset_gets_a_stand_in_tokenizer_with_the_real_special_ids(monkeypatch):
+    # build_random is stubbed: the tokenizer must not depend on building 7B parameters.
+    from fusar_edge.config import QWEN_SPECIAL_TOKENS, preset
+    from fusar_edge.tokenizer import build_sequence
+
     monkeypatch.setattr("fusar_edge.model.bundle.build_random", lambda cfg, **kw: torch.nn.Linear(1, 1))
-    with pytest.raises(BundleError) as exc:
-        open_model("qwen2.5-vl-7b")
-    one_line(exc, "qwen2.5-vl-7b", "tokenizer")
+    _, tok, weights = open_model("qwen2.5-vl-7b")
+    assert weights == "random" and "stand-in" in tok.source
+    assert tok.ids == {k: v for k, v in QWEN_SPECIAL_TOKENS.items() if k in tok.ids}
+    cfg = preset("qwen2.5-vl-7b")
+    assert tok.ids["<|image_pad|>"] == cfg.backbone["image_token_id"]
+    assert tok.ids["<|vision_start|>"] == cfg.backbone["vision_start_token_id"]
+    assert tok.vocab_size == QWEN_SPECIAL_TOKENS["<|video_pad|>"] + 1 <= cfg.text["vocab_size"]
+    seq = build_sequence(tok, "How many ships?", cfg.num_visual_tokens, 1, cfg.system_prompt)
+    ids = seq.input_ids.tolist()
+    assert ids.count(QWEN_SPECIAL_TOKENS["<|image_pad|>"]) == cfg.num_visual_tokens
+    assert max(ids) < cfg.text["vocab_size"]
+    assert tok.decode(tok.encode("How many ships?")) == "How many ships?"
 
 
 def test_describe_preset():

@@ -96,7 +96,7 @@ class OnnxStages:
     """The exported stages of one bundle in ONNX Runtime sessions (one sequence at a time)."""
 
     def __init__(self, onnx_dir: str | Path, providers=None, device: str = "auto", bundle=None,
-                 session_options=None):
+                 session_options=None, threads: int | None = None):
         ort = _ort()
         self.dir = Path(onnx_dir)
         self.spec = check_export(self.dir, bundle)
@@ -105,6 +105,9 @@ class OnnxStages:
         if opts is None:
             opts = ort.SessionOptions()
             opts.log_severity_level = 3
+            if threads:
+                opts.intra_op_num_threads = int(threads)
+        self.intra_op_threads = opts.intra_op_num_threads  # 0: ONNX Runtime's default, one per physical core
         self.sessions = {}
         for name in STAGES:
             path = self.dir / self.spec["stages"][name]["file"]
@@ -204,15 +207,17 @@ class OnnxStages:
 
     def embed(self, input_ids):
         ids = np.asarray(input_ids.numpy() if hasattr(input_ids, "numpy") else input_ids, dtype=np.int64)
-        return self._run("embed", {"input_ids": ids.reshape(1, -1)}, ["inputs_embeds"])[0]
+        ids = ids.reshape(1, -1) if ids.ndim == 1 else ids  # [L] or [B, L]
+        return self._run("embed", {"input_ids": ids}, ["inputs_embeds"])[0]
 
-    def _empty_past(self) -> list:
-        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), self.kv_dtype)
+    def _empty_past(self, batch: int = 1) -> list:
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype)
         return [self._value(empty) for _ in range(2 * self.num_layers)]
 
     def _decoder(self, embeds, positions: np.ndarray, past: list, total: int, outputs: list[str]) -> list:
         """One decoder run; ``logits`` come back in host memory, everything else stays on the device."""
-        feeds: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": np.ones((1, total), np.int64),
+        batch = int(positions.shape[1])
+        feeds: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": np.ones((batch, total), np.int64),
                                  "position_ids": np.ascontiguousarray(positions, dtype=np.int64)}
         for i in range(self.num_layers):
             feeds[f"past_key_values.{i}.key"] = past[2 * i]
@@ -250,26 +255,48 @@ class OnnxStages:
         embeds, weights = self._run("fusion", feeds, ["inputs_embeds", "grasp_weights"], host=("grasp_weights",))
         return embeds, (weights.numpy() if layout.prompt_len else None)
 
+    def stack(self, embeds: list):
+        """B fused sequences ``[1, L, C]`` -> one ``[B, L, C]`` (through host memory when B > 1)."""
+        if len(embeds) == 1:
+            return embeds[0]
+        return self._value(np.concatenate([self.to_numpy(e) for e in embeds], axis=0))
+
+    def prefill_batch(self, embeds, positions) -> np.ndarray:
+        """Run B sequences of one length; -> the last position's logits ``[B, V]``."""
+        pos = np.asarray(positions.numpy() if hasattr(positions, "numpy") else positions, dtype=np.int64)
+        if isinstance(embeds, np.ndarray) or not hasattr(embeds, "numpy"):
+            embeds = np.asarray(embeds)
+        batch = int(embeds.shape()[0] if callable(getattr(embeds, "shape", None)) else embeds.shape[0])
+        pos = np.ascontiguousarray(np.broadcast_to(pos, (3, batch, pos.shape[-1])))
+        length = pos.shape[-1]
+        outs = self._decoder(embeds, pos, self._empty_past(batch), length, self._outputs())
+        self._past, self._total = outs[1:], length
+        return outs[0].numpy()[:, -1]
+
+    def step_batch(self, tokens: list[int], position: int) -> np.ndarray:
+        """One decode step per sequence at M-RoPE text position ``position``; -> logits ``[B, V]``."""
+        if self._past is None:
+            raise FusarError("decode step before prefill")
+        embeds = self.embed(np.asarray(tokens, np.int64).reshape(-1, 1))
+        pos = np.full((3, len(tokens), 1), position, np.int64)
+        outs = self._decoder(embeds, pos, self._past, self._total + 1, self._outputs())
+        self._past, self._total = outs[1:], self._total + 1
+        return outs[0].numpy()[:, -1]
+
     def prefill(self, embeds, positions, full: bool = False) -> np.ndarray:
         """Run the whole sequence; -> the last position's logits ``[V]`` (``full``: ``[1, L, V]``)."""
+        if not full:
+            return self.prefill_batch(embeds, positions)[0]
         pos = np.asarray(positions.numpy() if hasattr(positions, "numpy") else positions, dtype=np.int64)
-        length = pos.shape[-1]
-        if not hasattr(embeds, "numpy") or isinstance(embeds, np.ndarray):
+        if isinstance(embeds, np.ndarray) or not hasattr(embeds, "numpy"):
             embeds = np.asarray(embeds)
-        outs = self._decoder(embeds, pos, self._empty_past(), length, self._outputs())
-        self._past, self._total = outs[1:], length
-        logits = outs[0].numpy()
-        return logits if full else logits[0, -1]
+        outs = self._decoder(embeds, pos, self._empty_past(), pos.shape[-1], self._outputs())
+        self._past, self._total = outs[1:], pos.shape[-1]
+        return outs[0].numpy()
 
     def step(self, token: int, position: int) -> np.ndarray:
         """One decode step at M-RoPE text position ``position``; -> logits ``[V]``."""
-        if self._past is None:
-            raise FusarError("decode step before prefill")
-        embeds = self.embed(np.array([[token]], np.int64))
-        pos = np.full((3, 1, 1), position, np.int64)
-        outs = self._decoder(embeds, pos, self._past, self._total + 1, self._outputs())
-        self._past, self._total = outs[1:], self._total + 1
-        return outs[0].numpy()[0, -1]
+        return self.step_batch([token], position)[0]
 
     def _outputs(self) -> list[str]:
         return ["logits", *(f"present.{i}.{w}" for i in range(self.num_layers) for w in ("key", "value"))]

@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..config import FUSAR_JSON, FusarConfig, load_backbone_json, preset, PRESETS
+from ..config import FUSAR_JSON, PRESETS, QWEN_SPECIAL_TOKENS, FusarConfig, load_backbone_json, preset
 from ..errors import BundleError
 from .fusar import FusarModel
 
@@ -35,12 +35,31 @@ MANIFEST = "manifest.json"
 TINY_SEED = 0
 
 
-def build_random(config: FusarConfig, seed: int = TINY_SEED, dtype: torch.dtype = torch.float32) -> FusarModel:
-    """A model with seeded random weights (presets; benchmarks at true size)."""
-    with torch.random.fork_rng(devices=[]):
+def build_random(config: FusarConfig, seed: int = TINY_SEED, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> FusarModel:
+    """A model with seeded random weights (presets; benchmarks at true size).
+
+    Built directly in ``dtype`` on ``device``: a 7B model never exists in fp32 on the host
+    (33 GB), and its initialisation runs on the GPU when there is one.
+    """
+    device = torch.device(device)
+    previous = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = FusarModel(config)
+        torch.set_default_dtype(dtype)
+        try:
+            with device:
+                model = FusarModel(config)
+        finally:
+            torch.set_default_dtype(previous)
     return model.to(dtype).eval()
+
+
+def count_parameters(config: FusarConfig) -> int:
+    """Parameters of the model ``config`` describes, without allocating them (meta device)."""
+    with torch.device("meta"):
+        model = FusarModel(config)
+    return sum(p.numel() for p in model.parameters())
 
 
 def sha256(path: Path) -> str:
@@ -192,12 +211,11 @@ def open_model(bundle: str | Path | None, dtype: torch.dtype | None = None, devi
     name = "tiny" if bundle is None else str(bundle)
     if name in PRESETS and not Path(name).is_dir():
         cfg = preset(name)
-        model = build_random(cfg, dtype=dtype or torch.float32).to(device)
+        model = build_random(cfg, dtype=dtype or torch.float32, device=device)
         if name in ("tiny", "small"):  # both use the tiny vocabulary
             tok = TextTokenizer.tiny()
-        else:
-            raise BundleError(f"preset {name!r} has no built-in tokenizer: use it for benchmarks, "
-                              "or import a checkpoint with `fusar-edge import-fusar-gpt` to get a bundle")
+        else:  # the true-size presets: real special ids and vocabulary width, for benchmarks
+            tok = TextTokenizer.stand_in(QWEN_SPECIAL_TOKENS)
         return model, tok, "random"
     model, tok = load_bundle(name, dtype=dtype, device=device)
     manifest = Path(name) / MANIFEST
