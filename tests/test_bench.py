@@ -6,6 +6,7 @@ No timing assertions: these tests check what is measured and reported, not how f
 import json
 
 import pytest
+import torch
 
 from fusar_edge.bench.runner import STAGES, BenchSettings, run_bench
 from fusar_edge.cli import main
@@ -174,3 +175,19 @@ def test_baseline_matches_ours_when_tlm_and_grasp_are_off(tmp_path, tiny_tokeniz
     result = run_bench(BenchSettings(model=str(bundle), image=scene["scene_png"], runs=1, warmup=0, new_tokens=6))
     ours, base = result["backends"]["torch"], result["backends"]["baseline"]
     assert ours["anchor"].get("note") and base["tokens"] == ours["tokens"]
+
+
+def test_requests_run_without_autograd(monkeypatch):
+    """An autograd graph would keep every activation alive (a 3B preset ran out of memory so)."""
+    from fusar_edge.runtime import TorchStages
+
+    seen = []
+    real = TorchStages.prefill_batch
+
+    def spy(self, *args):
+        seen.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+        return real(self, *args)
+
+    monkeypatch.setattr(TorchStages, "prefill_batch", spy)
+    run_bench(BenchSettings(runs=1, warmup=0, new_tokens=1, baseline=False))
+    assert seen == [(False, True)]

@@ -149,6 +149,7 @@ def _argmax(logits, banned: list[int]) -> list[int]:
 
 
 # -- one request --------------------------------------------------------------------------------
+@torch.inference_mode()  # as Runtime.ask: no autograd graph (it would hold every activation)
 def run_request(rt, settings: BenchSettings, clock: StageClock) -> dict:
     """One batch of requests through ``rt``'s stages, marking ``clock`` at every boundary."""
     stages, b = rt.stages, settings.batch
@@ -201,6 +202,7 @@ def _token_marks(clock: StageClock):
     return TokenMarks()
 
 
+@torch.inference_mode()  # generate itself only disables gradients
 def run_baseline_request(rt, settings: BenchSettings, clock: StageClock) -> dict:
     """The same batch through plain ``Qwen2_5_VLForConditionalGeneration.generate``."""
     from transformers import GenerationConfig
@@ -233,6 +235,8 @@ def measure(label: str, request, rt, settings: BenchSettings, progress: Progress
     cuda = _cuda_device(rt) if label in ("torch", "baseline") else None
     total = settings.warmup + settings.runs
     runs, per_token, device_runs, info = [], [], [], {}
+    if progress:
+        progress(label, 0, total)
     for i in range(total):
         clock = StageClock(cuda_device=cuda)
         info = request(rt, settings, clock)
