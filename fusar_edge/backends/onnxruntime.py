@@ -24,6 +24,7 @@ it, else CPU; ``providers=[...]`` overrides (names or ``(name, options)`` pairs,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,11 @@ class OnnxStages:
             opts.log_severity_level = 3
             if threads:
                 opts.intra_op_num_threads = int(threads)
+            # Four sessions run in turn, with host torch work between them; by default each
+            # one's idle thread pool spins and starves the next on a small CPU (measured with
+            # `fusar-edge bench` on 2 cores: vision 77 -> 4 ms, decode unchanged). FUSAR_ORT_SPIN=1
+            # brings spinning back.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("FUSAR_ORT_SPIN", "0"))
         self.intra_op_threads = opts.intra_op_num_threads  # 0: ONNX Runtime's default, one per physical core
         self.sessions = {}
         for name in STAGES:
