@@ -239,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
 
             if not args.debug:
                 hf_logging.set_verbosity_error()  # keep library chatter off the user's terminal
-            if getattr(args, "json", False):
-                hf_logging.disable_progress_bar()  # machine-readable runs print nothing else
+            if getattr(args, "json", False) or args.command == "bench":
+                # machine-readable runs print nothing else; bench draws its own progress
+                hf_logging.disable_progress_bar()
         return COMMANDS[args.command](args)
     except FusarError as exc:
         if args.debug:

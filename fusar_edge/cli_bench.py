@@ -19,13 +19,14 @@ EPILOG = """\
 examples:
   fusar-edge bench                                    # tiny preset, torch + baseline, built-in scene
   fusar-edge bench --preset qwen2.5-vl-7b --runs 5    # random weights at true size: profile a GPU before you have weights
-  fusar-edge export tiny --out bundles/tiny-int4 --gptq4
+  fusar-edge export tiny --out bundles/tiny-int4 --gptq4 --group-size 64
   fusar-edge bench --bundle bundles/tiny-int4 --backend torch,onnxruntime --json bench.json --plot bench.png
   fusar-edge bench --image scene.tif --tiles store/ --batch 4 --new-tokens 64
 
 Without --image the built-in synthetic scene runs, with its own AEF tile store (so the lookup
 is timed). Backends that cannot run here (unknown, not installed, bundle not exported for
-them) are reported and skipped; the others still run.
+them) are reported and skipped; the others still run. onnxruntime runs a bundle's 4-bit
+graphs (onnx-int4/) when it has them; FUSAR_ONNX_VARIANT=onnx times the fp32 ones instead.
 
 exit status: 0 every requested backend ran; 1 some could not (see "skipped"); 2 bad input."""
 

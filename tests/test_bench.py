@@ -191,3 +191,18 @@ def test_requests_run_without_autograd(monkeypatch):
     monkeypatch.setattr(TorchStages, "prefill_batch", spy)
     run_bench(BenchSettings(runs=1, warmup=0, new_tokens=1, baseline=False))
     assert seen == [(False, True)]
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    """The peak is the block's own: 256 MiB touched and freed inside it still shows."""
+    import numpy as np
+
+    from fusar_edge.bench.clock import PeakMemory
+
+    with PeakMemory() as mem:
+        block = np.ones(256 * 2**20, dtype=np.uint8)  # written, so resident
+        del block
+    assert mem.host_mb - mem.host_start_mb >= 200
+    with PeakMemory() as quiet:
+        pass
+    assert quiet.host_mb - quiet.host_start_mb < 100  # the previous block's peak was reset

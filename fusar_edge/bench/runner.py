@@ -298,8 +298,8 @@ def _describe(rt, backend: str) -> dict:
     return out
 
 
-def _release(rt) -> None:
-    del rt
+def _release() -> None:
+    """Free what the last backend left (the caller drops its references first)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -376,8 +376,8 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None,
             if backend == "torch" and not baseline_done:
                 result["backends"]["baseline"] = _run_baseline(rt, settings, progress, say)
                 baseline_done = True
-            _release(rt)
             rt = None
+            _release()
         if not baseline_done:  # no torch backend asked for: the baseline loads the weights itself
             try:
                 check_fits(settings)
@@ -391,8 +391,8 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None,
                 result["skipped"]["baseline"] = str(exc)
                 say(f"baseline: skipped: {exc}")
             finally:
-                if baseline_rt is not None:
-                    _release(baseline_rt)
+                baseline_rt = None
+                _release()
         add_ratios(result)
         weights = {e["weights"] for e in result["backends"].values()}
         if "random" in weights:
