@@ -46,7 +46,10 @@ def format_table(result: dict) -> str:
     gpu = ", ".join(g["name"] for g in m.get("gpus") or []) or "no GPU"
     v = m.get("versions", {})
     weights = {e["weights"] for e in backends.values()}
-    wtxt = "random weights" if weights == {"random"} else ", ".join(sorted(w[:12] for w in weights))
+    if weights:
+        wtxt = "random weights" if weights == {"random"} else ", ".join(sorted(w[:12] for w in weights))
+    else:
+        wtxt = "weights not loaded" if Path(s["model"]).is_dir() else "random weights"
     lines = [
         f"fusar-edge bench: {s['model']} ({wtxt}) | batch {s['batch']} | {s['new_tokens']} new tokens | "
         f"{s['runs']} runs after {s['warmup']} warm-up",
@@ -102,6 +105,9 @@ def write_json(result: dict, path: str | Path) -> Path:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path.parent}: no such directory")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a result file is for everyone
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)
