@@ -370,8 +370,10 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None,
                 result["skipped"][backend] = str(exc)
                 say(f"{backend}: skipped: {exc}")
                 continue
+            on_cpu = rt.model is None and rt.stages.device_type == "cpu"  # onnxruntime without its CUDA EP
             entry.update(_describe(rt, backend), open_s=round(open_s, 3),
-                         peak_mem_mb={"host": mem.host_mb, "device": mem.device_mb, "host_at_start": mem.host_start_mb})
+                         peak_mem_mb={"host": mem.host_mb, "device": None if on_cpu else mem.device_mb,
+                                      "host_at_start": mem.host_start_mb})
             result["backends"][backend] = entry
             if backend == "torch" and not baseline_done:
                 result["backends"]["baseline"] = _run_baseline(rt, settings, progress, say)

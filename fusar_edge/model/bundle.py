@@ -44,7 +44,8 @@ def build_random(config: FusarConfig, seed: int = TINY_SEED, dtype: torch.dtype 
     """
     device = torch.device(device)
     previous = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         torch.set_default_dtype(dtype)
         try:
