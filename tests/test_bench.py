@@ -206,3 +206,13 @@ def test_peak_memory_sees_a_transient_allocation():
     with PeakMemory() as quiet:
         pass
     assert quiet.host_mb - quiet.host_start_mb < 100  # the previous block's peak was reset
+
+
+def test_baseline_runs_when_torch_is_not_asked_for():
+    """--backend onnxruntime on a preset: onnxruntime is skipped (nothing exported), and the
+    baseline still loads the weights itself and runs."""
+    result = run_bench(BenchSettings(backends=["onnxruntime"], runs=1, warmup=0, new_tokens=2))
+    assert "export" in result["skipped"]["onnxruntime"]
+    base = result["backends"]["baseline"]
+    assert base["peak_mem_mb"]["host"] >= base["peak_mem_mb"]["host_at_start"] > 0
+    assert [len(t) for t in base["tokens"]] == [2] and "vs_baseline" not in base

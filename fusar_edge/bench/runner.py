@@ -383,11 +383,14 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None,
         if not baseline_done:  # no torch backend asked for: the baseline loads the weights itself
             try:
                 check_fits(settings)
-                with PeakMemory(_maybe_cuda(settings, "torch")) as mem:
+                with PeakMemory(_maybe_cuda(settings, "torch")) as opening:  # not nested: one peak mark
                     say(f"baseline: opening {settings.model} (torch)")
                     baseline_rt = open_backend(settings, "torch")
                 entry = _run_baseline(baseline_rt, settings, progress, say)
-                entry["peak_mem_mb"]["host"] = max(entry["peak_mem_mb"]["host"], mem.host_mb)
+                peak = entry["peak_mem_mb"]
+                peak["host"] = max(peak["host"], opening.host_mb)
+                if opening.device_mb is not None:
+                    peak["device"] = max(peak["device"] or 0.0, opening.device_mb)
                 result["backends"]["baseline"] = entry
             except FusarError as exc:
                 result["skipped"]["baseline"] = str(exc)
