@@ -29,7 +29,8 @@ from typing import Callable
 import torch
 
 from fusar_edge.errors import BundleError, FusarError
-from fusar_edge.model.bundle import MANIFEST, open_model, save_bundle, sha256
+from fusar_edge.hashing import file_record
+from fusar_edge.model.bundle import open_model, save_bundle, write_manifest
 
 Progress = Callable[[str], None]
 
@@ -95,15 +96,6 @@ def _rel(paths, root: Path):
     if isinstance(paths, (str, Path)) and Path(paths).is_absolute():
         return Path(paths).relative_to(root).as_posix()
     return paths
-
-
-def write_manifest(bundle: Path) -> Path:
-    """sha256 and size of every file under ``bundle`` (relative '/'-paths), manifest.json excluded."""
-    files = sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {p.relative_to(bundle).as_posix(): {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}
-    path = bundle / MANIFEST
-    path.write_text(json.dumps({"files": manifest}, indent=2) + "\n", encoding="utf-8")
-    return path
 
 
 def _publish(stage: Path, out: Path) -> None:
@@ -184,11 +176,11 @@ def _restamp_stages(folder: Path, form: str, group_size: int) -> None:
         for name in list(files):
             p = folder / name
             if p.is_file():
-                files[name] = {"sha256": sha256(p), "bytes": p.stat().st_size}
+                files[name] = file_record(p)
             else:
                 files.pop(name)
         for p in folder.glob("decoder.onnx*"):
-            files[p.name] = {"sha256": sha256(p), "bytes": p.stat().st_size}
+            files[p.name] = file_record(p)
     dec = spec.get("stages", {}).get("decoder")
     if isinstance(dec, dict):
         data = [p.name for p in folder.glob("decoder.onnx.*")]

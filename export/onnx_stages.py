@@ -88,7 +88,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fusar_edge.model.bundle import sha256
+from fusar_edge.hashing import file_record
 
 FORMAT = "fusar-edge-onnx-v1"
 STAGES_JSON = "stages.json"
@@ -477,8 +477,7 @@ def export_stages(model, out_dir: str | Path, opset: int = MIN_OPSET, progress: 
         "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
         "seconds": round(time.perf_counter() - started, 2),
         "stages": specs,
-        "files": {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size}
-                  for p in sorted([*files.values(), *data_files])},
+        "files": {p.name: file_record(p) for p in sorted([*files.values(), *data_files])},
     }
     cfg_path = out / STAGES_JSON
     cfg_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

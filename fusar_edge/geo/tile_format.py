@@ -25,7 +25,7 @@ import re
 import secrets
 import shutil
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -197,14 +197,6 @@ def read_generation(store: Path) -> tuple[Path, list[TileRecord], dict]:
     if [(r.path, r.sha256) for r in listed] != [(r.path, r.sha256) for r in records]:
         raise StoreError(f"{manifest_path}: lists other tiles than {index_path}; the store is corrupt")
     return gen, records, manifest
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_tile_file(store: Path, rel_path: str, data: np.ndarray) -> str:

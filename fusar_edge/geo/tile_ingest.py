@@ -98,6 +98,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ..errors import InputError
+from ..hashing import sha256_file
 from . import tile_format as tf
 from .utm import parse_utm_epsg
 
@@ -1321,7 +1322,7 @@ def _journal_entry_valid(store: Path, entry: dict, unit: _Unit) -> bool:
     try:
         p = store / rec["path"]
         return (p.is_file() and p.stat().st_size == int(rec["file_size"])
-                and tf.sha256_file(p) == rec["sha256"])
+                and sha256_file(p) == rec["sha256"])
     except (KeyError, TypeError, ValueError, OSError):
         return False
 

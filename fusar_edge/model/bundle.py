@@ -15,7 +15,6 @@ interrupted save never leaves a half-written bundle under the target name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,6 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from ..config import FUSAR_JSON, PRESETS, QWEN_SPECIAL_TOKENS, FusarConfig, load_backbone_json, preset
 from ..errors import BundleError
+from ..hashing import file_record
+from ..hashing import sha256_file as sha256  # noqa: F401  (the name callers import)
 from .fusar import FusarModel
 
 FUSAR_WEIGHTS = "fusar_modules.safetensors"
@@ -63,12 +64,13 @@ def count_parameters(config: FusarConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def write_manifest(bundle: Path) -> Path:
+    """sha256 and size of every file under ``bundle`` (relative '/'-paths), manifest.json excluded."""
+    files = sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {p.relative_to(bundle).as_posix(): file_record(p) for p in files}
+    path = bundle / MANIFEST
+    path.write_text(json.dumps({"files": manifest}, indent=2) + "\n", encoding="utf-8")
+    return path
 
 
 def save_bundle(model: FusarModel, tokenizer, out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -83,9 +85,7 @@ def save_bundle(model: FusarModel, tokenizer, out_dir: str | Path, overwrite: bo
         save_file(state, str(tmp / FUSAR_WEIGHTS), metadata={"format": "pt"})
         (tmp / FUSAR_JSON).write_text(json.dumps(model.config.to_fusar_json(), indent=2), encoding="utf-8")
         tokenizer.save(tmp)
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
-        manifest = {p.name: {"sha256": sha256(p), "bytes": p.stat().st_size} for p in files}
-        (tmp / MANIFEST).write_text(json.dumps({"files": manifest}, indent=2), encoding="utf-8")
+        write_manifest(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
