@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AnchorError, FusarError, InputError
-from .tile_format import VEC_DIM, StoreError
+from .tile_format import VEC_DIM, StoreError, lookup_points_arrays
 
 LIB_ENV = "FUSAR_TILES_LIB"
 LIB_FILE = "libfusar_tiles.so"
@@ -241,10 +241,7 @@ class NativeTileStore:
 
     def lookup_points(self, lon, lat, year: int) -> tuple[np.ndarray, np.ndarray]:
         """``(features float32 [S, 64], mask bool [S])`` at WGS84 points (docs/tilestore.md, "Lookup")."""
-        lon = np.ascontiguousarray(lon, dtype=np.float64).reshape(-1)
-        lat = np.ascontiguousarray(lat, dtype=np.float64).reshape(-1)
-        if lon.shape != lat.shape:
-            raise InputError(f"lookup: lon and lat differ in length ({lon.size} vs {lat.size})")
+        lon, lat = lookup_points_arrays(lon, lat)
         n = lon.size
         features = np.empty((n, VEC_DIM), np.float32)
         mask = np.empty(n, bool)  # C writes 0/1 bytes: valid numpy booleans

@@ -199,6 +199,15 @@ def read_generation(store: Path) -> tuple[Path, list[TileRecord], dict]:
     return gen, records, manifest
 
 
+def lookup_points_arrays(lon, lat) -> tuple[np.ndarray, np.ndarray]:
+    """The query points of a lookup as contiguous float64 vectors of one length (both readers' input)."""
+    lon = np.ascontiguousarray(lon, dtype=np.float64).reshape(-1)
+    lat = np.ascontiguousarray(lat, dtype=np.float64).reshape(-1)
+    if lon.shape != lat.shape:
+        raise InputError(f"lookup: lon and lat differ in length ({lon.size} vs {lat.size})")
+    return lon, lat
+
+
 def write_tile_file(store: Path, rel_path: str, data: np.ndarray) -> str:
     """Write ``data`` (int8 ``[H, W, 64]``) to ``store/rel_path`` atomically; -> sha256 hex."""
     if data.dtype != np.int8 or data.ndim != 3 or data.shape[2] != VEC_DIM:
@@ -274,10 +283,15 @@ def _collect_garbage(store: Path, keep_gen: str, keep_tiles: set[str]) -> None:
     for d in store.iterdir():
         if _GEN.fullmatch(d.name) and d.name != keep_gen:
             shutil.rmtree(d, ignore_errors=True)
+    remove_unreferenced_tiles(store, keep_tiles)
+
+
+def remove_unreferenced_tiles(store: Path, keep: set[str]) -> None:
+    """Delete the tile files whose store-relative path is not in ``keep`` (only under the ingest lock)."""
     tiles = store / "tiles"
     if tiles.is_dir():
         for p in tiles.rglob(f"*{TILE_SUFFIX}"):
-            if p.relative_to(store).as_posix() not in keep_tiles:
+            if p.relative_to(store).as_posix() not in keep:
                 p.unlink(missing_ok=True)
 
 

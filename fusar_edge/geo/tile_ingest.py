@@ -314,9 +314,12 @@ def _dir_identity(path: Path) -> str:
 
 
 def _window_for(transform, width: int, height: int, src_epsg: int, bbox) -> tuple[int, int, int, int] | None:
-    """Pixel window ``(col_off, row_off, w, h)`` in source pixel space covering ``bbox``."""
+    """Pixel window ``(col_off, row_off, w, h)`` in source pixel space covering ``bbox``; None when
+    the source lies outside it (a cheap lon/lat envelope test first, then the projected bounds)."""
     if bbox is None:
         return 0, 0, width, height
+    if not _intersects(_unit_bbox_lonlat(src_epsg, transform, width, height), bbox):
+        return None
     from rasterio.warp import transform_bounds
 
     try:
@@ -461,9 +464,6 @@ def _plan_cog(path: Path, year_hint: int | None, years, bbox, index_crs: str | N
                              "<year>/<zone>/<file>.tiff layout, no YEAR tag); pass a single year (--year)")
     if years is not None and year not in years:
         skipped.append(f"{where}: year {year} not asked for")
-        return []
-    if bbox is not None and not _intersects(_unit_bbox_lonlat(epsg, transform, width, height), bbox):
-        skipped.append(f"{where}: outside bbox")
         return []
     window = _window_for(transform, width, height, epsg, bbox)
     if window is None:
@@ -905,9 +905,6 @@ def _plan_zarr(path: Path, years, bbox, skipped: list[str], warnings: list[str])
     chunks = getattr(arr, "chunks", None) or shape
     block_rows = int(chunks[axes["y"]]) if chunks else 256
     info = _ZarrInfo(path, arr, axes, float_values, max(1, block_rows))
-    if bbox is not None and not _intersects(_unit_bbox_lonlat(epsg, transform, width, height), bbox):
-        skipped.append(f"{path}: outside bbox")
-        return []
     window = _window_for(transform, width, height, epsg, bbox)
     if window is None:
         skipped.append(f"{path}: outside bbox")
@@ -1083,15 +1080,6 @@ class _Lock:
         if fcntl is not None:
             fcntl.flock(self.f.fileno(), fcntl.LOCK_UN)
         self.f.close()
-
-
-def _remove_unreferenced(store: Path, keep: set[str]) -> None:
-    """Delete tile files the current generation does not name (only under the ingest lock)."""
-    tiles = store / "tiles"
-    if tiles.is_dir():
-        for p in tiles.rglob(f"*{tf.TILE_SUFFIX}"):
-            if p.relative_to(store).as_posix() not in keep:
-                p.unlink(missing_ok=True)
 
 
 def _clean_stale_temp(store: Path) -> None:
@@ -1296,7 +1284,7 @@ def ingest(sources, store, bbox=None, years=None, progress: Progress | None = No
                                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
             report.generation = str(tf.commit(store, merged, info))
         else:  # commit collects garbage; without one, drop what an interrupted run left behind
-            _remove_unreferenced(store, {r.path for r in existing})
+            tf.remove_unreferenced_tiles(store, {r.path for r in existing})
         journal.clear()
     report.seconds = time.monotonic() - t_start
     bar.advance(0, "done")

@@ -21,7 +21,8 @@ import numpy as np
 
 from ..errors import AnchorError, InputError
 from .anchors import Anchor, AnchorSet
-from .tile_format import EPSG_LONLAT, NODATA, VEC_DIM, StoreError, TileRecord, read_generation
+from .tile_format import (EPSG_LONLAT, NODATA, VEC_DIM, StoreError, TileRecord, lookup_points_arrays,
+                          read_generation)
 from .utm import central_meridian, lonlat_to_utm
 
 FIRST_AEF_YEAR = 2017
@@ -158,10 +159,7 @@ class TileStore:
 
     def lookup_points_numpy(self, lon, lat, year: int) -> tuple[np.ndarray, np.ndarray]:
         """The numpy reference of ``lookup_points`` (what the C reader is tested against)."""
-        lon = np.ascontiguousarray(lon, dtype=np.float64).reshape(-1)
-        lat = np.ascontiguousarray(lat, dtype=np.float64).reshape(-1)
-        if lon.shape != lat.shape:
-            raise InputError(f"lookup: lon and lat differ in length ({lon.size} vs {lat.size})")
+        lon, lat = lookup_points_arrays(lon, lat)
         n = lon.size
         features = np.zeros((n, VEC_DIM), np.float32)
         mask = np.zeros(n, bool)
