@@ -38,12 +38,15 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(doubl
        "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
+NOT_INSTALLED = ("onnxruntime is not installed: backend 'onnxruntime' needs the onnxruntime package "
+                 "(pip install 'fusar-edge[onnx]', or onnxruntime-gpu for CUDA)")
+
+
 def _ort():
     try:
         import onnxruntime
     except ImportError:
-        raise FusarError("backend 'onnxruntime' needs the onnxruntime package "
-                         "(pip install onnxruntime, or onnxruntime-gpu for CUDA)") from None
+        raise FusarError(NOT_INSTALLED) from None
     return onnxruntime
 
 

@@ -90,7 +90,9 @@ def split_backends(names: list[str]) -> tuple[list[str], dict[str, str]]:
 def unavailable_reason(backend: str) -> str | None:
     """Why ``backend`` cannot run here (missing package, no runtime support), before loading anything."""
     if backend == "onnxruntime" and importlib.util.find_spec("onnxruntime") is None:
-        return ("onnxruntime is not installed (pip install 'fusar-edge[onnx]', or onnxruntime-gpu for CUDA)")
+        from ..backends.onnxruntime import NOT_INSTALLED
+
+        return NOT_INSTALLED
     if backend == "tensorrt":
         if importlib.util.find_spec("tensorrt") is None:
             return ("TensorRT is not installed (pip install tensorrt, on a machine with an NVIDIA GPU; Jetson: "
