@@ -61,7 +61,7 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
     try:
         stage = work / "bundle"
         progress("writing the bundle")
-        save_bundle(model, tokenizer, stage)
+        save_bundle(model, tokenizer, stage, manifest=False)  # hashed once, at the end
         report: dict = {"source": str(source or "tiny"), "source_weights": weights_id,
                         "preset": model.config.name, "chip_size": model.config.chip_size, "artifacts": {}}
         if onnx:

@@ -73,7 +73,9 @@ def write_manifest(bundle: Path) -> Path:
     return path
 
 
-def save_bundle(model: FusarModel, tokenizer, out_dir: str | Path, overwrite: bool = False) -> Path:
+def save_bundle(model: FusarModel, tokenizer, out_dir: str | Path, overwrite: bool = False,
+                manifest: bool = True) -> Path:
+    """``manifest=False``: leave manifest.json to the caller (export adds files, then hashes once)."""
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise BundleError(f"{out}: already exists (pass overwrite=True / --force to replace it)")
@@ -85,7 +87,8 @@ def save_bundle(model: FusarModel, tokenizer, out_dir: str | Path, overwrite: bo
         save_file(state, str(tmp / FUSAR_WEIGHTS), metadata={"format": "pt"})
         (tmp / FUSAR_JSON).write_text(json.dumps(model.config.to_fusar_json(), indent=2), encoding="utf-8")
         tokenizer.save(tmp)
-        write_manifest(tmp)
+        if manifest:
+            write_manifest(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
