@@ -61,7 +61,8 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
     try:
         stage = work / "bundle"
         progress("writing the bundle")
-        save_bundle(model, tokenizer, stage, manifest=False)  # hashed once, at the end
+        save_bundle(model, tokenizer, stage, manifest=False,  # hashed once, at the end
+                    copy_files=_generation_config(source))
         report: dict = {"source": str(source or "tiny"), "source_weights": weights_id,
                         "preset": model.config.name, "chip_size": model.config.chip_size, "artifacts": {}}
         if onnx:
@@ -86,6 +87,14 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
         shutil.rmtree(work, ignore_errors=True)
     progress(f"wrote {out}")
     return report
+
+
+def _generation_config(source) -> dict[str, Path]:
+    """The source bundle's generation_config.json travels with the export (its greedy settings)."""
+    from fusar_edge.generation import GENERATION_CONFIG
+
+    path = Path(source) / GENERATION_CONFIG if source is not None else None
+    return {GENERATION_CONFIG: path} if path is not None and path.is_file() else {}
 
 
 def _rel(paths, root: Path):

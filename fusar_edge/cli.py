@@ -31,8 +31,15 @@ every stage in seconds on a CPU; its answers are not meaningful.
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error form: one line, exit code 2, no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"fusar-edge: error: {message} (see `{self.prog} --help`)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="fusar-edge",
         description="Edge inference for SAR vision-language models (FUSAR-GPT: Qwen2.5-VL + AEF anchors + TLM + GRASP).",
     )
@@ -52,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--tiles", metavar="DIR",
                         help="AEF tile store (`fusar-edge tiles ingest`): anchors are looked up for the image's "
                              "footprint (its georeference, or --bbox) and acquisition year")
+    source.add_argument("--no-anchors", action="store_true",
+                        help="answer without AEF anchors: TLM is skipped (recorded as tlm: skipped); a bundle "
+                             "with TLM otherwise refuses, as the reference does")
     a.add_argument("--grid", nargs=2, type=int, default=[16, 16], metavar=("ROWS", "COLS"),
                    help="anchor grid over the footprint for --tiles (default: 16 16)")
     a.add_argument("--allow-no-coverage", action="store_true",
@@ -61,7 +71,13 @@ def _parser() -> argparse.ArgumentParser:
                    help="footprint of an image without georeference (overrides the GeoTIFF's)")
     a.add_argument("--date", metavar="YYYY-MM-DD", help="acquisition date (overrides the file's metadata)")
     a.add_argument("--task", choices=["count", "locate", "classify", "detect", "caption"],
-                   help="answer type; default: inferred from the question")
+                   help="answer type (selects the answer parser); default: inferred from the question")
+    a.add_argument("--label", metavar="WORD",
+                   help="object class for --task detect: sends FUSAR-GPT's detection prompt for WORD, byte for "
+                        "byte (e.g. --task detect --label ship)")
+    a.add_argument("--repetition-penalty", type=float, metavar="P",
+                   help="override the bundle's generation_config.json repetition_penalty (1.0 = none; "
+                        "Qwen2.5-VL-Instruct ships 1.05)")
     a.add_argument("--scale", choices=["auto", "amplitude", "db", "power"], default="auto",
                    help="how to read real-valued pixels (default: auto)")
     a.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch")
@@ -126,7 +142,8 @@ def _print_answer(ans) -> None:
         print(f"parse error: {ans.parse_error}")
     a = ans.anchor
     where = f"{a['count']} points, coverage {a['coverage']:.2f}, year {a['year']}" if a["count"] else a.get("note", "")
-    print(f"task: {ans.task} | anchors: {a['source']} ({where}) | {ans.timings_ms['total']:.0f} ms")
+    print(f"task: {ans.task} | anchors: {a['source']} ({where}) | TLM {a.get('tlm', 'off')} | "
+          f"{ans.timings_ms['total']:.0f} ms")
     print(f"text: {ans.text!r}")
     for note in a.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
@@ -140,7 +157,8 @@ def cmd_ask(args) -> int:
                       allow_empty_anchors=args.allow_no_coverage)
     ans = rt.ask(args.image, args.question, anchors=args.anchors, task=args.task,
                  bbox=tuple(args.bbox) if args.bbox else None, date=args.date, scale=args.scale,
-                 max_new_tokens=args.max_new_tokens)
+                 max_new_tokens=args.max_new_tokens, label=args.label, no_anchors=args.no_anchors,
+                 repetition_penalty=args.repetition_penalty)
     if args.json:
         print(json.dumps(ans.to_json()))
     else:
@@ -229,7 +247,10 @@ MODEL_COMMANDS = ("ask", "info", "import-fusar-gpt", "export", "bench")  # the o
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2

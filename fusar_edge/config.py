@@ -26,6 +26,7 @@ from .errors import BundleError
 
 FUSAR_JSON = "fusar.json"
 FUSAR_FORMAT = "fusar-edge-bundle-v1"
+PROMPT_STYLES = ("reference", "templates")
 
 
 @dataclass
@@ -71,6 +72,10 @@ class FusarConfig:
     aef_years: list[int] = field(default_factory=lambda: list(range(2017, 2025)))
     max_new_tokens: int = 512
     system_prompt: str = "You are a helpful assistant."
+    # How a question becomes the model's prompt (tasks.build_prompt): "reference" sends it as
+    # given, like FUSAR-GPT's inference (imported checkpoints); "templates" wraps it in
+    # fusar-edge's per-task templates, for bundles that were trained with them.
+    prompt_style: str = "reference"
 
     # --- derived geometry -------------------------------------------------------------
     @property
@@ -104,6 +109,8 @@ class FusarConfig:
         return h * w
 
     def validate(self) -> None:
+        if self.prompt_style not in PROMPT_STYLES:
+            raise BundleError(f"prompt_style: expected one of {', '.join(PROMPT_STYLES)}, got {self.prompt_style!r}")
         patch = int(self.vision.get("patch_size", 14))
         merge = int(self.vision.get("spatial_merge_size", 2))
         if self.chip_size <= 0 or self.chip_size % (patch * merge):
@@ -137,6 +144,7 @@ class FusarConfig:
             "aef_years": list(self.aef_years),
             "max_new_tokens": self.max_new_tokens,
             "system_prompt": self.system_prompt,
+            "prompt_style": self.prompt_style,
         }
 
     @classmethod
@@ -155,6 +163,7 @@ class FusarConfig:
                 aef_years=[int(y) for y in data.get("aef_years", [])],
                 max_new_tokens=int(data.get("max_new_tokens", 512)),
                 system_prompt=data.get("system_prompt", "You are a helpful assistant."),
+                prompt_style=data.get("prompt_style", "reference"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{where}: malformed field ({exc})") from None
@@ -224,6 +233,7 @@ def _tiny() -> FusarConfig:
         tlm=TLMConfig(),
         grasp=GRASPConfig(enabled=True, grid=(2, 2), proj_dim=32, prompt_len=1, selector="topk", k=2),
         max_new_tokens=32,
+        prompt_style="templates",
     )
 
 
@@ -305,7 +315,8 @@ def _qwen(name: str, *, out_hidden: int, tie: bool, **text_dims: Any) -> FusarCo
         "tie_word_embeddings": tie,
         **_qwen_ids(),
     }
-    return FusarConfig(name=name, backbone=backbone, grasp=GRASPConfig(enabled=True, grid=(2, 2), proj_dim=512, k=2))
+    return FusarConfig(name=name, backbone=backbone, grasp=GRASPConfig(enabled=True, grid=(2, 2), proj_dim=512, k=2),
+                       prompt_style="templates")
 
 
 def _qwen_3b() -> FusarConfig:

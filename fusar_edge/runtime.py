@@ -22,6 +22,7 @@ from .config import PRESETS
 from .errors import AnchorError, BundleError, FusarError, InputError
 from .geo.anchors import Anchor, AnchorSet
 from .geo.tilestore import DEFAULT_GRID, TileStore, check_grid
+from .generation import GenerationSettings, GreedyPicker
 from .geo.sar import SarImage, parse_date, read_sar, to_chip
 from .model.bundle import open_model
 from .model.preprocess import chip_to_patches
@@ -44,6 +45,7 @@ class Answer:
     image: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     grasp_weights: list[float] | None = None
+    token_ids: list[int] = field(default_factory=list)  # the generated ids, stop token excluded
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,6 +97,7 @@ class TorchStages:
     def __init__(self, model):
         self.model = model
         self.has_grasp = model.grasp is not None
+        self.has_tlm = model.tlm is not None
         self._cache = None
 
     def vision(self, pixels, grid_thw, anchors=None):
@@ -146,18 +149,21 @@ class Request:
     next_position: int  # the first generated token's text position
     task: str
     label: str | None
+    prompt: str  # the text sent to the model (the question, or its task template)
 
 
 class Runtime:
     def __init__(self, model, tokenizer, weights: str, source: str, backend: str = "torch",
                  max_image_side: int = 20000, tiles: TileStore | None = None,
                  anchor_grid: tuple[int, int] = DEFAULT_GRID, allow_empty_anchors: bool = False,
-                 *, stages=None, config=None):
+                 *, stages=None, config=None, generation: GenerationSettings | None = None):
         """``model``: the torch ``FusarModel`` (None for the ONNX Runtime backend, which then
-        gives ``stages``, an ``OnnxStages``, and the bundle's ``config``)."""
+        gives ``stages``, an ``OnnxStages``, and the bundle's ``config``). ``generation``: the
+        bundle's ``generation_config.json`` settings (plain greedy when None)."""
         self.model, self.tokenizer = model, tokenizer
         self.config = config if config is not None else model.config
         self.stages = stages if stages is not None else TorchStages(model)
+        self.generation = generation or GenerationSettings()
         self.weights, self.source, self.backend = weights, source, backend
         self.max_image_side = max_image_side
         self.tiles, self.anchor_grid, self.allow_empty_anchors = tiles, anchor_grid, allow_empty_anchors
@@ -192,10 +198,11 @@ class Runtime:
         if backend == "onnxruntime":
             return cls._open_onnx(bundle, store, device, dtype, providers, max_image_side, tuple(anchor_grid),
                                   allow_empty_anchors, threads)
+        generation = GenerationSettings.from_bundle(bundle)  # a refused setting fails before the weights load
         device, dtype = resolve_device(device, dtype)
         model, tok, weights = open_model(bundle, dtype=dtype, device=device)
         return cls(model, tok, weights, "tiny" if bundle is None else str(bundle), backend, max_image_side,
-                   store, tuple(anchor_grid), allow_empty_anchors)
+                   store, tuple(anchor_grid), allow_empty_anchors, generation=generation)
 
     @classmethod
     def _open_onnx(cls, bundle, store, device, dtype, providers, max_image_side, anchor_grid,
@@ -212,6 +219,7 @@ class Runtime:
             raise BundleError(f"{name}: not a directory (expected a bundle exported with {export_hint()})")
         root = Path(name)
         config = read_config(root)
+        generation = GenerationSettings.from_bundle(root)
         tok = TextTokenizer.from_file(root / "tokenizer.json")
         # the 4-bit export when there is one (what `export --gptq4` is for), else the fp32 stages;
         # FUSAR_ONNX_VARIANT=onnx forces the fp32 ones
@@ -233,7 +241,7 @@ class Runtime:
         manifest = root / MANIFEST
         weights = sha256(manifest) if manifest.is_file() else "unhashed"
         return cls(None, tok, weights, name, "onnxruntime", max_image_side, store, anchor_grid,
-                   allow_empty_anchors, stages=stages, config=config)
+                   allow_empty_anchors, stages=stages, config=config, generation=generation)
 
     # -- inputs --------------------------------------------------------------------------
     def _image(self, image: str | Path | SarImage, scale: str) -> SarImage:
@@ -241,7 +249,8 @@ class Runtime:
             return image
         return read_sar(image, scale=scale, max_side=self.max_image_side)
 
-    def _anchors(self, anchors, img: SarImage, bbox, date) -> tuple[AnchorSet | None, dict[str, Any]]:
+    def _anchors(self, anchors, img: SarImage, bbox, date,
+                  no_anchors: bool = False) -> tuple[AnchorSet | None, dict[str, Any]]:
         footprint = Anchor.from_sar_image(img, date=date, bbox=bbox) if (img.bounds_lonlat or bbox) else None
         info: dict[str, Any] = {
             "source": "none", "crs": img.crs,
@@ -249,6 +258,11 @@ class Runtime:
             "date": footprint.date.isoformat() if footprint and footprint.date else (date.isoformat() if date else None),
             "year": None, "coverage": 0.0, "count": 0,
         }
+        if no_anchors:
+            if anchors is not None:
+                raise InputError("anchors: given together with no_anchors (--no-anchors); pass one or the other")
+            info["note"] = "no_anchors: TLM skipped on request"
+            return None, info
         if anchors is None and self.tiles is not None:
             if footprint is None:
                 raise AnchorError(f"image {img.path}: no georeference, so the tile store cannot be used; give the "
@@ -283,8 +297,13 @@ class Runtime:
         return anchors, info
 
     def prepare(self, image: str | Path | SarImage, question: str, *, task: str | None = None,
-                scale: str = "auto") -> Request:
-        """Read the image into the model's chip and patches, and build the chat sequence."""
+                scale: str = "auto", label: str | None = None) -> Request:
+        """Read the image into the model's chip and patches, and build the chat sequence.
+
+        The prompt follows the bundle's ``prompt_style`` (``tasks.build_prompt``): imported
+        FUSAR-GPT checkpoints get the question as the reference sends it; ``label`` with
+        ``task="detect"`` builds the reference detection prompt for that object class.
+        """
         cfg = self.config
         img = self._image(image, scale)
         chip = to_chip(img, cfg.chip_size)
@@ -292,46 +311,89 @@ class Runtime:
                                            int(cfg.vision.get("spatial_merge_size", 2)),
                                            int(cfg.vision.get("temporal_patch_size", 2)))
         task = task or tasks.infer_task(question)
-        prompt = tasks.build_prompt(task, question)
+        prompt = tasks.build_prompt(task, question, label=label, style=cfg.prompt_style)
+        if not prompt:
+            raise InputError("question: nothing left to ask once '<image>' and whitespace are removed")
         grasp_len = cfg.grasp.prompt_len if self.stages.has_grasp else 0
         seq = build_sequence(self.tokenizer, prompt, cfg.num_visual_tokens, grasp_len, cfg.system_prompt)
         positions, next_pos = mrope_positions(len(seq.input_ids), seq.layout.image_start, cfg.token_grid)
-        return Request(img, pixels, grid_thw, seq, positions, next_pos, task, tasks.extract_label(question))
+        return Request(img, pixels, grid_thw, seq, positions, next_pos, task,
+                       label or tasks.extract_label(question), prompt)
 
-    def anchor_tensors(self, anchors, img: SarImage, bbox=None, date=None):
+    def anchor_tensors(self, anchors, img: SarImage, bbox=None, date=None, no_anchors: bool = False):
         """The image's anchors (looked up in the tile store when there is one) as the vision
         stage's ``(features, positions, mask)``, or None; plus the answer's ``anchor`` report."""
-        anchor_set, info = self._anchors(anchors, img, bbox, date)
+        anchor_set, info = self._anchors(anchors, img, bbox, date, no_anchors)
         return (anchor_set.to_torch() if anchor_set is not None else None), info
+
+    def _require_tlm_anchors(self, anchor_tensors, info: dict[str, Any], img: SarImage, no_anchors: bool) -> None:
+        """Record whether TLM ran (``anchor["tlm"]``); refuse to skip it silently.
+
+        The reference raises when an image has no AEF vector; so does this runtime, unless the
+        caller asked to answer without anchors (``no_anchors``) or allowed a tile store without
+        coverage (``allow_empty_anchors``).
+        """
+        if not self.stages.has_tlm:
+            info["tlm"] = "off"  # the bundle has no TLM: anchors change nothing
+            return
+        if anchor_tensors is not None:
+            info["tlm"] = "applied"
+            return
+        from_store = info["source"].startswith("tiles:")  # TileStore.lookup's AnchorSet.source
+        if no_anchors or (from_store and self.allow_empty_anchors):
+            info["tlm"] = "skipped"
+            return
+        way_out = ("or pass --no-anchors (no_anchors=True) to answer without them, recorded in the answer as "
+                   "tlm: skipped")
+        if info["count"]:
+            raise AnchorError(f"anchors {info['source']}: every anchor is masked (no AEF data for {img.path}), and "
+                              f"this bundle's TLM needs at least one valid anchor; give other anchors, {way_out}")
+        raise AnchorError(f"{img.path}: this bundle applies TLM, which needs AEF anchors, and none were given: pass "
+                          f"--anchors FILE or --tiles DIR (anchors=... / tiles=...), {way_out}")
 
     # -- the question --------------------------------------------------------------------
     @torch.inference_mode()
     def ask(self, image: str | Path | SarImage, question: str, anchors=None, *, task: str | None = None,
             bbox: tuple[float, float, float, float] | None = None, date=None, scale: str = "auto",
-            max_new_tokens: int | None = None) -> Answer:
+            max_new_tokens: int | None = None, label: str | None = None, no_anchors: bool = False,
+            repetition_penalty: float | None = None) -> Answer:
+        """Answer ``question`` about ``image``.
+
+        ``anchors``: an ``AnchorSet``, a reference NPZ/NPY path, or an ``Anchor`` looked up in the
+        runtime's tile store (default: the image's own georeference against the store). A bundle
+        whose TLM is on refuses to answer without a valid anchor, as the reference does, unless
+        ``no_anchors=True`` (the answer then records ``anchor.tlm == "skipped"``).
+        ``label``: the object class for ``task="detect"`` (the reference detection prompt).
+        ``repetition_penalty`` overrides the bundle's ``generation_config.json``.
+        """
         if not isinstance(question, str) or not question.strip():
             raise InputError("question: expected a non-empty string")
         if task is not None and task not in tasks.TASKS:
             raise InputError(f"task: expected one of {', '.join(tasks.TASKS)}, got {task!r}")
+        if label is not None and (not isinstance(label, str) or not label.strip()):
+            raise InputError(f"label: expected a non-empty object class such as 'ship', got {label!r}")
         if isinstance(date, str):
             date = parse_date(date)
         limit = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if limit < 1:
             raise InputError(f"max_new_tokens: expected a positive integer, got {limit}")
+        generation = self.generation.with_penalty(repetition_penalty)
         cfg, stages, timer = self.config, self.stages, _Timer()
         t_total = time.perf_counter()
 
         with timer.stage("preprocess"):
-            req = self.prepare(image, question, task=task, scale=scale)
+            req = self.prepare(image, question, task=task, scale=scale, label=label.strip() if label else None)
             img, seq, task = req.image, req.sequence, req.task
         with timer.stage("anchors"):
-            anchor_tensors, anchor_info = self.anchor_tensors(anchors, img, bbox, date)
+            anchor_tensors, anchor_info = self.anchor_tensors(anchors, img, bbox, date, no_anchors)
+            self._require_tlm_anchors(anchor_tensors, anchor_info, img, no_anchors)
         with timer.stage("vision"):
             visual = stages.vision(req.pixels, req.grid_thw, anchor_tensors)
         with timer.stage("fusion"):
             embeds, grasp_w = stages.fusion(seq.input_ids, seq.layout, visual, seq.question_ids)
+        picker = GreedyPicker(generation, seq.input_ids.tolist(), self.tokenizer.stop_ids)
         try:
-            ids, decode_ms = self._generate(embeds, req.positions, req.next_position, limit, timer)
+            ids, decode_ms = self._generate(embeds, req.positions, req.next_position, limit, timer, picker)
         finally:
             stages.reset()  # the KV cache is not kept between questions
         text = self.tokenizer.decode(ids).strip()
@@ -346,26 +408,29 @@ class Runtime:
             image={"path": img.path, "height": img.height, "width": img.width, "kind": img.kind,
                    "chip_size": cfg.chip_size},
             model={"source": self.source, "preset": cfg.name, "weights": self.weights, "backend": self.backend,
-                   "new_tokens": len(ids), "max_new_tokens": limit,
+                   "new_tokens": len(ids), "max_new_tokens": limit, "prompt_style": cfg.prompt_style,
+                   "prompt": req.prompt, "generation": generation.record(),
                    **({"onnx": self.stages.dir.name} if hasattr(self.stages, "dir") else {})},
             grasp_weights=[round(float(w), 6) for w in grasp_w] if grasp_w is not None else None,
+            token_ids=ids,
         )
 
     def _generate(self, embeds: torch.Tensor, positions: torch.Tensor, next_pos: int, limit: int,
-                  timer: _Timer) -> tuple[list[int], list[float]]:
-        """Greedy decoding over the KV cache; never emits ids the tokenizer cannot decode."""
-        stages, stop, vocab = self.stages, set(self.tokenizer.stop_ids), self.tokenizer.vocab_size
+                  timer: _Timer, picker: GreedyPicker) -> tuple[list[int], list[float]]:
+        """Greedy decoding over the KV cache, each step through ``picker`` (the bundle's logits
+        settings, then argmax)."""
+        stages = self.stages
         with timer.stage("prefill"):
-            token = int(stages.prefill(embeds, positions)[:vocab].argmax())
+            token = picker(stages.prefill(embeds, positions))
         ids, decode_ms = [], []
-        while token not in stop:
+        while not picker.is_stop(token):
             ids.append(token)
             if len(ids) >= limit:
                 break
             t0 = time.perf_counter()
             logits = stages.step(token, next_pos)
             next_pos += 1
-            token = int(logits[:vocab].argmax())
+            token = picker(logits)
             decode_ms.append((time.perf_counter() - t0) * 1e3)
         timer.ms["decode"] = round(sum(decode_ms), 3)
         return ids, decode_ms

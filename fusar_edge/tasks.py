@@ -9,9 +9,12 @@ handling (no torch), so it is cheap to import and easy to test::
     parsed.value, parsed.parse_error, parsed.flags
 
 Coordinates: the model sees a ``chip_size`` x ``chip_size`` chip and answers boxes in
-chip pixels ``[x1, y1, x2, y2]``. Parsers clip them to ``[0, chip_size]`` and map them
-back to the original image with ``x * width / chip_size`` and ``y * height / chip_size``
-(``image_size`` is ``(height, width)``), rounded to 2 decimals.
+chip pixels ``[x1, y1, x2, y2]``. Each box is kept exactly as printed in ``bbox_chip``
+(negative or > chip_size values included: the reference's own ground truth has them, and
+evaluation compares raw values); ``bbox_2d`` is that box clipped to ``[0, chip_size]`` and
+mapped to the original image with ``x * width / chip_size`` and ``y * height / chip_size``
+(``image_size`` is ``(height, width)``), rounded to 2 decimals. Clipped boxes carry
+``clipped: true``, boxes with no area ``degenerate: true``; none is ever dropped.
 
 ``parse_answer`` never raises on model text: whatever the model wrote, problems end up in
 ``ParsedAnswer.parse_error`` (with ``value`` None) or in ``ParsedAnswer.flags``. Only bad
@@ -226,16 +229,35 @@ def extract_label(question: str) -> str | None:
 _PLACEHOLDER = re.compile(r"\{(label|question)\}")
 
 
+PROMPT_STYLES = ("reference", "templates")
+
+
+def reference_question(question: str) -> str:
+    """The question as the FUSAR-GPT reference sends it: ``<image>`` removed, whitespace stripped."""
+    return question.replace("<image>", "").strip()
+
+
 def build_prompt(task: str, question: str, templates: Mapping[str, str] | None = None,
-                 *, label: str | None = None) -> str:
+                 *, label: str | None = None, style: str = "templates") -> str:
     """The text sent to the model for ``question`` under ``task``.
 
-    A question that already starts with "This is a SAR image." is returned unchanged.
-    ``templates`` overrides entries of PROMPT_TEMPLATES (e.g. from a bundle); ``label``
-    overrides the label extracted from the question.
+    ``style="reference"`` (imported FUSAR-GPT checkpoints): the question as the reference
+    sends it (``reference_question``), untouched; only ``task="detect"`` with an explicit
+    ``label`` builds the reference detection prompt (DETECT_PROMPT) for that label.
+
+    ``style="templates"`` (bundles trained with fusar-edge's templates, and the presets): a
+    question that already starts with "This is a SAR image." is returned unchanged, any
+    other is wrapped in the task's template. ``templates`` overrides entries of
+    PROMPT_TEMPLATES; ``label`` overrides the label extracted from the question.
     """
     _check_task(task)
     _check_str("question", question)
+    if style not in PROMPT_STYLES:
+        raise InputError(f"prompt style: expected one of {', '.join(PROMPT_STYLES)}, got {style!r}")
+    if style == "reference":
+        if task == "detect" and label:
+            return _PLACEHOLDER.sub(lambda m: label, DETECT_PROMPT)  # DETECT_PROMPT has only {label}
+        return reference_question(question)
     if question.lstrip().startswith(SAR_PREFIX):
         return question
     merged = dict(PROMPT_TEMPLATES)
@@ -310,16 +332,17 @@ class _Geometry:
     height: int
     width: int
 
-    def clip_and_map(self, box: list[float]) -> tuple[list[float] | None, bool]:
-        """(original-pixel box or None if degenerate after clipping, was_clipped)."""
+    def clip_and_map(self, box: list[float]) -> tuple[list[float], bool, bool]:
+        """(original-pixel box after clipping to the chip, was_clipped, degenerate).
+
+        ``degenerate``: no area after clipping (x1 >= x2 or y1 >= y2, or wholly outside).
+        """
         clipped = [min(max(float(v), 0.0), float(self.chip)) for v in box]
         was_clipped = any(c != float(v) for c, v in zip(clipped, box))
         x1, y1, x2, y2 = clipped
-        if x1 >= x2 or y1 >= y2:
-            return None, was_clipped
         sx, sy = self.width / self.chip, self.height / self.chip
         return [round(x1 * sx, 2), round(y1 * sy, 2), round(x2 * sx, 2), round(y2 * sy, 2)], \
-            was_clipped
+            was_clipped, (x1 >= x2 or y1 >= y2)
 
     def cell_of(self, box: list[float]) -> tuple[int, int]:
         """(row, col) of the box centre (chip coordinates, already clipped)."""
@@ -422,15 +445,15 @@ def _as_number(v: Any) -> float | None:
 
 
 def _read_box(item: Mapping[str, Any], idx: int) -> tuple[list[float] | None, str | None]:
+    """The box exactly as the model printed it (ints stay ints), or an error."""
     box = item.get("bbox_2d", item.get("bbox"))
     if box is None:
         return None, f"detection {idx} has no bbox_2d"
     if not isinstance(box, (list, tuple)) or len(box) != 4:
         return None, f"detection {idx}: bbox_2d must be 4 numbers, got {_short(box)}"
-    nums = [_as_number(v) for v in box]
-    if any(n is None for n in nums):
+    if any(_as_number(v) is None for v in box):
         return None, f"detection {idx}: bbox_2d has non-numeric coordinates {_short(box)}"
-    return nums, None  # type: ignore[return-value]
+    return list(box), None
 
 
 def _detections(items: list[Any], geo: _Geometry, label: str | None, flags: list[str],
@@ -451,21 +474,18 @@ def _detections(items: list[Any], geo: _Geometry, label: str | None, flags: list
             return None, f"detection {idx} has no label"
         else:
             lab = None
-        mapped, clipped = geo.clip_and_map(box)  # type: ignore[arg-type]
-        if mapped is None:
-            _add_flag(flags, "dropped_degenerate_boxes")
-            continue
-        det: dict[str, Any] = {"bbox_2d": mapped, "label": lab}
+        mapped, clipped, degenerate = geo.clip_and_map(box)  # type: ignore[arg-type]
+        # bbox_chip: the raw numbers in the model's chip frame (evaluation compares these);
+        # bbox_2d: clipped to the chip and mapped to original-image pixels.
+        det: dict[str, Any] = {"bbox_2d": mapped, "bbox_chip": box, "label": lab}
         if clipped:
             det["clipped"] = True
             _add_flag(flags, "clipped_boxes")
-        det["_chip_box"] = box
+        if degenerate:  # kept and flagged, never dropped: the raw box is still the model's answer
+            det["degenerate"] = True
+            _add_flag(flags, "degenerate_boxes")
         out.append(det)
     return out, None
-
-
-def _strip_private(dets: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in d.items() if not k.startswith("_")} for d in dets]
 
 
 def _parse_detect(text: str, geo: _Geometry, label: str | None) -> ParsedAnswer:
@@ -478,7 +498,7 @@ def _parse_detect(text: str, geo: _Geometry, label: str | None) -> ParsedAnswer:
     dets, err = _detections(payload, geo, label, flags)
     if err:
         return ParsedAnswer(None, f"detect answer: {err}", flags)
-    return ParsedAnswer(_strip_private(dets), None, flags)  # type: ignore[arg-type]
+    return ParsedAnswer(dets, None, flags)
 
 
 _NUMBER_WORDS = {w: i for i, w in enumerate(
@@ -529,7 +549,7 @@ def _cell_from_words(text: str) -> tuple[int, int] | None:
 
 
 def _locate_box(text: str, geo: _Geometry, flags: list[str]) -> tuple[Any, str | None]:
-    """(detection dict with _chip_box, None) / (None, None) if no box / (None, error)."""
+    """(detection dict, None) / (None, None) if no box / (None, error)."""
     if "{" in text:
         payload, err, lenient = _decode_json(text)
         if not err and payload:
@@ -543,7 +563,7 @@ def _locate_box(text: str, geo: _Geometry, flags: list[str]) -> tuple[Any, str |
             return (dets[0] if dets else None), None
     m = _FOUR_NUMBERS.search(text)
     if m:
-        box = [float(g) for g in m.groups()]
+        box = [int(g) if re.fullmatch(r"-?\d+", g) else float(g) for g in m.groups()]
         dets, _ = _detections([{"bbox_2d": box}], geo, None, flags, require_label=False)
         return (dets[0] if dets else None), None
     return None, None
@@ -555,20 +575,20 @@ def _parse_locate(text: str, geo: _Geometry, label: str | None) -> ParsedAnswer:
     if err:
         return ParsedAnswer(None, f"locate answer: {err}", flags)
     words = _cell_from_words(text)
-    if det is not None:
-        row, col = geo.cell_of(det["_chip_box"])
+    if det is not None and not det.get("degenerate"):
+        row, col = geo.cell_of(det["bbox_chip"])
         if words is not None and words != (row, col):
             _add_flag(flags, "cell_words_disagree")
-        bbox = det["bbox_2d"]
-    elif words is not None:
-        (row, col), bbox = words, None
+        bbox, bbox_chip = det["bbox_2d"], det["bbox_chip"]
+    elif words is not None:  # no box, or one with no area: the words say where
+        (row, col), bbox, bbox_chip = words, None, (det["bbox_chip"] if det is not None else None)
     elif _NONE_ANSWER.search(text):
         return ParsedAnswer(None, None, ["no_target"])
     else:
         return ParsedAnswer(None, f"locate answer: no grid cell or box found in "
                                   f"{_short(text)}", flags)
     return ParsedAnswer({"cell": GRID_CELLS[row][col], "row": row, "col": col,
-                         "bbox_2d": bbox}, None, flags)
+                         "bbox_2d": bbox, "bbox_chip": bbox_chip}, None, flags)
 
 
 _CLASSIFY_PREFIX = re.compile(
@@ -648,7 +668,7 @@ def parse_answer(task: str, text: str, *, chip_size: int, image_size: tuple[int,
 
 
 __all__ = [
-    "TASKS", "SAR_PREFIX", "DETECT_PROMPT", "PROMPT_TEMPLATES", "DEFAULT_LABEL", "GRID_CELLS",
+    "TASKS", "SAR_PREFIX", "DETECT_PROMPT", "PROMPT_TEMPLATES", "PROMPT_STYLES", "reference_question", "DEFAULT_LABEL", "GRID_CELLS",
     "TASK_RULES", "IRREGULAR_PLURALS", "ParsedAnswer", "infer_task", "extract_label",
     "singularize", "build_prompt", "parse_answer",
 ]

@@ -11,7 +11,7 @@ from fusar_edge.cli import main
 from fusar_edge.geo.synthetic import write_demo_scene
 
 ASK_KEYS = {"answer", "text", "task", "question", "anchor", "timings_ms", "parse_error", "flags", "image", "model",
-            "grasp_weights"}
+            "grasp_weights", "token_ids"}
 ANCHOR_KEYS = {"source", "crs", "bounds", "date", "year", "coverage", "count"}
 STAGES = {"preprocess", "anchors", "vision", "fusion", "prefill", "decode", "decode_per_token", "parse", "total"}
 
@@ -39,17 +39,44 @@ def test_ask_json_schema_with_anchors(demo, capsys):
     assert a["source"].startswith("file:") and a["count"] == 64 and a["crs"] == "EPSG:32631"
     assert a["year"] == 2023 and 0.9 < a["coverage"] < 1.0
     assert a["bounds"] == pytest.approx(list(demo["bounds"]))
+    assert a["tlm"] == "applied"
+    assert len(res["token_ids"]) == res["model"]["new_tokens"] and all(isinstance(t, int) for t in res["token_ids"])
+    assert res["model"]["generation"]["repetition_penalty"] == 1.0  # a preset has no generation_config.json
+    assert res["model"]["prompt_style"] == "templates" and res["model"]["prompt"].startswith("This is a SAR image.")
     assert set(res["timings_ms"]) == STAGES and all(v >= 0 for v in res["timings_ms"].values())
     assert res["model"]["weights"] == "random" and res["model"]["new_tokens"] <= res["model"]["max_new_tokens"]
     assert len(res["grasp_weights"]) == 4 and abs(sum(res["grasp_weights"]) - 1) < 1e-5
 
 
-def test_ask_without_anchors_says_so(demo, capsys):
-    res = ask_json(capsys, demo["scene_png"], "Detect the ships")
+def test_tlm_bundle_without_anchors_refuses_and_names_the_way_out(demo, capsys):
+    """The reference raises when AEF is missing; so do we, unless asked to skip TLM."""
+    assert main(["ask", demo["scene_png"], "Detect the ships"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fusar-edge: error: ") and "--no-anchors" in err[0]
+    assert "scene.png" in err[0] and "--anchors" in err[0] and "--tiles" in err[0]
+
+    res = ask_json(capsys, demo["scene_png"], "Detect the ships", "--no-anchors")
     assert res["task"] == "detect"
     assert res["anchor"]["source"] == "none" and res["anchor"]["count"] == 0
-    assert "TLM not applied" in res["anchor"]["note"]
+    assert res["anchor"]["tlm"] == "skipped" and "no_anchors" in res["anchor"]["note"]
     assert res["answer"] is None or isinstance(res["answer"], list)
+    # --no-anchors and an anchor source contradict each other
+    assert main(["ask", demo["scene_png"], "q", "--no-anchors", "--anchors", demo["anchors"]]) == 2
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_every_anchor_masked_is_refused_unless_no_anchors(demo, tmp_path):
+    from fusar_edge.errors import AnchorError
+    from fusar_edge.geo.anchors import AnchorSet
+    from fusar_edge.runtime import Runtime
+
+    full = AnchorSet.load(demo["anchors"])
+    masked = AnchorSet(full.features, full.positions, np.zeros(full.size, dtype=bool))
+    rt = Runtime.open()
+    with pytest.raises(AnchorError) as exc:
+        rt.ask(demo["scene_tif"], "How many ships?", anchors=masked, max_new_tokens=2)
+    assert "every anchor is masked" in str(exc.value) and "--no-anchors" in str(exc.value)
+    assert "\n" not in str(exc.value)
 
 
 def test_anchors_change_the_answer_path_and_runs_are_deterministic(demo, capsys):
@@ -74,7 +101,7 @@ def test_anchors_change_the_answer_path_and_runs_are_deterministic(demo, capsys)
 
 def test_task_flag_bbox_and_date_for_plain_png(demo, capsys):
     res = ask_json(capsys, demo["scene_png"], "What is in the image?", "--task", "count", "--bbox", "3.0", "54.0",
-                   "3.1", "54.1", "--date", "2021-06-01", "--max-new-tokens", "3")
+                   "3.1", "54.1", "--date", "2021-06-01", "--max-new-tokens", "3", "--no-anchors")
     assert res["task"] == "count"
     assert res["anchor"]["bounds"] == [3.0, 54.0, 3.1, 54.1] and res["anchor"]["date"] == "2021-06-01"
     assert res["model"]["new_tokens"] <= 3
@@ -88,12 +115,13 @@ def test_detections_are_mapped_to_original_pixels(tmp_path, monkeypatch):
     np.save(img, np.random.default_rng(0).random((150, 300)).astype(np.float32) + 0.1)
     rt = Runtime.open()
     monkeypatch.setattr(rt.tokenizer, "decode", lambda ids: '[{"bbox_2d": [0, 112, 112, 224], "label": "ship"}]')
-    ans = rt.ask(img, "Detect the ships", max_new_tokens=2)
-    assert ans.answer == [{"bbox_2d": [0.0, 75.0, 150.0, 150.0], "label": "ship"}]
+    ans = rt.ask(img, "Detect the ships", max_new_tokens=2, no_anchors=True)
+    assert ans.answer == [{"bbox_2d": [0.0, 75.0, 150.0, 150.0], "bbox_chip": [0, 112, 112, 224], "label": "ship"}]
 
 
 def test_text_output_and_info(demo, capsys):
-    assert main(["ask", demo["scene_tif"], "How many ships are there?", "--max-new-tokens", "2"]) == 0
+    assert main(["ask", demo["scene_tif"], "How many ships are there?", "--max-new-tokens", "2",
+                 "--anchors", demo["anchors"]]) == 0
     out = capsys.readouterr()
     assert out.out.startswith("answer: ") and "task: count" in out.out
     assert "not meaningful" in out.err

@@ -71,7 +71,8 @@ def test_export_gptq4_writes_every_form_and_runs_4bit(tmp_path, capsys):
     weights = load_gptq_checkpoint(out / "gptq")
     assert len(weights) == arts["gptq"]["summary"]["linears"]
     scene = write_demo_scene(tmp_path / "scene", size=64, seed=3)
-    ans = Runtime.open(out, backend="onnxruntime").ask(scene["scene_tif"], "How many ships?", max_new_tokens=4)
+    ans = Runtime.open(out, backend="onnxruntime").ask(scene["scene_tif"], "How many ships?", max_new_tokens=4,
+                                                     anchors=scene["anchors"])
     assert ans.model["onnx"] == "onnx-int4"
 
 

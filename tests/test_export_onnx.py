@@ -156,9 +156,11 @@ def test_runtime_onnxruntime_answers_like_torch(exported, demo):
     rt_onnx = Runtime.open(bundle, backend="onnxruntime", device="cpu")
     assert rt_onnx.model is None and rt_onnx.backend == "onnxruntime" and rt_onnx.weights == rt_torch.weights
     for anchors in (demo["anchors"], None):
-        a = rt_torch.ask(demo["scene_tif"], "How many ships are there?", anchors=anchors, max_new_tokens=12)
-        b = rt_onnx.ask(demo["scene_tif"], "How many ships are there?", anchors=anchors, max_new_tokens=12)
+        kw = dict(anchors=anchors, no_anchors=anchors is None, max_new_tokens=12)
+        a = rt_torch.ask(demo["scene_tif"], "How many ships are there?", **kw)
+        b = rt_onnx.ask(demo["scene_tif"], "How many ships are there?", **kw)
         assert b.text == a.text and b.answer == a.answer and b.anchor == a.anchor
+        assert b.token_ids == a.token_ids and a.anchor["tlm"] == ("applied" if anchors else "skipped")
         assert b.model["new_tokens"] == a.model["new_tokens"] and b.model["backend"] == "onnxruntime"
         assert np.allclose(b.grasp_weights, a.grasp_weights, atol=1e-5)
         for stage in ("preprocess", "anchors", "vision", "fusion", "prefill", "decode", "decode_per_token",

@@ -180,6 +180,59 @@ def test_legacy_adapter_key_layout_imports_the_same(ckpt, imported, scratch):
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
+def _legacy_keys(state):
+    return {k.replace("base_model.model.model.language_model.", "base_model.model.model.")
+             .replace("base_model.model.model.visual.", "base_model.model.visual."): v for k, v in state.items()}
+
+
+@pytest.mark.parametrize("layout", ["legacy", "current"])
+def test_adapter_listing_full_module_names_imports_the_same(ckpt, imported, scratch, layout):
+    """The reference saves target_modules as full module names (train_tlm.py); the released legacy
+    Stage-1 adapter lists them in the old layout (`model.layers.*`, `visual.*`) and needs the same
+    remapping as its keys."""
+    path = scratch.lora / "adapter_model.safetensors"
+    state = load_file(str(path))
+    if layout == "legacy":
+        state = _legacy_keys(state)
+        save_file(state, str(path), metadata={"format": "pt"})
+    names = sorted({k.removeprefix("base_model.model.").split(".lora_")[0] for k in state})
+    assert any(n.startswith("visual.blocks.") for n in names) == (layout == "legacy")
+    assert any(n.startswith("model.layers.") for n in names) == (layout == "legacy")
+    cfg_path = scratch.lora / "adapter_config.json"
+    _edit_json(cfg_path, target_modules=names)
+    out = import_fusar_gpt(scratch.base, scratch.lora, scratch.tlm, scratch.out)
+    ref = load_file(str(imported[0] / "model.safetensors"))
+    got = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_legacy_module_name_remapping():
+    from fusar_edge.model.import_fusar_gpt import remap_legacy_module_name as remap
+
+    assert remap("model.layers.3.self_attn.q_proj") == "model.language_model.layers.3.self_attn.q_proj"
+    assert remap("visual.blocks.0.mlp.gate_proj") == "model.visual.blocks.0.mlp.gate_proj"
+    for unchanged in ("q_proj", "down_proj", "model.language_model.layers.0.mlp.up_proj",
+                      "model.visual.blocks.1.mlp.down_proj", "lm_head"):
+        assert remap(unchanged) == unchanged
+
+
+def test_generation_config_is_copied_and_checked(ckpt, scratch):
+    gen = {"bos_token_id": 0, "eos_token_id": [2, 0], "do_sample": True, "repetition_penalty": 1.05,
+           "temperature": 0.1, "top_p": 0.001, "top_k": 1, "transformers_version": "4.49.0"}
+    text = json.dumps(gen, indent=3)
+    (scratch.base / "generation_config.json").write_text(text)
+    out = import_fusar_gpt(scratch.base, scratch.lora, scratch.tlm, scratch.out)
+    assert (out / "generation_config.json").read_text() == text  # copied, not re-serialised
+    assert "generation_config.json" in json.loads((out / "manifest.json").read_text())["files"]
+    fusar = json.loads((out / "fusar.json").read_text())
+    assert fusar["max_new_tokens"] == 2048 and fusar["prompt_style"] == "reference"
+    # a setting the runtime cannot honour is refused at import, naming the file
+    (scratch.base / "generation_config.json").write_text(json.dumps({**gen, "num_beams": 3}))
+    with pytest.raises(BundleError) as exc:
+        import_fusar_gpt(scratch.base, scratch.lora, scratch.tlm, scratch.out, overwrite=True)
+    one_line(exc, scratch.base / "generation_config.json", "num_beams=3")
+
+
 def test_tlm_files_inside_the_adapter_folder(ckpt, imported, scratch):
     """The reference often writes vec64_film.pt / tlm_config.json next to the adapter."""
     for name in ("vec64_film.pt", "tlm_config.json"):

@@ -204,14 +204,14 @@ def test_prompt_bad_input():
 def test_detect_maps_to_original_pixels_non_square():
     r = det('[{"bbox_2d": [100, 50, 250, 400], "label": "ship"}]')
     # x * 1000 / 500, y * 600 / 500
-    assert r.value == [{"bbox_2d": [200.0, 60.0, 500.0, 480.0], "label": "ship"}]
+    assert r.value == [{"bbox_2d": [200.0, 60.0, 500.0, 480.0], "bbox_chip": [100, 50, 250, 400], "label": "ship"}]
     assert r.parse_error is None and r.flags == []
 
 
 def test_detect_rounding_at_504():
     r = det('[{"bbox_2d": [10, 20, 30, 41], "label": "ship"}]', geo=GEO504)
     # 10*1000/504=19.841.., 20*600/504=23.809.., 30*1000/504=59.523.., 41*600/504=48.809..
-    assert r.value == [{"bbox_2d": [19.84, 23.81, 59.52, 48.81], "label": "ship"}]
+    assert r.value == [{"bbox_2d": [19.84, 23.81, 59.52, 48.81], "bbox_chip": [10, 20, 30, 41], "label": "ship"}]
 
 
 @pytest.mark.parametrize("text", [
@@ -230,22 +230,22 @@ def test_detect_rounding_at_504():
 def test_detect_accepts_wrappings(text):
     r = det(text)
     assert r.parse_error is None, r.parse_error
-    assert r.value == [{"bbox_2d": [200.0, 60.0, 500.0, 480.0], "label": "ship"}]
+    assert r.value == [{"bbox_2d": [200.0, 60.0, 500.0, 480.0], "bbox_chip": [100, 50, 250, 400], "label": "ship"}]
 
 
 def test_detect_several_objects_not_in_a_list():
     r = det('{"bbox_2d": [0, 0, 10, 10], "label": "ship"},\n{"bbox_2d": [20, 20, 30, 30], '
             '"label": "tank"}')
-    assert r.value == [{"bbox_2d": [0.0, 0.0, 20.0, 12.0], "label": "ship"},
-                       {"bbox_2d": [40.0, 24.0, 60.0, 36.0], "label": "tank"}]
+    assert r.value == [{"bbox_2d": [0.0, 0.0, 20.0, 12.0], "bbox_chip": [0, 0, 10, 10], "label": "ship"},
+                       {"bbox_2d": [40.0, 24.0, 60.0, 36.0], "bbox_chip": [20, 20, 30, 30], "label": "tank"}]
 
 
 def test_detect_lenient_trailing_comma_and_python_literals():
     r = det('[{"bbox_2d": [0, 0, 10, 10], "label": "ship"},]')
-    assert r.value == [{"bbox_2d": [0.0, 0.0, 20.0, 12.0], "label": "ship"}]
+    assert r.value == [{"bbox_2d": [0.0, 0.0, 20.0, 12.0], "bbox_chip": [0, 0, 10, 10], "label": "ship"}]
     assert r.flags == ["lenient_json"]
     r = det("[{'bbox_2d': [0, 0, 10, 10], 'label': 'ship'}]")
-    assert r.value == [{"bbox_2d": [0.0, 0.0, 20.0, 12.0], "label": "ship"}]
+    assert r.value == [{"bbox_2d": [0.0, 0.0, 20.0, 12.0], "bbox_chip": [0, 0, 10, 10], "label": "ship"}]
     assert r.flags == ["lenient_json"]
 
 
@@ -262,9 +262,9 @@ def test_detect_none_answers(text):
 def test_detect_negative_coordinates_clipped_real_output():
     # A real FUSAR-GPT output shape, at the real chip size.
     r = det('[{"bbox_2d": [-35, 134, 95, 246], "label": "ship"}]', geo=GEO504)
-    # x1 -> 0; 95*1000/504 = 188.492; 134*600/504 = 159.524; 246*600/504 = 292.857
-    assert r.value == [{"bbox_2d": [0.0, 159.52, 188.49, 292.86], "label": "ship",
-                        "clipped": True}]
+    # x1 -> 0; 95*1000/504 = 188.492; 134*600/504 = 159.524; 246*600/504 = 292.857; the raw box survives
+    assert r.value == [{"bbox_2d": [0.0, 159.52, 188.49, 292.86], "bbox_chip": [-35, 134, 95, 246],
+                        "label": "ship", "clipped": True}]
     assert r.flags == ["clipped_boxes"]
     assert r.parse_error is None
 
@@ -273,26 +273,39 @@ def test_detect_out_of_range_clipped_only_that_box():
     r = det('[{"bbox_2d": [400, -10, 600, 100], "label": "ship"}, '
             '{"bbox_2d": [10, 10, 20, 20], "label": "ship"}]')
     assert r.value == [
-        {"bbox_2d": [800.0, 0.0, 1000.0, 120.0], "label": "ship", "clipped": True},
-        {"bbox_2d": [20.0, 12.0, 40.0, 24.0], "label": "ship"},
+        {"bbox_2d": [800.0, 0.0, 1000.0, 120.0], "bbox_chip": [400, -10, 600, 100], "label": "ship", "clipped": True},
+        {"bbox_2d": [20.0, 12.0, 40.0, 24.0], "bbox_chip": [10, 10, 20, 20], "label": "ship"},
     ]
     assert r.flags == ["clipped_boxes"]
 
 
-def test_detect_degenerate_boxes_dropped():
+def test_detect_degenerate_boxes_flagged_not_dropped():
     r = det('[{"bbox_2d": [50, 50, 50, 80], "label": "a"}, '   # zero width
             '{"bbox_2d": [60, 90, 70, 10], "label": "b"}, '    # y1 > y2
             '{"bbox_2d": [-40, 10, -5, 30], "label": "c"}, '   # entirely left of the chip
-            '{"bbox_2d": [1, 2, 3, 4], "label": "d"}]')
-    assert r.value == [{"bbox_2d": [2.0, 2.4, 6.0, 4.8], "label": "d"}]
-    assert r.flags == ["dropped_degenerate_boxes"]
+            '{"bbox_2d": [1, 2, 3, 4.5], "label": "d"}]')
+    assert [d["bbox_chip"] for d in r.value] == [[50, 50, 50, 80], [60, 90, 70, 10], [-40, 10, -5, 30], [1, 2, 3, 4.5]]
+    assert [d.get("degenerate", False) for d in r.value] == [True, True, True, False]
+    assert r.value[2] == {"bbox_2d": [0.0, 12.0, 0.0, 36.0], "bbox_chip": [-40, 10, -5, 30], "label": "c",
+                          "clipped": True, "degenerate": True}
+    assert r.value[3] == {"bbox_2d": [2.0, 2.4, 6.0, 5.4], "bbox_chip": [1, 2, 3, 4.5], "label": "d"}
+    assert r.flags == ["degenerate_boxes", "clipped_boxes"]
     assert r.parse_error is None
+
+
+def test_detect_reference_ground_truth_boxes_survive_raw():
+    """Boxes of the reference's examples/detection.jsonl, outside [0, 504], come back unchanged."""
+    text = '[{"bbox_2d": [-35, 134, 95, 246], "label": "ship"}, {"bbox_2d": [408, 365, 509, 473], "label": "ship"}]'
+    r = det(text, geo=GEO504)
+    assert [d["bbox_chip"] for d in r.value] == [[-35, 134, 95, 246], [408, 365, 509, 473]]
+    assert all(isinstance(v, int) for d in r.value for v in d["bbox_chip"])
+    assert all(d["clipped"] for d in r.value) and not any("degenerate" in d for d in r.value)
 
 
 def test_detect_label_fallback_and_missing_label():
     text = '[{"bbox_2d": [0, 0, 10, 10]}]'
     r = det(text, label="ship")
-    assert r.value == [{"bbox_2d": [0.0, 0.0, 20.0, 12.0], "label": "ship"}]
+    assert r.value == [{"bbox_2d": [0.0, 0.0, 20.0, 12.0], "bbox_chip": [0, 0, 10, 10], "label": "ship"}]
     r = det(text)
     assert r.value is None and r.parse_error == "detect answer: detection 0 has no label"
 
@@ -354,7 +367,7 @@ def test_count_from_boxes():
 def _cell(name):
     for row, names in enumerate(GRID_CELLS):
         if name in names:
-            return {"cell": name, "row": row, "col": names.index(name), "bbox_2d": None}
+            return {"cell": name, "row": row, "col": names.index(name), "bbox_2d": None, "bbox_chip": None}
     raise AssertionError(name)
 
 
@@ -384,7 +397,10 @@ def test_locate_words(text, cell):
 ])
 def test_locate_box(text, cell, row, col, bbox):
     r = parse_answer("locate", text, **GEO)
-    assert r.value == {"cell": cell, "row": row, "col": col, "bbox_2d": bbox}
+    assert {k: v for k, v in r.value.items() if k != "bbox_chip"} == {"cell": cell, "row": row, "col": col,
+                                                                        "bbox_2d": bbox}
+    # the raw chip box maps to bbox_2d (x * 1000 / 500, y * 600 / 500)
+    assert r.value["bbox_chip"] == [v * 500 / 1000 if i % 2 == 0 else v * 500 / 600 for i, v in enumerate(bbox)]
     assert r.parse_error is None
 
 
@@ -392,7 +408,7 @@ def test_locate_box_clipped_and_flags():
     r = parse_answer("locate", "[-20, 420, 100, 560] bottom-left", **GEO)
     # clipped to [0, 420, 100, 500]; centre (50, 460) -> bottom-left
     assert r.value == {"cell": "bottom-left", "row": 2, "col": 0,
-                       "bbox_2d": [0.0, 504.0, 200.0, 600.0]}
+                       "bbox_2d": [0.0, 504.0, 200.0, 600.0], "bbox_chip": [-20, 420, 100, 560]}
     assert r.flags == ["clipped_boxes"]
     r = parse_answer("locate", "[400, 10, 490, 60] in the lower left", **GEO)
     assert r.value["cell"] == "top-right"  # the box wins over words
@@ -404,8 +420,8 @@ def test_locate_box_clipped_and_flags():
 
 def test_locate_degenerate_box_falls_back_to_words():
     r = parse_answer("locate", "[50, 50, 50, 50], near the top right", **GEO)
-    assert r.value == _cell("top-right")
-    assert r.flags == ["dropped_degenerate_boxes"]
+    assert r.value == {**_cell("top-right"), "bbox_chip": [50, 50, 50, 50]}
+    assert r.flags == ["degenerate_boxes"]
 
 
 def test_locate_none_and_unparseable():
@@ -461,7 +477,8 @@ def test_parse_answer_bad_caller_input():
 def test_to_json_plain():
     r = det('[{"bbox_2d": [-5, 0, 10, 10], "label": "ship"}]')
     j = r.to_json()
-    assert j == {"value": [{"bbox_2d": [0.0, 0.0, 20.0, 12.0], "label": "ship", "clipped": True}],
+    assert j == {"value": [{"bbox_2d": [0.0, 0.0, 20.0, 12.0], "bbox_chip": [-5, 0, 10, 10], "label": "ship",
+                            "clipped": True}],
                  "parse_error": None, "flags": ["clipped_boxes"]}
     assert json.loads(json.dumps(j)) == j
     assert ParsedAnswer(None, "bad").to_json() == {"value": None, "parse_error": "bad", "flags": []}
@@ -484,3 +501,25 @@ def test_parse_answer_never_raises_on_garbage():
     for task in TASKS:
         r = parse_answer(task, deep, **GEO504)
         assert "parser_exception" not in r.flags, r.parse_error
+
+
+# ----------------------------------------------------------------------------- reference prompts
+
+@pytest.mark.parametrize("task", ["count", "locate", "classify", "caption", "detect"])
+def test_reference_style_sends_the_question_as_given(task):
+    """Imported FUSAR-GPT checkpoints: no template, no label rewriting, `<image>` removed, stripped."""
+    q = "  <image>How many ships are moored here? "
+    assert build_prompt(task, q, style="reference") == "How many ships are moored here?"
+    assert build_prompt(task, "Detect the ships", style="reference") == "Detect the ships"
+
+
+def test_reference_style_detect_with_a_label_is_the_reference_prompt_byte_for_byte():
+    prompt = build_prompt("detect", "anything at all", label="ship", style="reference")
+    assert prompt == DETECT_PROMPT.replace("{label}", "ship")
+    assert "object: ship. Output each detected target\u2019s bbox" in prompt  # label kept as given
+    assert build_prompt("count", "How many ships?", label="ship", style="reference") == "How many ships?"
+
+
+def test_unknown_prompt_style_is_refused():
+    with pytest.raises(InputError, match="prompt style"):
+        build_prompt("count", "How many?", style="fancy")

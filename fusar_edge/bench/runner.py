@@ -219,6 +219,8 @@ def run_baseline_request(rt, settings: BenchSettings, clock: StageClock) -> dict
         "image_grid_thw": torch.cat([r.grid_thw for r in reqs]).to(dev),
     }
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    # what Qwen's processor returns: transformers 5 computes M-RoPE positions only when it is given
+    inputs["mm_token_type_ids"] = (inputs["input_ids"] == backbone.config.image_token_id).int()
     clock.mark("preprocess")
     stop = rt.tokenizer.stop_ids
     config = GenerationConfig(max_new_tokens=settings.new_tokens, min_new_tokens=settings.new_tokens,

@@ -74,8 +74,12 @@ def write_manifest(bundle: Path) -> Path:
 
 
 def save_bundle(model: FusarModel, tokenizer, out_dir: str | Path, overwrite: bool = False,
-                manifest: bool = True) -> Path:
-    """``manifest=False``: leave manifest.json to the caller (export adds files, then hashes once)."""
+                manifest: bool = True, copy_files: dict[str, Path] | None = None) -> Path:
+    """``manifest=False``: leave manifest.json to the caller (export adds files, then hashes once).
+
+    ``copy_files``: bundle file name -> source file copied byte for byte, e.g. the checkpoint's
+    own ``generation_config.json`` in place of the one transformers derives from the config.
+    """
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise BundleError(f"{out}: already exists (pass overwrite=True / --force to replace it)")
@@ -87,6 +91,8 @@ def save_bundle(model: FusarModel, tokenizer, out_dir: str | Path, overwrite: bo
         save_file(state, str(tmp / FUSAR_WEIGHTS), metadata={"format": "pt"})
         (tmp / FUSAR_JSON).write_text(json.dumps(model.config.to_fusar_json(), indent=2), encoding="utf-8")
         tokenizer.save(tmp)
+        for name, src in (copy_files or {}).items():
+            shutil.copyfile(src, tmp / name)
         if manifest:
             write_manifest(tmp)
         if out.exists():
@@ -226,6 +232,12 @@ def open_model(bundle: str | Path | None, dtype: torch.dtype | None = None, devi
     return model, tok, sha256(manifest) if manifest.is_file() else "unhashed"
 
 
+def _generation_record(bundle: str) -> dict:
+    from ..generation import GenerationSettings
+
+    return GenerationSettings.from_bundle(bundle if Path(bundle).is_dir() else None).record()
+
+
 def describe(bundle: str | Path) -> dict:
     """Summary of a bundle or preset for ``fusar-edge info`` (reads configs, not weights)."""
     name = str(bundle)
@@ -249,6 +261,9 @@ def describe(bundle: str | Path) -> dict:
         "tlm": cfg.to_fusar_json()["tlm"],
         "grasp": cfg.to_fusar_json()["grasp"],
         "aef_years": cfg.aef_years,
+        "prompt_style": cfg.prompt_style,
+        "max_new_tokens": cfg.max_new_tokens,
+        "generation": _generation_record(name),
         "files": {k: v["bytes"] for k, v in files.items()},
         "size_mb": round(sum(v["bytes"] for v in files.values()) / 2**20, 2) if files else None,
     }

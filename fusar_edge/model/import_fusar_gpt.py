@@ -11,7 +11,11 @@ Inputs (kklvyyhadr/FUSAR-GPT, MIT):
   need the training sigma given explicitly (the reference demands the same).
 
 The LoRA is merged into the base weights (PEFT ``merge_and_unload``), the TLM MLP is
-converted to safetensors, GRASP stays off (FUSAR-GPT has none), and a bundle is written.
+converted to safetensors, GRASP stays off (FUSAR-GPT has none), and a bundle is written with
+what the reference inference does around the forward: the base folder's
+``generation_config.json`` copied unchanged (``generate(do_sample=False)`` applies it, e.g.
+Qwen2.5-VL-Instruct's ``repetition_penalty: 1.05``), up to 2048 new tokens (the reference's
+``max_new_tokens``), and the question sent as given (``prompt_style: reference``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 
 from ..config import FusarConfig, GRASPConfig, TLMConfig, load_backbone_json
 from ..errors import BundleError
+from ..generation import GENERATION_CONFIG, GenerationSettings
 from .bundle import load_backbone, save_bundle
 from .fusar import FusarModel
 
@@ -36,6 +41,19 @@ LEGACY_ADAPTER_KEYS = {
     r"^visual\.": "model.visual.",
     r"^model\.(?!language_model\.|visual\.)": "model.language_model.",
 }
+# The reference's max_new_tokens (infer_val.py): Qwen writes one token per digit, so 512 cuts
+# off answers with more than ~17 boxes.
+REFERENCE_MAX_NEW_TOKENS = 2048
+
+
+def remap_legacy_module_name(name: str) -> str:
+    """A module name of the old layout (``model.layers.0.self_attn.q_proj``) in the current one,
+    by the same rules as the adapter's keys; suffixes such as ``q_proj`` are unchanged."""
+    for pattern, repl in LEGACY_ADAPTER_KEYS.items():
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    return name
 
 
 def read_tlm_config(tlm_dir: Path, legacy_sigma: float | None) -> dict:
@@ -104,6 +122,11 @@ def merge_lora(base_dir: Path, lora_dir: Path):
     backbone_kwargs = load_backbone_json(base_dir / "config.json")
     base = load_backbone(base_dir)
     lora_config.inference_mode = True
+    targets = lora_config.target_modules
+    if isinstance(targets, (set, list, tuple)):  # a string is a regex: PEFT matches it as written
+        # The reference saves full module names (train_tlm.py lists every LLM linear); a legacy
+        # adapter lists them in the old layout, which no module of the current one matches.
+        lora_config.target_modules = {remap_legacy_module_name(t) for t in targets}
     try:
         # What PeftModel.from_pretrained does, but keeping the load result: PEFT only *warns*
         # about adapter tensors it could not place, which would silently drop the fine-tune.
@@ -135,6 +158,11 @@ def import_fusar_gpt(base: str | Path, lora: str | Path, tlm: str | Path, out: s
             raise BundleError(f"{path}: {name} must be a directory")
     tlm_cfg = read_tlm_config(tlm, legacy_sigma)
     film = read_film_state(tlm)
+    copy_files = {}
+    gen_path = base / GENERATION_CONFIG
+    if gen_path.is_file():  # refused settings are named now, not at the first question
+        GenerationSettings.from_bundle(base)
+        copy_files[GENERATION_CONFIG] = gen_path
     tok_path = lora / "tokenizer.json" if (lora / "tokenizer.json").is_file() else base / "tokenizer.json"
     tokenizer = TextTokenizer.from_file(tok_path)
     progress(f"[1/3] loading {base} and merging the LoRA adapter {lora}")
@@ -145,6 +173,8 @@ def import_fusar_gpt(base: str | Path, lora: str | Path, tlm: str | Path, out: s
         chip_size=int(tlm_cfg["image_size"]),
         tlm=TLMConfig(enabled=True, vec_dim=64, hidden_mult=int(tlm_cfg["hidden_mult"]), sigma=float(tlm_cfg["sigma"])),
         grasp=GRASPConfig(enabled=False),
+        max_new_tokens=REFERENCE_MAX_NEW_TOKENS,
+        prompt_style="reference",
     )
     model = FusarModel(config, backbone=merged)
     try:
@@ -155,4 +185,4 @@ def import_fusar_gpt(base: str | Path, lora: str | Path, tlm: str | Path, out: s
     model.tlm.to(merged.dtype)
     progress(f"[2/3] TLM: sigma {config.tlm.sigma}, hidden_mult {config.tlm.hidden_mult}, chip {config.chip_size}")
     progress(f"[3/3] writing bundle {out}")
-    return save_bundle(model, tokenizer, out, overwrite=overwrite)
+    return save_bundle(model, tokenizer, out, overwrite=overwrite, copy_files=copy_files)
