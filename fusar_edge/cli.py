@@ -124,10 +124,11 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="replace DIR if it exists")
     x.add_argument("--json", action="store_true", help="print the export report as JSON")
 
-    from . import cli_bench, cli_tiles
+    from . import cli_bench, cli_data, cli_tiles
 
     cli_tiles.add_parser(sub)
     cli_bench.add_parser(sub)
+    cli_data.add_parser(sub)
 
     s = sub.add_parser("sample", help="write a synthetic SAR scene and anchor set to try `ask` on")
     s.add_argument("out", help="directory to write scene.tif, scene.png, anchors.npz into")
@@ -234,6 +235,12 @@ def cmd_bench(args) -> int:
     return cli_bench.run(args)
 
 
+def cmd_data(args) -> int:
+    from . import cli_data
+
+    return cli_data.run(args)
+
+
 def cmd_tiles(args) -> int:
     from . import cli_tiles
 
@@ -241,7 +248,7 @@ def cmd_tiles(args) -> int:
 
 
 COMMANDS = {"ask": cmd_ask, "info": cmd_info, "import-fusar-gpt": cmd_import, "sample": cmd_sample,
-            "tiles": cmd_tiles, "export": cmd_export, "bench": cmd_bench}
+            "tiles": cmd_tiles, "export": cmd_export, "bench": cmd_bench, "data": cmd_data}
 MODEL_COMMANDS = ("ask", "info", "import-fusar-gpt", "export", "bench")  # the ones that load transformers
 
 

@@ -1,0 +1,100 @@
+"""Questions and answers about a synthetic scene, as rows of the reference's training manifest.
+
+Each row is what FUSAR-GPT's ``data.TripletDataset`` reads (``image``, ``aef``, ``question``,
+``answer``, ``coordinate_size``), plus ``id``, ``task`` (count / locate / classify / detect /
+caption, for evaluation), ``group`` (``distractors`` when the scene has ship-like objects on
+land, else ``clean``) and ``scene``; the reference ignores keys it does not use.
+
+- **stage 1 (captions)**: what the terrain is, how it is laid out, what lies where (3x3 cells).
+- **stage 2 (tasks)**: counting ("How many ships ...?" -> "3"), 3x3-grid localisation of a
+  single target ("top-left"), classification of the object in a given box ("ship", "aircraft",
+  "oil tank", "building", "rock"), and detection with the reference's detection prompt
+  (``[{"bbox_2d": [x1, y1, x2, y2], "label": "ship"}]`` in chip pixels, or ``None``).
+
+Boxes in answers are in the chip frame (``coordinate_size``): the scene's pixel box scaled by
+``coordinate_size / scene side``, x2/y2 as the pixel just past the target.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+from ..tasks import DETECT_PROMPT, GRID_CELLS
+from .scene import COVER, TARGET_LABELS, Target
+
+PLURAL = {"ship": "ships", "aircraft": "aircraft", "oil tank": "oil tanks"}
+COUNT_QUESTIONS = ("How many {p} are there in this image?", "How many {p} are in the image?",
+                   "Count the {p} in this image.", "What is the number of {p} in this SAR image?")
+LOCATE_QUESTIONS = ("Where is the {l} in this image? Answer with a cell of a 3x3 grid.",
+                    "Which part of the image contains the {l}?")
+CLASSIFY_QUESTIONS = ("What is the object in the box {box}?", "Classify the target at {box}.")
+CAPTION_QUESTIONS = ("Describe this SAR image.", "Describe the scene.", "What does this image show?")
+
+
+def cell_of(box: list[float], size: int) -> str:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return GRID_CELLS[min(int(cy * 3 / size), 2)][min(int(cx * 3 / size), 2)]
+
+
+def chip_box(t: Target, scale: float) -> list[int]:
+    return [int(round(v * scale)) for v in t.box]
+
+
+def caption(cover: np.ndarray, targets: list[Target], size: int, scale: float) -> str:
+    """Terrain, layout and what lies where, in plain sentences."""
+    frac = np.bincount(cover.ravel(), minlength=4) / cover.size
+    parts = [f"{COVER[i]} {round(100 * frac[i])}%" for i in np.argsort(-frac) if frac[i] >= 0.02]
+    kind = ("open sea" if frac[0] > 0.97 else "coastline" if frac[0] > 0.05 else "inland terrain")
+    text = [f"A SAR image of {kind}: {', '.join(parts)}."]
+    if 0.05 < frac[0] < 0.95:
+        h = cover.shape[0]
+        water_cells = {cell_of([x, y, x + 1, y + 1], h) for y in range(h // 6, h, h // 3)
+                       for x in range(h // 6, h, h // 3) if cover[y, x] == 0}
+        if water_cells:
+            text.append(f"Water lies at the {', '.join(sorted(water_cells))}.")
+    if frac[3] > 0:
+        text.append("A runway crosses the scene.")
+    for label in TARGET_LABELS + ("building", "rock"):
+        where = [cell_of(chip_box(t, scale), size) for t in targets if t.label == label]
+        if where:
+            name = PLURAL.get(label, label + "s") if len(where) > 1 else label
+            text.append(f"{len(where)} {name} at the {', '.join(where)}.")
+    if not any(t.label in TARGET_LABELS for t in targets):
+        text.append("No ships, aircraft or oil tanks.")
+    return " ".join(text)
+
+
+def scene_rows(rng: np.random.Generator, scene_id: str, image: str, aef: str, cover: np.ndarray,
+               targets: list[Target], size: int, group: str) -> tuple[list[dict], list[dict]]:
+    """(stage-1 caption rows, stage-2 task rows) for one scene."""
+    scale = size / cover.shape[0]
+    base = {"image": image, "aef": aef, "coordinate_size": size, "scene": scene_id, "group": group}
+    captions = [{"id": f"{scene_id}-caption", **base, "task": "caption",
+                 "question": str(rng.choice(CAPTION_QUESTIONS)), "answer": caption(cover, targets, size, scale)}]
+    rows: list[dict[str, Any]] = []
+    present = {t.label for t in targets}
+    count_labels = ["ship"] + [lab for lab in ("aircraft", "oil tank") if lab in present]
+    for label in count_labels:
+        n = sum(t.label == label for t in targets)
+        q = str(rng.choice(COUNT_QUESTIONS)).format(p=PLURAL[label])
+        rows.append({"id": f"{scene_id}-count-{label.replace(' ', '_')}", **base, "task": "count",
+                     "question": q, "answer": str(n)})
+    for label in TARGET_LABELS:
+        of_label = [t for t in targets if t.label == label]
+        if len(of_label) == 1:
+            q = str(rng.choice(LOCATE_QUESTIONS)).format(l=label)
+            rows.append({"id": f"{scene_id}-locate-{label.replace(' ', '_')}", **base, "task": "locate",
+                         "question": q, "answer": cell_of(chip_box(of_label[0], scale), size)})
+    if targets:
+        t = targets[int(rng.integers(0, len(targets)))]
+        box = json.dumps(chip_box(t, scale))
+        q = str(rng.choice(CLASSIFY_QUESTIONS)).format(box=box)
+        rows.append({"id": f"{scene_id}-classify", **base, "task": "classify", "question": q, "answer": t.label})
+    ships = [{"bbox_2d": chip_box(t, scale), "label": "ship"} for t in targets if t.label == "ship"]
+    rows.append({"id": f"{scene_id}-detect-ship", **base, "task": "detect",
+                 "question": DETECT_PROMPT.replace("{label}", "ship"),
+                 "answer": json.dumps(ships) if ships else "None"})
+    return captions, rows
