@@ -98,7 +98,11 @@ def _parser() -> argparse.ArgumentParser:
                                    "vec64_film.pt / tlm_config.json) into one safetensors bundle.")
     m.add_argument("base", help="base Qwen2.5-VL folder (config.json, *.safetensors, tokenizer.json)")
     m.add_argument("lora", help="PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors)")
-    m.add_argument("tlm", help="folder with vec64_film.pt and tlm_config.json (often the adapter folder)")
+    m.add_argument("tlm", nargs="?", help="folder with vec64_film.pt and tlm_config.json (often the adapter folder); "
+                                          "omit it with --no-tlm")
+    m.add_argument("--no-tlm", action="store_true", help="a checkpoint trained without AEF: no TLM in the bundle")
+    m.add_argument("--chip", type=int, default=504, metavar="PX",
+                   help="with --no-tlm: the chip size it was trained at (default 504, the reference's)")
     m.add_argument("--out", required=True, help="bundle directory to write")
     m.add_argument("--legacy-sigma", type=float, help="TLM sigma for old checkpoints without tlm_config.json")
     m.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -124,11 +128,13 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="replace DIR if it exists")
     x.add_argument("--json", action="store_true", help="print the export report as JSON")
 
-    from . import cli_bench, cli_data, cli_tiles
+    from . import cli_bench, cli_data, cli_eval, cli_tiles, cli_train
 
     cli_tiles.add_parser(sub)
     cli_bench.add_parser(sub)
     cli_data.add_parser(sub)
+    cli_train.add_parser(sub)
+    cli_eval.add_parser(sub)
 
     s = sub.add_parser("sample", help="write a synthetic SAR scene and anchor set to try `ask` on")
     s.add_argument("out", help="directory to write scene.tif, scene.png, anchors.npz into")
@@ -185,7 +191,10 @@ def cmd_info(args) -> int:
 def cmd_import(args) -> int:
     from .model.import_fusar_gpt import import_fusar_gpt
 
-    out = import_fusar_gpt(args.base, args.lora, args.tlm, args.out, legacy_sigma=args.legacy_sigma,
+    if (args.tlm is None) != args.no_tlm:
+        raise InputError("TLM: give the folder with vec64_film.pt / tlm_config.json, or --no-tlm for a checkpoint "
+                         "trained without AEF (not both)")
+    out = import_fusar_gpt(args.base, args.lora, args.tlm, args.out, legacy_sigma=args.legacy_sigma, chip_size=args.chip,
                            overwrite=args.force, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"wrote bundle {out}")
     return 0
@@ -235,6 +244,18 @@ def cmd_bench(args) -> int:
     return cli_bench.run(args)
 
 
+def cmd_eval(args) -> int:
+    from . import cli_eval
+
+    return cli_eval.run(args)
+
+
+def cmd_train(args) -> int:
+    from . import cli_train
+
+    return cli_train.run(args)
+
+
 def cmd_data(args) -> int:
     from . import cli_data
 
@@ -248,8 +269,9 @@ def cmd_tiles(args) -> int:
 
 
 COMMANDS = {"ask": cmd_ask, "info": cmd_info, "import-fusar-gpt": cmd_import, "sample": cmd_sample,
-            "tiles": cmd_tiles, "export": cmd_export, "bench": cmd_bench, "data": cmd_data}
-MODEL_COMMANDS = ("ask", "info", "import-fusar-gpt", "export", "bench")  # the ones that load transformers
+            "tiles": cmd_tiles, "export": cmd_export, "bench": cmd_bench, "data": cmd_data,
+            "train": cmd_train, "eval": cmd_eval}
+MODEL_COMMANDS = ("ask", "info", "import-fusar-gpt", "export", "bench", "train", "eval")  # the ones that load transformers
 
 
 def main(argv: list[str] | None = None) -> int:

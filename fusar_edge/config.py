@@ -188,6 +188,7 @@ TINY_SPECIAL_TOKENS = {
     "<|video_pad|>": 7,
 }
 TINY_VOCAB_SIZE = 1024
+DEMO_VOCAB_SIZE = 640  # the demo tokenizer's 580 ids, padded to a multiple of 64 (as Qwen pads its embedding)
 
 
 def _tiny() -> FusarConfig:
@@ -252,6 +253,30 @@ def _small() -> FusarConfig:
         # head_dim 64: the sections sum to head_dim / 2
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [8, 12, 12]},
     })
+    return cfg
+
+
+def _demo() -> FusarConfig:
+    """The trained demo's architecture: sized to learn the synthetic SAR tasks on 2 CPU cores.
+
+    224-px chips (64 visual tokens), a 4-block ViT and a 4-layer language model of width 192
+    (~2.5M parameters, ~10 MB in fp32), the demo tokenizer (digits one token each, as Qwen's),
+    TLM on, GRASP off (FUSAR-GPT has none); prompts as the reference sends them.
+    """
+    cfg = _tiny()
+    hidden = 192
+    cfg.name = "demo"
+    cfg.backbone["vision_config"].update({"depth": 4, "hidden_size": 96, "intermediate_size": 192, "num_heads": 4,
+                                          "fullatt_block_indexes": [1, 3], "out_hidden_size": hidden})
+    cfg.backbone["text_config"].update({
+        "vocab_size": DEMO_VOCAB_SIZE, "hidden_size": hidden, "intermediate_size": 512, "num_hidden_layers": 4,
+        "num_attention_heads": 6, "num_key_value_heads": 2,
+        # head_dim 32: the sections sum to head_dim / 2
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+    })
+    cfg.grasp = GRASPConfig(enabled=False)
+    cfg.max_new_tokens = 256
+    cfg.prompt_style = "reference"
     return cfg
 
 
@@ -329,7 +354,7 @@ def _qwen_7b() -> FusarConfig:
                  num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4)
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "qwen2.5-vl-3b": _qwen_3b, "qwen2.5-vl-7b": _qwen_7b}
+PRESETS = {"tiny": _tiny, "small": _small, "demo": _demo, "qwen2.5-vl-3b": _qwen_3b, "qwen2.5-vl-7b": _qwen_7b}
 
 
 def preset(name: str) -> FusarConfig:

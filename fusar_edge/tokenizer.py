@@ -55,6 +55,12 @@ class TextTokenizer:
         return cls(Tokenizer.from_str(ref.read_text(encoding="utf-8")), "tiny preset tokenizer")
 
     @classmethod
+    def demo(cls) -> "TextTokenizer":
+        """The demo preset's tokenizer (scripts/build_demo_tokenizer.py): digits one token each."""
+        ref = resources.files("fusar_edge") / "assets" / "demo_tokenizer.json"
+        return cls(Tokenizer.from_str(ref.read_text(encoding="utf-8")), "demo preset tokenizer")
+
+    @classmethod
     def stand_in(cls, special_ids: dict[str, int]) -> "TextTokenizer":
         """The tiny tokenizer with its special tokens moved to ``special_ids`` (a real model's).
 

@@ -224,6 +224,8 @@ def open_model(bundle: str | Path | None, dtype: torch.dtype | None = None, devi
         model = build_random(cfg, dtype=dtype or torch.float32, device=device)
         if name in ("tiny", "small"):  # both use the tiny vocabulary
             tok = TextTokenizer.tiny()
+        elif name == "demo":
+            tok = TextTokenizer.demo()
         else:  # the true-size presets: real special ids and vocabulary width, for benchmarks
             tok = TextTokenizer.stand_in(QWEN_SPECIAL_TOKENS)
         return model, tok, "random"

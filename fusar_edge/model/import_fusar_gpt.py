@@ -144,20 +144,31 @@ def merge_lora(base_dir: Path, lora_dir: Path):
     return peft_model.merge_and_unload(), backbone_kwargs
 
 
-def import_fusar_gpt(base: str | Path, lora: str | Path, tlm: str | Path, out: str | Path,
+def import_fusar_gpt(base: str | Path, lora: str | Path, tlm: str | Path | None, out: str | Path,
                      legacy_sigma: float | None = None, overwrite: bool = False,
-                     progress: Callable[[str], None] = lambda msg: None) -> Path:
-    """Merge the checkpoint and write a bundle; ``progress`` receives one line per step."""
+                     progress: Callable[[str], None] = lambda msg: None, chip_size: int = 504) -> Path:
+    """Merge the checkpoint and write a bundle; ``progress`` receives one line per step.
+
+    ``tlm=None``: a checkpoint trained without AEF (the reference's ``train_no_aef.py``, or
+    ``fusar-edge train --no-aef``): the bundle has no TLM and its chip is ``chip_size``.
+    """
     from ..tokenizer import TextTokenizer
 
-    base, lora, tlm, out = Path(base), Path(lora), Path(tlm), Path(out)
+    base, lora, out = Path(base), Path(lora), Path(out)
+    tlm = Path(tlm) if tlm is not None else None
     if out.exists() and not overwrite:  # before minutes of loading and merging, not after
         raise BundleError(f"{out}: already exists (pass overwrite=True / --force to replace it)")
     for name, path in (("BASE", base), ("LORA", lora), ("TLM", tlm)):
-        if not path.is_dir():
+        if path is not None and not path.is_dir():
             raise BundleError(f"{path}: {name} must be a directory")
-    tlm_cfg = read_tlm_config(tlm, legacy_sigma)
-    film = read_film_state(tlm)
+    if tlm is not None:
+        tlm_cfg = read_tlm_config(tlm, legacy_sigma)
+        film = read_film_state(tlm)
+        chip_size = int(tlm_cfg["image_size"])
+        tlm_config = TLMConfig(enabled=True, vec_dim=64, hidden_mult=int(tlm_cfg["hidden_mult"]),
+                               sigma=float(tlm_cfg["sigma"]))
+    else:
+        tlm_config = TLMConfig(enabled=False)
     copy_files = {}
     gen_path = base / GENERATION_CONFIG
     if gen_path.is_file():  # refused settings are named now, not at the first question
@@ -170,19 +181,26 @@ def import_fusar_gpt(base: str | Path, lora: str | Path, tlm: str | Path, out: s
     config = FusarConfig(
         name=f"fusar-gpt:{base.name}",
         backbone=backbone_kwargs,
-        chip_size=int(tlm_cfg["image_size"]),
-        tlm=TLMConfig(enabled=True, vec_dim=64, hidden_mult=int(tlm_cfg["hidden_mult"]), sigma=float(tlm_cfg["sigma"])),
+        chip_size=chip_size,
+        tlm=tlm_config,
         grasp=GRASPConfig(enabled=False),
         max_new_tokens=REFERENCE_MAX_NEW_TOKENS,
         prompt_style="reference",
     )
-    model = FusarModel(config, backbone=merged)
     try:
-        model.tlm.film_mlp.load_state_dict(film, strict=True)
-    except RuntimeError as exc:
-        raise BundleError(f"{tlm / 'vec64_film.pt'}: film_mlp does not fit hidden size {config.hidden_size} "
-                          f"and hidden_mult {config.tlm.hidden_mult} ({' '.join(str(exc).split())[:400]})") from None
-    model.tlm.to(merged.dtype)
-    progress(f"[2/3] TLM: sigma {config.tlm.sigma}, hidden_mult {config.tlm.hidden_mult}, chip {config.chip_size}")
+        config.validate()
+    except BundleError as exc:
+        raise BundleError(f"--chip: {exc}") from None
+    model = FusarModel(config, backbone=merged)
+    if model.tlm is not None:
+        try:
+            model.tlm.film_mlp.load_state_dict(film, strict=True)
+        except RuntimeError as exc:
+            raise BundleError(f"{tlm / 'vec64_film.pt'}: film_mlp does not fit hidden size {config.hidden_size} "
+                              f"and hidden_mult {config.tlm.hidden_mult} ({' '.join(str(exc).split())[:400]})") from None
+        model.tlm.to(merged.dtype)
+        progress(f"[2/3] TLM: sigma {config.tlm.sigma}, hidden_mult {config.tlm.hidden_mult}, chip {config.chip_size}")
+    else:
+        progress(f"[2/3] no TLM (trained without AEF), chip {config.chip_size}")
     progress(f"[3/3] writing bundle {out}")
     return save_bundle(model, tokenizer, out, overwrite=overwrite, copy_files=copy_files)

@@ -1,0 +1,67 @@
+"""``fusar-edge eval``: a manifest's rows through one model, then the paper's metrics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+EPILOG = """examples:
+  fusar-edge eval bundles/demo --data data/synth/stage2-test.jsonl --out runs/eval-demo
+  fusar-edge eval bundles/demo --data data/synth/stage2-test.jsonl --out runs/eval-noaef --no-anchors
+  fusar-edge eval bundles/demo-int4 --data data/synth/stage2-test.jsonl --out runs/eval-int4 --backend onnxruntime
+
+Writes predictions.jsonl (the reference infer_val.py rows + task, group, token_ids),
+metrics.json, metrics.md and metrics.png into OUT. Metric definitions:
+fusar_edge/evaluate/metrics.py.
+"""
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser("eval", help="evaluate a bundle on a manifest with the paper's metrics",
+                       description="Answer every row of a reference-format manifest with one model load, write the "
+                                   "rows as infer_val.py does, and score them: counting exact match and MAE, "
+                                   "classification exact match, 3x3 localisation top-1, detection P/R/F1 at IoU "
+                                   "0.25 and 0.5.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("bundle", help="bundle directory or preset name")
+    e.add_argument("--data", required=True, metavar="MANIFEST", help="JSONL/JSON rows (image, aef, question, answer)")
+    e.add_argument("--out", required=True, metavar="DIR", help="directory for predictions and metrics")
+    e.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
+    e.add_argument("--no-anchors", action="store_true", help="answer without the rows' AEF anchors (TLM skipped)")
+    e.add_argument("--limit", type=int, metavar="N", help="only the first N rows")
+    e.add_argument("--threads", type=int, help="intra-op threads (torch or ONNX Runtime)")
+    e.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
+
+
+def run(args) -> int:
+    import torch
+
+    from .evaluate.report import markdown_table
+    from .evaluate.runner import evaluate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bar = {}
+
+    def progress(done: int, total: int) -> None:
+        if args.json:
+            return
+        if "bar" not in bar:
+            from tqdm import tqdm
+
+            bar["bar"] = tqdm(total=total, desc="eval", unit="row", file=sys.stderr, dynamic_ncols=True)
+        bar["bar"].update(done - bar["bar"].n)
+
+    try:
+        report = evaluate(args.bundle, args.data, args.out, backend=args.backend, no_anchors=args.no_anchors,
+                          limit=args.limit, threads=args.threads, progress=progress)
+    finally:
+        if "bar" in bar:
+            bar["bar"].close()
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(markdown_table([report]), end="")
+        print(f"wrote {args.out} ({report['rows']} rows in {report['seconds']} s)")
+    return 0

@@ -1,0 +1,85 @@
+"""``fusar-edge eval``: every row of a manifest through one runtime, then the metrics.
+
+One model load for the whole manifest. Each row is answered as the reference's
+``infer_val.py`` answers it (the question as given, the row's AEF anchors, greedy decoding
+with the bundle's generation settings) and written as an ``infer_val.py`` row (``id,
+coordinate_size, question, gt, prediction_text, detections, parse_error``) plus ``task``,
+``group``, ``scene`` and the answer's ``token_ids``. ``detections`` holds the raw chip boxes
+(``bbox_chip``) for detection rows, as the reference's parser returns them.
+
+Outputs in ``OUT`` (each written to a temporary name and renamed): ``predictions.jsonl``,
+``metrics.json`` (``metrics.score`` per task and group, with the run's settings), ``metrics.md``
+(a table) and ``metrics.png`` (bars).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..errors import InputError
+from ..train.samples import read_manifest
+from . import metrics as M
+
+
+def eval_rows(runtime, rows: list[dict], no_anchors: bool = False,
+              progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    out = []
+    for i, row in enumerate(rows):
+        root = Path(row["_root"])
+        task = row.get("task")
+        ans = runtime.ask(root / row["image"], row["question"], anchors=None if no_anchors else root / row["aef"],
+                          task=task, no_anchors=no_anchors)
+        detections = None
+        if ans.task == "detect" and isinstance(ans.answer, list):
+            detections = [{"bbox_2d": d["bbox_chip"], "label": d["label"]} for d in ans.answer]
+        out.append({"id": row.get("id", i), "coordinate_size": row.get("coordinate_size", runtime.config.chip_size),
+                    "question": row["question"], "gt": row.get("answer"), "prediction_text": ans.text,
+                    "detections": detections, "parse_error": ans.parse_error, "task": ans.task,
+                    "group": row.get("group"), "scene": row.get("scene"), "token_ids": ans.token_ids})
+        if progress:
+            progress(i + 1, len(rows))
+    return out
+
+
+def evaluate(bundle, data: str | Path, out: str | Path, backend: str = "torch", no_anchors: bool = False,
+             limit: int | None = None, threads: int | None = None,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    from ..runtime import Runtime
+
+    rows = read_manifest(data)
+    if limit is not None:
+        if limit < 1:
+            raise InputError(f"--limit: expected a positive number of rows, got {limit}")
+        rows = rows[:limit]
+    for row in rows:  # a missing file is named now, not after an hour of inference
+        for key in ("image",) + (() if no_anchors else ("aef",)):
+            if not (Path(row["_root"]) / row[key]).is_file():
+                raise InputError(f"{data}: row {row.get('id', '?')}: {key} {row[key]!r} not found")
+    rt = Runtime.open(bundle, backend=backend, threads=threads)
+    t0 = time.perf_counter()
+    preds = eval_rows(rt, rows, no_anchors, progress)
+    seconds = time.perf_counter() - t0
+    scores = M.score(preds)
+    report = {"bundle": str(bundle), "weights": rt.weights, "backend": backend, "anchors": not no_anchors,
+              "data": str(data), "rows": len(rows), "seconds": round(seconds, 1),
+              "rows_per_s": round(len(rows) / seconds, 2) if seconds else None,
+              "metrics": scores, "headline": M.headline(scores)}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_text(out / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
+    _atomic_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
+    from .report import markdown_table, plot
+
+    _atomic_text(out / "metrics.md", markdown_table([report]))
+    plot([report], out / "metrics.png")
+    return report
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,170 @@
+"""The seeds' two-stage SFT recipe (FUSAR-GPT ``train_tlm.py``), plus a stage 0 for the demo.
+
+- **stage 0** (ours, for a model trained from scratch): full training of a preset (ViT, LLM and
+  TLM MLP together) on the captions and the tasks. A random base has nothing for LoRA to adapt,
+  so the demo gets this first; a real Qwen2.5-VL base skips it. Saves the base model as a
+  Hugging Face folder (``base/``) and its TLM (``vec64_film.pt`` + ``tlm_config.json``).
+- **stage 1** (knowledge injection): LoRA r 8, alpha 32, dropout 0.05 on every language-model
+  q/k/v/o/gate/up/down linear (listed by full module name, vision tower excluded, as
+  ``train_tlm.py`` does) + the TLM MLP; reference defaults 30 epochs, lr 1e-4. The TLM starts
+  from ``--init-tlm`` when given (the demo continues stage 0's), else fresh.
+- **stage 2** (tasks): the same LoRA continued (``--init-adapter``), TLM frozen; reference
+  defaults 5 epochs, lr 1e-5.
+
+Stages 1 and 2 save the **reference checkpoint layout** into ``OUT``: the PEFT adapter
+(``adapter_config.json`` + ``adapter_model.safetensors``), ``vec64_film.pt``
+(``{"film_mlp": state_dict}``) and ``tlm_config.json``, plus the tokenizer, so
+``fusar-edge import-fusar-gpt BASE OUT OUT --out BUNDLE`` imports our own training output.
+``--no-aef`` trains the same recipe without anchors or TLM (the paper's ablation); its
+checkpoints hold no TLM files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import FusarConfig, GRASPConfig, TLMConfig, load_backbone_json, preset
+from ..errors import InputError
+from ..model.bundle import build_random, load_backbone
+from ..model.fusar import FusarModel
+from ..model.import_fusar_gpt import TLM_FORMAT, read_film_state, read_tlm_config
+from ..tokenizer import TextTokenizer
+from .loop import TrainSettings, train
+from .samples import SampleBuilder, read_manifest
+
+LORA_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULTS = {0: {"epochs": 10.0, "lr": 1e-3}, 1: {"epochs": 30.0, "lr": 1e-4}, 2: {"epochs": 5.0, "lr": 1e-5}}
+
+
+@dataclass
+class StageArgs:
+    stage: int
+    data: list[str]
+    out: Path
+    preset: str = "demo"
+    base: Path | None = None
+    init_adapter: Path | None = None
+    init_tlm: Path | None = None
+    no_aef: bool = False
+    sigma: float = 2.0
+    max_length: int = 2048
+    settings: TrainSettings | None = None
+
+
+def lora_targets(backbone) -> list[str]:
+    """Full names of the language model's linears (train_tlm.py's list)."""
+    targets = [n for n, m in backbone.named_modules() if isinstance(m, torch.nn.Linear)
+               and n.endswith(LORA_SUFFIXES) and "visual" not in n.split(".")]
+    if not targets:
+        raise InputError("no language-model linear to put LoRA on (is BASE a Qwen2.5-VL model?)")
+    return targets
+
+
+def _config_for_base(base: Path, chip: int, tlm: bool, sigma: float, hidden_mult: int = 4) -> FusarConfig:
+    return FusarConfig(name=f"trained:{base.name}", backbone=load_backbone_json(base / "config.json"), chip_size=chip,
+                       tlm=TLMConfig(enabled=tlm, sigma=sigma, hidden_mult=hidden_mult),
+                       grasp=GRASPConfig(enabled=False), prompt_style="reference")
+
+
+def _rows(data: list[str]) -> list[dict]:
+    rows = []
+    for path in data:
+        rows += read_manifest(path)
+    return rows
+
+
+def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
+    """Run one stage; writes its outputs into ``args.out`` atomically (checkpoints live there meanwhile)."""
+    if args.stage not in (0, 1, 2):
+        raise InputError(f"--stage: expected 0, 1 or 2, got {args.stage}")
+    settings = args.settings or TrainSettings(**DEFAULTS[args.stage])
+    rows = _rows(args.data)
+    chip = rows[0].get("coordinate_size", 504)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model = None
+    if args.stage == 0:
+        cfg = preset(args.preset)
+        if cfg.chip_size != chip:
+            raise InputError(f"{args.data[0]}: coordinate_size {chip}, but preset {args.preset!r} has chip "
+                             f"{cfg.chip_size} (make the data with --chip {cfg.chip_size})")
+        cfg.tlm.enabled = not args.no_aef
+        cfg.grasp.enabled = False
+        cfg.tlm.sigma = args.sigma
+        model = build_random(cfg, seed=settings.seed)
+        tok = TextTokenizer.demo() if args.preset == "demo" else TextTokenizer.tiny()
+        params = {n: p for n, p in model.named_parameters()}
+    else:
+        if args.base is None:
+            raise InputError("--base: stages 1 and 2 need the base model folder (stage 0's OUT/base, or a "
+                             "Qwen2.5-VL checkpoint)")
+        base = Path(args.base)
+        tok = TextTokenizer.from_file(base / "tokenizer.json")
+        tlm_dir = args.init_adapter if args.stage == 2 else args.init_tlm
+        tlm_cfg = None if args.no_aef or tlm_dir is None else read_tlm_config(Path(tlm_dir), None)
+        sigma = float(tlm_cfg["sigma"]) if tlm_cfg else args.sigma
+        cfg = _config_for_base(base, chip, not args.no_aef, sigma)
+        backbone = load_backbone(base, dtype=torch.float32)
+        from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+
+        if args.stage == 1:
+            lora = LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=lora_targets(backbone), r=8,
+                              lora_alpha=32, lora_dropout=0.05, bias="none")
+            peft_model = get_peft_model(backbone, lora)  # LoRA layers go into backbone in place
+        else:
+            if args.init_adapter is None:
+                raise InputError("--init-adapter: stage 2 continues stage 1's LoRA (its OUT directory)")
+            peft_model = PeftModel.from_pretrained(backbone, str(args.init_adapter), is_trainable=True)
+        model = FusarModel(cfg, backbone=peft_model.get_base_model())
+        if model.tlm is not None and tlm_dir is not None:
+            model.tlm.film_mlp.load_state_dict(read_film_state(Path(tlm_dir)))
+        params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+        if args.stage == 1 and model.tlm is not None:
+            params.update({n: p for n, p in model.named_parameters() if n.startswith("tlm.")})
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in params)
+    builder = SampleBuilder(cfg, tok, max_length=args.max_length, use_anchors=not args.no_aef)
+    for row in rows:  # every row is checked (length, files) before the first step, not hours later
+        builder(row)
+    log_path = out / "train_log.jsonl"
+    with log_path.open("a", encoding="utf-8") as log:
+        result = train(model, params, rows, builder, settings, out, show_progress,
+                       log=lambda e: log.write(json.dumps(e) + "\n"))
+    _save(args, model, tok, peft_model, out)
+    summary = {"stage": args.stage, "rows": len(rows), "data": [str(d) for d in args.data],
+               "trainable_parameters": sum(p.numel() for p in params.values()), "no_aef": args.no_aef,
+               "settings": vars(settings), **{k: v for k, v in result.items() if k != "history"},
+               "final_loss": result["history"][-1]["loss"] if result["history"] else None}
+    (out / "train.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+def _save(args: StageArgs, model: FusarModel, tok: TextTokenizer, peft_model, out: Path) -> None:
+    """The stage's outputs, each written to a temporary name first and moved into place."""
+    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=out))
+    try:
+        if args.stage == 0:
+            model.backbone.save_pretrained(tmp / "base", safe_serialization=True)
+            tok.save(tmp / "base")
+        else:
+            peft_model.save_pretrained(str(tmp))
+            tok.save(tmp)
+        if model.tlm is not None:
+            torch.save({"film_mlp": model.tlm.film_mlp.state_dict()}, tmp / "vec64_film.pt")
+            cfg = model.config
+            (tmp / "tlm_config.json").write_text(json.dumps(
+                {"format": TLM_FORMAT, "sigma": cfg.tlm.sigma, "hidden_mult": cfg.tlm.hidden_mult,
+                 "image_size": cfg.chip_size, "vec_dim": 64}, indent=2), encoding="utf-8")
+        for item in tmp.iterdir():
+            target = out / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            item.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

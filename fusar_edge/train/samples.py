@@ -1,0 +1,112 @@
+"""Manifest rows -> training samples, as the reference's ``data.TripletCollator`` builds them.
+
+A row (``image``, ``aef``, ``question``, ``answer``, ``coordinate_size``; paths relative to
+the manifest) becomes: the chip's ViT patches, the anchor set, and the token ids of the chat
+sequence ``system + user(<image>, question) + assistant`` followed by the answer's ids and the
+end-of-turn id (the reference's ``tok.eos_token_id``, ``<|im_end|>``). Labels are -100 on the
+prompt and the answer ids + end-of-turn after it: the loss is on the answer and the stop only.
+A non-string answer is JSON-encoded, as the reference does. A sequence longer than
+``max_length`` is an error, never truncated (cutting a box list would teach wrong boxes).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+from ..geo.anchors import AnchorSet
+from ..geo.sar import read_sar, to_chip
+from ..model.preprocess import chip_to_patches
+from ..model.rope import mrope_positions
+from ..tasks import reference_question
+from ..tokenizer import build_sequence
+
+
+@dataclass
+class Sample:
+    pixels: torch.Tensor  # [patches, patch_dim]
+    grid_thw: torch.Tensor  # [1, 3]
+    anchors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    input_ids: torch.Tensor  # [L]
+    labels: torch.Tensor  # [L], -100 where no loss
+    positions: torch.Tensor  # [3, 1, L]
+    layout: Any
+    question_ids: torch.Tensor
+
+
+def read_manifest(path: str | Path) -> list[dict[str, Any]]:
+    """JSON (a list) or JSONL rows; each must have image, aef, question and answer."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror})") from None
+    try:
+        rows = json.loads(text) if path.suffix == ".json" else [json.loads(s) for s in text.splitlines() if s.strip()]
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON/JSONL ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(rows, list) or not rows:
+        raise InputError(f"{path}: expected a non-empty list of rows")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise InputError(f"{path}: row {i + 1}: expected a JSON object")
+        for key in ("image", "aef", "question"):
+            if key not in row:
+                raise InputError(f"{path}: row {i + 1}: missing {key!r} (rows need image, aef, question, answer)")
+        row["_root"] = str(path.resolve().parent)
+    return rows
+
+
+class SampleBuilder:
+    """Builds samples for one model config and tokenizer; caches each image's patches and anchors."""
+
+    def __init__(self, config, tokenizer, max_length: int = 2048, use_anchors: bool = True):
+        self.config, self.tok = config, tokenizer
+        self.max_length, self.use_anchors = max_length, use_anchors
+        self._images: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._anchors: dict[str, tuple] = {}
+
+    def _image(self, path: Path):
+        key = str(path)
+        if key not in self._images:
+            cfg = self.config
+            chip = to_chip(read_sar(path), cfg.chip_size)
+            self._images[key] = chip_to_patches(chip, int(cfg.vision.get("patch_size", 14)),
+                                                int(cfg.vision.get("spatial_merge_size", 2)),
+                                                int(cfg.vision.get("temporal_patch_size", 2)))
+        return self._images[key]
+
+    def _anchor(self, path: Path):
+        key = str(path)
+        if key not in self._anchors:
+            self._anchors[key] = AnchorSet.load(path).to_torch()
+        return self._anchors[key]
+
+    def __call__(self, row: dict[str, Any], with_answer: bool = True) -> Sample:
+        cfg, root = self.config, Path(row["_root"])
+        size = row.get("coordinate_size", cfg.chip_size)
+        if size != cfg.chip_size:
+            raise InputError(f"row {row.get('id', '?')}: coordinate_size {size} != the model's chip {cfg.chip_size} "
+                             "(convert the annotations explicitly)")
+        pixels, grid = self._image(root / row["image"])
+        anchors = self._anchor(root / row["aef"]) if self.use_anchors else None
+        question = reference_question(row["question"])
+        seq = build_sequence(self.tok, question, cfg.num_visual_tokens, 0, cfg.system_prompt)
+        prompt = seq.input_ids
+        if with_answer:
+            answer = row["answer"] if isinstance(row["answer"], str) else json.dumps(row["answer"], ensure_ascii=False)
+            response = torch.tensor(self.tok.encode(answer) + [self.tok.ids["<|im_end|>"]], dtype=torch.long)
+            ids = torch.cat([prompt, response])
+            labels = torch.cat([torch.full_like(prompt, -100), response])
+        else:
+            ids, labels = prompt, torch.full_like(prompt, -100)
+        if len(ids) > self.max_length:
+            raise InputError(f"row {row.get('id', '?')}: {len(ids)} tokens exceed max_length {self.max_length}; "
+                             "raise --max-length rather than truncate the answer")
+        positions, _ = mrope_positions(len(ids), seq.layout.image_start, cfg.token_grid)
+        return Sample(pixels, grid, anchors, ids, labels, positions, seq.layout, seq.question_ids)

@@ -1,0 +1,55 @@
+"""`fusar-edge eval`: one model load over a manifest, rows in the reference's infer_val.py format, metrics."""
+
+import json
+
+import pytest
+
+from fusar_edge.cli import main
+from fusar_edge.data.synth import synth
+from fusar_edge.evaluate.metrics import score
+
+INFER_VAL_KEYS = {"id", "coordinate_size", "question", "gt", "prediction_text", "detections", "parse_error"}
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "ds"
+    synth(out, 6, seed=4, chip=224, per_region=2)
+    return out
+
+
+def test_eval_writes_reference_rows_and_metrics(ds, tmp_path, capsys):
+    manifest = ds / "stage2-val.jsonl"
+    n = len(manifest.read_text().splitlines())
+    out = tmp_path / "ev"
+    assert main(["eval", "tiny", "--data", str(manifest), "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    preds = [json.loads(s) for s in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == n == report["rows"]
+    rows = [json.loads(s) for s in manifest.read_text().splitlines()]
+    for p, r in zip(preds, rows):
+        assert INFER_VAL_KEYS <= set(p) and p["id"] == r["id"] and p["gt"] == r["answer"]
+        assert p["task"] == r["task"] and p["coordinate_size"] == 224
+        if p["task"] == "detect" and p["detections"] is not None:
+            assert all(set(d) == {"bbox_2d", "label"} for d in p["detections"])
+    # the report is the metrics of the rows written
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == json.loads(json.dumps(score(preds)))
+    assert set(report["metrics"]) == {r["task"] for r in rows}
+    assert (out / "metrics.md").read_text().startswith("| run |") and (out / "metrics.png").stat().st_size > 1000
+
+    assert main(["eval", "tiny", "--data", str(manifest), "--out", str(tmp_path / "na"), "--no-anchors",
+                 "--limit", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "no anchors" in text and "2 rows" in text
+
+
+def test_eval_bad_input_is_one_line(ds, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    row = json.loads((ds / "stage2-val.jsonl").read_text().splitlines()[0])
+    bad.write_text(json.dumps({**row, "image": "scenes/missing.png"}) + "\n")
+    for argv, words in ((["--data", str(bad)], ["missing.png", "not found"]),
+                        (["--data", str(tmp_path / "none.jsonl")], ["none.jsonl"]),
+                        (["--data", str(ds / "stage2-val.jsonl"), "--limit", "0"], ["--limit"])):
+        assert main(["eval", "tiny", *argv, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(w in err[0] for w in words), err

@@ -1,0 +1,138 @@
+"""`fusar-edge train`: the loss goes down, the reference checkpoint layout imports, runs resume, bad rows stop early."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fusar_edge.cli import main
+from fusar_edge.data.synth import synth
+from fusar_edge.errors import InputError
+from fusar_edge.train import loop
+from fusar_edge.train.loop import TrainSettings
+from fusar_edge.train.recipe import StageArgs, run_stage
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-data")
+    synth(root / "ds", 6, seed=3, chip=224, per_region=2)
+    rows = [json.loads(s) for s in (root / "ds" / "stage2-train.jsonl").read_text().splitlines()]
+    small = root / "ds" / "two.jsonl"  # two rows to overfit
+    small.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    return root / "ds", small
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(s)["loss"] for s in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def stage0(data, tmp_path_factory):
+    ds, small = data
+    out = tmp_path_factory.mktemp("s0")
+    run_stage(StageArgs(stage=0, data=[str(small)], out=out,
+                        settings=TrainSettings(epochs=8, lr=3e-3, grad_accum=2, seed=1)), show_progress=False)
+    return out
+
+
+def test_stage0_lowers_the_loss_and_writes_a_base_folder(stage0):
+    history = losses(stage0)
+    assert len(history) == 8
+    assert sum(history[-2:]) / 2 < 0.7 * sum(history[:2]) / 2
+    assert (stage0 / "base" / "config.json").is_file() and (stage0 / "base" / "model.safetensors").is_file()
+    assert (stage0 / "vec64_film.pt").is_file() and json.loads((stage0 / "tlm_config.json").read_text())["image_size"] == 224
+
+
+def test_stages_1_2_save_the_reference_layout_and_it_imports(data, stage0, tmp_path):
+    ds, small = data
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    settings = TrainSettings(epochs=1, lr=1e-3, grad_accum=2, seed=1)
+    run_stage(StageArgs(stage=1, data=[str(ds / "stage1-train.jsonl")], out=s1, base=stage0 / "base",
+                        init_tlm=stage0, settings=settings), show_progress=False)
+    cfg = json.loads((s1 / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 32 and cfg["lora_dropout"] == 0.05
+    # PEFT saves train_tlm.py's full-name list shortened to unique suffixes; the weights show what it covers:
+    # every LLM q/k/v/o/gate/up/down of the 4 layers, nothing in the vision tower
+    modules = {k.split(".lora_")[0] for k in load_file(str(s1 / "adapter_model.safetensors"))}
+    assert len(modules) == 4 * 7 and all(".language_model.layers." in m for m in modules)
+    film1 = torch.load(s1 / "vec64_film.pt", weights_only=True)["film_mlp"]
+    film0 = torch.load(stage0 / "vec64_film.pt", weights_only=True)["film_mlp"]
+    assert not torch.equal(film1["0.weight"], film0["0.weight"])  # stage 1 trains the TLM MLP
+    run_stage(StageArgs(stage=2, data=[str(small)], out=s2, base=stage0 / "base", init_adapter=s1,
+                        settings=settings), show_progress=False)
+    film2 = torch.load(s2 / "vec64_film.pt", weights_only=True)["film_mlp"]
+    assert all(torch.equal(film2[k], film1[k]) for k in film1)  # stage 2 keeps it frozen
+    a1, a2 = load_file(str(s1 / "adapter_model.safetensors")), load_file(str(s2 / "adapter_model.safetensors"))
+    assert set(a1) == set(a2) and any(not torch.equal(a1[k], a2[k]) for k in a1)  # the same LoRA, continued
+
+    bundle = tmp_path / "bundle"
+    assert main(["import-fusar-gpt", str(stage0 / "base"), str(s2), str(s2), "--out", str(bundle)]) == 0
+    from fusar_edge.runtime import Runtime
+
+    row = json.loads(small.read_text().splitlines()[0])
+    ans = Runtime.open(bundle).ask(ds / row["image"], row["question"], anchors=ds / row["aef"], max_new_tokens=4)
+    assert ans.anchor["tlm"] == "applied" and ans.model["prompt"] == row["question"]
+
+
+def test_no_aef_variant_imports_without_tlm(data, tmp_path, capsys):
+    ds, small = data
+    settings = TrainSettings(epochs=1, lr=1e-3, grad_accum=2, seed=1)
+    run_stage(StageArgs(stage=0, data=[str(small)], out=tmp_path / "s0", no_aef=True, settings=settings),
+              show_progress=False)
+    run_stage(StageArgs(stage=1, data=[str(small)], out=tmp_path / "s1", base=tmp_path / "s0" / "base", no_aef=True,
+                        settings=settings), show_progress=False)
+    assert not (tmp_path / "s0" / "vec64_film.pt").exists() and not (tmp_path / "s1" / "vec64_film.pt").exists()
+    base, s1, bundle = tmp_path / "s0" / "base", tmp_path / "s1", tmp_path / "b"
+    assert main(["import-fusar-gpt", str(base), str(s1), "--out", str(bundle)]) == 2
+    assert "--no-tlm" in capsys.readouterr().err
+    assert main(["import-fusar-gpt", str(base), str(s1), "--no-tlm", "--chip", "224", "--out", str(bundle)]) == 0
+    fusar = json.loads((bundle / "fusar.json").read_text())
+    assert fusar["tlm"]["enabled"] is False and fusar["chip_size"] == 224
+
+
+def test_a_killed_run_resumes_to_the_same_weights(data, tmp_path, monkeypatch):
+    ds, small = data
+    settings = TrainSettings(epochs=6, lr=3e-3, grad_accum=2, seed=2, save_every=2)
+    whole = tmp_path / "whole"
+    run_stage(StageArgs(stage=0, data=[str(small)], out=whole, settings=settings), show_progress=False)
+
+    killed = tmp_path / "killed"
+    real, calls = loop.sample_loss, {"n": 0}
+
+    def dies_at_the_ninth_sample(model, sample):
+        calls["n"] += 1
+        if calls["n"] == 9:
+            raise KeyboardInterrupt
+        return real(model, sample)
+
+    monkeypatch.setattr(loop, "sample_loss", dies_at_the_ninth_sample)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(StageArgs(stage=0, data=[str(small)], out=killed, settings=settings), show_progress=False)
+    assert not (killed / "base").exists() and (killed / "checkpoint" / "state.pt").is_file()
+    monkeypatch.setattr(loop, "sample_loss", real)
+    summary = run_stage(StageArgs(stage=0, data=[str(small)], out=killed, settings=settings), show_progress=False)
+    assert summary["steps"] == 6 and summary["samples"] == 12
+    a, b = load_file(str(whole / "base" / "model.safetensors")), load_file(str(killed / "base" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # a checkpoint of another run is refused, not mixed in
+    with pytest.raises(InputError, match="different run"):
+        run_stage(StageArgs(stage=0, data=[str(small)], out=killed,
+                            settings=TrainSettings(epochs=6, lr=1e-3, grad_accum=2, seed=2)), show_progress=False)
+
+
+def test_bad_input_stops_before_training(data, tmp_path, capsys):
+    ds, small = data
+    with pytest.raises(InputError) as exc:
+        run_stage(StageArgs(stage=0, data=[str(small)], out=tmp_path / "x", max_length=50,
+                            settings=TrainSettings(epochs=1, lr=1e-3)), show_progress=False)
+    assert "max_length 50" in str(exc.value) and "\n" not in str(exc.value)
+    assert not (tmp_path / "x" / "train_log.jsonl").exists()
+    assert main(["train", "--stage", "2", "--base", str(tmp_path), "--data", str(small), "--out",
+                 str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fusar-edge: error:")
+    assert main(["train", "--stage", "2", "--data", str(small), "--out", str(tmp_path / "y")]) == 2
+    assert "--base" in capsys.readouterr().err
