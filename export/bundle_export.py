@@ -19,7 +19,6 @@ replaced only with ``force``.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -30,6 +29,8 @@ import torch
 
 from fusar_edge.errors import BundleError, FusarError
 from fusar_edge.hashing import file_record
+from fusar_edge.config import resolve_model
+from fusar_edge.fsutil import publish_dir
 from fusar_edge.model.bundle import open_model, save_bundle, write_manifest
 
 Progress = Callable[[str], None]
@@ -42,7 +43,7 @@ def _noop(message: str) -> None:
 def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = True, gptq4: bool = False,
                   calib: int = 16, group_size: int = 128, tensorrt: bool = False, force: bool = False,
                   parity_prompts: int = 3, progress: Progress | None = None) -> dict:
-    """Export ``source`` (bundle directory or preset name; None = ``tiny``) into ``out``; -> the report."""
+    """Export ``source`` (bundle directory or preset name; None = the built-in demo) into ``out``; -> the report."""
     progress = progress or _noop
     out = Path(out)
     if out.exists() and not force:
@@ -52,7 +53,8 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
     if gptq4 and not onnx:
         onnx = True  # the 4-bit graphs are rewrites of the fp32 decoder graph
     started = time.perf_counter()
-    progress(f"loading {source or 'tiny'}")
+    source = resolve_model(source)
+    progress(f"loading {source}")
     # fp32: the exported graphs are the fp32 reference the 4-bit forms and other runtimes derive from
     model, tokenizer, weights_id = open_model(source, dtype=torch.float32, device="cpu")
     model.eval()
@@ -63,7 +65,7 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
         progress("writing the bundle")
         save_bundle(model, tokenizer, stage, manifest=False,  # hashed once, at the end
                     copy_files=_generation_config(source))
-        report: dict = {"source": str(source or "tiny"), "source_weights": weights_id,
+        report: dict = {"source": str(source), "source_weights": weights_id,
                         "preset": model.config.name, "chip_size": model.config.chip_size, "artifacts": {}}
         if onnx:
             from .onnx_stages import export_stages, parity_report
@@ -82,7 +84,7 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
         (stage / "export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         progress("hashing")
         write_manifest(stage)
-        _publish(stage, out)
+        publish_dir(stage, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     progress(f"wrote {out}")
@@ -105,22 +107,6 @@ def _rel(paths, root: Path):
     if isinstance(paths, (str, Path)) and Path(paths).is_absolute():
         return Path(paths).relative_to(root).as_posix()
     return paths
-
-
-def _publish(stage: Path, out: Path) -> None:
-    """Move the finished export into place; an old one is swapped out first, then deleted."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(stage, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _export_gptq4(model, tokenizer, stage: Path, calib: int, group_size: int, progress: Progress) -> dict:

@@ -23,11 +23,12 @@ EPILOG_ASK = """examples:
   fusar-edge sample demo/                      # a synthetic SAR scene, anchors and AEF tile store
   fusar-edge ask demo/scene.tif "How many ships are there?" --tiles demo/tiles --json
   fusar-edge ask demo/scene.tif "How many ships are there?" --anchors demo/anchors.npz
-  fusar-edge ask chip.png "How many ships?" --tiles store/ --bbox 2.9 54.0 2.97 54.04 --date 2023-03-15
-  fusar-edge ask chip.png "Detect the planes" --bundle bundles/fusar-7b --task detect
+  fusar-edge ask demo/scene.png "Where is the ship?" --tiles demo/tiles --bbox 2.983 53.99 3.017 54.01 --date 2020-02-20
+  fusar-edge ask chip.png "detect" --bundle bundles/fusar-7b --task detect --label plane --anchors chip.npz
 
-Without --bundle the built-in `tiny` preset runs: random, untrained weights that exercise
-every stage in seconds on a CPU; its answers are not meaningful.
+Without --bundle the built-in demo runs: a small model trained here on synthetic SAR scenes
+(scripts/train_demo.py; metrics in benchmarks/results/eval-demo-vm.md). Presets such as
+`--bundle tiny` have random, untrained weights: their answers are not meaningful.
 """
 
 
@@ -52,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=EPILOG_ASK, formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("image", help="SAR image: GeoTIFF (georeferenced), PNG/JPEG, or .npy (real or complex)")
     a.add_argument("question", help='the question, e.g. "How many ships are there?"')
-    a.add_argument("--bundle", help="bundle directory or preset name (default: built-in tiny preset)")
+    a.add_argument("--bundle", help="bundle directory or preset name (default: the built-in trained demo)")
     source = a.add_mutually_exclusive_group()
     source.add_argument("--anchors", metavar="FILE",
                         help="AEF anchor set: reference NPZ (features, positions) or NPY columns")
@@ -117,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
                               "--backend onnxruntime\n  fusar-edge export bundles/fusar-7b --out bundles/fusar-7b-int4 "
                               "--gptq4 --calib 64",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    x.add_argument("bundle", nargs="?", default="tiny", help="bundle directory or preset name (default: tiny)")
+    x.add_argument("bundle", nargs="?", help="bundle directory or preset name (default: the built-in demo)")
     x.add_argument("--out", required=True, metavar="DIR", help="bundle directory to write")
     x.add_argument("--onnx", action="store_true", help="export the three stages to ONNX (default when nothing "
                                                        "else is asked)")
@@ -136,10 +137,14 @@ def _parser() -> argparse.ArgumentParser:
     cli_train.add_parser(sub)
     cli_eval.add_parser(sub)
 
-    s = sub.add_parser("sample", help="write a synthetic SAR scene and anchor set to try `ask` on")
-    s.add_argument("out", help="directory to write scene.tif, scene.png, anchors.npz into")
-    s.add_argument("--size", type=int, default=256)
-    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("sample", help="write a synthetic SAR scene, its AEF tile store and anchors to try `ask` on",
+                       description="One scene from the same generator as `data synth` (sea or coast, with ships): "
+                                   "scene.tif (georeferenced uint16 amplitude with an acquisition date), scene.png, "
+                                   "tiles/ (its AEF tile store) and anchors.npz; prints the true ship count.")
+    s.add_argument("out", help="directory to write scene.tif, scene.png, anchors.npz and tiles/ into")
+    s.add_argument("--size", type=int, default=224, metavar="PX",
+                   help="scene side in pixels at 10 m (default 224, the demo model's chip)")
+    s.add_argument("--seed", type=int, default=0, help="which scene (default 0); the same seed, the same scene")
     return p
 
 
@@ -170,8 +175,8 @@ def cmd_ask(args) -> int:
         print(json.dumps(ans.to_json()))
     else:
         _print_answer(ans)
-    if rt.weights == "random":
-        print(f"note: preset {rt.config.name!r} has random, untrained weights: the answer is not meaningful",
+    if rt.config.untrained:
+        print(f"note: {rt.config.name!r} has random, untrained weights: the answer is not meaningful",
               file=sys.stderr)
     return 0
 
@@ -201,12 +206,13 @@ def cmd_import(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .geo.synthetic import write_demo_scene
+    from .data.synth import sample_scene
 
-    paths = write_demo_scene(args.out, size=args.size, seed=args.seed)
+    paths = sample_scene(args.out, seed=args.seed, size=args.size)
     for key, value in paths.items():
         if isinstance(value, (str, Path)):
             print(f"{key}: {value}")
+    print(f"ground truth: {paths['counts']['ship']} ships (boxes {paths['ships']})")
     return 0
 
 
@@ -289,9 +295,9 @@ def main(argv: list[str] | None = None) -> int:
 
             if not args.debug:
                 hf_logging.set_verbosity_error()  # keep library chatter off the user's terminal
-            if getattr(args, "json", False) or args.command == "bench":
-                # machine-readable runs print nothing else; bench draws its own progress
-                hf_logging.disable_progress_bar()
+            # our own progress lines say what is happening; transformers' weight-loading bars would
+            # only add noise (and break machine-readable output)
+            hf_logging.disable_progress_bar()
         return COMMANDS[args.command](args)
     except FusarError as exc:
         if args.debug:

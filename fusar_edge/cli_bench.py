@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .config import resolve_model
 from .errors import InputError
 
 DESCRIPTION = """\
@@ -17,7 +18,7 @@ memory and model size. Warm-up runs are not counted; every run generates exactly
 
 EPILOG = """\
 examples:
-  fusar-edge bench                                    # tiny preset, torch + baseline, built-in scene
+  fusar-edge bench                                    # the built-in demo, torch + baseline, built-in scene
   fusar-edge bench --preset qwen2.5-vl-7b --runs 5    # random weights at true size: profile a GPU before you have weights
   fusar-edge export tiny --out bundles/tiny-int4 --gptq4 --group-size 64
   fusar-edge bench --bundle bundles/tiny-int4 --backend torch,onnxruntime --json bench.json --plot bench.png
@@ -35,9 +36,10 @@ def add_parser(sub) -> None:
     b = sub.add_parser("bench", help="latency of every stage and backend, beside a transformers baseline",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = b.add_mutually_exclusive_group()
-    model.add_argument("--bundle", metavar="DIR", help="bundle directory (exported ones also run onnxruntime)")
+    model.add_argument("--bundle", metavar="DIR", help="bundle directory (exported ones also run onnxruntime; "
+                                                       "default: the built-in demo)")
     model.add_argument("--preset", metavar="NAME",
-                       help="random weights at a preset's true size: tiny (default), small, qwen2.5-vl-3b, "
+                       help="random weights at a preset's true size: tiny, small, demo, qwen2.5-vl-3b, "
                             "qwen2.5-vl-7b")
     b.add_argument("--backend", default="torch", metavar="LIST",
                    help="comma-separated: torch, onnxruntime, tensorrt (default: torch)")
@@ -99,7 +101,7 @@ def run(args) -> int:
             raise InputError(f"{flag} {value}: directory {Path(value).resolve().parent} does not exist")
     if args.bundle and not Path(args.bundle).is_dir():
         raise InputError(f"--bundle {args.bundle}: not a directory (for random weights use --preset NAME)")
-    settings = BenchSettings(model=args.bundle or args.preset or "tiny", backends=args.backend.split(","),
+    settings = BenchSettings(model=args.bundle or args.preset or resolve_model(None), backends=args.backend.split(","),
                              image=args.image, tiles=args.tiles, question=args.question or QUESTION,
                              runs=args.runs, warmup=args.warmup, new_tokens=args.new_tokens, batch=args.batch,
                              device=args.device, dtype=args.dtype, threads=args.threads,

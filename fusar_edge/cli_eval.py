@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
                                    "classification exact match, 3x3 localisation top-1, detection P/R/F1 at IoU "
                                    "0.25 and 0.5.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("bundle", help="bundle directory or preset name")
+    e.add_argument("bundle", nargs="?", help="bundle directory or preset name (default: the built-in demo)")
     e.add_argument("--data", required=True, metavar="MANIFEST", help="JSONL/JSON rows (image, aef, question, answer)")
     e.add_argument("--out", required=True, metavar="DIR", help="directory for predictions and metrics")
     e.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")

@@ -76,6 +76,9 @@ class FusarConfig:
     # given, like FUSAR-GPT's inference (imported checkpoints); "templates" wraps it in
     # fusar-edge's per-task templates, for bundles that were trained with them.
     prompt_style: str = "reference"
+    # True for random-weight presets and every bundle saved or exported from one: whatever
+    # runs them says the answers are not meaningful.
+    untrained: bool = False
 
     # --- derived geometry -------------------------------------------------------------
     @property
@@ -145,6 +148,7 @@ class FusarConfig:
             "max_new_tokens": self.max_new_tokens,
             "system_prompt": self.system_prompt,
             "prompt_style": self.prompt_style,
+            **({"untrained": True} if self.untrained else {}),
         }
 
     @classmethod
@@ -164,6 +168,7 @@ class FusarConfig:
                 max_new_tokens=int(data.get("max_new_tokens", 512)),
                 system_prompt=data.get("system_prompt", "You are a helpful assistant."),
                 prompt_style=data.get("prompt_style", "reference"),
+                untrained=bool(data.get("untrained", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{where}: malformed field ({exc})") from None
@@ -355,6 +360,21 @@ def _qwen_7b() -> FusarConfig:
 
 
 PRESETS = {"tiny": _tiny, "small": _small, "demo": _demo, "qwen2.5-vl-3b": _qwen_3b, "qwen2.5-vl-7b": _qwen_7b}
+
+
+BUILTIN_BUNDLE = "demo-bundle"  # fusar_edge/assets/<this>: the trained demo, the built-in default model
+
+
+def builtin_bundle() -> Path:
+    """The trained demo bundle shipped inside the package: what runs when no model is named."""
+    from importlib import resources
+
+    return Path(str(resources.files("fusar_edge") / "assets" / BUILTIN_BUNDLE))
+
+
+def resolve_model(bundle: str | Path | None) -> str:
+    """``None`` -> the built-in demo bundle; anything else (a directory or a preset name) as given."""
+    return str(builtin_bundle()) if bundle is None else str(bundle)
 
 
 def preset(name: str) -> FusarConfig:

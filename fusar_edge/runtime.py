@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import tasks
-from .config import PRESETS
+from .config import PRESETS, resolve_model
 from .errors import AnchorError, BundleError, FusarError, InputError
 from .geo.anchors import Anchor, AnchorSet
 from .geo.tilestore import DEFAULT_GRID, TileStore, check_grid
@@ -49,6 +49,10 @@ class Answer:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _source_label(bundle) -> str:
+    return "built-in demo" if bundle is None else str(bundle)
 
 
 class _Timer:
@@ -198,10 +202,10 @@ class Runtime:
         if backend == "onnxruntime":
             return cls._open_onnx(bundle, store, device, dtype, providers, max_image_side, tuple(anchor_grid),
                                   allow_empty_anchors, threads)
-        generation = GenerationSettings.from_bundle(bundle)  # a refused setting fails before the weights load
+        generation = GenerationSettings.from_bundle(resolve_model(bundle))  # refused settings: before loading
         device, dtype = resolve_device(device, dtype)
         model, tok, weights = open_model(bundle, dtype=dtype, device=device)
-        return cls(model, tok, weights, "tiny" if bundle is None else str(bundle), backend, max_image_side,
+        return cls(model, tok, weights, _source_label(bundle), backend, max_image_side,
                    store, tuple(anchor_grid), allow_empty_anchors, generation=generation)
 
     @classmethod
@@ -211,7 +215,7 @@ class Runtime:
         from .model.bundle import MANIFEST, read_config, sha256
         from .tokenizer import TextTokenizer
 
-        name = "tiny" if bundle is None else str(bundle)
+        name = resolve_model(bundle)
         if not Path(name).is_dir():
             if name in PRESETS:
                 raise FusarError(f"backend 'onnxruntime' runs an exported bundle, and preset {name!r} is not one: "
@@ -240,7 +244,7 @@ class Runtime:
                              f"exported for at most {stages.max_anchors}; use a coarser grid")
         manifest = root / MANIFEST
         weights = sha256(manifest) if manifest.is_file() else "unhashed"
-        return cls(None, tok, weights, name, "onnxruntime", max_image_side, store, anchor_grid,
+        return cls(None, tok, weights, _source_label(bundle), "onnxruntime", max_image_side, store, anchor_grid,
                    allow_empty_anchors, stages=stages, config=config, generation=generation)
 
     # -- inputs --------------------------------------------------------------------------
@@ -408,6 +412,7 @@ class Runtime:
             image={"path": img.path, "height": img.height, "width": img.width, "kind": img.kind,
                    "chip_size": cfg.chip_size},
             model={"source": self.source, "preset": cfg.name, "weights": self.weights, "backend": self.backend,
+                   **({"untrained": True} if cfg.untrained else {}),
                    "new_tokens": len(ids), "max_new_tokens": limit, "prompt_style": cfg.prompt_style,
                    "prompt": req.prompt, "generation": generation.record(),
                    **({"onnx": self.stages.dir.name} if hasattr(self.stages, "dir") else {})},

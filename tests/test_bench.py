@@ -20,7 +20,7 @@ PERCENTILES = ("p50_ms", "p90_ms", "p99_ms")
 def cli_run(tmp_path_factory):
     """One CLI run, torch + baseline on the tiny preset, with JSON and plot."""
     out = tmp_path_factory.mktemp("bench")
-    code = main(["bench", "--runs", "3", "--warmup", "1", "--new-tokens", "4", "--quiet",
+    code = main(["bench", "--preset", "tiny", "--runs", "3", "--warmup", "1", "--new-tokens", "4", "--quiet",
                  "--json", str(out / "bench.json"), "--plot", str(out / "bench.png")])
     return code, json.loads((out / "bench.json").read_text()), out
 

@@ -236,10 +236,16 @@ def test_not_a_bundle(tmp_path):
 
 # --- presets, open_model, describe ----------------------------------------------------------
 
-def test_open_model_default_is_the_deterministic_tiny_preset():
-    m1, tok1, w1 = open_model(None)
+def test_open_model_default_is_the_shipped_demo_and_presets_are_deterministic():
+    from fusar_edge.config import builtin_bundle
+    from fusar_edge.hashing import sha256_file
+
+    demo, tok, weights = open_model(None)
+    assert weights == sha256_file(builtin_bundle() / "manifest.json") and not demo.config.untrained
+    assert demo.config.chip_size == 224 and demo.tlm is not None and tok.vocab_size <= 640
+    m1, tok1, w1 = open_model("tiny")
     m2, _, w2 = open_model("tiny")
-    assert w1 == w2 == "random"
+    assert w1 == w2 == "random" and m1.config.untrained
     assert m1.config.name == "tiny" and tok1.source == "tiny preset tokenizer"
     s1, s2 = m1.state_dict(), m2.state_dict()
     assert set(s1) == set(s2) and all(torch.equal(s1[k], s2[k]) for k in s1)

@@ -22,6 +22,9 @@ def demo(tmp_path_factory):
 
 
 def ask_json(capsys, *argv):
+    """`ask --json` on the tiny preset (random weights) unless argv names a bundle."""
+    if "--bundle" not in argv:
+        argv = (*argv, "--bundle", "tiny")
     assert main(["ask", *argv, "--json"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1, "ask --json must print exactly one line"
@@ -72,7 +75,7 @@ def test_every_anchor_masked_is_refused_unless_no_anchors(demo, tmp_path):
 
     full = AnchorSet.load(demo["anchors"])
     masked = AnchorSet(full.features, full.positions, np.zeros(full.size, dtype=bool))
-    rt = Runtime.open()
+    rt = Runtime.open("tiny")
     with pytest.raises(AnchorError) as exc:
         rt.ask(demo["scene_tif"], "How many ships?", anchors=masked, max_new_tokens=2)
     assert "every anchor is masked" in str(exc.value) and "--no-anchors" in str(exc.value)
@@ -82,7 +85,7 @@ def test_every_anchor_masked_is_refused_unless_no_anchors(demo, tmp_path):
 def test_anchors_change_the_answer_path_and_runs_are_deterministic(demo, capsys):
     from fusar_edge.runtime import Runtime
 
-    rt = Runtime.open()
+    rt = Runtime.open("tiny")
     with_a = rt.ask(demo["scene_tif"], "Describe the image.", anchors=demo["anchors"], max_new_tokens=8)
     again = rt.ask(demo["scene_tif"], "Describe the image.", anchors=demo["anchors"], max_new_tokens=8)
     assert with_a.text == again.text and with_a.model["new_tokens"] <= 8
@@ -113,14 +116,14 @@ def test_detections_are_mapped_to_original_pixels(tmp_path, monkeypatch):
 
     img = tmp_path / "wide.npy"
     np.save(img, np.random.default_rng(0).random((150, 300)).astype(np.float32) + 0.1)
-    rt = Runtime.open()
+    rt = Runtime.open("tiny")
     monkeypatch.setattr(rt.tokenizer, "decode", lambda ids: '[{"bbox_2d": [0, 112, 112, 224], "label": "ship"}]')
     ans = rt.ask(img, "Detect the ships", max_new_tokens=2, no_anchors=True)
     assert ans.answer == [{"bbox_2d": [0.0, 75.0, 150.0, 150.0], "bbox_chip": [0, 112, 112, 224], "label": "ship"}]
 
 
 def test_text_output_and_info(demo, capsys):
-    assert main(["ask", demo["scene_tif"], "How many ships are there?", "--max-new-tokens", "2",
+    assert main(["ask", demo["scene_tif"], "How many ships are there?", "--max-new-tokens", "2", "--bundle", "tiny",
                  "--anchors", demo["anchors"]]) == 0
     out = capsys.readouterr()
     assert out.out.startswith("answer: ") and "task: count" in out.out
@@ -204,3 +207,32 @@ def test_device_and_dtype_flags(demo, capsys):
     assert res["task"] == "count"
     assert main(["ask", demo["scene_tif"], "q", "--device", "tpu7"]) == 2
     assert "device" in capsys.readouterr().err
+
+
+def test_builtin_default_is_the_trained_demo(demo, capsys, tmp_path):
+    from fusar_edge.config import builtin_bundle
+
+    assert (builtin_bundle() / "model.safetensors").is_file()
+    res = json.loads(json.dumps(ask_json(capsys, demo["scene_tif"], "How many ships are there?", "--anchors",
+                                         demo["anchors"], "--bundle", str(builtin_bundle()))))
+    assert main(["ask", demo["scene_tif"], "How many ships are there?", "--anchors", demo["anchors"], "--json"]) == 0
+    cap = capsys.readouterr()
+    default = json.loads(cap.out)
+    assert default["model"]["source"] == "built-in demo" and "untrained" not in default["model"]
+    assert default["token_ids"] == res["token_ids"] and default["model"]["weights"] == res["model"]["weights"]
+    assert default["model"]["prompt_style"] == "reference" and "not meaningful" not in cap.err
+
+
+def test_untrained_weights_say_so_even_when_exported(demo, capsys, tmp_path):
+    from fusar_edge.model.bundle import build_random, save_bundle
+    from fusar_edge.config import preset
+    from fusar_edge.tokenizer import TextTokenizer
+
+    model = build_random(preset("tiny"))
+    model.config.untrained = True  # what open_model marks for a preset
+    save_bundle(model, TextTokenizer.tiny(), tmp_path / "copy")
+    assert json.loads((tmp_path / "copy" / "fusar.json").read_text())["untrained"] is True
+    assert main(["ask", demo["scene_tif"], "How many ships?", "--bundle", str(tmp_path / "copy"), "--anchors",
+                 demo["anchors"], "--max-new-tokens", "2", "--json"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["model"]["untrained"] is True and "not meaningful" in cap.err

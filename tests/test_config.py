@@ -70,3 +70,24 @@ def test_grasp_config_validation():
 def test_unknown_preset():
     with pytest.raises(BundleError, match="tiny"):
         preset("qwen9")
+
+
+def test_demo_preset_and_its_tokenizer():
+    import importlib.util
+    from pathlib import Path
+
+    from fusar_edge.model.bundle import count_parameters
+    from fusar_edge.tokenizer import TextTokenizer
+
+    cfg = preset("demo")
+    tok = TextTokenizer.demo()
+    assert all(tok.ids[name] == TINY_SPECIAL_TOKENS[name] for name in tok.ids)
+    assert tok.vocab_size <= cfg.text["vocab_size"]
+    assert [tok._tok.decode([i]) for i in tok.encode("[117, 8]")][1:4] == ["1", "1", "7"]  # one token per digit
+    assert cfg.chip_size == 224 and cfg.prompt_style == "reference" and not cfg.grasp.enabled
+    assert 2e6 < count_parameters(cfg) < 4e6  # ~11 MB of fp32 weights: under the 25 MB the repo allows
+    script = Path(__file__).resolve().parents[1] / "scripts" / "build_demo_tokenizer.py"
+    spec = importlib.util.spec_from_file_location("build_demo_tokenizer", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.build().to_str() == tok._tok.to_str()  # the shipped file is what the script builds

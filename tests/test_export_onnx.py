@@ -194,8 +194,11 @@ def test_missing_onnx_export_is_one_clear_line(exported, tmp_path):
     one_line(e, str(partial / "onnx" / "decoder.onnx"), "--onnx")
 
     with pytest.raises(FusarError) as e:
-        Runtime.open(None, backend="onnxruntime")
+        Runtime.open("tiny", backend="onnxruntime")
     one_line(e, "onnxruntime", "fusar-edge export tiny --out DIR --onnx")
+    with pytest.raises(FusarError) as e:  # the built-in demo ships torch weights only
+        Runtime.open(None, backend="onnxruntime")
+    one_line(e, "demo-bundle", "onnxruntime", "--out DIR --onnx")
 
 
 # --- the wrappers' semantics beyond the tiny preset's settings (torch only, no export) ---------

@@ -124,7 +124,7 @@ def test_ask_allow_no_coverage(demo, capsys):
 def test_anchor_without_store_and_exclusive_flags(demo, capsys):
     from fusar_edge.runtime import Runtime
 
-    rt = Runtime.open()
+    rt = Runtime.open("tiny")
     with pytest.raises(FusarError) as e:
         rt.ask(demo["scene_png"], "Describe.", anchors=Anchor(demo["bounds"], demo["date"]), max_new_tokens=2)
     one_line(e, "tiles")

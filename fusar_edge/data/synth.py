@@ -43,6 +43,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
+from ..fsutil import publish_dir
 from .questions import scene_rows
 from .scene import COVER, TARGET_LABELS, make_region, make_scene, smooth_field
 
@@ -194,13 +195,7 @@ def synth(out: str | Path, n: int, seed: int = 0, chip: int = 504, per_region: i
                 "splits": {sp: sum(t["split"] == sp for t in truth) for sp in ("train", "val", "test")},
                 "rows": {k: len(v) for k, v in manifests.items()}}
         (tmp / "dataset.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        if out.exists():  # --force: swap the old one out, then delete it
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        publish_dir(tmp, out)  # --force: the old dataset is swapped out, then deleted
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -209,3 +204,54 @@ def synth(out: str | Path, n: int, seed: int = 0, chip: int = 504, per_region: i
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def sample_scene(out: str | Path, seed: int = 0, size: int = 224) -> dict:
+    """One scene of the synthetic dataset's kind, for trying ``ask``: ``scene.tif``, ``scene.png``,
+    its AEF tile store ``tiles/`` and its anchors ``anchors.npz`` (16 x 16, looked up in ``tiles/``).
+
+    A coastal or open-sea region with at least one ship, so the README's "How many ships are
+    there?" has an answer; ``ships`` lists their boxes (scene pixels, x2/y2 exclusive).
+    """
+    from ..geo.anchors import Anchor
+    from ..geo.sar import read_sar, render
+    from ..geo.tile_ingest import ingest
+    from ..geo.tilestore import TileStore
+
+    if isinstance(size, bool) or not isinstance(size, int) or size < 56 or size > 4096:
+        raise InputError(f"--size: expected an integer from 56 to 4096 px, got {size!r}")
+    out = Path(out)
+    for name in ("scene.tif", "scene.png", "anchors.npz", "tiles"):
+        if (out / name).exists():
+            raise InputError(f"{out / name}: already exists (choose an empty directory)")
+    out.mkdir(parents=True, exist_ok=True)
+    for attempt in range(100):
+        rng = np.random.default_rng([seed, 3, attempt])
+        region = make_region(rng, size)
+        if (region.cover == 0).mean() < 0.3:
+            continue  # the sample is about ships: keep regions with sea
+        scene = make_scene(rng, region.cover, region.smooth_land, region.has_runway, bool(rng.random() < 0.5))
+        if any(t.label == "ship" for t in scene.targets):
+            break
+    year = YEARS[int(rng.integers(0, len(YEARS)))]
+    date = dt.date(year, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365)))
+    x0, y0 = 500000.0 - size * PIXEL_M / 2, 5983520.0 + size * PIXEL_M / 2  # 3 deg E, 54 deg N (North Sea)
+    tmp = Path(tempfile.mkdtemp(prefix=".sample-", dir=out))
+    try:
+        margin = 8
+        _write_cog(tmp / "aef" / str(year) / "31N" / "sample-0000000000-0000000000.tiff",
+                   aef_values(rng, np.pad(region.cover, margin, mode="edge")), x0 - margin * PIXEL_M,
+                   y0 + margin * PIXEL_M)
+        ingest([tmp / "aef"], tmp / "tiles")
+        _write_scene(tmp / "scene.tif", scene.amplitude, x0, y0, date)
+        img = read_sar(tmp / "scene.tif")
+        render(img).save(tmp / "scene.png")
+        TileStore.open(tmp / "tiles").lookup(Anchor.from_sar_image(img), grid=ANCHOR_GRID).save_npz(tmp / "anchors.npz")
+        for name in ("scene.tif", "scene.png", "anchors.npz", "tiles"):
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"scene_tif": str(out / "scene.tif"), "scene_png": str(out / "scene.png"),
+            "anchors": str(out / "anchors.npz"), "tiles": str(out / "tiles"), "date": date.isoformat(),
+            "bounds": img.bounds_lonlat, "ships": [t.box for t in scene.targets if t.label == "ship"],
+            "counts": {lab: sum(t.label == lab for t in scene.targets) for lab in TARGET_LABELS}}

@@ -64,7 +64,7 @@ def evaluate(bundle, data: str | Path, out: str | Path, backend: str = "torch", 
     preds = eval_rows(rt, rows, no_anchors, progress)
     seconds = time.perf_counter() - t0
     scores = M.score(preds)
-    report = {"bundle": str(bundle), "weights": rt.weights, "backend": backend, "anchors": not no_anchors,
+    report = {"bundle": rt.source, "weights": rt.weights, "backend": backend, "anchors": not no_anchors,
               "data": str(data), "rows": len(rows), "seconds": round(seconds, 1),
               "rows_per_s": round(len(rows) / seconds, 2) if seconds else None,
               "metrics": scores, "headline": M.headline(scores)}

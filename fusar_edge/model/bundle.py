@@ -16,7 +16,6 @@ interrupted save never leaves a half-written bundle under the target name.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,8 +24,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..config import FUSAR_JSON, PRESETS, QWEN_SPECIAL_TOKENS, FusarConfig, load_backbone_json, preset
+from ..config import FUSAR_JSON, PRESETS, QWEN_SPECIAL_TOKENS, FusarConfig, load_backbone_json, preset, resolve_model
 from ..errors import BundleError
+from ..fsutil import publish_dir
 from ..hashing import file_record
 from ..hashing import sha256_file as sha256  # noqa: F401  (the name callers import)
 from .fusar import FusarModel
@@ -95,9 +95,7 @@ def save_bundle(model: FusarModel, tokenizer, out_dir: str | Path, overwrite: bo
             shutil.copyfile(src, tmp / name)
         if manifest:
             write_manifest(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_dir(tmp, out)  # an old bundle is swapped out, not deleted first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -218,9 +216,10 @@ def open_model(bundle: str | Path | None, dtype: torch.dtype | None = None, devi
     """
     from ..tokenizer import TextTokenizer
 
-    name = "tiny" if bundle is None else str(bundle)
+    name = resolve_model(bundle)
     if name in PRESETS and not Path(name).is_dir():
         cfg = preset(name)
+        cfg.untrained = True
         model = build_random(cfg, dtype=dtype or torch.float32, device=device)
         if name in ("tiny", "small"):  # both use the tiny vocabulary
             tok = TextTokenizer.tiny()

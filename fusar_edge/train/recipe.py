@@ -138,6 +138,7 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
                        log=lambda e: log.write(json.dumps(e) + "\n"))
     _save(args, model, tok, peft_model, out)
     summary = {"stage": args.stage, "rows": len(rows), "data": [str(d) for d in args.data],
+               "grasp": "off: GRASP training is not implemented yet",
                "trainable_parameters": sum(p.numel() for p in params.values()), "no_aef": args.no_aef,
                "settings": vars(settings), **{k: v for k, v in result.items() if k != "history"},
                "final_loss": result["history"][-1]["loss"] if result["history"] else None}

@@ -1,0 +1,38 @@
+"""publish_dir: a replaced directory is the old one or the new one, whatever fails."""
+
+import os
+
+import pytest
+
+from fusar_edge import fsutil
+
+
+def _dir(path, text):
+    path.mkdir()
+    (path / "f").write_text(text)
+    return path
+
+
+def test_replaces_and_cleans_up(tmp_path):
+    out = _dir(tmp_path / "out", "old")
+    fsutil.publish_dir(_dir(tmp_path / ".stage", "new"), out)
+    assert (out / "f").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_failed_swap_keeps_the_old_directory(tmp_path, monkeypatch):
+    """import-fusar-gpt --force / export --force / data synth --force killed mid-replace lose nothing."""
+    out = _dir(tmp_path / "out", "old")
+    stage = _dir(tmp_path / ".stage", "new")
+    real, calls = os.replace, []
+
+    def failing_second_replace(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the old one is aside, the new one fails to move in (disk, kill, ...)
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(fsutil.os, "replace", failing_second_replace)
+    with pytest.raises(OSError):
+        fsutil.publish_dir(stage, out)
+    assert (out / "f").read_text() == "old"
