@@ -51,6 +51,10 @@ def _ort():
 
 
 def export_hint(bundle: str | Path | None = None) -> str:
+    from ..config import builtin_bundle
+
+    if bundle is not None and Path(bundle) == builtin_bundle():
+        return "`fusar-edge export --out DIR --onnx` (the built-in demo)"
     src = str(bundle) if bundle is not None else "BUNDLE"
     return f"`fusar-edge export {src} --out DIR --onnx`"
 
