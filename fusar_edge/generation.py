@@ -27,6 +27,7 @@ that silently differs from the reference's is worse than none.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -146,10 +147,8 @@ class GenerationSettings:
         """These settings with ``repetition_penalty`` overridden (``--repetition-penalty``)."""
         if penalty is None:
             return self
-        value = check_penalty(penalty, "repetition_penalty")
-        return GenerationSettings(value, self.eos_token_ids, self.min_new_tokens, self.min_length,
-                                  self.suppress_tokens, self.begin_suppress_tokens,
-                                  f"{self.source} + repetition_penalty override", self.ignored)
+        return dataclasses.replace(self, repetition_penalty=check_penalty(penalty, "repetition_penalty"),
+                                   source=f"{self.source} + repetition_penalty override")
 
     @property
     def plain(self) -> bool:

@@ -236,3 +236,30 @@ def test_untrained_weights_say_so_even_when_exported(demo, capsys, tmp_path):
                  demo["anchors"], "--max-new-tokens", "2", "--json"]) == 0
     cap = capsys.readouterr()
     assert json.loads(cap.out)["model"]["untrained"] is True and "not meaningful" in cap.err
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--label", " "], ["label"]),
+    (["--repetition-penalty", "0"], ["repetition_penalty", "0"]),
+    (["--repetition-penalty", "-1.5"], ["repetition_penalty", "-1.5"]),
+    (["--repetition-penalty", "nan"], ["repetition_penalty", "nan"]),
+])
+def test_new_ask_flags_reject_bad_values_in_one_line(demo, capsys, flags, words):
+    assert main(["ask", demo["scene_tif"], "How many ships?", "--anchors", demo["anchors"], "--bundle", "tiny",
+                 *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fusar-edge: error:") and all(w in err[0] for w in words), err
+
+
+def test_sample_bad_size_and_existing_files(tmp_path, capsys):
+    assert main(["sample", str(tmp_path / "s"), "--size", "20"]) == 2
+    assert "--size" in capsys.readouterr().err and not (tmp_path / "s" / "scene.tif").exists()
+    assert main(["sample", str(tmp_path / "t"), "--size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "ground truth:" in out and (tmp_path / "t" / "tiles").is_dir()
+    before = (tmp_path / "t" / "scene.tif").read_bytes()
+    assert main(["sample", str(tmp_path / "t"), "--size", "64", "--seed", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0]
+    assert (tmp_path / "t" / "scene.tif").read_bytes() == before  # the old sample is untouched
+    assert [p.name for p in (tmp_path / "t").iterdir() if p.name.startswith(".")] == []

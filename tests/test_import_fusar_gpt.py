@@ -295,6 +295,8 @@ BAD = {
                                  "tlm/tlm_config.json", ["vec_dim", "32"]),
     "tlm_config bad sigma": (lambda s: _edit_json(s.tlm / "tlm_config.json", sigma=-1),
                              "tlm/tlm_config.json", ["sigma", "-1"]),
+    "tlm_config image size no ViT takes": (lambda s: _edit_json(s.tlm / "tlm_config.json", image_size=100),
+                                           "tlm/tlm_config.json", ["image_size", "multiple of 28", "100"]),
     "tlm_config malformed": (lambda s: (s.tlm / "tlm_config.json").write_text("{"), "tlm/tlm_config.json", ["JSON"]),
     "tlm_config not an object": (lambda s: (s.tlm / "tlm_config.json").write_text("[2.0]"),
                                  "tlm/tlm_config.json", ["object"]),

@@ -88,6 +88,9 @@ def test_no_aef_variant_imports_without_tlm(data, tmp_path, capsys):
     base, s1, bundle = tmp_path / "s0" / "base", tmp_path / "s1", tmp_path / "b"
     assert main(["import-fusar-gpt", str(base), str(s1), "--out", str(bundle)]) == 2
     assert "--no-tlm" in capsys.readouterr().err
+    assert main(["import-fusar-gpt", str(base), str(s1), "--no-tlm", "--chip", "100", "--out", str(bundle)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--chip" in err[0] and "100" in err[0] and not bundle.exists()
     assert main(["import-fusar-gpt", str(base), str(s1), "--no-tlm", "--chip", "224", "--out", str(bundle)]) == 0
     fusar = json.loads((bundle / "fusar.json").read_text())
     assert fusar["tlm"]["enabled"] is False and fusar["chip_size"] == 224
@@ -129,10 +132,31 @@ def test_bad_input_stops_before_training(data, tmp_path, capsys):
         run_stage(StageArgs(stage=0, data=[str(small)], out=tmp_path / "x", max_length=50,
                             settings=TrainSettings(epochs=1, lr=1e-3)), show_progress=False)
     assert "max_length 50" in str(exc.value) and "\n" not in str(exc.value)
-    assert not (tmp_path / "x" / "train_log.jsonl").exists()
+    assert not (tmp_path / "x").exists()  # refused before anything was written
     assert main(["train", "--stage", "2", "--base", str(tmp_path), "--data", str(small), "--out",
                  str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fusar-edge: error:")
     assert main(["train", "--stage", "2", "--data", str(small), "--out", str(tmp_path / "y")]) == 2
     assert "--base" in capsys.readouterr().err
+
+
+def test_bad_manifests_are_one_line_and_write_nothing(data, tmp_path, capsys):
+    ds, small = data
+    row = json.loads(small.read_text().splitlines()[0])
+    cases = {
+        "not json": ("{oops\n", ["not valid JSON"]),
+        "empty": ("", ["non-empty"]),
+        "missing key": (json.dumps({k: v for k, v in row.items() if k != "aef"}) + "\n", ["row 1", "'aef'"]),
+        "missing image": (json.dumps({**row, "image": "scenes/nope.png"}) + "\n", ["nope.png"]),
+        "other chip": (json.dumps({**row, "coordinate_size": 504}) + "\n", ["coordinate_size 504", "224"]),
+    }
+    for name, (text, words) in cases.items():
+        manifest = ds / f"bad-{name.replace(' ', '_')}.jsonl"  # beside the data: relative paths resolve
+        manifest.write_text(text)
+        out = tmp_path / name.replace(" ", "_")
+        assert main(["train", "--stage", "0", "--data", str(manifest), "--out", str(out), "--json"]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("fusar-edge: error:"), (name, err)
+        assert all(w in err[0] for w in words), (name, err[0])
+        assert not out.exists(), name

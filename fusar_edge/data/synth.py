@@ -110,14 +110,33 @@ def _write_scene(path: Path, amplitude: np.ndarray, x0: float, y0: float, date: 
         ds.update_tags(ACQUISITION_DATE=date.isoformat())
 
 
+def _write_region_aef(path: Path, rng: np.random.Generator, cover: np.ndarray, x0: float, y0: float,
+                      margin: int = 8) -> None:
+    """The AEF COG of a region whose north-west corner is ``(x0, y0)``, a few pixels wider on
+    every side so that lookups at the region's edge still find data."""
+    _write_cog(path, aef_values(rng, np.pad(cover, margin, mode="edge")), x0 - margin * PIXEL_M,
+               y0 + margin * PIXEL_M)
+
+
+def _write_scene_files(tif: Path, png: Path, npz: Path, amplitude: np.ndarray, x0: float, y0: float,
+                       date: dt.date, store):
+    """A scene's GeoTIFF, its 8-bit rendering and its anchors looked up in ``store``; -> the SarImage."""
+    from ..geo.anchors import Anchor
+    from ..geo.sar import read_sar, render
+
+    _write_scene(tif, amplitude, x0, y0, date)
+    img = read_sar(tif)  # the PNG is the tif through the reader's contract, nothing else
+    render(img).save(png)
+    store.lookup(Anchor.from_sar_image(img), grid=ANCHOR_GRID).save_npz(npz)
+    return img
+
+
 def synth(out: str | Path, n: int, seed: int = 0, chip: int = 504, per_region: int = 8, force: bool = False,
           progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Write the dataset into ``out``; returns ``dataset.json``'s content.
 
     ``progress(phase, done, total)`` is called per region ("regions") and per scene ("scenes").
     """
-    from ..geo.anchors import Anchor
-    from ..geo.sar import read_sar, render
     from ..geo.tile_ingest import ingest
     from ..geo.tilestore import TileStore
 
@@ -141,10 +160,8 @@ def synth(out: str | Path, n: int, seed: int = 0, chip: int = 504, per_region: i
             year = YEARS[int(rng.integers(0, len(YEARS)))]
             x0 = ORIGIN_EN[0] + (r % 20) * REGION_STEP_M
             y0 = ORIGIN_EN[1] + (r // 20) * REGION_STEP_M + region_px * PIXEL_M  # north edge
-            margin = 8
-            _write_cog(tmp / "aef" / str(year) / "31N" / f"synth{r:05d}-0000000000-0000000000.tiff",
-                       aef_values(rng, np.pad(region.cover, margin, mode="edge")),
-                       x0 - margin * PIXEL_M, y0 + margin * PIXEL_M)
+            _write_region_aef(tmp / "aef" / str(year) / "31N" / f"synth{r:05d}-0000000000-0000000000.tiff",
+                              rng, region.cover, x0, y0)
             regions.append((region, year, x0, y0))
             if progress:
                 progress("regions", r + 1, n_regions)
@@ -165,13 +182,9 @@ def synth(out: str | Path, n: int, seed: int = 0, chip: int = 504, per_region: i
             scene = make_scene(rng, cover, region.smooth_land, region.has_runway, heavy)
             date = dt.date(year, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365)))
             sid = f"s{i:05d}"
-            tif = tmp / "scenes" / f"{sid}.tif"
-            x0, y0 = rx0 + ox * PIXEL_M, ry0 - oy * PIXEL_M
-            _write_scene(tif, scene.amplitude, x0, y0, date)
-            img = read_sar(tif)
-            render(img).save(tmp / "scenes" / f"{sid}.png")
-            anchors = store.lookup(Anchor.from_sar_image(img), grid=ANCHOR_GRID)
-            anchors.save_npz(tmp / "anchors" / f"{sid}.npz")
+            img = _write_scene_files(tmp / "scenes" / f"{sid}.tif", tmp / "scenes" / f"{sid}.png",
+                                     tmp / "anchors" / f"{sid}.npz", scene.amplitude,
+                                     rx0 + ox * PIXEL_M, ry0 - oy * PIXEL_M, date, store)
             split = split_of(r)
             group = "distractors" if any(t.label in ("building", "rock") for t in scene.targets) else "clean"
             captions, tasks = scene_rows(rng, sid, f"scenes/{sid}.png", f"anchors/{sid}.npz", cover,
@@ -213,8 +226,6 @@ def sample_scene(out: str | Path, seed: int = 0, size: int = 224) -> dict:
     A coastal or open-sea region with at least one ship, so the README's "How many ships are
     there?" has an answer; ``ships`` lists their boxes (scene pixels, x2/y2 exclusive).
     """
-    from ..geo.anchors import Anchor
-    from ..geo.sar import read_sar, render
     from ..geo.tile_ingest import ingest
     from ..geo.tilestore import TileStore
 
@@ -238,15 +249,11 @@ def sample_scene(out: str | Path, seed: int = 0, size: int = 224) -> dict:
     x0, y0 = 500000.0 - size * PIXEL_M / 2, 5983520.0 + size * PIXEL_M / 2  # 3 deg E, 54 deg N (North Sea)
     tmp = Path(tempfile.mkdtemp(prefix=".sample-", dir=out))
     try:
-        margin = 8
-        _write_cog(tmp / "aef" / str(year) / "31N" / "sample-0000000000-0000000000.tiff",
-                   aef_values(rng, np.pad(region.cover, margin, mode="edge")), x0 - margin * PIXEL_M,
-                   y0 + margin * PIXEL_M)
+        _write_region_aef(tmp / "aef" / str(year) / "31N" / "sample-0000000000-0000000000.tiff", rng, region.cover,
+                          x0, y0)
         ingest([tmp / "aef"], tmp / "tiles")
-        _write_scene(tmp / "scene.tif", scene.amplitude, x0, y0, date)
-        img = read_sar(tmp / "scene.tif")
-        render(img).save(tmp / "scene.png")
-        TileStore.open(tmp / "tiles").lookup(Anchor.from_sar_image(img), grid=ANCHOR_GRID).save_npz(tmp / "anchors.npz")
+        img = _write_scene_files(tmp / "scene.tif", tmp / "scene.png", tmp / "anchors.npz", scene.amplitude, x0, y0,
+                                 date, TileStore.open(tmp / "tiles"))
         for name in ("scene.tif", "scene.png", "anchors.npz", "tiles"):
             os.replace(tmp / name, out / name)
     finally:

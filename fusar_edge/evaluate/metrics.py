@@ -150,10 +150,11 @@ def _score_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
             right += bool(value) and value["cell"] == str(r["gt"]).strip().lower()
         res.update(top1=right / n)
     elif task == "detect":
-        n_pred = sum(len(predicted_boxes(r)) for r in rows)
-        n_gt = sum(len(gt_boxes(r["gt"])) for r in rows)
+        pairs = [(predicted_boxes(r), gt_boxes(r["gt"])) for r in rows]  # parsed once, matched per threshold
+        n_pred = sum(len(p) for p, _ in pairs)
+        n_gt = sum(len(g) for _, g in pairs)
         for t in IOU_THRESHOLDS:
-            tp = sum(match(predicted_boxes(r), gt_boxes(r["gt"]), t) for r in rows)
+            tp = sum(match(p, g, t) for p, g in pairs)
             res[f"iou{t:g}"] = {"tp": tp, **prf(tp, n_pred, n_gt)}
         res.update(predicted=n_pred, ground_truth=n_gt,
                    parse_errors=sum(1 for r in rows if r.get("parse_error")))

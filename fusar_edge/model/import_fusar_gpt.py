@@ -119,7 +119,6 @@ def merge_lora(base_dir: Path, lora_dir: Path):
         lora_config = LoraConfig.from_pretrained(str(lora_dir))
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise BundleError(f"{config_path}: not a readable PEFT LoRA config ({str(exc).splitlines()[0]})") from None
-    backbone_kwargs = load_backbone_json(base_dir / "config.json")
     base = load_backbone(base_dir)
     lora_config.inference_mode = True
     targets = lora_config.target_modules
@@ -141,7 +140,7 @@ def merge_lora(base_dir: Path, lora_dir: Path):
     if missing or unexpected:
         raise BundleError(f"{weights}: LoRA tensors do not match the base model {base_dir} "
                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    return peft_model.merge_and_unload(), backbone_kwargs
+    return peft_model.merge_and_unload()
 
 
 def import_fusar_gpt(base: str | Path, lora: str | Path, tlm: str | Path | None, out: str | Path,
@@ -176,21 +175,26 @@ def import_fusar_gpt(base: str | Path, lora: str | Path, tlm: str | Path | None,
         copy_files[GENERATION_CONFIG] = gen_path
     tok_path = lora / "tokenizer.json" if (lora / "tokenizer.json").is_file() else base / "tokenizer.json"
     tokenizer = TextTokenizer.from_file(tok_path)
-    progress(f"[1/3] loading {base} and merging the LoRA adapter {lora}")
-    merged, backbone_kwargs = merge_lora(base, lora)
     config = FusarConfig(
         name=f"fusar-gpt:{base.name}",
-        backbone=backbone_kwargs,
+        backbone=load_backbone_json(base / "config.json"),
         chip_size=chip_size,
         tlm=tlm_config,
         grasp=GRASPConfig(enabled=False),
         max_new_tokens=REFERENCE_MAX_NEW_TOKENS,
         prompt_style="reference",
     )
-    try:
+    try:  # before minutes of loading and merging: a bad chip size is named now
         config.validate()
     except BundleError as exc:
-        raise BundleError(f"--chip: {exc}") from None
+        msg = str(exc)
+        if msg.startswith("chip_size"):
+            where = f"{tlm / 'tlm_config.json'}: image_size" if tlm is not None else "--chip"
+        else:
+            where = str(base / "config.json")
+        raise BundleError(f"{where}: {msg}") from None
+    progress(f"[1/3] loading {base} and merging the LoRA adapter {lora}")
+    merged = merge_lora(base, lora)
     model = FusarModel(config, backbone=merged)
     if model.tlm is not None:
         try:

@@ -87,7 +87,6 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
     rows = _rows(args.data)
     chip = rows[0].get("coordinate_size", 504)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     peft_model = None
     if args.stage == 0:
         cfg = preset(args.preset)
@@ -132,6 +131,7 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
     builder = SampleBuilder(cfg, tok, max_length=args.max_length, use_anchors=not args.no_aef)
     for row in rows:  # every row is checked (length, files) before the first step, not hours later
         builder(row)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
     log_path = out / "train_log.jsonl"
     with log_path.open("a", encoding="utf-8") as log:
         result = train(model, params, rows, builder, settings, out, show_progress,
