@@ -112,7 +112,8 @@ def test_answers_agree_with_the_ground_truth(ds):
             assert r["answer"] == str(t["counts"]["ship"])
         if r["task"] == "detect":
             assert r["question"] == DETECT_PROMPT.replace("{label}", "ship")
-            ships = [x["box"] for x in t["targets"] if x["label"] == "ship"]
+            # in reading order: top to bottom, then left to right
+            ships = sorted((x["box"] for x in t["targets"] if x["label"] == "ship"), key=lambda b: (b[1], b[0]))
             assert r["answer"] == ("None" if not ships else json.dumps([{"bbox_2d": b, "label": "ship"} for b in ships]))
         if r["task"] == "classify":
             box = json.loads(r["question"][r["question"].index("["):r["question"].index("]") + 1])

@@ -160,3 +160,83 @@ def test_bad_manifests_are_one_line_and_write_nothing(data, tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("fusar-edge: error:"), (name, err)
         assert all(w in err[0] for w in words), (name, err[0])
         assert not out.exists(), name
+
+
+def test_stage2_grasp_trains_prompts_and_projections_and_imports_on(data, stage0, tmp_path, capsys):
+    ds, small = data
+    s1, s2, bundle = tmp_path / "s1", tmp_path / "s2", tmp_path / "bundle"
+    settings = TrainSettings(epochs=2, lr=1e-2, grad_accum=1, seed=4)
+    run_stage(StageArgs(stage=1, data=[str(small)], out=s1, base=stage0 / "base", init_tlm=stage0,
+                        settings=TrainSettings(epochs=1, lr=1e-3, grad_accum=2, seed=1)), show_progress=False)
+    assert main(["train", "--stage", "2", "--base", str(stage0 / "base"), "--init-adapter", str(s1), "--data",
+                 str(small), "--out", str(s2), "--grasp", "--grasp-grid", "2x2", "--grasp-k", "2",
+                 "--grasp-proj-dim", "16", "--epochs", "2", "--lr", "1e-2", "--grad-accum", "1", "--seed", "4",
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["grasp"].startswith("trained") and summary["steps"] == 4
+
+    # what stage 2 would start from with the same seed: GRASP's fresh initialisation
+    from fusar_edge.config import GRASPConfig
+    from fusar_edge.model.grasp import GRASP
+
+    torch.manual_seed(settings.seed)
+    cfg = json.loads((s2 / "grasp_config.json").read_text())
+    assert cfg["grid"] == [2, 2] and cfg["k"] == 2 and cfg["proj_dim"] == 16 and cfg["hidden_size"] == 192
+    trained = load_file(str(s2 / "grasp.safetensors"))
+    assert set(trained) == {"prompts", "w_q.weight", "w_q.bias", "w_k.weight", "w_k.bias"}
+    # the projections always learn; the prompts of the k blocks chosen for these rows do
+    init = GRASP(192, (2, 2), 16, 1, "topk", 2).state_dict()
+    assert not torch.allclose(trained["w_q.weight"], init["w_q.weight"])
+    assert not torch.allclose(trained["w_k.weight"], init["w_k.weight"])
+    moved = [not torch.allclose(trained["prompts"][i], init["prompts"][i]) for i in range(4)]
+    assert sum(moved) >= 2
+    film1 = torch.load(s1 / "vec64_film.pt", weights_only=True)["film_mlp"]
+    film2 = torch.load(s2 / "vec64_film.pt", weights_only=True)["film_mlp"]
+    assert all(torch.equal(film2[k], film1[k]) for k in film1)  # TLM stays frozen in stage 2
+
+    assert main(["import-fusar-gpt", str(stage0 / "base"), str(s2), str(s2), "--out", str(bundle)]) == 0
+    fusar = json.loads((bundle / "fusar.json").read_text())
+    assert fusar["grasp"]["enabled"] is True and fusar["grasp"]["proj_dim"] == 16
+    saved = load_file(str(bundle / "fusar_modules.safetensors"))
+    assert torch.allclose(saved["grasp.prompts"].float(), trained["prompts"])
+    from fusar_edge.runtime import Runtime
+
+    row = json.loads(small.read_text().splitlines()[0])
+    ans = Runtime.open(bundle).ask(ds / row["image"], row["question"], anchors=ds / row["aef"], max_new_tokens=3)
+    w = ans.grasp_weights
+    assert len(w) == 4 and sum(x > 0 for x in w) == 2 and abs(sum(w) - 1) < 1e-5
+
+    # GRASP belongs to stage 2; a bad grid is named
+    assert main(["train", "--stage", "1", "--base", str(stage0 / "base"), "--data", str(small), "--out",
+                 str(tmp_path / "x"), "--grasp"]) == 2
+    assert "stage 2" in capsys.readouterr().err
+    assert main(["train", "--stage", "2", "--base", str(stage0 / "base"), "--init-adapter", str(s1), "--data",
+                 str(small), "--out", str(tmp_path / "y"), "--grasp", "--grasp-grid", "2by2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--grasp-grid" in err[0] and not (tmp_path / "y").exists()
+
+
+def test_image_groups_share_one_vision_pass_and_match_row_by_row_gradients(data):
+    """The grouped loss (one ViT forward for an image's rows) is the mean of the per-row losses."""
+    from fusar_edge.config import preset
+    from fusar_edge.model.bundle import build_random
+    from fusar_edge.tokenizer import TextTokenizer
+    from fusar_edge.train.samples import SampleBuilder, read_manifest
+
+    ds, _ = data
+    rows = read_manifest(ds / "stage1-train.jsonl") + read_manifest(ds / "stage2-train.jsonl")
+    groups = loop.image_groups(rows)
+    assert sorted(i for g in groups for i in g) == list(range(len(rows)))
+    assert all(len({rows[i]["image"] for i in g}) == 1 for g in groups) and max(map(len, groups)) > 1
+    cfg = preset("demo")
+    model = build_random(cfg, seed=5).train()
+    build = SampleBuilder(cfg, TextTokenizer.demo())
+    group = [build(rows[i]) for i in max(groups, key=len)]
+    loop.group_loss(model, group).backward()
+    grouped = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    for s in group:
+        (loop.sample_loss(model, s) / len(group)).backward()
+    for n, p in model.named_parameters():
+        if n in grouped:
+            assert torch.allclose(grouped[n], p.grad, rtol=1e-4, atol=1e-6), n

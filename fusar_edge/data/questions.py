@@ -9,7 +9,7 @@ land, else ``clean``) and ``scene``; the reference ignores keys it does not use.
 - **stage 2 (tasks)**: counting ("How many ships ...?" -> "3"), 3x3-grid localisation of a
   single target ("top-left"), classification of the object in a given box ("ship", "aircraft",
   "oil tank", "building", "rock"), and detection with the reference's detection prompt
-  (``[{"bbox_2d": [x1, y1, x2, y2], "label": "ship"}]`` in chip pixels, or ``None``).
+  (``[{"bbox_2d": [x1, y1, x2, y2], "label": "ship"}]`` in chip pixels, reading order, or ``None``).
 
 Boxes in answers are in the chip frame (``coordinate_size``): the scene's pixel box scaled by
 ``coordinate_size / scene side``, x2/y2 as the pixel just past the target.
@@ -71,6 +71,9 @@ def scene_rows(rng: np.random.Generator, scene_id: str, image: str, aef: str, co
                targets: list[Target], size: int, group: str) -> tuple[list[dict], list[dict]]:
     """(stage-1 caption rows, stage-2 task rows) for one scene."""
     scale = size / cover.shape[0]
+    # Reading order (top to bottom, then left to right), as detection models list boxes: an
+    # order the model can learn, where the generator's placement order would be noise.
+    targets = sorted(targets, key=lambda t: (t.box[1], t.box[0]))
     base = {"image": image, "aef": aef, "coordinate_size": size, "scene": scene_id, "group": group}
     captions = [{"id": f"{scene_id}-caption", **base, "task": "caption",
                  "question": str(rng.choice(CAPTION_QUESTIONS)), "answer": caption(cover, targets, size, scale)}]

@@ -89,10 +89,15 @@ class FusarModel(nn.Module):
 
     # -- stage 2: fusion ------------------------------------------------------------------
     def question_vector(self, question_ids: torch.Tensor) -> torch.Tensor:
-        """GRASP's ``q``: mean final hidden state over the question tokens, text-only pass."""
+        """GRASP's ``q``: mean final hidden state over the question tokens, text-only pass.
+
+        No gradient: GRASP reads the frozen LLM's view of the question; training moves the
+        prompts and projections, not the question encoding (and skips a backward pass).
+        """
         ids = question_ids.view(1, -1).to(self.device)
-        out = self.language_model(input_ids=ids, position_ids=text_positions(0, ids.shape[1]).to(self.device),
-                                  use_cache=False)
+        with torch.no_grad():
+            out = self.language_model(input_ids=ids, position_ids=text_positions(0, ids.shape[1]).to(self.device),
+                                      use_cache=False)
         return out.last_hidden_state[0].mean(dim=0)
 
     def fusion(self, input_ids: torch.Tensor, layout: SequenceLayout, visual_tokens: torch.Tensor,

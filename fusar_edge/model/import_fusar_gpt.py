@@ -11,7 +11,9 @@ Inputs (kklvyyhadr/FUSAR-GPT, MIT):
   need the training sigma given explicitly (the reference demands the same).
 
 The LoRA is merged into the base weights (PEFT ``merge_and_unload``), the TLM MLP is
-converted to safetensors, GRASP stays off (FUSAR-GPT has none), and a bundle is written with
+converted to safetensors, GRASP stays off (FUSAR-GPT has none) unless the LORA folder holds
+``grasp_config.json`` + ``grasp.safetensors`` (``fusar-edge train --stage 2 --grasp`` writes
+them; ``model.grasp_checkpoint``), and a bundle is written with
 what the reference inference does around the forward: the base folder's
 ``generation_config.json`` copied unchanged (``generate(do_sample=False)`` applies it, e.g.
 Qwen2.5-VL-Instruct's ``repetition_penalty: 1.05``), up to 2048 new tokens (the reference's
@@ -32,6 +34,7 @@ from ..errors import BundleError
 from ..generation import GENERATION_CONFIG, GenerationSettings
 from .bundle import load_backbone, save_bundle
 from .fusar import FusarModel
+from .grasp_checkpoint import GRASP_CONFIG, GRASP_WEIGHTS, has_grasp, read_grasp
 
 TLM_FORMAT = "tlm_original_train_patch_resize_v1"
 # Adapters saved with transformers < 4.52 use the old Qwen2.5-VL module layout (``model.layers``,
@@ -175,12 +178,16 @@ def import_fusar_gpt(base: str | Path, lora: str | Path, tlm: str | Path | None,
         copy_files[GENERATION_CONFIG] = gen_path
     tok_path = lora / "tokenizer.json" if (lora / "tokenizer.json").is_file() else base / "tokenizer.json"
     tokenizer = TextTokenizer.from_file(tok_path)
+    backbone = load_backbone_json(base / "config.json")
+    grasp_config, grasp_state = GRASPConfig(enabled=False), None
+    if has_grasp(lora):
+        grasp_config, grasp_state = read_grasp(lora, int(backbone["text_config"]["hidden_size"]))
     config = FusarConfig(
         name=f"fusar-gpt:{base.name}",
-        backbone=load_backbone_json(base / "config.json"),
+        backbone=backbone,
         chip_size=chip_size,
         tlm=tlm_config,
-        grasp=GRASPConfig(enabled=False),
+        grasp=grasp_config,
         max_new_tokens=REFERENCE_MAX_NEW_TOKENS,
         prompt_style="reference",
     )
@@ -206,5 +213,14 @@ def import_fusar_gpt(base: str | Path, lora: str | Path, tlm: str | Path | None,
         progress(f"[2/3] TLM: sigma {config.tlm.sigma}, hidden_mult {config.tlm.hidden_mult}, chip {config.chip_size}")
     else:
         progress(f"[2/3] no TLM (trained without AEF), chip {config.chip_size}")
+    if model.grasp is not None:
+        try:
+            model.grasp.load_state_dict(grasp_state, strict=True)
+        except RuntimeError as exc:
+            raise BundleError(f"{lora / GRASP_WEIGHTS}: does not fit {lora / GRASP_CONFIG} "
+                              f"({' '.join(str(exc).split())[:400]})") from None
+        model.grasp.to(merged.dtype)
+        g = config.grasp
+        progress(f"      GRASP: grid {g.grid[0]}x{g.grid[1]}, {g.selector} k {g.k}, prompt_len {g.prompt_len}")
     progress(f"[3/3] writing bundle {out}")
     return save_bundle(model, tokenizer, out, overwrite=overwrite, copy_files=copy_files)

@@ -9,7 +9,10 @@
   ``train_tlm.py`` does) + the TLM MLP; reference defaults 30 epochs, lr 1e-4. The TLM starts
   from ``--init-tlm`` when given (the demo continues stage 0's), else fresh.
 - **stage 2** (tasks): the same LoRA continued (``--init-adapter``), TLM frozen; reference
-  defaults 5 epochs, lr 1e-5.
+  defaults 5 epochs, lr 1e-5. With ``--grasp`` (GRASP's recipe: the backbone frozen up to the
+  LoRA, the region prompts and the W_q / W_k projections learned), GRASP is added fresh and
+  trained with the LoRA; its weights are saved beside the adapter (``grasp.safetensors`` +
+  ``grasp_config.json``, see ``model.grasp_checkpoint``) and ``import-fusar-gpt`` turns it on.
 
 Stages 1 and 2 save the **reference checkpoint layout** into ``OUT``: the PEFT adapter
 (``adapter_config.json`` + ``adapter_model.safetensors``), ``vec64_film.pt``
@@ -33,6 +36,7 @@ from ..config import FusarConfig, GRASPConfig, TLMConfig, load_backbone_json, pr
 from ..errors import InputError
 from ..model.bundle import build_random, load_backbone
 from ..model.fusar import FusarModel
+from ..model.grasp_checkpoint import save_grasp
 from ..model.import_fusar_gpt import TLM_FORMAT, read_film_state, read_tlm_config
 from ..tokenizer import TextTokenizer
 from .loop import TrainSettings, train
@@ -53,6 +57,7 @@ class StageArgs:
     init_tlm: Path | None = None
     no_aef: bool = False
     sigma: float = 2.0
+    grasp: GRASPConfig | None = None  # stage 2 only: train GRASP (enabled) with the LoRA
     max_length: int = 2048
     settings: TrainSettings | None = None
 
@@ -83,6 +88,8 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
     """Run one stage; writes its outputs into ``args.out`` atomically (checkpoints live there meanwhile)."""
     if args.stage not in (0, 1, 2):
         raise InputError(f"--stage: expected 0, 1 or 2, got {args.stage}")
+    if args.grasp is not None and args.stage != 2:
+        raise InputError(f"--grasp: GRASP trains in stage 2 (with the task data), not stage {args.stage}")
     settings = args.settings or TrainSettings(**DEFAULTS[args.stage])
     rows = _rows(args.data)
     chip = rows[0].get("coordinate_size", 504)
@@ -109,6 +116,8 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
         tlm_cfg = None if args.no_aef or tlm_dir is None else read_tlm_config(Path(tlm_dir), None)
         sigma = float(tlm_cfg["sigma"]) if tlm_cfg else args.sigma
         cfg = _config_for_base(base, chip, not args.no_aef, sigma)
+        if args.grasp is not None:
+            cfg.grasp = args.grasp
         backbone = load_backbone(base, dtype=torch.float32)
         from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
@@ -120,12 +129,15 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
             if args.init_adapter is None:
                 raise InputError("--init-adapter: stage 2 continues stage 1's LoRA (its OUT directory)")
             peft_model = PeftModel.from_pretrained(backbone, str(args.init_adapter), is_trainable=True)
+        torch.manual_seed(settings.seed)  # a new GRASP's initial prompts and projections
         model = FusarModel(cfg, backbone=peft_model.get_base_model())
         if model.tlm is not None and tlm_dir is not None:
             model.tlm.film_mlp.load_state_dict(read_film_state(Path(tlm_dir)))
         params = {n: p for n, p in model.named_parameters() if "lora_" in n}
         if args.stage == 1 and model.tlm is not None:
             params.update({n: p for n, p in model.named_parameters() if n.startswith("tlm.")})
+        if model.grasp is not None:
+            params.update({n: p for n, p in model.named_parameters() if n.startswith("grasp.")})
     for name, p in model.named_parameters():
         p.requires_grad_(name in params)
     builder = SampleBuilder(cfg, tok, max_length=args.max_length, use_anchors=not args.no_aef)
@@ -138,7 +150,8 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
                        log=lambda e: log.write(json.dumps(e) + "\n"))
     _save(args, model, tok, peft_model, out)
     summary = {"stage": args.stage, "rows": len(rows), "data": [str(d) for d in args.data],
-               "grasp": "off: GRASP training is not implemented yet",
+               "grasp": (f"trained: grid {list(cfg.grasp.grid)}, k {cfg.grasp.k}, prompt_len {cfg.grasp.prompt_len}"
+                         if model.grasp is not None else "off"),
                "trainable_parameters": sum(p.numel() for p in params.values()), "no_aef": args.no_aef,
                "settings": vars(settings), **{k: v for k, v in result.items() if k != "history"},
                "final_loss": result["history"][-1]["loss"] if result["history"] else None}
@@ -156,6 +169,8 @@ def _save(args: StageArgs, model: FusarModel, tok: TextTokenizer, peft_model, ou
         else:
             peft_model.save_pretrained(str(tmp))
             tok.save(tmp)
+        if model.grasp is not None:
+            save_grasp(model.grasp, model.config.grasp, model.config.hidden_size, tmp)
         if model.tlm is not None:
             torch.save({"film_mlp": model.tlm.film_mlp.state_dict()}, tmp / "vec64_film.pt")
             cfg = model.config

@@ -96,7 +96,8 @@ class SampleBuilder:
         pixels, grid = self._image(root / row["image"])
         anchors = self._anchor(root / row["aef"]) if self.use_anchors else None
         question = reference_question(row["question"])
-        seq = build_sequence(self.tok, question, cfg.num_visual_tokens, 0, cfg.system_prompt)
+        grasp_len = cfg.grasp.prompt_len if cfg.grasp.enabled else 0  # the slots the runtime leaves for it
+        seq = build_sequence(self.tok, question, cfg.num_visual_tokens, grasp_len, cfg.system_prompt)
         prompt = seq.input_ids
         if with_answer:
             answer = row["answer"] if isinstance(row["answer"], str) else json.dumps(row["answer"], ensure_ascii=False)
