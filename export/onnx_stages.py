@@ -687,15 +687,15 @@ def parity_report(model, tokenizer, onnx_dir: str | Path, n_prompts: int = 3, *,
             errs["fusion"] = _rel(ort_side.to_numpy(e_o), e_t.float())
             if w_t is not None:
                 errs["grasp_weights"] = _rel(w_o, w_t.float())
-            logits_t = torch_side.prefill(e_t, positions, full=True)
-            logits_o = ort_side.prefill(e_o, positions, full=True)
+            logits_t, state_t = torch_side.prefill(e_t, positions, full=True)
+            logits_o, state_o = ort_side.prefill(e_o, positions, full=True)
             errs["prefill_logits"] = _rel(logits_o, logits_t)
             tok_t = [int(logits_t[0, -1, :vocab].argmax())]
             tok_o = [int(np.asarray(logits_o)[0, -1, :vocab].argmax())]
             pos = next_pos
             for step in range(new_tokens - 1):
-                lt = torch_side.step(tok_t[-1], pos)
-                lo = ort_side.step(tok_o[-1], pos)
+                lt, state_t = torch_side.step(tok_t[-1], pos, state_t)
+                lo, state_o = ort_side.step(tok_o[-1], pos, state_o)
                 if step == 0:
                     errs["decode_logits"] = _rel(lo, lt)
                 pos += 1

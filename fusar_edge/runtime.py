@@ -92,17 +92,19 @@ class TorchStages:
     """The torch model behind the runtime's stage interface (``OnnxStages`` is the ONNX Runtime one).
 
     ``vision`` / ``fusion`` are the model's stages (one image); ``prefill_batch`` runs the
-    decoder over B fused sequences of one length (``stack`` joins them) and keeps their KV
-    cache, ``step_batch`` feeds one token per sequence; both return the last position's
-    logits ``[B, V]``. ``prefill`` / ``step`` are the one-sequence forms (``[V]``, or
+    decoder over B fused sequences of one length (``stack`` joins them), ``step_batch`` feeds
+    one token per sequence; both return the last position's logits ``[B, V]`` and the KV state
+    to pass to the next step. ``prefill`` / ``step`` are the one-sequence forms (``[V]``, or
     ``[1, L, V]`` with ``full``).
+
+    Stateless: the KV cache belongs to the caller (one per request), so one object serves
+    any number of threads; the model's weights are only read.
     """
 
     def __init__(self, model):
         self.model = model
         self.has_grasp = model.grasp is not None
         self.has_tlm = model.tlm is not None
-        self._cache = None
 
     def vision(self, pixels, grid_thw, anchors=None):
         return self.model.vision(pixels, grid_thw, anchors)
@@ -116,29 +118,26 @@ class TorchStages:
 
     def prefill_batch(self, embeds, positions):
         b = embeds.shape[0]
-        logits, self._cache = self.model.decoder(embeds, positions.expand(3, b, -1), last_only=True)
-        return logits[:, -1]
+        logits, cache = self.model.decoder(embeds, positions.expand(3, b, -1), last_only=True)
+        return logits[:, -1], cache
 
-    def step_batch(self, tokens: list[int], position: int):
+    def step_batch(self, tokens: list[int], position: int, state):
         model = self.model
         ids = torch.tensor(tokens, device=model.device).view(-1, 1)
         embeds = model.language_model.embed_tokens(ids)
         pos = text_positions(position, 1).expand(3, len(tokens), 1)
-        logits, self._cache = model.decoder(embeds, pos, self._cache, last_only=True)
-        return logits[:, -1]
+        logits, cache = model.decoder(embeds, pos, state, last_only=True)
+        return logits[:, -1], cache
 
     def prefill(self, embeds, positions, full: bool = False):
         if not full:
-            return self.prefill_batch(embeds, positions)[0]
-        logits, self._cache = self.model.decoder(embeds, positions)
-        return logits
+            logits, state = self.prefill_batch(embeds, positions)
+            return logits[0], state
+        return self.model.decoder(embeds, positions)
 
-    def step(self, token: int, position: int):
-        return self.step_batch([token], position)[0]
-
-    def reset(self) -> None:
-        """Drop the KV cache of the last sequence."""
-        self._cache = None
+    def step(self, token: int, position: int, state):
+        logits, state = self.step_batch([token], position, state)
+        return logits[0], state
 
 
 @dataclass
@@ -157,6 +156,15 @@ class Request:
 
 
 class Runtime:
+    """A bundle opened for questions: ``Runtime.open(...)``, then ``ask(image, question)``.
+
+    Concurrency contract: one Runtime may be shared by threads. ``ask`` keeps every piece of
+    per-request state (KV cache, timers, picker) in the call, the stages only read weights,
+    and the tile store's reader is thread-safe; concurrent calls answer exactly as sequential
+    ones do. Each call runs its own forwards (no cross-request batching here), so give the
+    backend's thread pool (``threads=``) the cores that concurrent calls will share.
+    """
+
     def __init__(self, model, tokenizer, weights: str, source: str, backend: str = "torch",
                  max_image_side: int = 20000, tiles: TileStore | None = None,
                  anchor_grid: tuple[int, int] = DEFAULT_GRID, allow_empty_anchors: bool = False,
@@ -396,10 +404,7 @@ class Runtime:
         with timer.stage("fusion"):
             embeds, grasp_w = stages.fusion(seq.input_ids, seq.layout, visual, seq.question_ids)
         picker = GreedyPicker(generation, seq.input_ids.tolist(), self.tokenizer.stop_ids)
-        try:
-            ids, decode_ms = self._generate(embeds, req.positions, req.next_position, limit, timer, picker)
-        finally:
-            stages.reset()  # the KV cache is not kept between questions
+        ids, decode_ms = self._generate(embeds, req.positions, req.next_position, limit, timer, picker)
         text = self.tokenizer.decode(ids).strip()
         with timer.stage("parse"):
             parsed = tasks.parse_answer(task, text, chip_size=cfg.chip_size, image_size=(img.height, img.width),
@@ -426,14 +431,15 @@ class Runtime:
         settings, then argmax)."""
         stages = self.stages
         with timer.stage("prefill"):
-            token = picker(stages.prefill(embeds, positions))
+            logits, state = stages.prefill(embeds, positions)  # this request's own KV cache
+            token = picker(logits)
         ids, decode_ms = [], []
         while not picker.is_stop(token):
             ids.append(token)
             if len(ids) >= limit:
                 break
             t0 = time.perf_counter()
-            logits = stages.step(token, next_pos)
+            logits, state = stages.step(token, next_pos, state)
             next_pos += 1
             token = picker(logits)
             decode_ms.append((time.perf_counter() - t0) * 1e3)

@@ -101,7 +101,12 @@ def resolve_providers(providers=None, device: str = "auto") -> list:
 
 
 class OnnxStages:
-    """The exported stages of one bundle in ONNX Runtime sessions (one sequence at a time)."""
+    """The exported stages of one bundle in ONNX Runtime sessions.
+
+    Stateless like ``TorchStages``: ``prefill*`` return the KV state (``(present values, length)``)
+    that the caller passes to ``step*``; ONNX Runtime's ``run`` is thread-safe, and each call
+    binds its own inputs and outputs, so threads can share one object.
+    """
 
     def __init__(self, onnx_dir: str | Path, providers=None, device: str = "auto", bundle=None,
                  session_options=None, threads: int | None = None):
@@ -142,8 +147,6 @@ class OnnxStages:
         self.kv_heads, self.head_dim = int(s["decoder"]["num_kv_heads"]), int(s["decoder"]["head_dim"])
         dec_inputs = {i.name: i for i in self.sessions["decoder"].get_inputs()}
         self.kv_dtype = _NP.get(dec_inputs["past_key_values.0.key"].type, np.float32)
-        self._past: list | None = None
-        self._total = 0
 
     # -- plumbing -----------------------------------------------------------------------------
     def _value(self, array: np.ndarray):
@@ -274,8 +277,8 @@ class OnnxStages:
             return embeds[0]
         return self._value(np.concatenate([self.to_numpy(e) for e in embeds], axis=0))
 
-    def prefill_batch(self, embeds, positions) -> np.ndarray:
-        """Run B sequences of one length; -> the last position's logits ``[B, V]``."""
+    def prefill_batch(self, embeds, positions) -> tuple[np.ndarray, tuple]:
+        """Run B sequences of one length; -> (the last position's logits ``[B, V]``, KV state)."""
         pos = np.asarray(positions.numpy() if hasattr(positions, "numpy") else positions, dtype=np.int64)
         if isinstance(embeds, np.ndarray) or not hasattr(embeds, "numpy"):
             embeds = np.asarray(embeds)
@@ -283,36 +286,33 @@ class OnnxStages:
         pos = np.ascontiguousarray(np.broadcast_to(pos, (3, batch, pos.shape[-1])))
         length = pos.shape[-1]
         outs = self._decoder(embeds, pos, self._empty_past(batch), length, self._outputs())
-        self._past, self._total = outs[1:], length
-        return outs[0].numpy()[:, -1]
+        return outs[0].numpy()[:, -1], (outs[1:], length)
 
-    def step_batch(self, tokens: list[int], position: int) -> np.ndarray:
-        """One decode step per sequence at M-RoPE text position ``position``; -> logits ``[B, V]``."""
-        if self._past is None:
+    def step_batch(self, tokens: list[int], position: int, state) -> tuple[np.ndarray, tuple]:
+        """One decode step per sequence at M-RoPE text position ``position``; -> (logits ``[B, V]``, state)."""
+        if state is None:
             raise FusarError("decode step before prefill")
+        past, total = state
         embeds = self.embed(np.asarray(tokens, np.int64).reshape(-1, 1))
         pos = np.full((3, len(tokens), 1), position, np.int64)
-        outs = self._decoder(embeds, pos, self._past, self._total + 1, self._outputs())
-        self._past, self._total = outs[1:], self._total + 1
-        return outs[0].numpy()[:, -1]
+        outs = self._decoder(embeds, pos, past, total + 1, self._outputs())
+        return outs[0].numpy()[:, -1], (outs[1:], total + 1)
 
-    def prefill(self, embeds, positions, full: bool = False) -> np.ndarray:
-        """Run the whole sequence; -> the last position's logits ``[V]`` (``full``: ``[1, L, V]``)."""
+    def prefill(self, embeds, positions, full: bool = False) -> tuple[np.ndarray, tuple]:
+        """Run the whole sequence; -> (the last position's logits ``[V]`` (``full``: ``[1, L, V]``), state)."""
         if not full:
-            return self.prefill_batch(embeds, positions)[0]
+            logits, state = self.prefill_batch(embeds, positions)
+            return logits[0], state
         pos = np.asarray(positions.numpy() if hasattr(positions, "numpy") else positions, dtype=np.int64)
         if isinstance(embeds, np.ndarray) or not hasattr(embeds, "numpy"):
             embeds = np.asarray(embeds)
         outs = self._decoder(embeds, pos, self._empty_past(), pos.shape[-1], self._outputs())
-        self._past, self._total = outs[1:], pos.shape[-1]
-        return outs[0].numpy()
+        return outs[0].numpy(), (outs[1:], pos.shape[-1])
 
-    def step(self, token: int, position: int) -> np.ndarray:
-        """One decode step at M-RoPE text position ``position``; -> logits ``[V]``."""
-        return self.step_batch([token], position)[0]
+    def step(self, token: int, position: int, state) -> tuple[np.ndarray, tuple]:
+        """One decode step at M-RoPE text position ``position``; -> (logits ``[V]``, state)."""
+        logits, state = self.step_batch([token], position, state)
+        return logits[0], state
 
     def _outputs(self) -> list[str]:
         return ["logits", *(f"present.{i}.{w}" for i in range(self.num_layers) for w in ("key", "value"))]
-
-    def reset(self) -> None:
-        self._past, self._total = None, 0

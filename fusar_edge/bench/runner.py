@@ -165,19 +165,18 @@ def run_request(rt, settings: BenchSettings, clock: StageClock) -> dict:
     embeds = stages.stack([stages.fusion(r.sequence.input_ids, r.sequence.layout, v, r.sequence.question_ids)[0]
                            for r, v in zip(reqs, visual)])
     clock.mark("fusion")
-    try:
-        stop = rt.tokenizer.stop_ids
-        tokens = _argmax(stages.prefill_batch(embeds, reqs[0].positions), stop)
-        clock.mark("prefill")
-        generated = [tokens]
-        position = reqs[0].next_position
-        for _ in range(settings.new_tokens - 1):
-            tokens = _argmax(stages.step_batch(tokens, position), stop)
-            position += 1
-            clock.mark("decode")
-            generated.append(tokens)
-    finally:
-        stages.reset()
+    stop = rt.tokenizer.stop_ids
+    logits, state = stages.prefill_batch(embeds, reqs[0].positions)
+    tokens = _argmax(logits, stop)
+    clock.mark("prefill")
+    generated = [tokens]
+    position = reqs[0].next_position
+    for _ in range(settings.new_tokens - 1):
+        logits, state = stages.step_batch(tokens, position, state)
+        tokens = _argmax(logits, stop)
+        position += 1
+        clock.mark("decode")
+        generated.append(tokens)
     clock.mark("other")
     return {"anchor": anchors[0][1], "sequence_length": int(reqs[0].sequence.input_ids.numel()),
             "tokens": [list(seq) for seq in zip(*generated)]}
