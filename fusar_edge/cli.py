@@ -129,13 +129,14 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="replace DIR if it exists")
     x.add_argument("--json", action="store_true", help="print the export report as JSON")
 
-    from . import cli_bench, cli_data, cli_eval, cli_tiles, cli_train
+    from . import cli_bench, cli_data, cli_eval, cli_serve, cli_tiles, cli_train
 
     cli_tiles.add_parser(sub)
     cli_bench.add_parser(sub)
     cli_data.add_parser(sub)
     cli_train.add_parser(sub)
     cli_eval.add_parser(sub)
+    cli_serve.add_parser(sub)
 
     s = sub.add_parser("sample", help="write a synthetic SAR scene, its AEF tile store and anchors to try `ask` on",
                        description="One scene from the same generator as `data synth` (sea or coast, with ships): "
@@ -268,6 +269,12 @@ def cmd_data(args) -> int:
     return cli_data.run(args)
 
 
+def cmd_serve(args) -> int:
+    from . import cli_serve
+
+    return cli_serve.run(args)
+
+
 def cmd_tiles(args) -> int:
     from . import cli_tiles
 
@@ -276,8 +283,8 @@ def cmd_tiles(args) -> int:
 
 COMMANDS = {"ask": cmd_ask, "info": cmd_info, "import-fusar-gpt": cmd_import, "sample": cmd_sample,
             "tiles": cmd_tiles, "export": cmd_export, "bench": cmd_bench, "data": cmd_data,
-            "train": cmd_train, "eval": cmd_eval}
-MODEL_COMMANDS = ("ask", "info", "import-fusar-gpt", "export", "bench", "train", "eval")  # the ones that load transformers
+            "train": cmd_train, "eval": cmd_eval, "serve": cmd_serve}
+MODEL_COMMANDS = ("ask", "info", "import-fusar-gpt", "export", "bench", "train", "eval", "serve")  # the ones that load transformers
 
 
 def main(argv: list[str] | None = None) -> int:

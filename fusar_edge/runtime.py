@@ -418,7 +418,7 @@ class Runtime:
                    "chip_size": cfg.chip_size},
             model={"source": self.source, "preset": cfg.name, "weights": self.weights, "backend": self.backend,
                    **({"untrained": True} if cfg.untrained else {}),
-                   "new_tokens": len(ids), "max_new_tokens": limit, "prompt_style": cfg.prompt_style,
+                   "prompt_tokens": int(seq.input_ids.numel()), "new_tokens": len(ids), "max_new_tokens": limit, "prompt_style": cfg.prompt_style,
                    "prompt": req.prompt, "generation": generation.record(),
                    **({"onnx": self.stages.dir.name} if hasattr(self.stages, "dir") else {})},
             grasp_weights=[round(float(w), 6) for w in grasp_w] if grasp_w is not None else None,

@@ -1,0 +1,1 @@
+"""``fusar-edge serve``: the runtime over HTTP (FastAPI + uvicorn)."""

@@ -1,0 +1,397 @@
+"""The HTTP API over one shared ``Runtime`` (FastAPI; run by uvicorn in ``cli_serve``).
+
+Routes:
+
+- ``POST /v1/ask``: multipart form: ``image`` (file) or ``path`` (under an ``--allow-dir``),
+  ``question``; optional ``task``, ``label``, ``bbox`` (``LON_MIN,LAT_MIN,LON_MAX,LAT_MAX``),
+  ``date`` (YYYY-MM-DD), ``anchors`` (an .npz/.npy file), ``max_new_tokens``, ``no_anchors``.
+  Returns the JSON of ``fusar-edge ask --json``.
+- ``POST /v1/chat/completions``: OpenAI's chat format; the last user message's text is the
+  question and its one ``image_url`` part a ``data:`` URL (the server fetches nothing).
+  Greedy decoding, so sampling fields are ignored; ``max_tokens`` caps the answer. The
+  answer's fusar-edge JSON rides along as ``fusar``.
+- ``GET /healthz`` (no token needed), ``GET /metrics`` (Prometheus text).
+
+Every error is JSON in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``,
+with the field named; never a stack trace (those go to the server log).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import logging
+import math
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from ..errors import FusarError, InputError
+from .metrics import ServerMetrics
+from .pool import AskPool, Busy, TimedOut
+
+log = logging.getLogger("fusar_edge.serve")
+
+IMAGE_SUFFIXES = {".tif", ".tiff", ".png", ".jpg", ".jpeg"}
+ANCHOR_SUFFIXES = {".npz", ".npy"}
+DATA_URL_TYPES = {"image/png": ".png", "image/tiff": ".tif", "image/jpeg": ".jpg"}
+RETRY_AFTER_S = 2
+
+
+@dataclass
+class ServeSettings:
+    token: str | None = None  # bearer token; None: no authentication (loopback use)
+    allow_dirs: list[Path] = field(default_factory=list)  # where `path` may point
+    workers: int = 2
+    max_queue: int = 16
+    timeout_s: float = 120.0
+    max_upload_bytes: int = 64 << 20
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+
+def _error_body(message: str, kind: str, param: str | None, status: int) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+class BodyLimit:
+    """Refuse bodies over ``limit`` bytes with 413: by Content-Length before reading, and by
+    counting for chunked bodies (the app's own answer is then replaced by the 413)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def _send_413(self, send) -> None:
+        body = JSONResponse(_error_body(f"request body: larger than the server's limit of {self.limit} bytes "
+                                        "(--max-upload-mb)", "request_too_large", None, 413), status_code=413)
+        await send({"type": "http.response.start", "status": 413, "headers": body.raw_headers})
+        await send({"type": "http.response.body", "body": body.body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            return await self._send_413(send)
+        state = {"received": 0, "over": False, "replaced": False}
+
+        async def counting_receive():
+            message = await receive()
+            if message["type"] == "http.request":
+                state["received"] += len(message.get("body", b""))
+                if state["received"] > self.limit:
+                    state["over"] = True
+                    return {"type": "http.disconnect"}  # the app stops reading
+            return message
+
+        async def guarded_send(message):
+            if state["over"]:
+                if not state["replaced"] and message["type"] == "http.response.start":
+                    state["replaced"] = True
+                    await self._send_413(send)
+                return
+            await send(message)
+
+        await self.app(scope, counting_receive, guarded_send)
+
+
+def _parse_bbox(text: str | list | None, param: str = "bbox") -> tuple[float, float, float, float] | None:
+    if text is None or text == "":
+        return None
+    parts = text if isinstance(text, list) else str(text).split(",")
+    try:
+        values = tuple(float(v) for v in parts)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise ApiError(422, f"{param}: expected four numbers LON_MIN,LAT_MIN,LON_MAX,LAT_MAX, got {text!r}", param)
+    return values  # type: ignore[return-value]
+
+
+def _safe_suffix(filename: str | None, allowed: set[str], param: str) -> str:
+    suffix = Path(filename or "").suffix.lower()
+    if suffix not in allowed:
+        raise ApiError(422, f"{param}: expected a file ending in {', '.join(sorted(allowed))}, got "
+                            f"{filename or 'no file name'!r}", param)
+    return suffix
+
+
+async def _save_upload(upload: UploadFile, folder: Path, stem: str, allowed: set[str], param: str,
+                       limit: int) -> Path:
+    path = folder / f"{stem}{_safe_suffix(upload.filename, allowed, param)}"
+    written = 0
+    with path.open("wb") as out:
+        while chunk := await upload.read(1 << 20):
+            written += len(chunk)
+            if written > limit:  # BodyLimit caught it already; this keeps the function honest alone
+                raise ApiError(413, f"{param}: larger than {limit} bytes", param, "request_too_large")
+            out.write(chunk)
+    if written == 0:
+        raise ApiError(422, f"{param}: the uploaded file is empty", param)
+    return path
+
+
+def _resolve_allowed(path: str, allow_dirs: list[Path]) -> Path:
+    if not allow_dirs:
+        raise ApiError(403, "path: this server reads no paths (start it with --allow-dir DIR, or upload the image)",
+                       "path", "permission_error")
+    for root in allow_dirs:
+        candidate = (root / path).resolve()  # an absolute `path` replaces root; symlinks are followed
+        if candidate.is_relative_to(root):
+            if not candidate.is_file():
+                raise ApiError(422, f"path: {path!r} is not a file under {root.name}/", "path")
+            return candidate
+    raise ApiError(403, f"path: {path!r} is outside the directories this server may read (--allow-dir)", "path",
+                   "permission_error")
+
+
+def build_app(runtime, settings: ServeSettings) -> FastAPI:
+    """The FastAPI app around ``runtime``, wrapped in the body-size limit (an ASGI app)."""
+    pool = AskPool(settings.workers, settings.max_queue, settings.timeout_s)
+    metrics = ServerMetrics(pool)
+    allow_dirs = [Path(d).resolve() for d in settings.allow_dirs]
+    limit_tokens = int(runtime.config.max_new_tokens)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        pool.shutdown()  # uvicorn has stopped taking requests; let admitted questions finish
+
+    app = FastAPI(title="fusar-edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    def authorize(request: Request) -> None:
+        if settings.token is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.token.encode()):
+            raise ApiError(401, "authorization: expected 'Bearer <token>' with the server's token", "authorization",
+                           "authentication_error", {"WWW-Authenticate": "Bearer"})
+
+    def error_response(request: Request, exc: ApiError) -> JSONResponse:
+        route = request.url.path
+        metrics.errors.labels(route, exc.kind).inc()
+        return JSONResponse(_error_body(exc.message, exc.kind, exc.param, exc.status), status_code=exc.status,
+                            headers=exc.headers)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", []) if p not in ("body", "query", "header")]
+        param = ".".join(loc) or None
+        return error_response(request, ApiError(422, f"{param or 'request'}: {first.get('msg', 'invalid')}", param))
+
+    @app.exception_handler(404)
+    async def _not_found(request: Request, exc):
+        return error_response(request, ApiError(404, f"{request.url.path}: no such route (POST /v1/ask, POST "
+                                                     "/v1/chat/completions, GET /healthz, GET /metrics)",
+                                                kind="not_found"))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("internal error on %s", request.url.path)
+        return error_response(request, ApiError(500, "internal error; the server log has the details",
+                                                kind="server_error"))
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.url.path if request.url.path in KNOWN_ROUTES else "other"
+        metrics.requests.labels(route, str(response.status_code)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - t0)
+        return response
+
+    async def answer(work_dir: Path, image: Path, shown: str, question: str, **kwargs) -> Any:
+        """Run ``runtime.ask`` in the pool; the upload folder goes when the question is done.
+        Errors name the file as the client knows it (``shown``), not the server's temporary copy."""
+
+        def work():
+            try:
+                return runtime.ask(image, question, **kwargs)
+            finally:
+                shutil.rmtree(work_dir, ignore_errors=True)
+
+        try:
+            ans = await pool.run(work)
+        except Busy:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            raise ApiError(503, f"server busy: {pool.workers} questions running and {pool.max_queue} waiting; "
+                                f"retry in {RETRY_AFTER_S} s", None, "overloaded",
+                           {"Retry-After": str(RETRY_AFTER_S)}) from None
+        except TimedOut:
+            raise ApiError(504, f"timeout: no answer within {settings.timeout_s:g} s (--timeout)", None,
+                           "timeout") from None
+        except InputError as exc:
+            raise ApiError(422, str(exc).replace(str(image), shown).replace(str(work_dir), "upload")) from None
+        except FusarError as exc:
+            raise ApiError(500, str(exc), None, "server_error") from None
+        metrics.observe_answer(ans.timings_ms, int(ans.model.get("new_tokens", 0)))
+        return ans
+
+    def cap_tokens(value: int | None, param: str) -> int | None:
+        if value is None:
+            return None
+        if not 1 <= value <= limit_tokens:
+            raise ApiError(422, f"{param}: expected 1..{limit_tokens} (the bundle's limit), got {value}", param)
+        return value
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "model": runtime.source, "weights": runtime.weights, "backend": runtime.backend,
+                "workers": pool.workers, "running": pool.running, "queued": pool.queued}
+
+    @app.get("/metrics", dependencies=[Depends(authorize)])
+    async def metrics_text():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.post("/v1/ask", dependencies=[Depends(authorize)])
+    async def ask(question: str = Form(...), image: UploadFile | None = File(None), path: str | None = Form(None),
+                  task: str | None = Form(None), label: str | None = Form(None), bbox: str | None = Form(None),
+                  date: str | None = Form(None), anchors: UploadFile | None = File(None),
+                  max_new_tokens: int | None = Form(None), no_anchors: bool = Form(False)):
+        if (image is None) == (path is None):
+            raise ApiError(422, "image: give an image file or a path, not both and not neither", "image")
+        box = _parse_bbox(bbox)
+        tokens = cap_tokens(max_new_tokens, "max_new_tokens")
+        work_dir = Path(tempfile.mkdtemp(prefix="fusar-serve-"))
+        try:
+            if image is not None:
+                src = await _save_upload(image, work_dir, "image", IMAGE_SUFFIXES, "image",
+                                         settings.max_upload_bytes)
+                shown = Path(image.filename or "image").name
+            else:
+                src = _resolve_allowed(path, allow_dirs)
+                shown = path
+            anchor_path = None
+            if anchors is not None:
+                anchor_path = await _save_upload(anchors, work_dir, "anchors", ANCHOR_SUFFIXES, "anchors",
+                                                 settings.max_upload_bytes)
+        except BaseException:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            raise
+        ans = await answer(work_dir, src, shown, question, anchors=anchor_path, task=task or None, label=label or None,
+                           bbox=box, date=date or None, max_new_tokens=tokens, no_anchors=no_anchors)
+        out = ans.to_json()
+        out["image"]["path"] = shown  # not the server's temporary file
+        return out
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat(request: Request):
+        try:
+            body = await request.json()
+        except Exception:
+            raise ApiError(400, "request body: expected a JSON object (OpenAI chat completion request)") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "request body: expected a JSON object (OpenAI chat completion request)")
+        if body.get("stream"):
+            raise ApiError(422, "stream: streaming is not supported; send stream: false", "stream")
+        if body.get("n", 1) != 1:
+            raise ApiError(422, "n: only one completion per request (decoding is greedy)", "n")
+        question, data_url, param = _last_user_turn(body.get("messages"))
+        tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int)):
+            raise ApiError(422, f"max_tokens: expected an integer, got {tokens!r}", "max_tokens")
+        tokens = cap_tokens(tokens, "max_tokens")
+        work_dir = Path(tempfile.mkdtemp(prefix="fusar-serve-"))
+        try:
+            src = _save_data_url(data_url, work_dir, param)
+        except BaseException:
+            shutil.rmtree(work_dir, ignore_errors=True)
+            raise
+        ans = await answer(work_dir, src, "the data: URL image", question, task=body.get("task"), label=body.get("label"),
+                           bbox=_parse_bbox(body.get("bbox")), date=body.get("date"), max_new_tokens=tokens,
+                           no_anchors=bool(body.get("no_anchors", False)))
+        out = ans.to_json()
+        out["image"]["path"] = "data-url"
+        new, limit = int(ans.model["new_tokens"]), int(ans.model["max_new_tokens"])
+        prompt = int(ans.model.get("prompt_tokens", 0))
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": str(body.get("model") or runtime.source),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": ans.text},
+                             "finish_reason": "length" if new >= limit else "stop"}],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new},
+                "fusar": out}
+
+    return BodyLimit(app, settings.max_upload_bytes)
+
+
+KNOWN_ROUTES = {"/v1/ask", "/v1/chat/completions", "/healthz", "/metrics"}
+
+
+def _last_user_turn(messages) -> tuple[str, str, str]:
+    """-> (question text, image data URL, the URL's param path) of the last user message."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(422, "messages: expected a non-empty list of chat messages", "messages")
+    users = [i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        raise ApiError(422, "messages: no message with role 'user'", "messages")
+    i = users[-1]
+    content = messages[i].get("content")
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if not isinstance(parts, list):
+        raise ApiError(422, f"messages[{i}].content: expected a string or a list of parts", f"messages[{i}].content")
+    texts, urls = [], []
+    for j, part in enumerate(parts):
+        where = f"messages[{i}].content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url":
+            ref = part.get("image_url")
+            url = ref.get("url") if isinstance(ref, dict) else ref
+            if not isinstance(url, str):
+                raise ApiError(422, f"{where}.image_url.url: expected a string", f"{where}.image_url.url")
+            urls.append((url, f"{where}.image_url.url"))
+        else:
+            raise ApiError(422, f"{where}: expected a part of type 'text' or 'image_url'", where)
+    if len(urls) != 1:
+        raise ApiError(422, f"messages[{i}].content: expected exactly one image_url part, got {len(urls)}",
+                       f"messages[{i}].content")
+    question = " ".join(t.strip() for t in texts if t.strip())
+    if not question:
+        raise ApiError(422, f"messages[{i}].content: no question text", f"messages[{i}].content")
+    return question, urls[0][0], urls[0][1]
+
+
+_DATA_URL = re.compile(r"data:(?P<mime>[\w/+.-]+)(?:;[\w=.-]+)*;base64,(?P<data>.*)", re.S)
+
+
+def _save_data_url(url: str, folder: Path, param: str) -> Path:
+    m = _DATA_URL.fullmatch(url.strip())
+    if m is None:
+        raise ApiError(422, f"{param}: expected a data: URL with base64 image bytes (the server fetches nothing)",
+                       param)
+    suffix = DATA_URL_TYPES.get(m["mime"].lower())
+    if suffix is None:
+        raise ApiError(422, f"{param}: image type {m['mime']!r} not supported; expected one of "
+                            f"{', '.join(DATA_URL_TYPES)}", param)
+    try:
+        raw = base64.b64decode(m["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(422, f"{param}: the base64 payload does not decode", param) from None
+    if not raw:
+        raise ApiError(422, f"{param}: the image is empty", param)
+    path = folder / f"image{suffix}"
+    path.write_bytes(raw)
+    return path
