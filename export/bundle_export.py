@@ -13,14 +13,14 @@ artifacts in sub-folders:
 
 Everything is written into a temporary sibling directory and moved into place at the end:
 a failed or interrupted export leaves no half-written directory, and an existing output is
-replaced only with ``force``.
+replaced only with ``force``. The temporary directory's name carries the process id
+(``.NAME.export-PID-*``): the next export into the same parent deletes those of killed runs.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,7 +30,7 @@ import torch
 from fusar_edge.errors import BundleError, FusarError
 from fusar_edge.hashing import file_record
 from fusar_edge.config import resolve_model
-from fusar_edge.fsutil import publish_dir
+from fusar_edge.fsutil import publish_dir, remove_stale_work_dirs, work_dir
 from fusar_edge.model.bundle import open_model, save_bundle, write_manifest
 
 Progress = Callable[[str], None]
@@ -58,8 +58,10 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
     # fp32: the exported graphs are the fp32 reference the 4-bit forms and other runtimes derive from
     model, tokenizer, weights_id = open_model(source, dtype=torch.float32, device="cpu")
     model.eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    parent = out.absolute().parent  # absolute: the report's paths are made relative to the stage
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_work_dirs(parent, "export")
+    work = work_dir(parent, out.name, "export")
     try:
         stage = work / "bundle"
         progress("writing the bundle")

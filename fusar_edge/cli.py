@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -35,8 +37,27 @@ Without --bundle the built-in demo runs: a small model trained here on synthetic
 class _Parser(argparse.ArgumentParser):
     """argparse with the CLI's error form: one line, exit code 2, no usage block."""
 
+    # argparse takes "-inf" or "-1e3" for an option (its own pattern knows only -12 and -1.5), so
+    # `--bbox -1e3 ...` would fail as "expected 4 arguments"; every float spelling is a value here
+    _NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = self._NEGATIVE_NUMBER
+
     def error(self, message: str):
         self.exit(2, f"fusar-edge: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _finite_float(text: str) -> float:
+    """argparse type for coordinates: a number, and a finite one."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("image", help="SAR image: GeoTIFF (georeferenced), PNG/JPEG, or .npy (real or complex)")
     a.add_argument("question", help='the question, e.g. "How many ships are there?"')
     a.add_argument("--bundle", help="bundle directory or preset name (default: the built-in trained demo)")
+    a.add_argument("--verify", action="store_true",
+                   help="recompute every bundle file's sha256 against its manifest.json before loading (every "
+                        "open already checks the files' sizes)")
     source = a.add_mutually_exclusive_group()
     source.add_argument("--anchors", metavar="FILE",
                         help="AEF anchor set: reference NPZ (features, positions) or NPY columns")
@@ -68,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--allow-no-coverage", action="store_true",
                    help="with --tiles, answer without anchors when the store has no data for the footprint "
                         "(default: error)")
-    a.add_argument("--bbox", nargs=4, type=float, metavar=("LON_MIN", "LAT_MIN", "LON_MAX", "LAT_MAX"),
+    a.add_argument("--bbox", nargs=4, type=_finite_float, metavar=("LON_MIN", "LAT_MIN", "LON_MAX", "LAT_MAX"),
                    help="footprint of an image without georeference (overrides the GeoTIFF's)")
     a.add_argument("--date", metavar="YYYY-MM-DD", help="acquisition date (overrides the file's metadata)")
     a.add_argument("--task", choices=["count", "locate", "classify", "detect", "caption"],
@@ -81,7 +105,12 @@ def _parser() -> argparse.ArgumentParser:
                         "Qwen2.5-VL-Instruct ships 1.05)")
     a.add_argument("--scale", choices=["auto", "amplitude", "db", "power"], default="auto",
                    help="how to read real-valued pixels (default: auto)")
-    a.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch")
+    a.add_argument("--band", type=int, metavar="N",
+                   help="GeoTIFF band to read, 1-based, e.g. 2 for VH in a VV/VH file (default: 1; the answer's "
+                        "image record says which band of how many)")
+    a.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
+                   help="torch (default); onnxruntime: the bundle's onnx/ export (fusar-edge export --onnx); "
+                        "tensorrt: engines built from the export")
     a.add_argument("--device", default="auto", help="auto (GPU if torch sees one), cpu, cuda, cuda:N")
     a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights/activations dtype (default: bfloat16 on GPU, float32 on CPU)")
@@ -92,11 +121,26 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a bundle or preset")
     i.add_argument("bundle", help="bundle directory or preset name")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--json", action="store_true", help="print the description as JSON")
+
+    v = sub.add_parser("verify", help="check every file of a bundle against its manifest.json (sha256)",
+                       description="Recompute the sha256 of every file of BUNDLE and compare with manifest.json: "
+                                   "prints each changed, missing or unlisted file on its own line and exits 2 "
+                                   "if there is any; otherwise one OK line with the weights id.")
+    v.add_argument("bundle", help="bundle directory")
+    v.add_argument("--json", action="store_true", help="print one JSON object (files, bytes, weights, problems)")
 
     m = sub.add_parser("import-fusar-gpt", help="turn a FUSAR-GPT checkpoint into a bundle",
                        description="Merge a FUSAR-GPT checkpoint (base Qwen2.5-VL folder + PEFT LoRA adapter + "
-                                   "vec64_film.pt / tlm_config.json) into one safetensors bundle.")
+                                   "vec64_film.pt / tlm_config.json) into one safetensors bundle.",
+                       epilog="examples:\n"
+                              "  fusar-edge import-fusar-gpt Qwen2.5-VL-7B-Instruct ckpt/stage2 ckpt/stage2 --out bundles/fusar-7b\n"
+                              "  fusar-edge import-fusar-gpt runs/s0/base runs/s2 runs/s2 --out bundles/demo   # our own training\n"
+                              "  fusar-edge import-fusar-gpt base lora --no-tlm --chip 504 --out bundles/no-aef  # trained without AEF\n"
+                              "  fusar-edge import-fusar-gpt base old-lora old-lora --legacy-sigma 2.0 --out b  # no tlm_config.json\n\n"
+                              "A stage-2 folder trained with --grasp also holds grasp_config.json + grasp.safetensors; GRASP is\n"
+                              "then on in the bundle. The reference's generation_config.json is copied; answers follow it.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("base", help="base Qwen2.5-VL folder (config.json, *.safetensors, tokenizer.json)")
     m.add_argument("lora", help="PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors)")
     m.add_argument("tlm", nargs="?", help="folder with vec64_film.pt and tlm_config.json (often the adapter folder); "
@@ -141,7 +185,12 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="write a synthetic SAR scene, its AEF tile store and anchors to try `ask` on",
                        description="One scene from the same generator as `data synth` (sea or coast, with ships): "
                                    "scene.tif (georeferenced uint16 amplitude with an acquisition date), scene.png, "
-                                   "tiles/ (its AEF tile store) and anchors.npz; prints the true ship count.")
+                                   "tiles/ (its AEF tile store) and anchors.npz; prints the true ship count.",
+                       epilog="examples:\n"
+                              "  fusar-edge sample demo && fusar-edge ask demo/scene.tif \"How many ships are there?\" --tiles demo/tiles\n"
+                              "  fusar-edge sample demo2 --seed 3            # another scene\n"
+                              "  fusar-edge ask demo/scene.png \"Where is the ship?\" --anchors demo/anchors.npz  # a PNG has no georeference",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("out", help="directory to write scene.tif, scene.png, anchors.npz and tiles/ into")
     s.add_argument("--size", type=int, default=224, metavar="PX",
                    help="scene side in pixels at 10 m (default 224, the demo model's chip)")
@@ -162,16 +211,36 @@ def _print_answer(ans) -> None:
         print(f"note: {note}", file=sys.stderr)
 
 
+def _check_path(what: str, path: str | None, directory: bool = False) -> None:
+    """A missing or unreadable input is named in milliseconds, not after the model has loaded."""
+    if path is None:
+        return
+    p, kind = Path(path), "directory" if directory else "file"
+    if not p.exists():
+        raise InputError(f"{what} {p}: no such {kind}")
+    if p.is_dir() != directory:
+        raise InputError(f"{what} {p}: not a {kind}")
+    if not os.access(p, os.R_OK | (os.X_OK if directory else 0)):
+        raise InputError(f"{what} {p}: not readable (permission denied)")
+
+
+def check_ask_inputs(args) -> None:
+    """``ask``'s input paths, checked before transformers is imported and the model loads."""
+    _check_path("image", args.image)
+    _check_path("anchors", args.anchors)
+    _check_path("tile store", args.tiles, directory=True)
+
+
 def cmd_ask(args) -> int:
     from .runtime import Runtime
 
     rt = Runtime.open(args.bundle, tiles=args.tiles, backend=args.backend, device=args.device, dtype=args.dtype,
                       max_image_side=args.max_image_side, anchor_grid=tuple(args.grid),
-                      allow_empty_anchors=args.allow_no_coverage)
+                      allow_empty_anchors=args.allow_no_coverage, verify=args.verify)
     ans = rt.ask(args.image, args.question, anchors=args.anchors, task=args.task,
                  bbox=tuple(args.bbox) if args.bbox else None, date=args.date, scale=args.scale,
                  max_new_tokens=args.max_new_tokens, label=args.label, no_anchors=args.no_anchors,
-                 repetition_penalty=args.repetition_penalty)
+                 repetition_penalty=args.repetition_penalty, band=args.band)
     if args.json:
         print(json.dumps(ans.to_json()))
     else:
@@ -190,7 +259,35 @@ def cmd_info(args) -> int:
         print(json.dumps(info, indent=2))
     else:
         for key, value in info.items():
-            print(f"{key:>16}: {value if not isinstance(value, (dict, list)) else json.dumps(value)}")
+            if key == "files":
+                for i, (path, size) in enumerate(value.items()):
+                    print(f"{'files' if i == 0 else '':>16}: {path} ({size:,} bytes)")
+            elif key == "backends":
+                for i, (backend, what) in enumerate(value.items()):
+                    print(f"{'backends' if i == 0 else '':>16}: {backend}: {what}")
+            elif isinstance(value, dict):
+                print(f"{key:>16}: " + ", ".join(f"{k} {json.dumps(v)}" for k, v in value.items()))
+            else:
+                print(f"{key:>16}: {json.dumps(value) if isinstance(value, list) else value}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .errors import BundleError
+    from .model.manifest import verify
+
+    if not Path(args.bundle).is_dir():
+        raise BundleError(f"{args.bundle}: not a directory (expected a bundle directory)")
+    result = verify(Path(args.bundle))
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        for line in result.lines():
+            print(line)
+    if not result.ok:
+        raise BundleError(result.summary())
+    if not args.json:
+        print(result.summary())
     return 0
 
 
@@ -281,9 +378,10 @@ def cmd_tiles(args) -> int:
     return cli_tiles.run(args)
 
 
-COMMANDS = {"ask": cmd_ask, "info": cmd_info, "import-fusar-gpt": cmd_import, "sample": cmd_sample,
-            "tiles": cmd_tiles, "export": cmd_export, "bench": cmd_bench, "data": cmd_data,
+COMMANDS = {"ask": cmd_ask, "info": cmd_info, "verify": cmd_verify, "import-fusar-gpt": cmd_import,
+            "sample": cmd_sample, "tiles": cmd_tiles, "export": cmd_export, "bench": cmd_bench, "data": cmd_data,
             "train": cmd_train, "eval": cmd_eval, "serve": cmd_serve}
+PRECHECKS = {"ask": check_ask_inputs}
 MODEL_COMMANDS = ("ask", "info", "import-fusar-gpt", "export", "bench", "train", "eval", "serve")  # the ones that load transformers
 
 
@@ -297,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command in PRECHECKS:  # in milliseconds: importing transformers alone takes seconds
+            PRECHECKS[args.command](args)
         if args.command in MODEL_COMMANDS:
             from transformers.utils import logging as hf_logging
 
@@ -311,9 +411,24 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fusar-edge: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # e.g. disk full: the commands leave their outputs as they were
+        if args.debug:
+            raise
+        print(f"fusar-edge: error: {_os_error(exc, args)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fusar-edge: interrupted", file=sys.stderr)
         return 130
+
+
+def _os_error(exc: OSError, args) -> str:
+    """``<path>: <OS reason>``; a write that failed without a file name is blamed on the output."""
+    paths = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+    output = getattr(args, "out", None) or getattr(args, "store", None)
+    if not paths and output:
+        paths = [str(output)]
+    reason = " ".join((exc.strerror or str(exc) or type(exc).__name__).split())
+    return f"{' -> '.join(paths)}: {reason}" if paths else reason
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
     e.add_argument("bundle", nargs="?", help="bundle directory or preset name (default: the built-in demo)")
     e.add_argument("--data", required=True, metavar="MANIFEST", help="JSONL/JSON rows (image, aef, question, answer)")
     e.add_argument("--out", required=True, metavar="DIR", help="directory for predictions and metrics")
-    e.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch")
+    e.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="torch (default) or onnxruntime (BUNDLE must hold an onnx/ export)")
     e.add_argument("--no-anchors", action="store_true", help="answer without the rows' AEF anchors (TLM skipped)")
     e.add_argument("--limit", type=int, metavar="N", help="only the first N rows")
     e.add_argument("--threads", type=int, help="intra-op threads (torch or ONNX Runtime)")

@@ -19,7 +19,7 @@ EPILOG = """examples:
   curl http://127.0.0.1:8000/healthz ; curl http://127.0.0.1:8000/metrics
 
 POST /v1/ask takes a multipart form (image or path, question, task, label, bbox as
-"LON_MIN,LAT_MIN,LON_MAX,LAT_MAX", date, anchors file, max_new_tokens, no_anchors) and returns
+"LON_MIN,LAT_MIN,LON_MAX,LAT_MAX", date, anchors file, max_new_tokens, no_anchors, band) and returns
 the JSON of `ask --json`. POST /v1/chat/completions takes OpenAI's chat format with the image as a
 data: URL. Errors are JSON naming the field: 401 (token), 403 (path outside --allow-dir), 413
 (body too large), 422 (bad field), 503 + Retry-After (queue full), 504 (timeout).

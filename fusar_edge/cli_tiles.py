@@ -43,20 +43,20 @@ def add_parser(sub) -> None:
     g.add_argument("--json", action="store_true", help="print the report as JSON")
 
     i = ts.add_parser("info", help="years, CRSs, extents and size of a store")
-    i.add_argument("--store", required=True, metavar="DIR")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("--store", required=True, metavar="DIR", help="tile store directory")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     v = ts.add_parser("verify", help="re-hash every file; name missing, truncated or corrupted ones",
                       description="Check every tile file and the index against the manifest's checksums. "
                                   "Exit code 0: intact; 1: problems found (each printed with its file).")
-    v.add_argument("--store", required=True, metavar="DIR")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("--store", required=True, metavar="DIR", help="tile store directory")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
 
     lk = ts.add_parser("lookup", help="anchor set of one footprint, written as a reference NPZ",
                        description="Look up the AEF anchors of a footprint (a lon/lat box, or a GeoTIFF's own "
                                    "georeference) and write them as NPZ: features [S,64] float32, positions [S,2] "
                                    "float32 (y, x in [0,1], row-major, y southwards), mask [S] bool, year.")
-    lk.add_argument("--store", required=True, metavar="DIR")
+    lk.add_argument("--store", required=True, metavar="DIR", help="tile store directory")
     where = lk.add_mutually_exclusive_group(required=True)
     where.add_argument("--bbox", **_BBOX, help="footprint in WGS84 degrees")
     where.add_argument("--image", metavar="GEOTIFF", help="take the footprint (and date) from this GeoTIFF")
@@ -66,8 +66,9 @@ def add_parser(sub) -> None:
                     help="anchor grid over the footprint (default: 16 16)")
     lk.add_argument("--allow-empty", action="store_true", help="write an all-masked set instead of failing when the "
                                                                "store has no data for the footprint")
-    lk.add_argument("--out", required=True, metavar="FILE.npz")
-    lk.add_argument("--json", action="store_true")
+    lk.add_argument("--out", required=True, metavar="FILE.npz",
+                    help="anchors file to write (features, positions, mask; what ask --anchors reads)")
+    lk.add_argument("--json", action="store_true", help="print the lookup summary as JSON")
 
 
 def run(args) -> int:

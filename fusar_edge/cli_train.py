@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
                                    "for a base trained from scratch). Stage 1: LoRA r 8 / alpha 32 on the language "
                                    "model + the TLM MLP. Stage 2: the same LoRA continued, TLM frozen.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--stage", type=int, choices=[0, 1, 2], required=True)
+    t.add_argument("--stage", type=int, choices=[0, 1, 2], required=True,
+                   help="0: full training from scratch (demo); 1: LoRA + TLM on captions; 2: LoRA (+ GRASP) on tasks")
     t.add_argument("--data", nargs="+", required=True, metavar="MANIFEST", help="JSONL/JSON manifests (reference rows)")
     t.add_argument("--out", required=True, metavar="DIR", help="output directory (checkpoints live here while training)")
     t.add_argument("--preset", default="demo", help="stage 0: the architecture to train from scratch (default demo)")

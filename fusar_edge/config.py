@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import config_checks as checks
 from .errors import BundleError
 
 FUSAR_JSON = "fusar.json"
@@ -111,9 +112,20 @@ class FusarConfig:
         h, w = self.token_grid
         return h * w
 
+    @property
+    def context_length(self) -> int | None:
+        """The language model's context (``text_config.max_position_embeddings``), when the config says."""
+        value = self.text.get("max_position_embeddings")
+        return int(value) if value else None
+
     def validate(self) -> None:
         if self.prompt_style not in PROMPT_STYLES:
             raise BundleError(f"prompt_style: expected one of {', '.join(PROMPT_STYLES)}, got {self.prompt_style!r}")
+        checks.check_int(self.chip_size, "chip_size", *checks.CHIP_SIZE)
+        checks.check_int(self.max_new_tokens, "max_new_tokens", *checks.MAX_NEW_TOKENS)
+        if self.context_length and self.max_new_tokens > self.context_length:
+            raise BundleError(f"max_new_tokens: expected at most {self.context_length} (config.json's "
+                              f"text_config.max_position_embeddings, the model's context), got {self.max_new_tokens}")
         patch = int(self.vision.get("patch_size", 14))
         merge = int(self.vision.get("spatial_merge_size", 2))
         if self.chip_size <= 0 or self.chip_size % (patch * merge):
@@ -153,29 +165,49 @@ class FusarConfig:
 
     @classmethod
     def from_fusar_json(cls, data: dict[str, Any], backbone: dict[str, Any], where: str = FUSAR_JSON) -> "FusarConfig":
+        """Every field type- and range-checked (``config_checks``) before anything is built from it."""
+        if not isinstance(data, dict):
+            raise BundleError(f"{where}: expected a JSON object with format {FUSAR_FORMAT!r}, got {checks.show(data)}")
         if data.get("format") != FUSAR_FORMAT:
-            raise BundleError(f"{where}: format: expected {FUSAR_FORMAT!r}, got {data.get('format')!r}")
+            raise BundleError(f"{where}: format: expected {FUSAR_FORMAT!r}, got {checks.show(data.get('format'))}")
         try:
-            tlm = {k: v for k, v in data.get("tlm", {}).items() if k != "placement"}
-            grasp = {k: v for k, v in data.get("grasp", {}).items() if k != "placement"}
-            cfg = cls(
-                name=data.get("name", "bundle"),
-                backbone=backbone,
-                chip_size=int(data["chip_size"]),
-                tlm=TLMConfig(**tlm),
-                grasp=GRASPConfig(**grasp),
-                aef_years=[int(y) for y in data.get("aef_years", [])],
-                max_new_tokens=int(data.get("max_new_tokens", 512)),
-                system_prompt=data.get("system_prompt", "You are a helpful assistant."),
-                prompt_style=data.get("prompt_style", "reference"),
-                untrained=bool(data.get("untrained", False)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{where}: malformed field ({exc})") from None
-        cfg.validate()
+            cfg = cls(backbone=backbone, **_fusar_fields(data))
+        except BundleError as exc:
+            raise BundleError(f"{where}: {exc}") from None
+        cfg.validate()  # its messages say which file (read_config adds it)
         if tuple(data.get("token_grid", cfg.token_grid)) != cfg.token_grid:
-            raise BundleError(f"{where}: token_grid {data['token_grid']} does not match chip_size {cfg.chip_size}")
+            raise BundleError(f"{where}: token_grid {checks.show(data['token_grid'])} does not match chip_size "
+                              f"{cfg.chip_size}")
         return cfg
+
+
+def _fusar_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """fusar.json's fields as FusarConfig arguments; a wrong type or range is a BundleError naming the key."""
+    c = checks
+    tlm_keys = tuple(f.name for f in dataclasses.fields(TLMConfig))
+    grasp_keys = tuple(f.name for f in dataclasses.fields(GRASPConfig))
+    tlm = c.check_module(data.get("tlm", {}), "tlm", c.TLM_INTS, c.TLM_FLOATS, ("placement", *tlm_keys))
+    grasp = c.check_module(data.get("grasp", {}), "grasp", c.GRASP_INTS, {}, ("placement", *grasp_keys))
+    if "grid" in grasp:
+        c.check_pair(grasp["grid"], "grasp.grid", *c.GRASP_GRID)
+    if "selector" in grasp:
+        c.check_str(grasp["selector"], "grasp.selector", 40)
+    for key in ("patch_grid", "token_grid"):
+        if key in data:
+            c.check_pair(data[key], key, *c.CHIP_SIZE)
+    if "chip_size" not in data:
+        raise BundleError(f"chip_size: missing (expected an integer in {c.CHIP_SIZE[0]}..{c.CHIP_SIZE[1]})")
+    return {
+        "name": c.check_str(data.get("name", "bundle"), "name", 200),
+        "chip_size": c.check_int(data["chip_size"], "chip_size", *c.CHIP_SIZE),
+        "tlm": TLMConfig(**{k: v for k, v in tlm.items() if k != "placement"}),
+        "grasp": GRASPConfig(**{k: v for k, v in grasp.items() if k != "placement"}),
+        "aef_years": c.check_years(data.get("aef_years", [])),
+        "max_new_tokens": c.check_int(data.get("max_new_tokens", 512), "max_new_tokens", *c.MAX_NEW_TOKENS),
+        "system_prompt": c.check_str(data.get("system_prompt", "You are a helpful assistant."), "system_prompt"),
+        "prompt_style": c.check_str(data.get("prompt_style", "reference"), "prompt_style", 40),
+        "untrained": c.check_bool(data.get("untrained", False), "untrained"),
+    }
 
 
 # --- presets ---------------------------------------------------------------------------
@@ -394,19 +426,31 @@ def load_backbone_json(path: Path) -> dict[str, Any]:
         raise BundleError(f"{path}: missing (a bundle needs the backbone's config.json)") from None
     except json.JSONDecodeError as exc:
         raise BundleError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    try:
+        checks.check_raw_backbone(data)  # what the file says, before transformers fills in defaults
+    except BundleError as exc:
+        raise BundleError(f"{path}: {exc}") from None
     if data.get("model_type") not in ("qwen2_5_vl", None):
         raise BundleError(f"{path}: model_type: expected 'qwen2_5_vl', got {data.get('model_type')!r}")
     # Normalise through transformers so flat legacy configs get their sub-configs.
     from transformers import Qwen2_5_VLConfig
 
-    cfg = Qwen2_5_VLConfig(**{k: v for k, v in data.items() if k not in ("architectures", "transformers_version")})
+    try:
+        cfg = Qwen2_5_VLConfig(**{k: v for k, v in data.items() if k not in ("architectures", "transformers_version")})
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise BundleError(f"{path}: not a usable Qwen2.5-VL config ({' '.join(str(exc).split())[:200]})") from None
     d = cfg.to_dict()
-    return {
+    backbone = {
         "vision_config": _strip(d["vision_config"]),
         "text_config": _strip(d["text_config"]),
         **{k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                              "vision_end_token_id", "tie_word_embeddings") if k in d},
     }
+    try:
+        checks.check_backbone(backbone)  # transformers' defaults included, and what attention needs
+    except BundleError as exc:
+        raise BundleError(f"{path}: {exc}") from None
+    return backbone
 
 
 def _strip(sub: dict[str, Any]) -> dict[str, Any]:

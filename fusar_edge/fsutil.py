@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -26,3 +28,48 @@ def publish_dir(stage: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def publishable_mkdtemp(prefix: str, parent: Path) -> Path:
+    """``tempfile.mkdtemp`` with the permissions a plain ``mkdir`` gives (mkdtemp's are 0700):
+    the folder is renamed into place as the output, which others may need to read."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+    return path
+
+
+def work_dir(parent: Path, name: str, kind: str) -> Path:
+    """A new hidden directory ``.NAME.KIND-PID-RANDOM`` in ``parent`` to build an output in.
+
+    The process id in the name lets a later run tell a killed run's leftovers from a live
+    run's work (``remove_stale_work_dirs``).
+    """
+    return publishable_mkdtemp(f".{name}.{kind}-{os.getpid()}-", parent)
+
+
+def remove_stale_work_dirs(parent: Path, kind: str) -> list[Path]:
+    """Delete the ``work_dir``s of ``kind`` in ``parent`` whose process is gone (a killed run's)."""
+    owner = re.compile(rf"\..+\.{re.escape(kind)}-(\d+)-[^/]+")
+    removed = []
+    for p in parent.glob(f".*.{kind}-*"):
+        m = owner.fullmatch(p.name)
+        if m and p.is_dir() and not _process_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # no safe probe (os.kill would end the process): keep the directory
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True

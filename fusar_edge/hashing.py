@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import Callable
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in ``chunk``-byte blocks (bounded memory for multi-GB weights)."""
+def sha256_file(path: str | Path, chunk: int = 1 << 22, progress: Callable[[int], object] | None = None) -> str:
+    """Hex sha256 of a file, read in ``chunk``-byte blocks (bounded memory for multi-GB weights);
+    ``progress(n)`` is called with each block's size (a progress bar's ``update``)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
+            if progress is not None:
+                progress(len(block))
     return h.hexdigest()
 
 

@@ -51,6 +51,24 @@ class Answer:
         return asdict(self)
 
 
+def _check_text(name: str, text: str) -> None:
+    """Text must be valid Unicode: an undecodable byte on the command line arrives as a lone
+    surrogate (Python's surrogateescape), which the tokenizer cannot take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"code point U+{code:04X}"
+        raise InputError(f"{name}: not valid UTF-8 text ({what} at character {exc.start})") from None
+
+
+def _check_prompt_fits(context: int | None, prompt_tokens: int, question_tokens: int) -> None:
+    """A prompt must leave the model's context room for at least one answer token."""
+    if context and prompt_tokens >= context:
+        raise InputError(f"question: {question_tokens} tokens; with the image and chat template the prompt takes "
+                         f"{prompt_tokens} tokens, beyond the model's context of {context}: shorten the question")
+
+
 def _source_label(bundle) -> str:
     return "built-in demo" if bundle is None else str(bundle)
 
@@ -185,7 +203,7 @@ class Runtime:
              dtype: torch.dtype | str | None = None, device: str = "auto",
              max_image_side: int = 20000, anchor_grid: tuple[int, int] = DEFAULT_GRID,
              allow_empty_anchors: bool = False, providers: list | None = None,
-             threads: int | None = None) -> "Runtime":
+             threads: int | None = None, verify: bool = False) -> "Runtime":
         """Open a bundle directory or a preset name (default: the built-in ``tiny``).
 
         ``device="auto"`` takes the GPU when torch sees one; ``dtype=None`` means bf16 on a GPU
@@ -199,6 +217,8 @@ class Runtime:
         the execution provider (auto: CUDA when onnxruntime has it), ``providers`` overrides it,
         and ``dtype`` is the export's. ``threads``: ONNX Runtime's intra-op threads (default: its
         own choice, one per physical core); torch's are ``torch.set_num_threads``.
+        ``verify``: recompute every bundle file's sha256 against manifest.json before loading
+        (every open checks sizes; ``model.bundle`` says how the weights id is made).
         """
         if backend not in BACKENDS:
             raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
@@ -209,18 +229,19 @@ class Runtime:
         check_grid(anchor_grid)
         if backend == "onnxruntime":
             return cls._open_onnx(bundle, store, device, dtype, providers, max_image_side, tuple(anchor_grid),
-                                  allow_empty_anchors, threads)
+                                  allow_empty_anchors, threads, verify)
         generation = GenerationSettings.from_bundle(resolve_model(bundle))  # refused settings: before loading
         device, dtype = resolve_device(device, dtype)
-        model, tok, weights = open_model(bundle, dtype=dtype, device=device)
+        model, tok, weights = open_model(bundle, dtype=dtype, device=device, verify=verify)
         return cls(model, tok, weights, _source_label(bundle), backend, max_image_side,
                    store, tuple(anchor_grid), allow_empty_anchors, generation=generation)
 
     @classmethod
     def _open_onnx(cls, bundle, store, device, dtype, providers, max_image_side, anchor_grid,
-                   allow_empty_anchors, threads=None) -> "Runtime":
+                   allow_empty_anchors, threads=None, verify=False) -> "Runtime":
         from .backends.onnxruntime import OnnxStages, export_hint
-        from .model.bundle import MANIFEST, read_config, sha256
+        from .model.bundle import read_config
+        from .model.manifest import check_bundle
         from .tokenizer import TextTokenizer
 
         name = resolve_model(bundle)
@@ -230,6 +251,7 @@ class Runtime:
                                  f"run {export_hint(name)}, then open DIR (--bundle DIR)")
             raise BundleError(f"{name}: not a directory (expected a bundle exported with {export_hint()})")
         root = Path(name)
+        weights = check_bundle(root, verify_hashes=verify)  # before any file is read
         config = read_config(root)
         generation = GenerationSettings.from_bundle(root)
         tok = TextTokenizer.from_file(root / "tokenizer.json")
@@ -250,16 +272,14 @@ class Runtime:
         if store is not None and stages.has_tlm and rows * cols > stages.max_anchors:
             raise InputError(f"anchor_grid: {rows} x {cols} = {rows * cols} anchors, but {root / 'onnx'} was "
                              f"exported for at most {stages.max_anchors}; use a coarser grid")
-        manifest = root / MANIFEST
-        weights = sha256(manifest) if manifest.is_file() else "unhashed"
         return cls(None, tok, weights, _source_label(bundle), "onnxruntime", max_image_side, store, anchor_grid,
                    allow_empty_anchors, stages=stages, config=config, generation=generation)
 
     # -- inputs --------------------------------------------------------------------------
-    def _image(self, image: str | Path | SarImage, scale: str) -> SarImage:
+    def _image(self, image: str | Path | SarImage, scale: str, band: int | None = None) -> SarImage:
         if isinstance(image, SarImage):
             return image
-        return read_sar(image, scale=scale, max_side=self.max_image_side)
+        return read_sar(image, scale=scale, band=band, max_side=self.max_image_side)
 
     def _anchors(self, anchors, img: SarImage, bbox, date,
                   no_anchors: bool = False) -> tuple[AnchorSet | None, dict[str, Any]]:
@@ -309,25 +329,31 @@ class Runtime:
         return anchors, info
 
     def prepare(self, image: str | Path | SarImage, question: str, *, task: str | None = None,
-                scale: str = "auto", label: str | None = None) -> Request:
+                scale: str = "auto", label: str | None = None, band: int | None = None) -> Request:
         """Read the image into the model's chip and patches, and build the chat sequence.
 
         The prompt follows the bundle's ``prompt_style`` (``tasks.build_prompt``): imported
         FUSAR-GPT checkpoints get the question as the reference sends it; ``label`` with
         ``task="detect"`` builds the reference detection prompt for that object class.
+        ``band``: the GeoTIFF band to read (default: band 1). The text is checked first: a
+        prompt that fills the model's context is refused before the image is read.
         """
         cfg = self.config
-        img = self._image(image, scale)
-        chip = to_chip(img, cfg.chip_size)
-        pixels, grid_thw = chip_to_patches(chip, int(cfg.vision.get("patch_size", 14)),
-                                           int(cfg.vision.get("spatial_merge_size", 2)),
-                                           int(cfg.vision.get("temporal_patch_size", 2)))
+        _check_text("question", question)
+        if label is not None:
+            _check_text("label", label)
         task = task or tasks.infer_task(question)
         prompt = tasks.build_prompt(task, question, label=label, style=cfg.prompt_style)
         if not prompt:
             raise InputError("question: nothing left to ask once '<image>' and whitespace are removed")
         grasp_len = cfg.grasp.prompt_len if self.stages.has_grasp else 0
         seq = build_sequence(self.tokenizer, prompt, cfg.num_visual_tokens, grasp_len, cfg.system_prompt)
+        _check_prompt_fits(cfg.context_length, len(seq.input_ids), len(seq.question_ids))
+        img = self._image(image, scale, band)
+        chip = to_chip(img, cfg.chip_size)
+        pixels, grid_thw = chip_to_patches(chip, int(cfg.vision.get("patch_size", 14)),
+                                           int(cfg.vision.get("spatial_merge_size", 2)),
+                                           int(cfg.vision.get("temporal_patch_size", 2)))
         positions, next_pos = mrope_positions(len(seq.input_ids), seq.layout.image_start, cfg.token_grid)
         return Request(img, pixels, grid_thw, seq, positions, next_pos, task,
                        label or tasks.extract_label(question), prompt)
@@ -368,7 +394,7 @@ class Runtime:
     def ask(self, image: str | Path | SarImage, question: str, anchors=None, *, task: str | None = None,
             bbox: tuple[float, float, float, float] | None = None, date=None, scale: str = "auto",
             max_new_tokens: int | None = None, label: str | None = None, no_anchors: bool = False,
-            repetition_penalty: float | None = None) -> Answer:
+            repetition_penalty: float | None = None, band: int | None = None) -> Answer:
         """Answer ``question`` about ``image``.
 
         ``anchors``: an ``AnchorSet``, a reference NPZ/NPY path, or an ``Anchor`` looked up in the
@@ -376,7 +402,10 @@ class Runtime:
         whose TLM is on refuses to answer without a valid anchor, as the reference does, unless
         ``no_anchors=True`` (the answer then records ``anchor.tlm == "skipped"``).
         ``label``: the object class for ``task="detect"`` (the reference detection prompt).
-        ``repetition_penalty`` overrides the bundle's ``generation_config.json``.
+        ``repetition_penalty`` overrides the bundle's ``generation_config.json``. ``band``: the
+        GeoTIFF band to read (default 1; the answer's ``image`` records ``band`` and ``bands``).
+        ``max_new_tokens`` must fit the model's context after the prompt (the bundle's default is
+        cut to fit).
         """
         if not isinstance(question, str) or not question.strip():
             raise InputError("question: expected a non-empty string")
@@ -387,15 +416,24 @@ class Runtime:
         if isinstance(date, str):
             date = parse_date(date)
         limit = self.config.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        if limit < 1:
-            raise InputError(f"max_new_tokens: expected a positive integer, got {limit}")
+        context = self.config.context_length
+        if limit < 1 or (context and limit > context):
+            bound = f"1..{context} (the model's context)" if context else "a positive integer"
+            raise InputError(f"max_new_tokens: expected {bound}, got {limit}")
         generation = self.generation.with_penalty(repetition_penalty)
         cfg, stages, timer = self.config, self.stages, _Timer()
         t_total = time.perf_counter()
 
         with timer.stage("preprocess"):
-            req = self.prepare(image, question, task=task, scale=scale, label=label.strip() if label else None)
+            req = self.prepare(image, question, task=task, scale=scale, label=label.strip() if label else None,
+                               band=band)
             img, seq, task = req.image, req.sequence, req.task
+        room = context and context - int(seq.input_ids.numel())
+        if room and limit > room:
+            if max_new_tokens is not None:
+                raise InputError(f"max_new_tokens: {limit} exceeds the {room} tokens the model's context of {context} "
+                                 f"leaves after the {context - room}-token prompt")
+            limit = room  # the bundle's default, cut to fit
         with timer.stage("anchors"):
             anchor_tensors, anchor_info = self.anchor_tensors(anchors, img, bbox, date, no_anchors)
             self._require_tlm_anchors(anchor_tensors, anchor_info, img, no_anchors)
@@ -415,7 +453,7 @@ class Runtime:
             answer=parsed.to_json()["value"], text=text, task=task, question=question, anchor=anchor_info,
             timings_ms=timer.ms, parse_error=parsed.parse_error, flags=list(parsed.flags),
             image={"path": img.path, "height": img.height, "width": img.width, "kind": img.kind,
-                   "chip_size": cfg.chip_size},
+                   "band": img.band, "bands": img.bands, "chip_size": cfg.chip_size},
             model={"source": self.source, "preset": cfg.name, "weights": self.weights, "backend": self.backend,
                    **({"untrained": True} if cfg.untrained else {}),
                    "prompt_tokens": int(seq.input_ids.numel()), "new_tokens": len(ids), "max_new_tokens": limit, "prompt_style": cfg.prompt_style,

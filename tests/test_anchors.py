@@ -1,9 +1,15 @@
 """Spatiotemporal anchors: Anchor footprints, AnchorSet validation, the reference NPZ/NPY layouts."""
 
 import datetime as dt
+import functools
+import io
 import os
 import pickle
 import re
+import struct
+import tracemalloc
+import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -407,3 +413,99 @@ def test_demo_anchor_set(tmp_path):
     centres = (np.arange(8) + 0.5) / 8
     np.testing.assert_allclose(s.positions, np.stack(np.meshgrid(centres, centres, indexing="ij"), -1).reshape(-1, 2))
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", demo["date"]) and demo["date"].startswith("2024")
+
+
+# -- bounded reads: a declared size is checked before anything is read ---------------------
+
+
+def _npy_header(shape, descr="<f4") -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+def _npy_bytes(arr) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+TERABYTE_SHAPE = (2**32, 64)  # float32: 1 TiB
+
+
+def test_npz_member_claiming_a_terabyte_is_refused(tmp_path):
+    path = tmp_path / "huge.npz"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("features.npy", _npy_header(TERABYTE_SHAPE) + bytes(4096))
+        zf.writestr("positions.npy", _npy_bytes(np.zeros((4, 2), np.float32)))
+    _expect(path, "features.npy", str(2**40), "1000000 anchors")
+
+
+def test_npy_claiming_a_terabyte_is_refused(tmp_path):
+    path = tmp_path / "huge.npy"
+    path.write_bytes(_npy_header(TERABYTE_SHAPE) + bytes(4096))
+    _expect(path, str(2**40), "1000000 anchors")
+
+
+@functools.lru_cache(maxsize=None)
+def _deflated_zeros_npy(n_bytes: int) -> tuple[bytes, int, int]:
+    """``(raw deflate stream, crc32, size)`` of an .npy holding ``n_bytes`` of zeros (float32).
+
+    One compressed 16 MiB block of zeros, repeated: a full flush resets the compressor, so
+    every block compresses to the same bytes. Built in a second, not in minutes.
+    """
+    chunk = 1 << 24
+    header = _npy_header(((n_bytes - 128) // 4,))  # numpy pads the header to 128 bytes here
+    assert len(header) == 128
+    comp = zlib.compressobj(9, zlib.DEFLATED, -15)
+    first = comp.compress(header + bytes(chunk - len(header))) + comp.flush(zlib.Z_FULL_FLUSH)
+    zeros = bytes(chunk)
+    block = comp.compress(zeros) + comp.flush(zlib.Z_FULL_FLUSH)
+    n_blocks = n_bytes // chunk
+    crc = zlib.crc32(header + bytes(chunk - len(header)))
+    for _ in range(n_blocks - 1):
+        crc = zlib.crc32(zeros, crc)
+    return first + block * (n_blocks - 1) + comp.flush(), crc, n_blocks * chunk
+
+
+def _zip_bomb(path, member: str, n_bytes: int, extra: dict | None = None):
+    """A valid zip whose ``member`` is an .npy of ``n_bytes`` zeros, deflated about 1000:1."""
+    data, crc, size = _deflated_zeros_npy(n_bytes)
+    name = member.encode()
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 8, 0, 0x21, crc, len(data), size, len(name), 0) + name
+    central = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 8, 0, 0x21, crc, len(data), size,
+                          len(name), 0, 0, 0, 0, 0, 0) + name
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(central), len(local) + len(data), 0)
+    path.write_bytes(local + data + central + end)
+    with zipfile.ZipFile(path, "a") as zf:
+        for key, arr in (extra or {}).items():
+            zf.writestr(f"{key}.npy", _npy_bytes(arr))
+    return path
+
+
+BOMB_BYTES = 96 * (1 << 24)  # 1.5 GiB of zeros
+
+
+def test_npz_zip_bomb_is_refused_by_its_declared_size(tmp_path):
+    path = _zip_bomb(tmp_path / "bomb.npz", "features.npy", BOMB_BYTES,
+                     extra={"positions": np.zeros((4, 2), np.float32)})
+    assert path.stat().st_size < 2_000_000
+    with zipfile.ZipFile(path) as zf, zf.open("features.npy") as f:  # well formed: refused for its size
+        assert zf.getinfo("features.npy").file_size == BOMB_BYTES and f.read(1 << 20)[-4:] == bytes(4)
+    tracemalloc.start()
+    try:
+        _expect(path, "features.npy", "declares", "1000000 anchors")
+        assert tracemalloc.get_traced_memory()[1] < 64 << 20  # nothing near the 1.5 GiB was allocated
+    finally:
+        tracemalloc.stop()
+
+
+def test_npz_keys_the_reader_does_not_use_are_never_decompressed(tmp_path, samples):
+    path = _zip_bomb(tmp_path / "extra.npz", "thumbnail.npy", BOMB_BYTES,
+                     extra={"features": samples["features"], "positions": np.full((S, 2), 0.5, np.float32)})
+    tracemalloc.start()
+    try:
+        assert AnchorSet.load(path).size == S
+        assert tracemalloc.get_traced_memory()[1] < 64 << 20
+    finally:
+        tracemalloc.stop()

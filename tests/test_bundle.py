@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from conftest import one_line, rel_err
 from fusar_edge.config import preset
 from fusar_edge.errors import BundleError
-from fusar_edge.model.bundle import build_random, describe, load_bundle, open_model, save_bundle
+from fusar_edge.model.bundle import build_random, describe, load_bundle, open_model, save_bundle, write_manifest
 from fusar_edge.model.rope import mrope_positions
 from fusar_edge.tokenizer import TextTokenizer
 from test_model import make_inputs, random_anchors
@@ -198,7 +198,7 @@ BROKEN = {
     "truncated fusar_modules": (lambda b: _truncate(b / "fusar_modules.safetensors"), ["fusar_modules.safetensors"]),
     "config.json sizes disagree": (
         lambda b: _edit_json(b / "config.json", lambda d: _set(d, ["text_config", "intermediate_size"], 96)),
-        ["model.safetensors", "config.json", "mismatched", "mlp", "[128, 64]", "[96, 64]"]),
+        ["model.safetensors", "config.json", "mismatched", "mlp.down_proj.weight", "[64, 128]", "[64, 96]"]),
     "backbone tensor missing": (
         lambda b: _rewrite_safetensors(b / "model.safetensors", lambda s: s.pop("model.layers.1.mlp.up_proj.weight")),
         ["model.safetensors", "config.json", "missing", "layers.1.mlp.up_proj.weight"]),
@@ -215,8 +215,11 @@ BROKEN = {
 
 @pytest.mark.parametrize("case", list(BROKEN))
 def test_broken_bundle_names_the_file(copy, case):
+    """Each fault behind a manifest that agrees with it (as if the bundle was written so): the
+    checks after the manifest's find it. (Against the old manifest: test_bundle_integrity.py.)"""
     breaker, words = BROKEN[case]
     breaker(copy)
+    write_manifest(copy)
     with pytest.raises(BundleError) as exc:
         load_bundle(copy)
     msg = one_line(exc, *words)
@@ -238,10 +241,9 @@ def test_not_a_bundle(tmp_path):
 
 def test_open_model_default_is_the_shipped_demo_and_presets_are_deterministic():
     from fusar_edge.config import builtin_bundle
-    from fusar_edge.hashing import sha256_file
 
     demo, tok, weights = open_model(None)
-    assert weights == sha256_file(builtin_bundle() / "manifest.json") and not demo.config.untrained
+    assert weights == content_id(builtin_bundle()) and not demo.config.untrained
     assert demo.config.chip_size == 224 and demo.tlm is not None and tok.vocab_size <= 640
     m1, tok1, w1 = open_model("tiny")
     m2, _, w2 = open_model("tiny")
@@ -252,10 +254,18 @@ def test_open_model_default_is_the_shipped_demo_and_presets_are_deterministic():
     assert not m1.training
 
 
-def test_open_model_on_a_bundle_reports_the_manifest_hash(saved):
+def content_id(bundle):
+    """The weights id as bundle.py defines it, computed here from the files themselves."""
+    names = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()
+                   and p.name != "manifest.json")
+    lines = "".join(f"{hashlib.sha256((bundle / n).read_bytes()).hexdigest()}  {n}\n" for n in names)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def test_open_model_on_a_bundle_reports_the_content_hash(saved):
     out = saved[2]
     model, _, weights = open_model(out)
-    assert weights == hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
+    assert weights == content_id(out)
     assert torch.equal(model.fusar_state_dict()["grasp.prompts"], saved[0].fusar_state_dict()["grasp.prompts"])
 
 
@@ -286,7 +296,8 @@ def test_describe_preset():
     assert info["llm"] == "2 layers, hidden 64, 4 heads / 2 kv, vocab 1024"
     assert info["vit"] == "2 blocks, hidden 32, patch 14"
     assert info["tlm"]["enabled"] and info["grasp"]["enabled"] and info["grasp"]["k"] == 2
-    assert info["files"] == {} and info["size_mb"] is None
+    assert "files" not in info and "size_mib" not in info and info["kind"].startswith("preset")
+    assert info["untrained"] is True and list(info["backends"]) == ["torch"]
     json.dumps(info)  # `info --json` must serialise it
     big = describe("qwen2.5-vl-7b")
     assert big["llm"] == "28 layers, hidden 3584, 28 heads / 4 kv, vocab 152064"
@@ -297,9 +308,10 @@ def test_describe_bundle(saved):
     _, _, out = saved
     info = describe(out)
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))["files"]
-    assert info["weights"] == hashlib.sha256((out / "manifest.json").read_bytes()).hexdigest()
+    assert info["weights"] == content_id(out)
     assert info["files"] == {k: v["bytes"] for k, v in manifest.items()}
-    assert info["size_mb"] == round(sum(v["bytes"] for v in manifest.values()) / 2**20, 2) > 0
+    assert info["size_mib"] == round(sum(v["bytes"] for v in manifest.values()) / 2**20, 2) > 0
+    assert info["kind"] == "bundle" and list(info["backends"]) == ["torch"]  # nothing exported yet
     assert {k: info[k] for k in ("name", "chip_size", "token_grid", "llm", "vit", "tlm", "grasp", "aef_years")} == \
         {k: describe("tiny")[k] for k in ("name", "chip_size", "token_grid", "llm", "vit", "tlm", "grasp", "aef_years")}
     json.dumps(info)

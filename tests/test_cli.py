@@ -263,3 +263,39 @@ def test_sample_bad_size_and_existing_files(tmp_path, capsys):
     assert len(err) == 1 and "already exists" in err[0]
     assert (tmp_path / "t" / "scene.tif").read_bytes() == before  # the old sample is untouched
     assert [p.name for p in (tmp_path / "t").iterdir() if p.name.startswith(".")] == []
+
+
+def _two_band(demo, path):
+    """The demo scene as a VV/VH pair: band 2 is band 1 mirrored."""
+    import rasterio
+
+    with rasterio.open(demo["scene_tif"]) as src:
+        profile, vv, tags = src.profile, src.read(1), src.tags()
+    profile.update(count=2)
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.stack([vv, vv[:, ::-1]]))
+        dst.update_tags(**tags)
+    return str(path)
+
+
+def test_band_flag_and_the_image_record(demo, tmp_path, capsys):
+    tif = _two_band(demo, tmp_path / "vv_vh.tif")
+    args = (tif, "How many ships?", "--anchors", demo["anchors"], "--max-new-tokens", "2")
+    image = ask_json(capsys, *args)["image"]
+    assert (image["band"], image["bands"]) == (1, 2)
+    assert ask_json(capsys, *args, "--band", "2")["image"]["band"] == 2
+    assert main(["ask", *args, "--bundle", "tiny", "--band", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--band" in err[0] and "vv_vh.tif" in err[0] and "2 band" in err[0]
+
+
+def test_bbox_takes_negative_numbers_and_refuses_non_finite(demo, capsys):
+    from fusar_edge.cli import _parser
+
+    for spelled, value in (("-1e-3", -0.001), ("-.5", -0.5), ("-2E1", -20.0), ("-3", -3.0)):
+        args = _parser().parse_args(["ask", "x.tif", "q", "--bbox", spelled, "53.9", "3.0", "54.0"])
+        assert args.bbox[0] == pytest.approx(value)
+    for bad in ("-inf", "inf", "nan", "-Infinity"):
+        assert main(["ask", demo["scene_tif"], "q", "--bbox", bad, "53.9", "3.0", "54.0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--bbox" in err[0] and "finite" in err[0], err

@@ -74,6 +74,13 @@ def test_export_gptq4_writes_every_form_and_runs_4bit(tmp_path, capsys):
     ans = Runtime.open(out, backend="onnxruntime").ask(scene["scene_tif"], "How many ships?", max_new_tokens=4,
                                                      anchors=scene["anchors"])
     assert ans.model["onnx"] == "onnx-int4"
+    # `info` says what can run the exported bundle
+    assert main(["info", str(out), "--json"]) == 0
+    backends = json.loads(capsys.readouterr().out)["backends"]
+    assert set(backends) == {"torch", "onnx", "onnx-int4", "onnx-int4-qdq", "gptq"}
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "onnx-int4: onnxruntime (GPTQ 4-bit, MatMulNBits)" in text and "{" not in text.split("files")[-1]
 
 
 def test_tensorrt_missing_is_a_clear_error(tmp_path, capsys):
@@ -86,3 +93,26 @@ def test_tensorrt_missing_is_a_clear_error(tmp_path, capsys):
     assert main(["export", "tiny", "--out", str(tmp_path / "trt"), "--tensorrt"]) == 2
     assert "TensorRT" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_relative_out_and_the_report(tmp_path, monkeypatch, capsys):
+    """`export --out rel` from any directory: the report's file names are relative strings.
+
+    The ONNX export and its parity check are stubbed (the full export runs above); what is
+    tested is the bookkeeping around them, which a relative --out used to break after the
+    whole export had run."""
+    import fusar_edge.export.onnx_stages as stages
+
+    def export_stages(model, out_dir, progress=None):
+        out_dir.mkdir(parents=True)
+        (out_dir / "vision.onnx").write_bytes(b"graph")
+        return {"vision": out_dir / "vision.onnx"}
+
+    monkeypatch.setattr(stages, "export_stages", export_stages)
+    monkeypatch.setattr(stages, "parity_report", lambda *a, **k: {"ok": True})
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "tiny", "--out", "rel", "--onnx", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["artifacts"]["onnx"]["files"] == {"vision": "onnx/vision.onnx"}
+    assert json.loads((tmp_path / "rel" / "export.json").read_text()) == report
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rel"]

@@ -22,7 +22,7 @@ from fusar_edge.errors import AnchorError, FusarError, InputError  # noqa: E402
 from fusar_edge.export.onnx_stages import (  # noqa: E402
     FusionStage, DecoderStage, STAGE_FILES, VisionStage, export_stages, parity_report, synthetic_anchors,
     synthetic_chip)
-from fusar_edge.model.bundle import save_bundle  # noqa: E402
+from fusar_edge.model.bundle import save_bundle, write_manifest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,7 @@ def exported(tmp_path_factory, tiny_model, tiny_tokenizer):
     bundle = save_bundle(tiny_model, tiny_tokenizer, root / "bundle")
     messages = []
     files = export_stages(tiny_model, bundle / "onnx", progress=messages.append)
+    write_manifest(bundle)  # as `fusar-edge export` does last: every open refuses unlisted weights
     return {"bundle": bundle, "onnx": bundle / "onnx", "files": files, "messages": messages}
 
 
@@ -182,6 +183,7 @@ def test_missing_onnx_export_is_one_clear_line(exported, tmp_path):
 
     plain = tmp_path / "plain"
     shutil.copytree(exported["bundle"], plain, ignore=shutil.ignore_patterns("onnx"))
+    write_manifest(plain)  # consistent bundles: what is missing is the export itself
     with pytest.raises(FusarError) as e:
         Runtime.open(plain, backend="onnxruntime")
     one_line(e, str(plain / "onnx" / "stages.json"), "missing", f"fusar-edge export {plain} --out DIR --onnx")
@@ -189,6 +191,7 @@ def test_missing_onnx_export_is_one_clear_line(exported, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(exported["bundle"], partial)
     (partial / "onnx" / "decoder.onnx").unlink()
+    write_manifest(partial)
     with pytest.raises(FusarError) as e:
         Runtime.open(partial, backend="onnxruntime")
     one_line(e, str(partial / "onnx" / "decoder.onnx"), "--onnx")

@@ -8,6 +8,7 @@ names, as in the legacy stage-1 vision LoRA) saved with ``save_pretrained``, and
 
 import copy
 import json
+import pickle
 import shutil
 from types import SimpleNamespace
 
@@ -39,6 +40,16 @@ class NotWeights:
 
     def __init__(self):
         self.film_mlp = {"0.weight": torch.zeros(2)}
+
+
+class Payload:
+    """A pickle that runs code when unpickled: it would create the file ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
 
 
 def reference_film_mlp(c, hidden_mult=4, seed=0):
@@ -287,6 +298,8 @@ def _rename_adapter_keys(state):
     return {k.replace(".layers.", ".blocks_x."): v for k, v in state.items()}
 
 
+REFUSED = "refused: not a weights-only checkpoint (it holds pickled Python objects"
+
 BAD = {
     # name: (how to break the scratch copy, which file the message names, other words it must contain)
     "tlm_config wrong format": (lambda s: _edit_json(s.tlm / "tlm_config.json", format="tlm_v0"),
@@ -304,9 +317,11 @@ BAD = {
                                 "tlm/tlm_config.json", ["missing", "--legacy-sigma"]),
     "missing vec64_film.pt": (lambda s: (s.tlm / "vec64_film.pt").unlink(), "tlm/vec64_film.pt", ["missing"]),
     "pickled object": (lambda s: torch.save({"film_mlp": NotWeights()}, s.tlm / "vec64_film.pt"),
-                       "tlm/vec64_film.pt", ["weights-only", "NotWeights"]),
+                       "tlm/vec64_film.pt", [REFUSED, "NotWeights"]),
     "pickled object only": (lambda s: torch.save(NotWeights(), s.tlm / "vec64_film.pt"),
-                            "tlm/vec64_film.pt", ["weights-only", "NotWeights"]),
+                            "tlm/vec64_film.pt", [REFUSED, "NotWeights"]),
+    "pickled torch module": (lambda s: torch.save(reference_film_mlp(64), s.tlm / "vec64_film.pt"),
+                             "tlm/vec64_film.pt", [REFUSED, "torch.nn.modules"]),
     "garbage vec64_film.pt": (lambda s: (s.tlm / "vec64_film.pt").write_bytes(b"not a torch file"),
                               "tlm/vec64_film.pt", ["weights-only"]),
     "bare state_dict": (lambda s: torch.save(reference_film_mlp(64).state_dict(), s.tlm / "vec64_film.pt"),
@@ -333,7 +348,7 @@ BAD = {
     "base without config.json": (lambda s: (s.base / "config.json").unlink(), "base/config.json", ["missing"]),
     "base config of other sizes": (lambda s: _edit_json(s.base / "config.json", text_config={
         **json.loads((s.base / "config.json").read_text())["text_config"], "intermediate_size": 96}),
-        "base/model.safetensors", ["base/config.json", "mismatched", "[96, 64]"]),
+        "base/model.safetensors", ["base/config.json", "mismatched", "mlp.down_proj.weight", "[64, 96]"]),
     "base tensor missing": (lambda s: _rewrite(s.base / "model.safetensors",
                                                lambda st: {k: v for k, v in st.items() if "layers.1.mlp.up" not in k}),
                             "base/model.safetensors", ["missing", "layers.1.mlp.up_proj.weight"]),
@@ -407,4 +422,60 @@ def test_cli_bad_checkpoint_is_one_error_line(scratch, case, capsys):
     assert len(errors) == 1 and lines[-1] == errors[0]  # progress lines may come before it, nothing after
     assert str(scratch.out.parent / where) in errors[0]
     assert all(str(w) in errors[0] for w in words)
+    assert not scratch.out.exists()
+
+
+# --- pickles that carry code --------------------------------------------------------------
+
+def _write_payload(scratch, target, writer):
+    """Replace vec64_film.pt or the adapter's weights by a pickle whose loading would create a marker."""
+    marker = scratch.out.parent / "PWNED"
+    if target == "vec64_film.pt":
+        path, obj = scratch.tlm / target, {"film_mlp": Payload(marker)}
+    else:  # an old PEFT adapter: adapter_model.bin instead of .safetensors
+        (scratch.lora / "adapter_model.safetensors").unlink()
+        path, obj = scratch.lora / target, {"base_model.model.lm_head.lora_A.weight": Payload(marker)}
+    if writer == "torch.save":
+        torch.save(obj, path)
+    else:
+        path.write_bytes(pickle.dumps(obj))
+    return path, marker
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "plain pickle"])
+@pytest.mark.parametrize("target", ["vec64_film.pt", "adapter_model.bin"])
+def test_pickled_code_is_refused_in_our_words_and_never_runs(scratch, capsys, target, writer):
+    path, marker = _write_payload(scratch, target, writer)
+    with pytest.raises(BundleError) as exc:
+        import_fusar_gpt(scratch.base, scratch.lora, scratch.tlm, scratch.out)
+    msg = one_line(exc, path, REFUSED, "io.open", "fusar-edge never unpickles code")
+    assert msg.startswith(f"{path}: refused:") and "weights_only" not in msg  # not torch's advice
+    assert not marker.exists() and not scratch.out.exists()
+
+    argv = ["import-fusar-gpt", str(scratch.base), str(scratch.lora), str(scratch.tlm), "--out", str(scratch.out)]
+    assert main(argv) == 2
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    lines = [line for line in cap.err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("fusar-edge: error:")]
+    assert errors == [lines[-1]] and errors[0] == f"fusar-edge: error: {msg}"  # progress lines may come first
+    assert not marker.exists() and not scratch.out.exists()
+
+
+def test_pickled_adapter_of_plain_tensors_still_imports(ckpt, imported, scratch):
+    """Old PEFT adapters (adapter_model.bin) holding only tensors pass the check and import the same."""
+    st = scratch.lora / "adapter_model.safetensors"
+    torch.save(load_file(str(st)), scratch.lora / "adapter_model.bin")
+    st.unlink()
+    out = import_fusar_gpt(scratch.base, scratch.lora, scratch.tlm, scratch.out)
+    ref, got = load_file(str(imported[0] / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_pickled_adapter_must_be_a_state_dict(scratch):
+    (scratch.lora / "adapter_model.safetensors").unlink()
+    torch.save([torch.zeros(2)], scratch.lora / "adapter_model.bin")
+    with pytest.raises(BundleError) as exc:
+        import_fusar_gpt(scratch.base, scratch.lora, scratch.tlm, scratch.out)
+    one_line(exc, scratch.lora / "adapter_model.bin", "state dict", "list")
     assert not scratch.out.exists()

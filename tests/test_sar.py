@@ -1,7 +1,10 @@
 """SAR image input: formats, scales, footprint, dates, the reference chip, and every bad input."""
 
 import datetime as dt
+import json
 import pickle
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -10,12 +13,14 @@ import rasterio
 import rasterio.shutil
 from PIL import Image
 from rasterio.control import GroundControlPoint
+from rasterio.enums import Resampling
 from rasterio.transform import Affine
+from rasterio.windows import Window
 from rasterio.warp import transform as warp_transform
 
 from conftest import one_line
 from fusar_edge.errors import InputError
-from fusar_edge.geo import SarImage, parse_date, read_sar, to_chip
+from fusar_edge.geo import SarImage, parse_date, read_sar, sar, to_chip
 from fusar_edge.geo.synthetic import write_demo_scene
 
 UTM = "EPSG:32631"
@@ -408,6 +413,108 @@ def test_bad_scale(tmp_path, amplitude):
     with pytest.raises(InputError) as e:
         read_sar(write_tif(tmp_path / "a.tif", amplitude), scale="linear")
     one_line(e, "'linear'", "auto")
+
+
+# -- large images: read decimated, bounded memory -------------------------------------------
+
+PEAK_SCRIPT = """
+import json, resource, sys
+limit = 4 << 30  # guards the machine: this file read whole took 6 GB
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+from fusar_edge.geo.sar import read_sar
+img = read_sar(sys.argv[1])
+print(json.dumps({"shape": list(img.data.shape), "size": [img.height, img.width], "kind": img.kind,
+                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def test_sparse_20000_px_geotiff_is_read_decimated_in_bounded_memory(tmp_path):
+    pytest.importorskip("resource")
+    path = tmp_path / "sparse.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=20000, height=20000, count=1, dtype="float32", crs=UTM,
+                       transform=Affine(10.0, 0.0, ORIGIN[0], 0.0, -10.0, ORIGIN[1]), tiled=True, blockxsize=512,
+                       blockysize=512, compress="deflate", sparse_ok=True) as ds:
+        sea = np.full((2048, 2048), 0.1, np.float32)  # the rest of the file: blocks never written (zeros)
+        sea[100:140, 200:300] = 5.0
+        ds.write(sea, 1, window=Window(4096, 4096, 2048, 2048))
+    assert path.stat().st_size < 200_000
+    run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    res = json.loads(run.stdout)
+    assert res["size"] == [20000, 20000] and res["shape"] == [sar.READ_MAX_SIDE] * 2
+    assert res["peak_mb"] < 1024  # read whole: 6.3 GB; decimated: about 300 MB
+
+
+@pytest.fixture
+def small_read(monkeypatch):
+    """Decimation at a small size, so small files exercise it: 96 x 128 reads as 48 x 64."""
+    monkeypatch.setattr(sar, "READ_MAX_SIDE", 64)
+
+
+def _block_mean(a, f=2):
+    h, w = a.shape
+    return a.reshape(h // f, f, w // f, f).mean(axis=(1, 3))
+
+
+def test_decimated_geotiff_is_the_block_average_at_the_original_size(tmp_path, amplitude, small_read):
+    img = read_sar(write_tif(tmp_path / "a.tif", amplitude))
+    assert img.data.shape == (48, 64) and (img.height, img.width) == (96, 128)
+    assert img.bounds_lonlat == read_sar(write_tif(tmp_path / "same.tif", amplitude), max_side=200).bounds_lonlat
+    ref = read_sar(write_tif(tmp_path / "mean.tif", _block_mean(amplitude).astype(np.float32)))
+    np.testing.assert_allclose(img.data, ref.data, atol=1e-5)
+    assert to_chip(img, 56).shape == (56, 56, 3)
+
+
+def test_decimated_complex_pixels_keep_their_amplitude(tmp_path, small_read):
+    rng = np.random.default_rng(3)
+    z = (rng.standard_normal((96, 128)) + 1j * rng.standard_normal((96, 128))).astype(np.complex64)
+    img = read_sar(write_tif(tmp_path / "slc.tif", z))
+    rms = np.sqrt(_block_mean(np.abs(z) ** 2)).astype(np.float32)  # multilook: mean power per block
+    ref = read_sar(write_tif(tmp_path / "rms.tif", rms))
+    assert img.kind == "complex" and img.data.shape == (48, 64)
+    np.testing.assert_allclose(img.data, ref.data, atol=1e-4)
+
+
+def test_decimated_reads_still_refuse_nan(tmp_path, amplitude, small_read):
+    a = amplitude.copy()
+    a[5, 7] = np.nan
+    with pytest.raises(InputError) as e:
+        read_sar(write_tif(tmp_path / "nan.tif", a))
+    one_line(e, "nan.tif", "NaN")
+
+
+def test_decimated_npy_keeps_the_original_size(tmp_path, amplitude, small_read):
+    np.save(tmp_path / "a.npy", amplitude)
+    np.save(tmp_path / "every2.npy", np.ascontiguousarray(amplitude[::2, ::2]))
+    img = read_sar(tmp_path / "a.npy")
+    assert img.data.shape == (48, 64) and (img.height, img.width) == (96, 128)
+    np.testing.assert_allclose(img.data, read_sar(tmp_path / "every2.npy").data, atol=1e-6)
+
+
+def test_max_side_counts_the_overview_gdal_reads(tmp_path, amplitude, monkeypatch):
+    monkeypatch.setattr(sar, "READ_MAX_SIDE", 32)  # 96 x 128 is read at a quarter
+    path = write_tif(tmp_path / "a.tif", amplitude)
+    with pytest.raises(InputError) as e:
+        read_sar(path, max_side=100)
+    one_line(e, "a.tif", "96 x 128", "100", "overviews")
+    with rasterio.open(path, "r+") as ds:
+        ds.build_overviews([2, 4], Resampling.average)
+    img = read_sar(path, max_side=100)  # GDAL reads the 24 x 32 overview, not 96 x 128 pixels
+    assert img.data.shape == (24, 32) and (img.height, img.width) == (96, 128)
+
+
+def test_two_band_file_reads_band_1_unless_told_and_says_so(tmp_path, amplitude):
+    path = write_tif(tmp_path / "vv_vh.tif", np.stack([amplitude, amplitude[::-1]]))
+    assert (read_sar(path).band, read_sar(path).bands) == (1, 2)
+    assert read_sar(path, band=2).band == 2
+    with pytest.raises(InputError) as e:
+        read_sar(path, band=3)
+    one_line(e, "vv_vh.tif", "band 3", "--band", "2 band")
+    rgb = write_tif(tmp_path / "rgb.tif", np.random.default_rng(0).integers(0, 256, (3, 8, 9), dtype=np.uint8),
+                    photometric="RGB")
+    assert (read_sar(rgb).band, read_sar(rgb).bands, read_sar(rgb).kind) == (None, 3, "visual8")
+    green = read_sar(rgb, band=2)  # an explicit band: that band alone, as gray
+    assert green.band == 2 and (green.data[..., 0] == green.data[..., 2]).all()
 
 
 # -- demo data --------------------------------------------------------------------------

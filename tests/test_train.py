@@ -176,7 +176,6 @@ def test_stage2_grasp_trains_prompts_and_projections_and_imports_on(data, stage0
     assert summary["grasp"].startswith("trained") and summary["steps"] == 4
 
     # what stage 2 would start from with the same seed: GRASP's fresh initialisation
-    from fusar_edge.config import GRASPConfig
     from fusar_edge.model.grasp import GRASP
 
     torch.manual_seed(settings.seed)

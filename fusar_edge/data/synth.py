@@ -36,14 +36,13 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ..errors import InputError
-from ..fsutil import publish_dir
+from ..fsutil import publish_dir, publishable_mkdtemp, remove_stale_work_dirs, work_dir
 from .questions import scene_rows
 from .scene import COVER, TARGET_LABELS, make_region, make_scene, smooth_field
 
@@ -149,7 +148,7 @@ def synth(out: str | Path, n: int, seed: int = 0, chip: int = 504, per_region: i
     if out.exists() and not force:
         raise InputError(f"{out}: already exists (pass --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.synth-", dir=out.parent))
+    tmp = publishable_mkdtemp(f".{out.name}.synth-", out.parent)
     try:
         n_regions = max(3, math.ceil(n / per_region))
         region_px = chip * 3 // 2
@@ -219,12 +218,29 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
+SAMPLE_FILES = ("tiles", "anchors.npz", "scene.png", "scene.tif")  # moved in this order: scene.tif last
+
+
+def _publish_sample(stage: Path, out: Path) -> None:
+    """A new ``out`` in one rename; into an existing directory, file by file (each rename atomic)."""
+    if not out.exists():
+        publish_dir(stage, out)
+        return
+    for name in SAMPLE_FILES:
+        os.replace(stage / name, out / name)
+
+
 def sample_scene(out: str | Path, seed: int = 0, size: int = 224) -> dict:
     """One scene of the synthetic dataset's kind, for trying ``ask``: ``scene.tif``, ``scene.png``,
     its AEF tile store ``tiles/`` and its anchors ``anchors.npz`` (16 x 16, looked up in ``tiles/``).
 
     A coastal or open-sea region with at least one ship, so the README's "How many ships are
     there?" has an answer; ``ships`` lists their boxes (scene pixels, x2/y2 exclusive).
+
+    Everything is written into a hidden work directory first (``.NAME.sample-PID-*``; a later
+    run removes a killed run's), then moved into place: a new ``out`` appears whole, and into
+    an existing one each file is renamed in, ``scene.tif`` last. A kill or a full disk never
+    leaves a truncated file.
     """
     from ..geo.tile_ingest import ingest
     from ..geo.tilestore import TileStore
@@ -232,10 +248,11 @@ def sample_scene(out: str | Path, seed: int = 0, size: int = 224) -> dict:
     if isinstance(size, bool) or not isinstance(size, int) or size < 56 or size > 4096:
         raise InputError(f"--size: expected an integer from 56 to 4096 px, got {size!r}")
     out = Path(out)
-    for name in ("scene.tif", "scene.png", "anchors.npz", "tiles"):
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: already exists and is not a directory (sample writes a directory of files)")
+    for name in SAMPLE_FILES:
         if (out / name).exists():
             raise InputError(f"{out / name}: already exists (choose an empty directory)")
-    out.mkdir(parents=True, exist_ok=True)
     for attempt in range(100):
         rng = np.random.default_rng([seed, 3, attempt])
         region = make_region(rng, size)
@@ -247,15 +264,19 @@ def sample_scene(out: str | Path, seed: int = 0, size: int = 224) -> dict:
     year = YEARS[int(rng.integers(0, len(YEARS)))]
     date = dt.date(year, 1, 1) + dt.timedelta(days=int(rng.integers(0, 365)))
     x0, y0 = 500000.0 - size * PIXEL_M / 2, 5983520.0 + size * PIXEL_M / 2  # 3 deg E, 54 deg N (North Sea)
-    tmp = Path(tempfile.mkdtemp(prefix=".sample-", dir=out))
+    where = out if out.is_dir() else out.absolute().parent
+    where.mkdir(parents=True, exist_ok=True)
+    remove_stale_work_dirs(where, "sample")
+    tmp = work_dir(where, out.name, "sample")
     try:
+        stage = tmp / "sample"  # made by mkdir, not mkdtemp: the usual permissions once published
+        stage.mkdir()
         _write_region_aef(tmp / "aef" / str(year) / "31N" / "sample-0000000000-0000000000.tiff", rng, region.cover,
                           x0, y0)
-        ingest([tmp / "aef"], tmp / "tiles")
-        img = _write_scene_files(tmp / "scene.tif", tmp / "scene.png", tmp / "anchors.npz", scene.amplitude, x0, y0,
-                                 date, TileStore.open(tmp / "tiles"))
-        for name in ("scene.tif", "scene.png", "anchors.npz", "tiles"):
-            os.replace(tmp / name, out / name)
+        ingest([tmp / "aef"], stage / "tiles")
+        img = _write_scene_files(stage / "scene.tif", stage / "scene.png", stage / "anchors.npz", scene.amplitude,
+                                 x0, y0, date, TileStore.open(stage / "tiles"))
+        _publish_sample(stage, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"scene_tif": str(out / "scene.tif"), "scene_png": str(out / "scene.png"),

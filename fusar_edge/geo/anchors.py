@@ -21,6 +21,10 @@ Files, as the FUSAR-GPT reference code reads them (``data.py`` ``load_aef``):
   spans [0, 1]. The layout has no mask: ``save_npy`` leaves masked anchors out.
 
 Nothing is unpickled (``allow_pickle=False``); writes are atomic (temp file + ``os.replace``).
+Reads are bounded by what an anchor set can be (``MAX_ANCHORS``): every array's declared size
+(the ``.npy`` header's shape x dtype, and for ``.npz`` members the zip's declared uncompressed
+size) is checked before a byte of it is read, so a forged header or a zip bomb is refused, not
+allocated. Only the ``.npz`` keys above are read; other members are never decompressed.
 """
 
 from __future__ import annotations
@@ -47,6 +51,14 @@ NPY_WIDTH = len(NPY_COLUMNS) + VEC_DIM  # 70
 NPY_MAGIC = np.lib.format.MAGIC_PREFIX
 ZIP_MAGIC = b"PK\x03\x04"
 _FEATURE_NAME = re.compile(r"[aA]\d+")
+# Size bounds: a 1000 x 1000 anchor grid is far beyond any chip's (16 x 16 by default), and the
+# widest legitimate array is the NPY layout in float64 (70 columns x 8 bytes per anchor).
+MAX_ANCHORS = 1_000_000
+MAX_NPY_BYTES = MAX_ANCHORS * NPY_WIDTH * 8
+NPZ_KEYS = ("features", "positions", "mask", "year", "bounds", "crs")
+_NPZ_MAX_BYTES = {"features": MAX_ANCHORS * VEC_DIM * 8, "positions": MAX_ANCHORS * 2 * 8, "mask": MAX_ANCHORS * 8}
+_SMALL_MAX_BYTES = 1 << 16  # year, bounds, crs: a few values (a WKT CRS string fits)
+_HEADER_MAX_BYTES = 1 << 16  # an .npy header is at most numpy's 10000 characters plus padding
 
 
 @dataclass(frozen=True)
@@ -236,8 +248,9 @@ class AnchorSet:
                               "pickles are never loaded)")
         try:
             if suffix == ".npz":
-                with np.load(p, allow_pickle=False) as npz:
-                    return cls._from_npz(p, {key: npz[key] for key in npz.files})
+                return cls._from_npz(p, _read_npz(p))
+            with open(p, "rb") as f:
+                _check_npy_header(f, MAX_NPY_BYTES, f"anchors {p}")
             return cls._from_npy(p, np.load(p, allow_pickle=False))
         except ValueError as exc:
             text = " ".join(str(exc).split())
@@ -249,10 +262,11 @@ class AnchorSet:
             raise AnchorError(f"anchors {p}: cannot read it as {suffix} ({exc}); is the file truncated?") from exc
 
     @classmethod
-    def _from_npz(cls, p: Path, arrays: dict[str, np.ndarray]) -> "AnchorSet":
+    def _from_npz(cls, p: Path, read: tuple[dict[str, np.ndarray], list[str]]) -> "AnchorSet":
+        arrays, names = read
         missing = [key for key in ("features", "positions") if key not in arrays]
         if missing:
-            has = ", ".join(sorted(arrays)) or "none"
+            has = ", ".join(sorted(names)) or "none"
             raise AnchorError(f"anchors {p}: missing key {', '.join(missing)} (has: {has})")
         year = arrays.get("year")
         if year is not None and (year.size != 1 or year.dtype.kind not in "iu"):
@@ -332,6 +346,44 @@ class AnchorSet:
             columns.append(values)
         table = np.column_stack([*columns, self.features])[keep]
         return _atomic_write(path, ".npy", lambda f: np.save(f, table, allow_pickle=False))
+
+
+def _read_npz(p: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """The anchor keys of an ``.npz`` (each size-checked before it is read) and every key's name."""
+    with zipfile.ZipFile(p) as zf:
+        members = {info.filename[:-4]: info for info in zf.infolist() if info.filename.endswith(".npy")}
+        arrays = {key: _read_npz_member(p, zf, members[key]) for key in NPZ_KEYS if key in members}
+    return arrays, list(members)
+
+
+def _read_npz_member(p: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    key = info.filename[:-4]
+    cap = _NPZ_MAX_BYTES.get(key, _SMALL_MAX_BYTES)
+    where = f"anchors {p}: member {info.filename}"
+    # the declared size bounds what decompression can produce (zipfile stops there)
+    if info.file_size > cap + _HEADER_MAX_BYTES:
+        raise AnchorError(f"{where}: declares {info.file_size} bytes uncompressed; an anchor set's {key} holds "
+                          f"at most {cap} bytes ({MAX_ANCHORS} anchors)")
+    with zf.open(info) as f:
+        _check_npy_header(f, cap, where)
+    with zf.open(info) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
+
+
+def _check_npy_header(f: IO[bytes], cap: int, where: str) -> None:
+    """Refuse an ``.npy`` stream whose header declares more than ``cap`` bytes of data: numpy
+    allocates the declared shape before reading (a forged header could claim terabytes)."""
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0), (3, 0)):
+        raise ValueError(f"unknown .npy format version {version[0]}.{version[1]}")
+    # 3.0 differs from 2.0 only in the header text's encoding (UTF-8 field names), which leaves
+    # the shape and the item size as they are
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read_header(f)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > cap:
+        raise AnchorError(f"{where}: declares shape {list(shape)} {dtype} ({nbytes} bytes); an anchor set holds "
+                          f"at most {cap} bytes there ({MAX_ANCHORS} anchors)")
 
 
 def _minmax(a) -> np.ndarray:

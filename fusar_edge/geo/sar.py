@@ -32,11 +32,20 @@ PNGs with 16/32-bit pixels hold radar values, not a rendering: they go through s
 NaN/Inf pixels are an error unless the GeoTIFF declares NaN as its nodata value: silently
 zeroing them would hide a broken product. Images with a side above ``max_side`` are
 refused before their pixels are read.
+
+Large images are read decimated: the chip is at most ~1000 px, so a GeoTIFF or ``.npy`` whose
+longest side exceeds ``READ_MAX_SIDE`` is read down to that (GeoTIFF: GDAL's average, RMS for
+complex pixels, i.e. multilooking, from the file's overviews when it has them; ``.npy``: every
+k-th pixel of a memory map). Memory then follows ``READ_MAX_SIDE``, not the file's claimed
+size; ``height``/``width`` stay the original's, which boxes are mapped back to. For a
+GeoTIFF, ``max_side`` bounds the side GDAL reads at full resolution, so a file with
+overviews may be larger. Smaller images are read exactly as they are.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 import warnings
 from contextlib import contextmanager
@@ -48,6 +57,7 @@ import numpy as np
 import rasterio
 import rasterio.errors
 from PIL import Image
+from rasterio.enums import Resampling
 from rasterio.warp import transform_bounds
 
 from ..errors import InputError
@@ -66,6 +76,10 @@ DATE_KEYS = ("ACQUISITION_DATE", "ACQUISITION_START_TIME", "FIRST_LINE_TIME", "A
 # YYYY-MM-DD, YYYY:MM:DD (TIFF), YYYYMMDD, each optionally followed by a time.
 _TAG_DATE = re.compile(r"\s*(\d{4})[-:/.]?(\d{2})[-:/.]?(\d{2})(?!\d)")
 _ISO_DATE = re.compile(r"(\d{4})-(\d{2})-(\d{2})")
+# Longest side read from a GeoTIFF / .npy: 4x the largest chip (1008 px), so the bicubic resize
+# to the chip still sees several source pixels per chip pixel.
+READ_MAX_SIDE = 4 * 1008
+READ_CACHE_MB = 64  # GDAL's block cache during a decimated read: each block is read once
 
 
 @dataclass
@@ -76,7 +90,9 @@ class SarImage:
     when ``kind == "visual8"``). ``transform`` holds the affine coefficients
     ``(a, b, c, d, e, f)`` of the pixel grid in ``crs``; ``bounds_lonlat`` is the WGS84
     footprint ``(lon_min, lat_min, lon_max, lat_max)``; ``date_tag`` names the metadata
-    key the acquisition date was read from.
+    key the acquisition date was read from. ``height``/``width`` are the file's, also when
+    ``data`` was read decimated (a large image). ``band`` is the band read (None: a GeoTIFF's
+    RGB composite), ``bands`` how many the file has.
     """
 
     path: str
@@ -89,6 +105,8 @@ class SarImage:
     acquisition_date: dt.date | None = None
     kind: str = "amplitude"
     date_tag: str | None = None
+    band: int | None = 1
+    bands: int = 1
 
 
 def parse_date(text: str) -> dt.date:
@@ -102,18 +120,19 @@ def parse_date(text: str) -> dt.date:
     raise InputError(f"date: expected a calendar date YYYY-MM-DD, got {text!r}")
 
 
-def read_sar(path: str | Path, *, scale: str = "auto", band: int = 1, max_side: int = 20000) -> SarImage:
+def read_sar(path: str | Path, *, scale: str = "auto", band: int | None = None, max_side: int = 20000) -> SarImage:
     """Read a SAR image (GeoTIFF/TIFF, PNG/JPEG, ``.npy``) and normalise it per the module contract.
 
-    ``band`` (1-based) selects the GeoTIFF band; PNG/JPEG and ``.npy`` hold a single image.
-    ``max_side`` bounds both sides; PNG/JPEG are also held to Pillow's decompression-bomb
-    limit (about 179 Mpx), as they cannot be read in windows.
+    ``band`` (1-based) selects the GeoTIFF band; None: band 1, or the RGB composite of an 8-bit
+    RGB GeoTIFF. PNG/JPEG and ``.npy`` hold a single image. ``max_side`` bounds both sides (for
+    a GeoTIFF, the side read at full resolution); PNG/JPEG are also held to Pillow's
+    decompression-bomb limit (about 179 Mpx), as they cannot be read decimated.
     """
     p = Path(path)
     if scale not in SCALES:
         raise InputError(f"scale: expected one of {', '.join(SCALES)}, got {scale!r}")
-    if isinstance(band, bool) or not isinstance(band, int) or band < 1:
-        raise InputError(f"band: expected a 1-based band index, got {band!r}")
+    if band is not None and (isinstance(band, bool) or not isinstance(band, int) or band < 1):
+        raise InputError(f"band (--band): expected a 1-based band index, got {band!r}")
     if not p.exists():
         raise InputError(f"image {p}: no such file")
     if not p.is_file():
@@ -125,8 +144,8 @@ def read_sar(path: str | Path, *, scale: str = "auto", band: int = 1, max_side: 
         raise InputError(f"image {p}: the file is empty (0 bytes)")
     if suffix in RASTER_SUFFIXES:
         return _read_raster(p, scale, band, max_side)
-    if band != 1:
-        raise InputError(f"image {p}: band {band} out of range; a {suffix} file holds one image (band 1)")
+    if band not in (None, 1):
+        raise InputError(f"image {p}: band {band} (--band) out of range; a {suffix} file holds one image (band 1)")
     if suffix in PIL_SUFFIXES:
         return _read_pil(p, scale, max_side)
     return _read_npy(p, scale, max_side)
@@ -202,22 +221,53 @@ def raster_date(ds) -> tuple[dt.date | None, str | None]:
     return None, None
 
 
-def _read_raster(p: Path, scale: str, band: int, max_side: int) -> SarImage:
+def _read_raster(p: Path, scale: str, band: int | None, max_side: int) -> SarImage:
     with open_raster(p) as ds:
-        if band > ds.count:
-            raise InputError(f"image {p}: band {band} out of range; the file has {ds.count} band(s)")
-        _check_size(p, ds.height, ds.width, max_side)
+        if band is not None and band > ds.count:
+            raise InputError(f"image {p}: band {band} (--band) out of range; the file has {ds.count} band(s)")
+        rgb = (band is None and scale == "auto" and ds.count >= 3 and all(d == "uint8" for d in ds.dtypes[:3])
+               and [c.name for c in ds.colorinterp[:3]] == ["red", "green", "blue"])
+        band = band or 1
+        _check_size(p, ds.height, ds.width, max_side, _full_resolution_side(ds, band))
         crs, affine, bounds = raster_georef(ds)
         date, date_tag = raster_date(ds)
-        rgb = (scale == "auto" and ds.count >= 3 and all(d == "uint8" for d in ds.dtypes[:3])
-               and [c.name for c in ds.colorinterp[:3]] == ["red", "green", "blue"])
-        nodata, height, width = ds.nodatavals[band - 1], ds.height, ds.width
-        pixels = ds.read((1, 2, 3)).transpose(1, 2, 0) if rgb else ds.read(band)  # read errors: open_raster
+        nodata, height, width, bands = ds.nodatavals[band - 1], ds.height, ds.width, ds.count
+        pixels = _read_bands(ds, [1, 2, 3] if rgb else [band])  # read errors: open_raster
     if rgb:
-        data, kind = np.ascontiguousarray(pixels), "visual8"
+        data, kind = np.ascontiguousarray(pixels.transpose(1, 2, 0)), "visual8"
     else:
-        data, kind = _normalise(p, pixels, scale, nodata)
-    return SarImage(str(p), data, height, width, crs, affine, bounds, date, kind, date_tag)
+        data, kind = _normalise(p, pixels[0], scale, nodata)
+    return SarImage(str(p), data, height, width, crs, affine, bounds, date, kind, date_tag,
+                    None if rgb else band, bands)
+
+
+def _read_shape(height: int, width: int) -> tuple[int, int]:
+    """The ``(height, width)`` to read: the image's own, or scaled so its longest side is ``READ_MAX_SIDE``."""
+    side = max(height, width)
+    if side <= READ_MAX_SIDE:
+        return height, width
+    return max(1, round(height * READ_MAX_SIDE / side)), max(1, round(width * READ_MAX_SIDE / side))
+
+
+def _full_resolution_side(ds, band: int) -> int:
+    """Longest side GDAL reads pixel by pixel for this image: the file's, or that of the
+    coarsest overview still at least as fine as the decimated read (GDAL reads from it)."""
+    side = max(ds.height, ds.width)
+    wanted = side / READ_MAX_SIDE
+    factor = max((f for f in ds.overviews(band) if f <= wanted), default=1)
+    return math.ceil(side / factor)
+
+
+def _read_bands(ds, indexes: list[int]) -> np.ndarray:
+    """``[bands, h, w]``, decimated to ``_read_shape``: averaged (RMS for complex pixels, so
+    amplitude survives), which also carries NaN/Inf through to the checks."""
+    shape = _read_shape(ds.height, ds.width)
+    if shape == (ds.height, ds.width):
+        return ds.read(indexes)
+    complex_pixels = np.dtype(ds.dtypes[indexes[0] - 1]).kind == "c"
+    with rasterio.Env(GDAL_CACHEMAX=READ_CACHE_MB):  # default: 5% of RAM, held after the read
+        return ds.read(indexes, out_shape=(len(indexes), *shape),
+                       resampling=Resampling.rms if complex_pixels else Resampling.average)
 
 
 # -- PNG / JPEG and .npy ------------------------------------------------------------------
@@ -265,16 +315,20 @@ def _read_npy(p: Path, scale: str, max_side: int) -> SarImage:
     if arr.dtype.names or arr.dtype.kind not in "biufc" or arr.dtype.kind == "b":
         raise InputError(f"image {p}: expected real or complex numbers, got dtype {arr.dtype}")
     _check_size(p, arr.shape[0], arr.shape[1], max_side)
-    data, kind = _normalise(p, np.asarray(arr), scale, None)
+    step = math.ceil(max(arr.shape) / READ_MAX_SIDE)  # 1 unless the image is large: then every step-th pixel
+    data, kind = _normalise(p, np.asarray(arr[::step, ::step]), scale, None)
     return SarImage(str(p), data, arr.shape[0], arr.shape[1], kind=kind)
 
 
-def _check_size(p: Path, height: int, width: int, max_side: int) -> None:
+def _check_size(p: Path, height: int, width: int, max_side: int, read_side: int | None = None) -> None:
+    """``read_side``: the longest side read at full resolution, when overviews make it smaller."""
     if height == 0 or width == 0:
         raise InputError(f"image {p}: zero-size image ({height} x {width} px)")
-    if max(height, width) > max_side:
-        raise InputError(f"image {p}: {height} x {width} px exceeds the limit of {max_side} px per side "
-                          "(configurable: read_sar(max_side=...), --max-image-side)")
+    if (read_side or max(height, width)) > max_side:
+        via = f" (its usable overview: {read_side} px)" if read_side and read_side < max(height, width) else ""
+        raise InputError(f"image {p}: {height} x {width} px{via} exceeds the limit of {max_side} px per side "
+                         "read at full resolution (configurable: read_sar(max_side=...), --max-image-side; "
+                         "GeoTIFF overviews, e.g. gdaladdo, are read instead when present)")
 
 
 # -- values -------------------------------------------------------------------------------

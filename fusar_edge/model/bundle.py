@@ -1,4 +1,4 @@
-"""Bundles: a directory holding one deployable FUSAR model.
+r"""Bundles: a directory holding one deployable FUSAR model.
 
 Layout (Hugging Face style, safetensors only, no pickle, no remote code)::
 
@@ -11,28 +11,48 @@ Layout (Hugging Face style, safetensors only, no pickle, no remote code)::
 
 ``save_bundle`` writes into a temporary sibling directory and renames it into place, so an
 interrupted save never leaves a half-written bundle under the target name.
+
+Every open checks the bundle before reading a weight (``model.manifest``, ``model.shapes``):
+every file manifest.json lists exists at its recorded size and no weight file is unlisted;
+config.json and fusar.json are type- and range-checked (``config_checks``); every tensor's
+name and shape in the safetensors headers matches the model the configs describe, built on
+the meta device. ``verify=True`` (``ask --verify``, ``fusar-edge verify``) also recomputes
+every sha256. Each problem is one ``BundleError`` line naming the file.
+
+**Weights id** (``open_model``, ``describe``, the answers' ``model.weights``): a content hash,
+the sha256 of the manifest's records as ``sha256sum`` prints them, sorted by path::
+
+    sha256( "".join(f"{sha256}  {path}\n" for path, sha256 in sorted(records)) )
+
+(``path``: relative, '/'-separated; every file but manifest.json, configs and tokenizer
+included, as they change the answers too); in a shell, ``cd BUNDLE && find . -type f ! -name
+manifest.json -printf '%P\n' | LC_ALL=C sort | xargs -d '\n' sha256sum | sha256sum``. Any change
+of content changes it; it does not depend on the manifest's formatting. With ``verify=True``
+it is computed from the recomputed hashes, so a damaged file gives an error, never the good
+id. Presets say ``"random"``; a bundle without manifest.json opens unchecked and says
+``"unhashed (no manifest.json)"``.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..config import FUSAR_JSON, PRESETS, QWEN_SPECIAL_TOKENS, FusarConfig, load_backbone_json, preset, resolve_model
 from ..errors import BundleError
-from ..fsutil import publish_dir
+from ..fsutil import publish_dir, publishable_mkdtemp
 from ..hashing import file_record
 from ..hashing import sha256_file as sha256  # noqa: F401  (the name callers import)
 from .fusar import FusarModel
+from .manifest import MANIFEST, check_bundle, read_manifest  # noqa: F401  (MANIFEST: callers import it)
+from .shapes import check_backbone_shapes, check_file_shapes, meta_model
 
 FUSAR_WEIGHTS = "fusar_modules.safetensors"
-MANIFEST = "manifest.json"
 TINY_SEED = 0
 
 
@@ -84,7 +104,7 @@ def save_bundle(model: FusarModel, tokenizer, out_dir: str | Path, overwrite: bo
     if out.exists() and not overwrite:
         raise BundleError(f"{out}: already exists (pass overwrite=True / --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = publishable_mkdtemp(f".{out.name}.tmp-", out.parent)
     try:
         model.backbone.save_pretrained(tmp, safe_serialization=True)
         state = {k: v.detach().contiguous().cpu() for k, v in model.fusar_state_dict().items()}
@@ -126,39 +146,58 @@ def read_config(bundle: Path) -> FusarConfig:
         raise BundleError(f"{where}: {msg}") from None
 
 
-def load_bundle(bundle: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """-> ``(FusarModel, TextTokenizer)`` from a bundle directory, with strict weight checks."""
-    from ..tokenizer import TextTokenizer
-
-    bundle = Path(bundle)
-    config = read_config(bundle)
-    tokenizer = TextTokenizer.from_file(bundle / "tokenizer.json")  # cheap checks before the weights
-    backbone = load_backbone(bundle, config.backbone_config(), dtype)
-    model = FusarModel(config, backbone=backbone)
-    _load_fusar_weights(model, bundle / FUSAR_WEIGHTS)
-    model = model.to(device=device, dtype=backbone.dtype).eval()
+def load_bundle(bundle: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                verify: bool = False):
+    """-> ``(FusarModel, TextTokenizer)`` from a bundle directory, with strict checks (see the module
+    docstring); ``verify``: recompute every file's sha256 first."""
+    model, tokenizer, _ = _open_bundle(Path(bundle), dtype, device, verify)
     return model, tokenizer
 
 
-def load_backbone(directory: Path, config=None, dtype: torch.dtype | None = None):
+def _open_bundle(bundle: Path, dtype, device, verify: bool):
+    """-> ``(model, tokenizer, weights id)``: every check that needs no tensor data comes first."""
+    from ..tokenizer import TextTokenizer
+
+    weights_id = check_bundle(bundle, verify_hashes=verify) if bundle.is_dir() else None
+    config = read_config(bundle)  # also names a path that is not a directory
+    tokenizer = TextTokenizer.from_file(bundle / "tokenizer.json")
+    check_weight_shapes(bundle, config)
+    backbone = load_backbone(bundle, config.backbone_config(), dtype, check_shapes=False)
+    model = FusarModel(config, backbone=backbone)
+    _load_fusar_weights(model, bundle / FUSAR_WEIGHTS)
+    model = model.to(device=device, dtype=backbone.dtype).eval()
+    return model, tokenizer, weights_id
+
+
+def check_weight_shapes(bundle: Path, config: FusarConfig) -> None:
+    """Every tensor in the bundle's safetensors headers against the model ``config`` describes,
+    built on the meta device: a config claiming a bigger model fails here, before allocation."""
+    meta = meta_model(lambda: FusarModel(config), bundle / "config.json")
+    check_backbone_shapes(bundle, meta.backbone)
+    expected = {key: list(t.shape) for key, t in meta.fusar_state_dict().items()}
+    if expected and (bundle / FUSAR_WEIGHTS).is_file():  # a missing file is named by _load_fusar_weights
+        check_file_shapes(bundle / FUSAR_WEIGHTS, expected, bundle / FUSAR_JSON)
+
+
+def load_backbone(directory: Path, config=None, dtype: torch.dtype | None = None, check_shapes: bool = True):
     """``Qwen2_5_VLForConditionalGeneration`` from a Hugging Face folder (a bundle or a base checkpoint).
 
     Strict: a missing, unexpected or wrongly shaped tensor is a ``BundleError`` naming the weight
-    file(s) and config.json (transformers would silently random-initialise missing weights).
+    file(s) and config.json (transformers would silently random-initialise missing weights);
+    ``check_shapes`` finds them in the files' headers before anything is allocated (callers
+    that already did, like ``load_bundle``, pass False).
     """
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     directory = Path(directory)
     files = sorted(directory.glob("model*.safetensors"))
     if not files:
         raise BundleError(f"{directory / 'model*.safetensors'}: missing (no backbone weights)")
     weights = files[0] if len(files) == 1 else directory / f"model*.safetensors ({len(files)} shards)"
-    for path in files:  # a truncated or corrupt shard is named here, before transformers sees it
-        try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as exc:
-            raise BundleError(f"{path}: unreadable safetensors file ({str(exc).splitlines()[0]})") from None
+    if check_shapes:
+        cfg = config if config is not None else Qwen2_5_VLConfig(**load_backbone_json(directory / "config.json"))
+        check_backbone_shapes(directory, meta_model(lambda: Qwen2_5_VLForConditionalGeneration(cfg),
+                                                    directory / "config.json"))
     kwargs = {"dtype": dtype if dtype is not None else "auto"}
     if config is not None:
         kwargs["config"] = config
@@ -209,15 +248,19 @@ def _load_fusar_weights(model: FusarModel, path: Path) -> None:
             module.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
 
 
-def open_model(bundle: str | Path | None, dtype: torch.dtype | None = None, device="cpu"):
+def open_model(bundle: str | Path | None, dtype: torch.dtype | None = None, device="cpu", verify: bool = False):
     """A bundle directory, or a preset name (random weights) -> ``(model, tokenizer, weights_id)``.
 
-    ``weights_id`` is ``"random"`` for presets, else the sha256 of the bundle's manifest.
+    ``weights_id``: ``"random"`` for presets, else the bundle's content hash (module docstring).
+    ``verify``: recompute every file's sha256 before loading (a preset has none: refused).
     """
     from ..tokenizer import TextTokenizer
 
     name = resolve_model(bundle)
     if name in PRESETS and not Path(name).is_dir():
+        if verify:
+            raise BundleError(f"verify: {name!r} is a preset (random weights, no files), not a bundle directory; "
+                              "there is nothing to verify")
         cfg = preset(name)
         cfg.untrained = True
         model = build_random(cfg, dtype=dtype or torch.float32, device=device)
@@ -228,9 +271,7 @@ def open_model(bundle: str | Path | None, dtype: torch.dtype | None = None, devi
         else:  # the true-size presets: real special ids and vocabulary width, for benchmarks
             tok = TextTokenizer.stand_in(QWEN_SPECIAL_TOKENS)
         return model, tok, "random"
-    model, tok = load_bundle(name, dtype=dtype, device=device)
-    manifest = Path(name) / MANIFEST
-    return model, tok, sha256(manifest) if manifest.is_file() else "unhashed"
+    return _open_bundle(Path(name), dtype, device, verify)
 
 
 def _generation_record(bundle: str) -> dict:
@@ -240,19 +281,24 @@ def _generation_record(bundle: str) -> dict:
 
 
 def describe(bundle: str | Path) -> dict:
-    """Summary of a bundle or preset for ``fusar-edge info`` (reads configs, not weights)."""
+    """Summary of a bundle or preset for ``fusar-edge info`` (reads configs, not weights; the
+    manifest's sizes are checked as at every open)."""
     name = str(bundle)
     if name in PRESETS and not Path(name).is_dir():
         cfg, files, weights = preset(name), {}, "random (preset)"
+        cfg.untrained = True  # a preset is its architecture with random weights
     else:
+        weights = check_bundle(Path(name)) if Path(name).is_dir() else None
         cfg = read_config(Path(name))
-        manifest = Path(name) / MANIFEST
-        files = json.loads(manifest.read_text(encoding="utf-8"))["files"] if manifest.is_file() else {}
-        weights = sha256(manifest) if manifest.is_file() else "unhashed"
+        files = read_manifest(Path(name)) or {}
     text, vision = cfg.text, cfg.vision
+    root = Path(name)
     return {
         "name": cfg.name,
+        "kind": "preset (random weights, no files)" if not files and not root.is_dir() else "bundle",
         "weights": weights,
+        **({"untrained": True} if cfg.untrained else {}),
+        "backends": _backends(root, files),
         "chip_size": cfg.chip_size,
         "token_grid": list(cfg.token_grid),
         "visual_tokens": cfg.num_visual_tokens,
@@ -265,6 +311,21 @@ def describe(bundle: str | Path) -> dict:
         "prompt_style": cfg.prompt_style,
         "max_new_tokens": cfg.max_new_tokens,
         "generation": _generation_record(name),
-        "files": {k: v["bytes"] for k, v in files.items()},
-        "size_mb": round(sum(v["bytes"] for v in files.values()) / 2**20, 2) if files else None,
+        **({"files": {k: v["bytes"] for k, v in files.items()},
+            "size_mib": round(sum(v["bytes"] for v in files.values()) / 2**20, 2)} if files else {}),
     }
+
+
+# Export artifacts (fusar-edge export) and the backend each one serves.
+ARTIFACTS = {"onnx": "onnxruntime (fp32 stages)", "onnx-int4": "onnxruntime (GPTQ 4-bit, MatMulNBits)",
+             "onnx-int4-qdq": "tensorrt (INT4 QDQ decoder)", "gptq": "transformers GPTQ checkpoint"}
+
+
+def _backends(root: Path, files: dict) -> dict[str, str]:
+    """What can run this bundle: torch always; each export artifact the manifest lists."""
+    found = {"torch": "safetensors weights" if files or root.is_dir() else "random weights built in memory"}
+    folders = {k.split("/", 1)[0] for k in files if "/" in k}
+    for folder, what in ARTIFACTS.items():
+        if folder in folders:
+            found[folder] = what
+    return found

@@ -23,7 +23,6 @@ Qwen2.5-VL-Instruct's ``repetition_penalty: 1.05``), up to 2048 new tokens (the 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Callable
 
@@ -35,15 +34,14 @@ from ..generation import GENERATION_CONFIG, GenerationSettings
 from .bundle import load_backbone, save_bundle
 from .fusar import FusarModel
 from .grasp_checkpoint import GRASP_CONFIG, GRASP_WEIGHTS, has_grasp, read_grasp
+from .shapes import LEGACY_CHECKPOINT_KEYS, current_key
+from .weights_only import load_weights_only
 
 TLM_FORMAT = "tlm_original_train_patch_resize_v1"
 # Adapters saved with transformers < 4.52 use the old Qwen2.5-VL module layout (``model.layers``,
 # top-level ``visual``); transformers maps base weights the same way, PEFT needs to be told.
 # Keys as PEFT's key_mapping sees them: without "base_model.model.", first match wins.
-LEGACY_ADAPTER_KEYS = {
-    r"^visual\.": "model.visual.",
-    r"^model\.(?!language_model\.|visual\.)": "model.language_model.",
-}
+LEGACY_ADAPTER_KEYS = LEGACY_CHECKPOINT_KEYS
 # The reference's max_new_tokens (infer_val.py): Qwen writes one token per digit, so 512 cuts
 # off answers with more than ~17 boxes.
 REFERENCE_MAX_NEW_TOKENS = 2048
@@ -52,11 +50,7 @@ REFERENCE_MAX_NEW_TOKENS = 2048
 def remap_legacy_module_name(name: str) -> str:
     """A module name of the old layout (``model.layers.0.self_attn.q_proj``) in the current one,
     by the same rules as the adapter's keys; suffixes such as ``q_proj`` are unchanged."""
-    for pattern, repl in LEGACY_ADAPTER_KEYS.items():
-        new, n = re.subn(pattern, repl, name)
-        if n:
-            return new
-    return name
+    return current_key(name)
 
 
 def read_tlm_config(tlm_dir: Path, legacy_sigma: float | None) -> dict:
@@ -86,18 +80,18 @@ def read_film_state(tlm_dir: Path) -> dict[str, torch.Tensor]:
     path = tlm_dir / "vec64_film.pt"
     if not path.is_file():
         raise BundleError(f"{path}: missing (the TLM MLP weights)")
-    try:
-        # weights_only: never unpickle arbitrary objects from a checkpoint.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for bad/unsafe pickles
-        text = " ".join(str(exc).split())  # torch's first line is boilerplate; the reason is further down
-        reason = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed| Check the documentation|$)", text)
-        detail = reason.group(1).rstrip(". ") if reason else text[:200]
-        raise BundleError(f"{path}: cannot be read as a weights-only torch file ({detail}); it must hold "
-                          "only tensors, other pickled objects are refused") from None
+    state = load_weights_only(path)  # never unpickles code; a refusal is one line in our words
     if not isinstance(state, dict) or not isinstance(state.get("film_mlp"), dict):
         raise BundleError(f"{path}: expected a dict with key 'film_mlp' holding the MLP state_dict")
     return state["film_mlp"]
+
+
+def _check_pickled_state_dict(path: Path) -> None:
+    """A pickled adapter must be a plain state dict (name -> tensor), read weights-only."""
+    state = load_weights_only(path)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise BundleError(f"{path}: expected a state dict (tensor names -> tensors), got {type(state).__name__}")
 
 
 def merge_lora(base_dir: Path, lora_dir: Path):
@@ -109,9 +103,11 @@ def merge_lora(base_dir: Path, lora_dir: Path):
         raise BundleError(f"{config_path}: missing (LORA must be a PEFT adapter folder)")
     weights = lora_dir / "adapter_model.safetensors"
     if not weights.is_file() and (lora_dir / "adapter_model.bin").is_file():
-        weights = lora_dir / "adapter_model.bin"  # old PEFT default; PEFT reads it weights-only
+        weights = lora_dir / "adapter_model.bin"  # old PEFT default: a pickle
     if not weights.is_file():
         raise BundleError(f"{lora_dir / 'adapter_model.safetensors'}: missing (the LoRA adapter weights)")
+    if weights.suffix == ".bin":
+        _check_pickled_state_dict(weights)  # ourselves, before PEFT sees it
     try:
         peft_type = json.loads(config_path.read_text(encoding="utf-8")).get("peft_type")
     except (json.JSONDecodeError, AttributeError) as exc:

@@ -4,7 +4,8 @@ Routes:
 
 - ``POST /v1/ask``: multipart form: ``image`` (file) or ``path`` (under an ``--allow-dir``),
   ``question``; optional ``task``, ``label``, ``bbox`` (``LON_MIN,LAT_MIN,LON_MAX,LAT_MAX``),
-  ``date`` (YYYY-MM-DD), ``anchors`` (an .npz/.npy file), ``max_new_tokens``, ``no_anchors``.
+  ``date`` (YYYY-MM-DD), ``anchors`` (an .npz/.npy file), ``max_new_tokens``, ``no_anchors``,
+  ``band`` (of a multi-band GeoTIFF).
   Returns the JSON of ``fusar-edge ask --json``.
 - ``POST /v1/chat/completions``: OpenAI's chat format; the last user message's text is the
   question and its one ``image_url`` part a ``data:`` URL (the server fetches nothing).
@@ -269,7 +270,8 @@ def build_app(runtime, settings: ServeSettings) -> FastAPI:
     async def ask(question: str = Form(...), image: UploadFile | None = File(None), path: str | None = Form(None),
                   task: str | None = Form(None), label: str | None = Form(None), bbox: str | None = Form(None),
                   date: str | None = Form(None), anchors: UploadFile | None = File(None),
-                  max_new_tokens: int | None = Form(None), no_anchors: bool = Form(False)):
+                  max_new_tokens: int | None = Form(None), no_anchors: bool = Form(False),
+                  band: int | None = Form(None)):
         if (image is None) == (path is None):
             raise ApiError(422, "image: give an image file or a path, not both and not neither", "image")
         box = _parse_bbox(bbox)
@@ -291,7 +293,7 @@ def build_app(runtime, settings: ServeSettings) -> FastAPI:
             shutil.rmtree(work_dir, ignore_errors=True)
             raise
         ans = await answer(work_dir, src, shown, question, anchors=anchor_path, task=task or None, label=label or None,
-                           bbox=box, date=date or None, max_new_tokens=tokens, no_anchors=no_anchors)
+                           bbox=box, date=date or None, max_new_tokens=tokens, no_anchors=no_anchors, band=band)
         out = ans.to_json()
         out["image"]["path"] = shown  # not the server's temporary file
         return out
