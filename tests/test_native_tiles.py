@@ -141,16 +141,6 @@ def _special_points(store: Path):
     return np.array(lon), np.array(lat)
 
 
-def _numpy_fuses_complex_products() -> bool:
-    """numpy's SIMD complex multiply (AVX2/FMA3, AVX-512) fuses one product per part; the C
-    projection does the same, so it is bit-identical to utm.py exactly when numpy fuses."""
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=256) + 1j * rng.normal(size=256)
-    b = rng.normal(size=256) + 1j * rng.normal(size=256)
-    plain = a.real * b.real - a.imag * b.imag
-    return not np.array_equal((a * b).real, plain)
-
-
 # -- tests ------------------------------------------------------------------------------------
 
 
@@ -246,7 +236,9 @@ def test_nan_points_find_nothing_and_do_not_disturb_others(c_store, py_store):
 
 def test_projection_matches_utm_py(native_lib):
     rng = np.random.default_rng(15)
-    exact = _numpy_fuses_complex_products()
+    # Same formulas, but the C compiler and numpy's SIMD kernels (AVX2, AVX-512) may fuse different
+    # products into FMAs: last-bit differences (5e-10 m seen on an AVX-512 Xeon) are expected.
+    # 1 µm is far below anything a 10 m AEF pixel lookup can see.
     for zone in (1, 31, 32, 33, 60):
         lon = 6.0 * zone - 183.0 + rng.uniform(-8, 8, 1500)
         lat = rng.uniform(-80, 80, 1500)
@@ -254,11 +246,7 @@ def test_projection_matches_utm_py(native_lib):
         for north in (True, False):
             e_ref, n_ref = lonlat_to_utm(lon, lat, zone, north)
             got = np.array([lonlat_to_utm_native(a, b, zone, north, native_lib) for a, b in zip(lon, lat)])
-            if exact:
-                _same(got[:, 0], e_ref)
-                _same(got[:, 1], n_ref)
-            else:  # a numpy without fused complex products: last-ulp neighbours only
-                assert np.abs(got[:, 0] - e_ref).max() < 1e-6 and np.abs(got[:, 1] - n_ref).max() < 1e-6
+            assert np.abs(got[:, 0] - e_ref).max() < 1e-6 and np.abs(got[:, 1] - n_ref).max() < 1e-6
 
 
 def test_concurrent_lookups_agree(c_store):

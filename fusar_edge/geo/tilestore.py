@@ -238,7 +238,8 @@ class TileStore:
             extent = self.describe()["per_year"][str(year)]["lonlat_extent"]
             raise AnchorError(f"anchor bbox {_fmt_box(anchor.bbox)}: no AEF data for {year} in tile store "
                               f"{self.root} (its {year} tiles cover {_fmt_box(extent)}); ingest tiles for "
-                              "this area, or allow an empty anchor set")
+                              "this area, or allow an empty anchor set (ask --allow-no-coverage; "
+                              "Runtime.open(allow_empty_anchors=True))")
         used = sorted({f"EPSG:{t.record.epsg}" for t in self._tiles[year]
                        if _box_overlaps(t.record.lonlat_bounds, anchor.bbox)})
         # positions are valid by construction: skip AnchorSet's input checks (a third of the time)
