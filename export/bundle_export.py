@@ -73,7 +73,9 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
             from .onnx_stages import export_stages, parity_report
 
             progress("exporting the ONNX stages")
-            stages = export_stages(model, stage / "onnx", progress=progress)
+            # its messages name the final bundle, not this temporary work folder
+            stages = export_stages(model, stage / "onnx",
+                                   progress=lambda msg: progress(msg.replace(str(stage), str(out))))
             progress("checking parity against the torch model")
             report["artifacts"]["onnx"] = {"files": _rel(stages, stage),
                                            "parity": parity_report(model, tokenizer, stage / "onnx",

@@ -76,7 +76,9 @@ i.e. the transposed torch weight), ``<module>`` being the backbone's qualified n
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
+import logging
 import math
 import time
 import warnings
@@ -350,6 +352,19 @@ def _noop(message: str) -> None:
     pass
 
 
+@contextlib.contextmanager
+def _quiet_exporter_registry():
+    """torch.onnx logs one warning per torchvision op it cannot register ("torchvision is not
+    installed. Skipping torchvision::nms", 4 per stage); we export no torchvision op."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_stages(model, out_dir: str | Path, opset: int = MIN_OPSET, progress: Progress | None = None, *,
                   max_anchors: int = DEFAULT_MAX_ANCHORS, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict:
     """Export ``model`` (a ``FusarModel``) into ``out_dir``; -> ``{stage: path, ..., "config": stages.json}``.
@@ -395,7 +410,7 @@ def export_stages(model, out_dir: str | Path, opset: int = MIN_OPSET, progress: 
         progress(f"exporting {STAGE_FILES[name]}")
         path = out / STAGE_FILES[name]
         t0 = time.perf_counter()
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), _quiet_exporter_registry():
             warnings.simplefilter("ignore")
             prog = torch.onnx.export(module, args, dynamo=True, opset_version=int(opset), input_names=inputs,
                                      output_names=outputs, dynamic_shapes=dynamic, optimize=True, verbose=False)
