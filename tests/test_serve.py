@@ -218,3 +218,23 @@ def test_serve_checks_its_flags_before_loading_a_model(tmp_path, capsys):
         assert main(["serve", *argv]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and all(w in err[0] for w in words), (argv, err)
+
+
+def test_a_chunked_body_over_the_limit_is_413():
+    """No Content-Length to refuse by: the limit counts the bytes as they arrive."""
+    srv = Served(build_app(SlowRuntime(delay=0.01), ServeSettings(max_upload_bytes=100_000)))
+
+    def body():
+        yield (b'--b\r\nContent-Disposition: form-data; name="question"\r\n\r\nq\r\n--b\r\n'
+               b'Content-Disposition: form-data; name="image"; filename="x.png"\r\n\r\n')
+        for _ in range(50):
+            yield b"0" * 10_000
+        yield b"\r\n--b--\r\n"
+
+    try:
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            r = c.post("/v1/ask", content=body(), headers={"content-type": "multipart/form-data; boundary=b"})
+            assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
+            assert c.get("/healthz").status_code == 200  # the server is fine afterwards
+    finally:
+        srv.stop()
