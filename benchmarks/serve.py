@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=120)
     p.add_argument("--workers", type=int, default=2, help="server worker threads (questions at once)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per question")
+    p.add_argument("--batch", type=int, default=1, help="decode up to N questions together (serve --batch)")
     p.add_argument("--scenes", type=int, default=3)
     p.add_argument("--deadline", type=float, default=600, help="stop sending after this many seconds")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / f"serve-{socket.gethostname()}.json")
@@ -78,6 +79,8 @@ def main() -> None:
     images = {i: Path(s["scene_tif"]).read_bytes() for i, s in enumerate(scenes)}
     anchors = {i: Path(s["anchors"]).read_bytes() for i, s in enumerate(scenes)}
     expected = {(i, q): rt.ask(scenes[i]["scene_tif"], q, anchors=scenes[i]["anchors"]).token_ids for i, q in jobs}
+    if a.batch > 1:  # a second runtime: the expected answers above came from the unbatched one
+        rt = Runtime.open(threads=a.threads).enable_batching(max_batch=a.batch)
     app = build_app(rt, ServeSettings(workers=a.workers, max_queue=max(16, a.clients)))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -129,7 +132,8 @@ def main() -> None:
     done = len(latencies)
     result = {
         "host": socket.gethostname(), "cpu_count": os.cpu_count(), "model": rt.source, "weights": rt.weights,
-        "clients": a.clients, "workers": a.workers, "threads_per_question": a.threads,
+        "clients": a.clients, "workers": a.workers, "threads_per_question": a.threads, "batch": a.batch,
+        "largest_decode_batch": rt.batcher.largest_batch if rt.batcher else 1,
         "requests_planned": a.requests, "answered": done, "errors": len(errors), "error_samples": errors[:5],
         "wrong_answers": wrong, "wall_s": round(wall, 2), "throughput_rps": round(done / wall, 2) if wall else None,
         "latency_ms": {"p50": round(1e3 * percentile(latencies, 50), 1) if latencies else None,

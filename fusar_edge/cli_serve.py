@@ -13,6 +13,7 @@ EPILOG = """examples:
   fusar-edge serve                                   # the built-in demo on http://127.0.0.1:8000
   fusar-edge serve --bundle bundles/fusar-gpt-7b --tiles aef-store --allow-dir /data/scenes
   fusar-edge serve --host 0.0.0.0 --token-file /etc/fusar/token --workers 4 --max-queue 32
+  fusar-edge serve --workers 8 --batch 8                # concurrent questions share decode steps
 
   curl -F image=@demo/scene.tif -F question="How many ships are there?" http://127.0.0.1:8000/v1/ask
   curl -F path=scene.tif -F question="Where is the ship?" http://127.0.0.1:8000/v1/ask   # under --allow-dir
@@ -43,6 +44,9 @@ def add_parser(sub) -> None:
                    help="a directory whose files the `path` field may name (repeatable; default: none, uploads only)")
     s.add_argument("--workers", type=int, default=2, help="questions answered at once (default 2)")
     s.add_argument("--threads", type=int, help="backend threads per question (default: cores / workers)")
+    s.add_argument("--batch", type=int, default=1, metavar="N",
+                   help="decode up to N concurrent questions of one prompt length together (default 1: off; "
+                        "more throughput, but a batched greedy answer can differ at a near-tie)")
     s.add_argument("--max-queue", type=int, default=16, help="questions that may wait for a worker (default 16)")
     s.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-request timeout (default 120 s)")
     s.add_argument("--max-upload-mb", type=float, default=64.0, help="largest request body (default 64 MB)")
@@ -57,6 +61,11 @@ def settings_from_args(args):
     for flag, value in (("--workers", args.workers), ("--max-queue", args.max_queue + 1)):
         if value < 1:
             raise InputError(f"{flag}: expected a positive integer, got {value if flag == '--workers' else args.max_queue}")
+    if args.batch < 1:
+        raise InputError(f"--batch: expected a positive integer, got {args.batch}")
+    if args.batch > args.workers:
+        raise InputError(f"--batch {args.batch}: needs at least as many --workers (got {args.workers}); each worker "
+                         "brings one question to the batch")
     if not args.timeout > 0:
         raise InputError(f"--timeout: expected a positive number of seconds, got {args.timeout}")
     if not args.max_upload_mb > 0:
@@ -108,6 +117,8 @@ def run(args) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     torch.set_num_threads(threads)  # workers share the cores instead of each taking all of them
     rt = Runtime.open(args.bundle, tiles=args.tiles, backend=args.backend, threads=threads)
+    if args.batch > 1:  # each worker hands its fused sequence to one decode thread
+        rt.enable_batching(max_batch=args.batch)
     app = build_app(rt, settings)
     print(f"serving {rt.source} ({rt.backend}, {settings.workers} workers x {threads} threads) on "
           f"http://{args.host}:{args.port} — Ctrl-C to stop", file=sys.stderr, flush=True)

@@ -76,6 +76,7 @@ def _source_label(bundle) -> str:
 class _Timer:
     def __init__(self):
         self.ms: dict[str, float] = {}
+        self.batch = 0  # sequences decoded together with this request (0: no batcher)
 
     @contextmanager
     def stage(self, name: str):
@@ -194,6 +195,7 @@ class Runtime:
         self.config = config if config is not None else model.config
         self.stages = stages if stages is not None else TorchStages(model)
         self.generation = generation or GenerationSettings()
+        self.batcher = None  # enable_batching(): concurrent decodes share prefill/decode steps
         self.weights, self.source, self.backend = weights, source, backend
         self.max_image_side = max_image_side
         self.tiles, self.anchor_grid, self.allow_empty_anchors = tiles, anchor_grid, allow_empty_anchors
@@ -456,6 +458,7 @@ class Runtime:
                    "band": img.band, "bands": img.bands, "chip_size": cfg.chip_size},
             model={"source": self.source, "preset": cfg.name, "weights": self.weights, "backend": self.backend,
                    **({"untrained": True} if cfg.untrained else {}),
+                   **({"decode_batch": timer.batch} if timer.batch else {}),
                    "prompt_tokens": int(seq.input_ids.numel()), "new_tokens": len(ids), "max_new_tokens": limit, "prompt_style": cfg.prompt_style,
                    "prompt": req.prompt, "generation": generation.record(),
                    **({"onnx": self.stages.dir.name} if hasattr(self.stages, "dir") else {})},
@@ -463,10 +466,27 @@ class Runtime:
             token_ids=ids,
         )
 
+    def enable_batching(self, max_batch: int = 8, window_ms: float = 5.0) -> "Runtime":
+        """Decode concurrent ``ask`` calls together (``batching.DecodeBatcher``): up to
+        ``max_batch`` sequences of one length per prefill and decode step, gathered for up to
+        ``window_ms``. More throughput from many threads; a batched answer can differ from the
+        unbatched one at a greedy near-tie (last-bit rounding), so it is off by default."""
+        from .batching import DecodeBatcher
+
+        if self.batcher is None:
+            self.batcher = DecodeBatcher(self.stages, max_batch=max_batch, window_s=window_ms / 1e3)
+        return self
+
     def _generate(self, embeds: torch.Tensor, positions: torch.Tensor, next_pos: int, limit: int,
                   timer: _Timer, picker: GreedyPicker) -> tuple[list[int], list[float]]:
         """Greedy decoding over the KV cache, each step through ``picker`` (the bundle's logits
         settings, then argmax)."""
+        if self.batcher is not None:
+            job = self.batcher.generate(embeds, positions, next_pos, limit, picker)
+            timer.ms["prefill"] = round(job.prefill_ms, 3)
+            timer.ms["decode"] = round(sum(job.decode_ms), 3)
+            timer.batch = job.batch_size  # how many sequences shared this request's steps
+            return job.ids, job.decode_ms
         stages = self.stages
         with timer.stage("prefill"):
             logits, state = stages.prefill(embeds, positions)  # this request's own KV cache

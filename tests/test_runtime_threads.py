@@ -58,3 +58,7 @@ def test_onnxruntime_runtime_is_safe_to_share(scenes, tmp_path):
     out = tmp_path / "demo-onnx"
     export_bundle(None, out, onnx=True, parity_prompts=1)
     _check_threads_match_sequential(Runtime.open(out, backend="onnxruntime", threads=1), scenes)
+    # micro-batched decoding on ONNX Runtime (batch dimension of the exported decoder)
+    batched = Runtime.open(out, backend="onnxruntime", threads=1).enable_batching(max_batch=8, window_ms=100)
+    _check_threads_match_sequential(batched, scenes)
+    assert batched.batcher.largest_batch > 1

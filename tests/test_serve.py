@@ -214,7 +214,8 @@ def test_serve_checks_its_flags_before_loading_a_model(tmp_path, capsys):
                         (["--token-file", str(tmp_path / "none")], ["--token-file"]),
                         (["--token-file", str(short)], ["at least 16"]),
                         (["--allow-dir", str(tmp_path / "nodir")], ["--allow-dir", "not a directory"]),
-                        (["--workers", "0"], ["--workers"])]:
+                        (["--workers", "0"], ["--workers"]),
+                        (["--batch", "4", "--workers", "2"], ["--batch 4", "--workers"])]:
         assert main(["serve", *argv]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and all(w in err[0] for w in words), (argv, err)

@@ -1,0 +1,127 @@
+"""Micro-batching of concurrent decodes: one thread runs the prefill and decode steps of
+several requests together.
+
+Requests still read, anchor, run the vision stage and fuse in their own threads (those
+stages run per image); what they hand over is a fused sequence. The batcher takes the first
+waiting sequence, waits up to ``window_s`` for more (at most ``max_batch``), and decodes
+those that share a length and M-RoPE positions as one batch: one ``prefill_batch``, then one
+``step_batch`` per token for all of them. A finished sequence keeps being fed (its tokens are
+dropped) until the longest one stops, so a batch costs its longest answer.
+
+Exactness: with one request in a batch the path is ``ask``'s own. With several, the batched
+matrix products may round differently in the last bits than single ones, so a greedy
+near-tie can break the other way; that is why batching is opt-in (``Runtime.enable_batching``,
+``serve --batch``) and ``ask`` without it stays exactly sequential.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class DecodeJob:
+    embeds: object  # [1, L, C], the stages' own type (torch tensor or OrtValue)
+    positions: torch.Tensor  # [3, 1, L]
+    next_position: int
+    limit: int
+    picker: object  # GreedyPicker
+    done: threading.Event = field(default_factory=threading.Event)
+    ids: list = field(default_factory=list)
+    decode_ms: list = field(default_factory=list)
+    prefill_ms: float = 0.0
+    batch_size: int = 0
+    error: BaseException | None = None
+
+
+class DecodeBatcher:
+    def __init__(self, stages, max_batch: int = 8, window_s: float = 0.005, max_waiting: int = 256):
+        if max_batch < 1 or window_s < 0:
+            raise ValueError("DecodeBatcher: max_batch >= 1 and window_s >= 0")
+        self.stages, self.max_batch, self.window_s = stages, max_batch, window_s
+        self._queue: queue.Queue[DecodeJob] = queue.Queue(max_waiting)
+        self.largest_batch = 0  # for tests and metrics: did batches form?
+        self.batches = 0
+        self._thread = threading.Thread(target=self._run, name="fusar-decode", daemon=True)
+        self._thread.start()
+
+    def generate(self, embeds, positions, next_position: int, limit: int, picker) -> DecodeJob:
+        """Decode one sequence with whatever else is waiting; blocks until it is done."""
+        job = DecodeJob(embeds, positions, next_position, limit, picker)
+        self._queue.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job
+
+    # -- the decode thread -----------------------------------------------------------------
+    def _gather(self) -> list[DecodeJob]:
+        jobs = [self._queue.get()]
+        deadline = time.monotonic() + self.window_s
+        while len(jobs) < self.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                jobs.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return jobs
+
+    def _run(self) -> None:
+        while True:
+            jobs = self._gather()
+            groups: list[list[DecodeJob]] = []
+            for job in jobs:  # same length and positions decode together
+                for g in groups:
+                    if g[0].next_position == job.next_position and torch.equal(g[0].positions, job.positions):
+                        g.append(job)
+                        break
+                else:
+                    groups.append([job])
+            for group in groups:
+                try:
+                    self._decode(group)
+                except BaseException as exc:  # the callers raise it; this thread lives on
+                    for job in group:
+                        job.error = exc
+                finally:
+                    for job in group:
+                        job.done.set()
+
+    def _decode(self, group: list[DecodeJob]) -> None:
+        stages = self.stages
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(group))
+        for job in group:
+            job.batch_size = len(group)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            logits, state = stages.prefill_batch(stages.stack([j.embeds for j in group]), group[0].positions)
+            prefill_ms = (time.perf_counter() - t0) * 1e3
+            tokens = [job.picker(logits[i]) for i, job in enumerate(group)]
+            active = [True] * len(group)
+            for job in group:
+                job.prefill_ms = prefill_ms
+            position = group[0].next_position
+            while True:
+                for i, job in enumerate(group):
+                    if active[i] and (job.picker.is_stop(tokens[i]) or len(job.ids) >= job.limit):
+                        active[i] = False
+                    elif active[i]:
+                        job.ids.append(tokens[i])
+                        if len(job.ids) >= job.limit:
+                            active[i] = False
+                if not any(active):
+                    return
+                t0 = time.perf_counter()
+                logits, state = stages.step_batch(tokens, position, state)
+                position += 1
+                step_ms = (time.perf_counter() - t0) * 1e3
+                for i, job in enumerate(group):
+                    if active[i]:
+                        tokens[i] = job.picker(logits[i])
+                        job.decode_ms.append(step_ms)
