@@ -417,14 +417,17 @@ def test_bad_scale(tmp_path, amplitude):
 
 # -- large images: read decimated, bounded memory -------------------------------------------
 
+# The peak is this process's own VmHWM: ru_maxrss would also carry the RSS the child had at
+# fork, i.e. pytest's (Linux keeps the high-water mark across exec), ~1 GB late in the suite.
 PEAK_SCRIPT = """
-import json, resource, sys
+import json, re, resource, sys
 limit = 4 << 30  # guards the machine: this file read whole took 6 GB
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 from fusar_edge.geo.sar import read_sar
 img = read_sar(sys.argv[1])
+hwm_kb = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
 print(json.dumps({"shape": list(img.data.shape), "size": [img.height, img.width], "kind": img.kind,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "peak_mb": hwm_kb / 1024}))
 """
 
 
