@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 
@@ -31,13 +31,18 @@ def publish_dir(stage: Path, out: Path) -> None:
 
 
 def publishable_mkdtemp(prefix: str, parent: Path) -> Path:
-    """``tempfile.mkdtemp`` with the permissions a plain ``mkdir`` gives (mkdtemp's are 0700):
-    the folder is renamed into place as the output, which others may need to read."""
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o777 & ~umask)
-    return path
+    """A new uniquely named folder with the permissions a plain ``mkdir`` gives (``mkdtemp``'s
+    are 0700): it is renamed into place as the output, which others may need to read. Made by
+    ``os.mkdir`` under the umask, not by reading the umask (``os.umask`` sets it process-wide,
+    which would race with other threads creating files)."""
+    for _ in range(100):
+        path = Path(parent) / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent}: no free name for a work folder {prefix}*")
 
 
 def work_dir(parent: Path, name: str, kind: str) -> Path:

@@ -36,3 +36,16 @@ def test_a_failed_swap_keeps_the_old_directory(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         fsutil.publish_dir(stage, out)
     assert (out / "f").read_text() == "old"
+
+
+def test_work_folders_get_mkdir_permissions_not_mkdtemps(tmp_path):
+    """A work folder becomes the published output: it must be readable as a plain mkdir would make it."""
+    from fusar_edge.fsutil import publishable_mkdtemp, work_dir
+
+    umask = os.umask(0o022)
+    try:
+        a, b = publishable_mkdtemp(".x.tmp-", tmp_path), work_dir(tmp_path, "out", "export")
+        assert a != b and a.is_dir() and b.is_dir() and b.name.startswith(f".out.export-{os.getpid()}-")
+        assert a.stat().st_mode & 0o777 == 0o755 and b.stat().st_mode & 0o777 == 0o755
+    finally:
+        os.umask(umask)
