@@ -58,9 +58,10 @@ def settings_from_args(args):
 
     if not 0 < args.port < 65536:
         raise InputError(f"--port: expected 1..65535, got {args.port}")
-    for flag, value in (("--workers", args.workers), ("--max-queue", args.max_queue + 1)):
-        if value < 1:
-            raise InputError(f"{flag}: expected a positive integer, got {value if flag == '--workers' else args.max_queue}")
+    if args.workers < 1:
+        raise InputError(f"--workers: expected a positive integer, got {args.workers}")
+    if args.max_queue < 0:
+        raise InputError(f"--max-queue: expected 0 or more, got {args.max_queue}")
     if args.batch < 1:
         raise InputError(f"--batch: expected a positive integer, got {args.batch}")
     if args.batch > args.workers:

@@ -166,26 +166,29 @@ class SlowRuntime:
                                    "answer": 3, "text": "3", "image": {"path": str(image)}})
 
 
-def test_full_queue_is_503_with_retry_after_and_slow_answers_time_out(tmp_path):
-    img = tmp_path / "x.png"
-    img.write_bytes(b"png")
+def _post_small_ask(srv):
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        return c.post("/v1/ask", files={"image": ("x.png", b"png")}, data={"question": "q"})
+
+
+def _ask_in_background(srv, slow):
+    """Start one question in a thread and wait until the runtime is busy with it; -> (thread, results)."""
+    results = {}
+    t = threading.Thread(target=lambda: results.update(r=_post_small_ask(srv)))
+    t.start()
+    assert slow.started.wait(10)
+    return t, results
+
+
+def test_full_queue_is_503_with_retry_after_and_slow_answers_time_out():
     slow = SlowRuntime(delay=1.5)
     srv = Served(build_app(slow, ServeSettings(workers=1, max_queue=0, timeout_s=0.5)))
     try:
-        results = {}
-
-        def first():
-            with httpx.Client(base_url=srv.url, timeout=30) as c:
-                results["first"] = c.post("/v1/ask", files={"image": ("x.png", b"png")}, data={"question": "q"})
-
-        t = threading.Thread(target=first)
-        t.start()
-        assert slow.started.wait(10)
-        with httpx.Client(base_url=srv.url, timeout=30) as c:
-            busy = c.post("/v1/ask", files={"image": ("x.png", b"png")}, data={"question": "q"})
+        t, first = _ask_in_background(srv, slow)
+        busy = _post_small_ask(srv)
         t.join()
         assert busy.status_code == 503 and busy.headers["retry-after"] == "2" and busy.json()["error"]["type"] == "overloaded"
-        assert results["first"].status_code == 504 and "--timeout" in results["first"].json()["error"]["message"]
+        assert first["r"].status_code == 504 and "--timeout" in first["r"].json()["error"]["message"]
     finally:
         srv.stop()
 
@@ -193,15 +196,7 @@ def test_full_queue_is_503_with_retry_after_and_slow_answers_time_out(tmp_path):
 def test_shutdown_finishes_the_question_in_flight():
     slow = SlowRuntime(delay=1.0)
     srv = Served(build_app(slow, ServeSettings(workers=1, timeout_s=30)))
-    results = {}
-
-    def ask():
-        with httpx.Client(base_url=srv.url, timeout=30) as c:
-            results["r"] = c.post("/v1/ask", files={"image": ("x.png", b"png")}, data={"question": "q"})
-
-    t = threading.Thread(target=ask)
-    t.start()
-    assert slow.started.wait(10)
+    t, results = _ask_in_background(srv, slow)
     srv.stop()  # like SIGTERM: stop taking requests, finish the admitted one
     t.join()
     assert results["r"].status_code == 200 and results["r"].json()["answer"] == 3
@@ -215,6 +210,7 @@ def test_serve_checks_its_flags_before_loading_a_model(tmp_path, capsys):
                         (["--token-file", str(short)], ["at least 16"]),
                         (["--allow-dir", str(tmp_path / "nodir")], ["--allow-dir", "not a directory"]),
                         (["--workers", "0"], ["--workers"]),
+                        (["--max-queue", "-1"], ["--max-queue", "0 or more"]),
                         (["--batch", "4", "--workers", "2"], ["--batch 4", "--workers"])]:
         assert main(["serve", *argv]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
