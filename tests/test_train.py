@@ -239,3 +239,15 @@ def test_image_groups_share_one_vision_pass_and_match_row_by_row_gradients(data)
     for n, p in model.named_parameters():
         if n in grouped:
             assert torch.allclose(grouped[n], p.grad, rtol=1e-4, atol=1e-6), n
+
+
+def test_bad_grasp_flags_are_one_line(data, tmp_path, capsys):
+    ds, small = data
+    base = ["train", "--stage", "2", "--base", str(tmp_path), "--init-adapter", str(tmp_path), "--data", str(small),
+            "--out", str(tmp_path / "o"), "--grasp"]
+    for extra, words in [(["--grasp-k", "9"], ["--grasp-k", "1..4"]), (["--grasp-prompt-len", "0"], ["--grasp-prompt-len"]),
+                         (["--grasp-proj-dim", "-3"], ["--grasp-proj-dim"]), (["--grasp-grid", "0x2"], ["--grasp-grid"])]:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(w in err[0] for w in words), (extra, err)
+        assert not (tmp_path / "o").exists()
