@@ -1,12 +1,16 @@
-"""Micro-batching of concurrent decodes: one thread runs the prefill and decode steps of
-several requests together.
+"""Micro-batching of concurrent requests: one thread runs the vision stage of several images
+together, another the prefill and decode steps of several sequences.
 
-Requests still read, anchor, run the vision stage and fuse in their own threads (those
-stages run per image); what they hand over is a fused sequence. The batcher takes the first
-waiting sequence, waits up to ``window_s`` for more (at most ``max_batch``), and decodes
-those that share a length and M-RoPE positions as one batch: one ``prefill_batch``, then one
-``step_batch`` per token for all of them. A finished sequence keeps being fed (its tokens are
-dropped) until the longest one stops, so a batch costs its longest answer.
+Requests still read, anchor and fuse in their own threads. Each batcher takes the first
+waiting job, waits up to ``window_s`` for more (at most ``max_batch``) and runs them as one:
+
+- ``VisionBatcher``: the images' patches in one ViT call (``stages.vision_batch``; the ViT
+  attends within each image, TLM then runs per image). Backends whose vision graph has a fixed
+  single-image shape (ONNX) run the images one by one in that thread: correct, no gain.
+- ``DecodeBatcher``: sequences that share a length and M-RoPE positions decode as one batch:
+  one ``prefill_batch``, then one ``step_batch`` per token for all of them. A finished sequence
+  keeps being fed (its tokens are dropped) until the longest one stops, so a batch costs its
+  longest answer.
 
 Exactness: with one request in a batch the path is ``ask``'s own. With several, the batched
 matrix products may round differently in the last bits than single ones, so a greedy
@@ -24,6 +28,86 @@ from dataclasses import dataclass, field
 import torch
 
 
+class _Batcher:
+    """A daemon thread serving jobs from a bounded queue in gathered batches."""
+
+    name = "fusar-batch"
+
+    def __init__(self, stages, max_batch: int = 8, window_s: float = 0.005, max_waiting: int = 256):
+        if max_batch < 1 or window_s < 0:
+            raise ValueError(f"{type(self).__name__}: max_batch >= 1 and window_s >= 0")
+        self.stages, self.max_batch, self.window_s = stages, max_batch, window_s
+        self._queue: queue.Queue = queue.Queue(max_waiting)
+        self.largest_batch = 0  # for tests and metrics: did batches form?
+        self.batches = 0
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def _submit(self, job):
+        """Queue ``job`` and block until the batch thread has served it."""
+        self._queue.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job
+
+    def _gather(self) -> list:
+        jobs = [self._queue.get()]
+        deadline = time.monotonic() + self.window_s
+        while len(jobs) < self.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                jobs.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return jobs
+
+    def _groups(self, jobs: list) -> list[list]:
+        return [jobs]
+
+    def _run(self) -> None:
+        while True:
+            for group in self._groups(self._gather()):
+                self.batches += 1
+                self.largest_batch = max(self.largest_batch, len(group))
+                try:
+                    self._serve(group)
+                except BaseException as exc:  # the callers raise it; this thread lives on
+                    for job in group:
+                        job.error = exc
+                finally:
+                    for job in group:
+                        job.done.set()
+
+    def _serve(self, group: list) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class VisionJob:
+    pixels: torch.Tensor
+    grid_thw: torch.Tensor
+    anchors: object
+    done: threading.Event = field(default_factory=threading.Event)
+    tokens: object = None
+    batch_size: int = 0
+    error: BaseException | None = None
+
+
+class VisionBatcher(_Batcher):
+    name = "fusar-vision"
+
+    def vision(self, pixels, grid_thw, anchors) -> VisionJob:
+        """The visual tokens of one image, computed with whatever other images are waiting."""
+        return self._submit(VisionJob(pixels, grid_thw, anchors))
+
+    def _serve(self, group: list[VisionJob]) -> None:
+        with torch.inference_mode():
+            tokens = self.stages.vision_batch([(j.pixels, j.grid_thw, j.anchors) for j in group])
+        for job, t in zip(group, tokens):
+            job.tokens, job.batch_size = t, len(group)
+
+
 @dataclass
 class DecodeJob:
     embeds: object  # [1, L, C], the stages' own type (torch tensor or OrtValue)
@@ -39,63 +123,29 @@ class DecodeJob:
     error: BaseException | None = None
 
 
-class DecodeBatcher:
-    def __init__(self, stages, max_batch: int = 8, window_s: float = 0.005, max_waiting: int = 256):
-        if max_batch < 1 or window_s < 0:
-            raise ValueError("DecodeBatcher: max_batch >= 1 and window_s >= 0")
-        self.stages, self.max_batch, self.window_s = stages, max_batch, window_s
-        self._queue: queue.Queue[DecodeJob] = queue.Queue(max_waiting)
-        self.largest_batch = 0  # for tests and metrics: did batches form?
-        self.batches = 0
-        self._thread = threading.Thread(target=self._run, name="fusar-decode", daemon=True)
-        self._thread.start()
+class DecodeBatcher(_Batcher):
+    name = "fusar-decode"
 
     def generate(self, embeds, positions, next_position: int, limit: int, picker) -> DecodeJob:
         """Decode one sequence with whatever else is waiting; blocks until it is done."""
-        job = DecodeJob(embeds, positions, next_position, limit, picker)
-        self._queue.put(job)
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job
+        return self._submit(DecodeJob(embeds, positions, next_position, limit, picker))
 
-    # -- the decode thread -----------------------------------------------------------------
-    def _gather(self) -> list[DecodeJob]:
-        jobs = [self._queue.get()]
-        deadline = time.monotonic() + self.window_s
-        while len(jobs) < self.max_batch:
-            left = deadline - time.monotonic()
-            try:
-                jobs.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return jobs
+    def _groups(self, jobs: list[DecodeJob]) -> list[list[DecodeJob]]:
+        groups: list[list[DecodeJob]] = []
+        for job in jobs:  # same length and positions decode together
+            for g in groups:
+                if g[0].next_position == job.next_position and torch.equal(g[0].positions, job.positions):
+                    g.append(job)
+                    break
+            else:
+                groups.append([job])
+        return groups
 
-    def _run(self) -> None:
-        while True:
-            jobs = self._gather()
-            groups: list[list[DecodeJob]] = []
-            for job in jobs:  # same length and positions decode together
-                for g in groups:
-                    if g[0].next_position == job.next_position and torch.equal(g[0].positions, job.positions):
-                        g.append(job)
-                        break
-                else:
-                    groups.append([job])
-            for group in groups:
-                try:
-                    self._decode(group)
-                except BaseException as exc:  # the callers raise it; this thread lives on
-                    for job in group:
-                        job.error = exc
-                finally:
-                    for job in group:
-                        job.done.set()
+    def _serve(self, group: list[DecodeJob]) -> None:
+        self._decode(group)
 
     def _decode(self, group: list[DecodeJob]) -> None:
         stages = self.stages
-        self.batches += 1
-        self.largest_batch = max(self.largest_batch, len(group))
         for job in group:
             job.batch_size = len(group)
         t0 = time.perf_counter()

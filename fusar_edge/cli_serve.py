@@ -13,7 +13,7 @@ EPILOG = """examples:
   fusar-edge serve                                   # the built-in demo on http://127.0.0.1:8000
   fusar-edge serve --bundle bundles/fusar-gpt-7b --tiles aef-store --allow-dir /data/scenes
   fusar-edge serve --host 0.0.0.0 --token-file /etc/fusar/token --workers 4 --max-queue 32
-  fusar-edge serve --workers 8 --batch 8                # concurrent questions share decode steps
+  fusar-edge serve --workers 8 --batch 8                # concurrent questions share ViT calls and decode steps
 
   curl -F image=@demo/scene.tif -F question="How many ships are there?" http://127.0.0.1:8000/v1/ask
   curl -F path=scene.tif -F question="Where is the ship?" http://127.0.0.1:8000/v1/ask   # under --allow-dir
@@ -45,8 +45,9 @@ def add_parser(sub) -> None:
     s.add_argument("--workers", type=int, default=2, help="questions answered at once (default 2)")
     s.add_argument("--threads", type=int, help="backend threads per question (default: cores / workers)")
     s.add_argument("--batch", type=int, default=1, metavar="N",
-                   help="decode up to N concurrent questions of one prompt length together (default 1: off; "
-                        "more throughput, but a batched greedy answer can differ at a near-tie)")
+                   help="run up to N concurrent questions' images in one ViT call and decode those of one prompt "
+                        "length together (default 1: off; more throughput, but a batched greedy answer can "
+                        "differ at a near-tie)")
     s.add_argument("--max-queue", type=int, default=16, help="questions that may wait for a worker (default 16)")
     s.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-request timeout (default 120 s)")
     s.add_argument("--max-upload-mb", type=float, default=64.0, help="largest request body (default 64 MB)")
@@ -118,7 +119,7 @@ def run(args) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     torch.set_num_threads(threads)  # workers share the cores instead of each taking all of them
     rt = Runtime.open(args.bundle, tiles=args.tiles, backend=args.backend, threads=threads)
-    if args.batch > 1:  # each worker hands its fused sequence to one decode thread
+    if args.batch > 1:  # each worker hands its image to one vision thread, its sequence to one decode thread
         rt.enable_batching(max_batch=args.batch)
     app = build_app(rt, settings)
     print(f"serving {rt.source} ({rt.backend}, {settings.workers} workers x {threads} threads) on "

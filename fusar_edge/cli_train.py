@@ -40,6 +40,16 @@ def add_parser(sub) -> None:
     t.add_argument("--grasp-k", type=int, default=2, help="GRASP: blocks fused per question (default 2)")
     t.add_argument("--grasp-prompt-len", type=int, default=1, help="GRASP: global prompt tokens (default 1)")
     t.add_argument("--grasp-proj-dim", type=int, default=512, help="GRASP: query/key width (default 512)")
+    t.add_argument("--dense-truth", metavar="SCENES_JSONL",
+                   help="stage 0: the dataset's scenes.jsonl (from `data synth`); adds a training-only head that "
+                        "tells each visual token which objects lie under it (ours, for a ViT trained from "
+                        "scratch; see fusar_edge/train/dense.py)")
+    t.add_argument("--dense-weight", type=float, default=1.0,
+                   help="stage 0: weight of the dense term beside the answer loss (default 1; 0: warm-up only)")
+    t.add_argument("--dense-warmup-epochs", type=float, default=0.0,
+                   help="stage 0: passes over the images training the vision tower (+TLM) on the dense loss "
+                        "alone before the main loop (default 0; cheap: no language model)")
+    t.add_argument("--dense-warmup-lr", type=float, default=2e-3, help="stage 0: warm-up learning rate (default 2e-3)")
     t.add_argument("--no-aef", action="store_true", help="train without anchors or TLM (the paper's ablation)")
     t.add_argument("--epochs", type=float, help="default: stage 0 10, stage 1 30, stage 2 5 (the reference's)")
     t.add_argument("--lr", type=float, help="default: stage 0 1e-3, stage 1 1e-4, stage 2 1e-5 (the reference's)")
@@ -65,6 +75,11 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     d = DEFAULTS[args.stage]
     grasp = _grasp_config(args) if args.grasp else None
+    dense = None
+    if args.dense_truth:
+        from .train.dense import DenseSettings
+
+        dense = DenseSettings(Path(args.dense_truth), args.dense_weight, args.dense_warmup_epochs, args.dense_warmup_lr)
     settings = TrainSettings(epochs=args.epochs if args.epochs is not None else d["epochs"],
                              lr=args.lr if args.lr is not None else d["lr"], grad_accum=args.grad_accum,
                              seed=args.seed, save_every=args.save_every,
@@ -73,7 +88,7 @@ def run(args) -> int:
                                   base=Path(args.base) if args.base else None,
                                   init_adapter=Path(args.init_adapter) if args.init_adapter else None,
                                   init_tlm=Path(args.init_tlm) if args.init_tlm else None, no_aef=args.no_aef,
-                                  grasp=grasp, sigma=args.sigma, max_length=args.max_length, settings=settings),
+                                  grasp=grasp, dense=dense, sigma=args.sigma, max_length=args.max_length, settings=settings),
                         show_progress=not args.json)
     if args.json:
         print(json.dumps(summary))

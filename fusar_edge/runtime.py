@@ -77,6 +77,7 @@ class _Timer:
     def __init__(self):
         self.ms: dict[str, float] = {}
         self.batch = 0  # sequences decoded together with this request (0: no batcher)
+        self.vision_batch = 0  # images whose vision stage ran together with this one's
 
     @contextmanager
     def stage(self, name: str):
@@ -127,6 +128,10 @@ class TorchStages:
 
     def vision(self, pixels, grid_thw, anchors=None):
         return self.model.vision(pixels, grid_thw, anchors)
+
+    def vision_batch(self, images: list[tuple]) -> list:
+        """``vision`` of several ``(pixels, grid_thw, anchors)`` in one ViT call."""
+        return self.model.vision_many(images)
 
     def fusion(self, input_ids, layout, visual_tokens, question_ids=None):
         return self.model.fusion(input_ids, layout, visual_tokens, question_ids)
@@ -180,8 +185,9 @@ class Runtime:
     Concurrency contract: one Runtime may be shared by threads. ``ask`` keeps every piece of
     per-request state (KV cache, timers, picker) in the call, the stages only read weights,
     and the tile store's reader is thread-safe; concurrent calls answer exactly as sequential
-    ones do. Each call runs its own forwards (no cross-request batching here), so give the
-    backend's thread pool (``threads=``) the cores that concurrent calls will share.
+    ones do. Each call runs its own forwards unless ``enable_batching()`` was called (then
+    concurrent calls share vision and decode batches), so give the backend's thread pool
+    (``threads=``) the cores that concurrent calls will share.
     """
 
     def __init__(self, model, tokenizer, weights: str, source: str, backend: str = "torch",
@@ -196,6 +202,7 @@ class Runtime:
         self.stages = stages if stages is not None else TorchStages(model)
         self.generation = generation or GenerationSettings()
         self.batcher = None  # enable_batching(): concurrent decodes share prefill/decode steps
+        self.vision_batcher = None  # ... and concurrent images share ViT calls
         self.weights, self.source, self.backend = weights, source, backend
         self.max_image_side = max_image_side
         self.tiles, self.anchor_grid, self.allow_empty_anchors = tiles, anchor_grid, allow_empty_anchors
@@ -440,7 +447,11 @@ class Runtime:
             anchor_tensors, anchor_info = self.anchor_tensors(anchors, img, bbox, date, no_anchors)
             self._require_tlm_anchors(anchor_tensors, anchor_info, img, no_anchors)
         with timer.stage("vision"):
-            visual = stages.vision(req.pixels, req.grid_thw, anchor_tensors)
+            if self.vision_batcher is not None:
+                job = self.vision_batcher.vision(req.pixels, req.grid_thw, anchor_tensors)
+                visual, timer.vision_batch = job.tokens, job.batch_size
+            else:
+                visual = stages.vision(req.pixels, req.grid_thw, anchor_tensors)
         with timer.stage("fusion"):
             embeds, grasp_w = stages.fusion(seq.input_ids, seq.layout, visual, seq.question_ids)
         picker = GreedyPicker(generation, seq.input_ids.tolist(), self.tokenizer.stop_ids)
@@ -459,6 +470,7 @@ class Runtime:
             model={"source": self.source, "preset": cfg.name, "weights": self.weights, "backend": self.backend,
                    **({"untrained": True} if cfg.untrained else {}),
                    **({"decode_batch": timer.batch} if timer.batch else {}),
+                   **({"vision_batch": timer.vision_batch} if timer.vision_batch else {}),
                    "prompt_tokens": int(seq.input_ids.numel()), "new_tokens": len(ids), "max_new_tokens": limit, "prompt_style": cfg.prompt_style,
                    "prompt": req.prompt, "generation": generation.record(),
                    **({"onnx": self.stages.dir.name} if hasattr(self.stages, "dir") else {})},
@@ -467,13 +479,15 @@ class Runtime:
         )
 
     def enable_batching(self, max_batch: int = 8, window_ms: float = 5.0) -> "Runtime":
-        """Decode concurrent ``ask`` calls together (``batching.DecodeBatcher``): up to
-        ``max_batch`` sequences of one length per prefill and decode step, gathered for up to
-        ``window_ms``. More throughput from many threads; a batched answer can differ from the
-        unbatched one at a greedy near-tie (last-bit rounding), so it is off by default."""
-        from .batching import DecodeBatcher
+        """Run concurrent ``ask`` calls together (``batching``): up to ``max_batch`` images per
+        vision call (``VisionBatcher``) and sequences of one length per prefill and decode step
+        (``DecodeBatcher``), each gathered for up to ``window_ms``. More throughput from many
+        threads; a batched answer can differ from the unbatched one at a greedy near-tie
+        (last-bit rounding), so it is off by default."""
+        from .batching import DecodeBatcher, VisionBatcher
 
         if self.batcher is None:
+            self.vision_batcher = VisionBatcher(self.stages, max_batch=max_batch, window_s=window_ms / 1e3)
             self.batcher = DecodeBatcher(self.stages, max_batch=max_batch, window_s=window_ms / 1e3)
         return self
 

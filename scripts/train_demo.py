@@ -14,17 +14,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-# The recipe of the shipped demo (2 CPU cores, about 40 minutes of training); the reference's
-# defaults (stage 1: 30 epochs at 1e-4; stage 2: 5 epochs at 1e-5) are for a real Qwen2.5-VL
-# base. The shipped weights were made at commit c4e05ee, before detection answers listed boxes
-# in reading order; a rerun now trains on the same scenes with sorted boxes.
-# A larger recipe was tried (2000 scenes; stage 0 5 epochs with --group-by-image --grad-accum 1;
-# stage 1 0.5 epoch; stage 2 0.25 epoch) and did not beat this one on the same test rows:
-# benchmarks/results/eval-demo-recipes-vm.md.
-SYNTH = ["--n", "800", "--seed", "0", "--chip", "224", "--per-region", "10"]
-STAGE0 = ["--epochs", "5", "--lr", "1e-3"]
-STAGE1 = ["--epochs", "1", "--lr", "1e-4"]
-STAGE2 = ["--epochs", "1", "--lr", "1e-4"]
+# The recipe of the shipped demo (2 CPU cores). Stage 0 first warms the vision tower up on a
+# dense per-token loss from the generator's ground truth (--dense-truth: what lies under each
+# visual token; fusar_edge/train/dense.py), then trains the whole model on the answers with that
+# term kept. Without it a ViT trained from scratch barely sees 5-20 px targets (the previous
+# demo, commit c4e05ee: 42 % counting, detection F1 0): benchmarks/results/eval-demo-recipes-vm.md.
+# The reference's defaults (stage 1: 30 epochs at 1e-4; stage 2: 5 epochs at 1e-5) are for a real
+# Qwen2.5-VL base.
+SYNTH = ["--n", "2000", "--seed", "0", "--chip", "224", "--per-region", "10"]
+STAGE0 = ["--epochs", "2", "--lr", "1e-3", "--grad-accum", "1", "--group-by-image", "--dense-warmup-epochs", "12"]
+STAGE1 = ["--epochs", "0.5", "--lr", "1e-4"]
+STAGE2 = ["--epochs", "0.25", "--lr", "1e-4"]
 
 
 def step(argv: list[str], done: Path | None = None) -> None:
@@ -38,7 +38,7 @@ def step(argv: list[str], done: Path | None = None) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--data", type=Path, default=Path("data/synth-224"), help="dataset (made if missing)")
+    p.add_argument("--data", type=Path, default=Path("data/synth2k"), help="dataset (made if missing)")
     p.add_argument("--no-aef", action="store_true")
     p.add_argument("--threads", default="2")
     a = p.parse_args()
@@ -48,7 +48,8 @@ def main() -> None:
     step(["data", "synth", "--out", str(d), *SYNTH],
          done=d / "dataset.json")
     step(["train", "--stage", "0", "--preset", "demo", "--data", str(d / "stage1-train.jsonl"),
-          str(d / "stage2-train.jsonl"), "--out", str(o / "s0"), *STAGE0, *aef, *common], done=o / "s0" / "train.json")
+          str(d / "stage2-train.jsonl"), "--out", str(o / "s0"), *STAGE0, "--dense-truth", str(d / "scenes.jsonl"),
+          *aef, *common], done=o / "s0" / "train.json")
     step(["train", "--stage", "1", "--base", str(o / "s0" / "base"), *([] if a.no_aef else ["--init-tlm", str(o / "s0")]),
           "--data", str(d / "stage1-train.jsonl"), "--out", str(o / "s1"), *STAGE1, *aef, *common],
          done=o / "s1" / "train.json")

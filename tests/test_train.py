@@ -103,19 +103,19 @@ def test_a_killed_run_resumes_to_the_same_weights(data, tmp_path, monkeypatch):
     run_stage(StageArgs(stage=0, data=[str(small)], out=whole, settings=settings), show_progress=False)
 
     killed = tmp_path / "killed"
-    real, calls = loop.sample_loss, {"n": 0}
+    real, calls = loop.group_loss, {"n": 0}
 
-    def dies_at_the_ninth_sample(model, sample):
+    def dies_at_the_ninth_sample(model, samples, extra=None):
         calls["n"] += 1
         if calls["n"] == 9:
             raise KeyboardInterrupt
-        return real(model, sample)
+        return real(model, samples, extra)
 
-    monkeypatch.setattr(loop, "sample_loss", dies_at_the_ninth_sample)
+    monkeypatch.setattr(loop, "group_loss", dies_at_the_ninth_sample)
     with pytest.raises(KeyboardInterrupt):
         run_stage(StageArgs(stage=0, data=[str(small)], out=killed, settings=settings), show_progress=False)
     assert not (killed / "base").exists() and (killed / "checkpoint" / "state.pt").is_file()
-    monkeypatch.setattr(loop, "sample_loss", real)
+    monkeypatch.setattr(loop, "group_loss", real)
     summary = run_stage(StageArgs(stage=0, data=[str(small)], out=killed, settings=settings), show_progress=False)
     assert summary["steps"] == 6 and summary["samples"] == 12
     a, b = load_file(str(whole / "base" / "model.safetensors")), load_file(str(killed / "base" / "model.safetensors"))

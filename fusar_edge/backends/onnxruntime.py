@@ -221,6 +221,10 @@ class OnnxStages:
             feeds.update(anchor_weights=a, anchor_features=f)
         return self._run("vision", feeds, ["visual_tokens"])[0]
 
+    def vision_batch(self, images: list[tuple]) -> list:
+        """One by one: the exported vision graph takes exactly one chip (fixed patch count)."""
+        return [self.vision(p, g, a) for p, g, a in images]
+
     def embed(self, input_ids):
         ids = np.asarray(input_ids.numpy() if hasattr(input_ids, "numpy") else input_ids, dtype=np.int64)
         ids = ids.reshape(1, -1) if ids.ndim == 1 else ids  # [L] or [B, L]

@@ -87,6 +87,22 @@ class FusarModel(nn.Module):
             tokens = self.tlm(tokens, features, positions, mask, self.config.patch_grid, self.config.token_grid)
         return tokens
 
+    def vision_many(self, images: list[tuple[torch.Tensor, torch.Tensor, tuple | None]]) -> list[torch.Tensor]:
+        """``vision`` of several ``(pixel_values, grid_thw, anchors)`` with one ViT call (the ViT
+        attends within each image); TLM then runs per image. -> one ``[T, C]`` per image."""
+        pixels = torch.cat([p for p, _, _ in images]).to(device=self.device, dtype=self.visual.dtype)
+        grids = torch.cat([g for _, g, _ in images]).to(self.device)
+        out = self.visual(pixels, grid_thw=grids)
+        tokens = out.pooler_output if hasattr(out, "pooler_output") else out
+        per_image = tokens.split(self.config.num_visual_tokens)  # every image is one chip
+        if len(per_image) != len(images):
+            raise ValueError(f"vision_many: {tokens.shape[0]} visual tokens for {len(images)} chips")
+        if self.tlm is None:
+            return list(per_image)
+        cfg = self.config
+        return [self.tlm(t, *a, cfg.patch_grid, cfg.token_grid) if a is not None else t
+                for t, (_, _, a) in zip(per_image, images)]
+
     # -- stage 2: fusion ------------------------------------------------------------------
     def question_vector(self, question_ids: torch.Tensor) -> torch.Tensor:
         """GRASP's ``q``: mean final hidden state over the question tokens, text-only pass.

@@ -56,18 +56,20 @@ class TrainSettings:
             raise InputError(f"--grad-accum: expected a positive integer, got {self.grad_accum}")
 
 
-def sample_loss(model, sample) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens (and the stop) of one sample."""
-    return answer_loss(model, sample, model.vision(sample.pixels, sample.grid_thw, sample.anchors))
+def sample_loss(model, sample, extra: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens (and the stop) of one sample (+ ``extra(visual)``)."""
+    return group_loss(model, [sample], extra)
 
 
-def group_loss(model, samples: list) -> torch.Tensor:
-    """Mean of the answer losses of samples that share one image and anchor set (one vision forward)."""
-    if len(samples) == 1:
-        return sample_loss(model, samples[0])
+def group_loss(model, samples: list, extra: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean of the answer losses of samples that share one image and anchor set (one vision forward).
+
+    ``extra(visual_tokens)``: a further loss on the image's visual tokens (stage 0's dense term).
+    """
     first = samples[0]
     visual = model.vision(first.pixels, first.grid_thw, first.anchors)
-    return torch.stack([answer_loss(model, s, visual) for s in samples]).mean()
+    loss = torch.stack([answer_loss(model, s, visual) for s in samples]).mean()
+    return loss if extra is None else loss + extra(visual)
 
 
 def image_groups(rows: list[dict]) -> list[list[int]]:
@@ -95,8 +97,13 @@ def _lr_factor(step: int, total: int, warmup: int) -> float:
 
 
 def train(model, named_params: dict[str, torch.nn.Parameter], rows: list, build: Callable, settings: TrainSettings,
-          out: Path, show_progress: bool = True, log: Callable[[dict], None] | None = None) -> dict:
-    """Train ``named_params`` of ``model`` on ``rows`` (``build(row) -> Sample``); returns the loss history."""
+          out: Path, show_progress: bool = True, log: Callable[[dict], None] | None = None,
+          aux: Callable[[torch.Tensor, dict], torch.Tensor] | None = None) -> dict:
+    """Train ``named_params`` of ``model`` on ``rows`` (``build(row) -> Sample``); returns the loss history.
+
+    ``aux(visual_tokens, row)``: an extra loss on each sample's visual tokens (``row`` is the
+    sample's first row); its parameters must be among ``named_params``.
+    """
     settings.check()
     units = image_groups(rows) if settings.group_by_image else [[i] for i in range(len(rows))]
     n = len(units)
@@ -149,10 +156,8 @@ def train(model, named_params: dict[str, torch.nn.Parameter], rows: list, build:
                 if epoch != perm_epoch:
                     perm_epoch, perm = epoch, np.random.default_rng([settings.seed, epoch]).permutation(n)
                 unit = units[int(perm[k % n])]
-                if len(unit) == 1:
-                    loss = sample_loss(model, build(rows[unit[0]]))
-                else:
-                    loss = group_loss(model, [build(rows[i]) for i in unit])
+                extra = None if aux is None else (lambda visual, row=rows[unit[0]]: aux(visual, row))
+                loss = group_loss(model, [build(rows[i]) for i in unit], extra)
                 (loss / settings.grad_accum).backward()
                 acc_loss += float(loss.detach())
                 in_step += 1

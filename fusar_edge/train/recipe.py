@@ -39,6 +39,7 @@ from ..model.fusar import FusarModel
 from ..model.grasp_checkpoint import save_grasp
 from ..model.import_fusar_gpt import TLM_FORMAT, read_film_state, read_tlm_config
 from ..tokenizer import TextTokenizer
+from .dense import DenseHead, DenseSettings, DenseTargets, load_truth, warmup
 from .loop import TrainSettings, train
 from .samples import SampleBuilder, read_manifest
 
@@ -60,6 +61,7 @@ class StageArgs:
     grasp: GRASPConfig | None = None  # stage 2 only: train GRASP (enabled) with the LoRA
     max_length: int = 2048
     settings: TrainSettings | None = None
+    dense: DenseSettings | None = None  # stage 0 only: dense supervision of the visual tokens
 
 
 def lora_targets(backbone) -> list[str]:
@@ -90,6 +92,10 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
         raise InputError(f"--stage: expected 0, 1 or 2, got {args.stage}")
     if args.grasp is not None and args.stage != 2:
         raise InputError(f"--grasp: GRASP trains in stage 2 (with the task data), not stage {args.stage}")
+    if args.dense is not None and args.stage != 0:
+        raise InputError(f"--dense-truth: dense supervision trains the vision tower in stage 0, not stage {args.stage}")
+    if args.dense is not None:
+        args.dense.check()
     settings = args.settings or TrainSettings(**DEFAULTS[args.stage])
     rows = _rows(args.data)
     chip = rows[0].get("coordinate_size", 504)
@@ -141,22 +147,60 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
     for name, p in model.named_parameters():
         p.requires_grad_(name in params)
     builder = SampleBuilder(cfg, tok, max_length=args.max_length, use_anchors=not args.no_aef)
-    for row in rows:  # every row is checked (length, files) before the first step, not hours later
+    dense = None
+    if args.dense is not None:
+        dense = DenseHead(cfg.hidden_size)
+        targets = DenseTargets(load_truth(args.dense.truth), chip, cfg.token_grid)
+        params.update({f"dense_head.{n}": p for n, p in dense.named_parameters()})
+    for row in rows:  # every row is checked (length, files, truth) before the first step, not hours later
         builder(row)
+        if dense is not None:
+            targets(row)
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
+    aux = None
+    if dense is not None:
+        _dense_warmup(model, dense, rows, builder, targets, args.dense, settings.seed, out, show_progress)
+        weight = args.dense.weight
+        aux = (lambda visual, row: weight * dense.loss(visual, targets(row))) if weight > 0 else None
     log_path = out / "train_log.jsonl"
     with log_path.open("a", encoding="utf-8") as log:
         result = train(model, params, rows, builder, settings, out, show_progress,
-                       log=lambda e: log.write(json.dumps(e) + "\n"))
+                       log=lambda e: log.write(json.dumps(e) + "\n"), aux=aux)
     _save(args, model, tok, peft_model, out)
     summary = {"stage": args.stage, "rows": len(rows), "data": [str(d) for d in args.data],
                "grasp": (f"trained: grid {list(cfg.grasp.grid)}, k {cfg.grasp.k}, prompt_len {cfg.grasp.prompt_len}"
                          if model.grasp is not None else "off"),
                "trainable_parameters": sum(p.numel() for p in params.values()), "no_aef": args.no_aef,
+               "dense": vars(args.dense) | {"truth": str(args.dense.truth)} if args.dense else None,
                "settings": vars(settings), **{k: v for k, v in result.items() if k != "history"},
                "final_loss": result["history"][-1]["loss"] if result["history"] else None}
     (out / "train.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, seed: int, out: Path,
+                  show_progress: bool) -> None:
+    """The vision tower's warm-up on the dense loss; its result is kept in ``OUT/dense-warmup.pt``
+    (written atomically), so a resumed run does not repeat it."""
+    if dense.warmup_epochs <= 0:
+        return
+    done = out / "dense-warmup.pt"
+    modules = {"visual": model.visual, "head": head, **({"tlm": model.tlm} if model.tlm is not None else {})}
+    if done.is_file():
+        saved = torch.load(done, map_location="cpu", weights_only=True)
+        for name, module in modules.items():
+            module.load_state_dict(saved[name])
+        return
+    seen, images = set(), []
+    for row in rows:
+        key = (row["_root"], row["image"], row.get("aef"))
+        if key not in seen:
+            seen.add(key)
+            images.append((*builder.image_inputs(row), targets(row)))
+    losses = warmup(model, head, images, dense.warmup_epochs, dense.warmup_lr, dense.batch, seed, show_progress)
+    tmp = out / "dense-warmup.pt.tmp"
+    torch.save({name: m.state_dict() for name, m in modules.items()} | {"losses": torch.tensor(losses)}, tmp)
+    tmp.replace(done)
 
 
 def _save(args: StageArgs, model: FusarModel, tok: TextTokenizer, peft_model, out: Path) -> None:

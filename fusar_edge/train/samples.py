@@ -87,14 +87,19 @@ class SampleBuilder:
             self._anchors[key] = AnchorSet.load(path).to_torch()
         return self._anchors[key]
 
+    def image_inputs(self, row: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
+        """``(pixels, grid_thw, anchors or None)`` of a row's image (cached)."""
+        root = Path(row["_root"])
+        pixels, grid = self._image(root / row["image"])
+        return pixels, grid, self._anchor(root / row["aef"]) if self.use_anchors else None
+
     def __call__(self, row: dict[str, Any], with_answer: bool = True) -> Sample:
         cfg, root = self.config, Path(row["_root"])
         size = row.get("coordinate_size", cfg.chip_size)
         if size != cfg.chip_size:
             raise InputError(f"row {row.get('id', '?')}: coordinate_size {size} != the model's chip {cfg.chip_size} "
                              "(convert the annotations explicitly)")
-        pixels, grid = self._image(root / row["image"])
-        anchors = self._anchor(root / row["aef"]) if self.use_anchors else None
+        pixels, grid, anchors = self.image_inputs(row)
         question = reference_question(row["question"])
         grasp_len = cfg.grasp.prompt_len if cfg.grasp.enabled else 0  # the slots the runtime leaves for it
         seq = build_sequence(self.tok, question, cfg.num_visual_tokens, grasp_len, cfg.system_prompt)

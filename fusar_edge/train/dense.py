@@ -1,0 +1,186 @@
+"""Dense supervision of the visual tokens from the generator's ground truth (ours, demo stage 0).
+
+A ViT trained from scratch on a few thousand answers learns slowly: a count or a class is one
+label per image, and the language model's loss reaches the vision tower through four layers of
+attention. The synthetic scenes know where every object is, so each of the 8x8 visual tokens
+can be told what lies under it. A small linear head reads each token (after TLM, so the anchors
+take part) and is trained to predict:
+
+- for each object label (ship, aircraft, oil tank, building, rock): how many objects of that
+  label have their box centre in the token's cell, as a class 0, 1 or "2 or more";
+- for a cell holding exactly one object centre: where that centre lies in the cell and the
+  box's width and height, in cell units (an L1 loss).
+
+The head exists only while training: it is not part of the saved model, and the runtime never
+sees it. Real FUSAR-GPT training has no such labels and no such stage; a real Qwen2.5-VL vision
+tower was pretrained by its authors on far more data. This is how the 2-core demo gets a vision
+tower that sees 5-20 px targets at all.
+
+Used two ways by ``train --stage 0 --dense-truth scenes.jsonl``: a warm-up of the vision tower
+(and TLM) on this loss alone (``--dense-warmup-epochs``, batches of whole images: cheap, no
+language model), then as an extra term beside the answer loss (``--dense-weight``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.scene import DISTRACTOR_LABELS, TARGET_LABELS
+from ..errors import InputError
+
+LABELS = TARGET_LABELS + DISTRACTOR_LABELS
+COUNT_CLASSES = 3  # 0, 1, 2-or-more object centres of a label in one cell
+
+
+def load_truth(path: str | Path) -> dict[str, list[dict]]:
+    """``scenes.jsonl`` of ``fusar-edge data synth`` -> {scene id: targets}."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InputError(f"--dense-truth {path}: cannot be read ({exc.strerror})") from None
+    truth = {}
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            scene = json.loads(line)
+            truth[str(scene["id"])] = list(scene["targets"])
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise InputError(f"--dense-truth {path}: line {i + 1}: expected a scenes.jsonl row of `fusar-edge data "
+                             "synth` (with id and targets)") from None
+    return truth
+
+
+def cell_labels(targets: list[dict], chip: int, token_grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                      torch.Tensor]:
+    """-> ``(counts [T, L] long in 0..2, boxes [T, 4] float, has_box [T] bool)`` in raster order."""
+    gh, gw = token_grid
+    cell_h, cell_w = chip / gh, chip / gw
+    counts = torch.zeros(gh * gw, len(LABELS), dtype=torch.long)
+    boxes = torch.zeros(gh * gw, 4)
+    centres = torch.zeros(gh * gw, dtype=torch.long)
+    for t in targets:
+        if t["label"] not in LABELS:
+            continue
+        x1, y1, x2, y2 = (float(v) for v in t["box"])
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        gx, gy = min(int(cx / cell_w), gw - 1), min(int(cy / cell_h), gh - 1)
+        cell = gy * gw + gx
+        counts[cell, LABELS.index(t["label"])] += 1
+        centres[cell] += 1
+        boxes[cell] = torch.tensor([cx / cell_w - gx, cy / cell_h - gy, (x2 - x1) / cell_w, (y2 - y1) / cell_h])
+    return counts.clamp_(max=COUNT_CLASSES - 1), boxes, centres == 1
+
+
+class DenseHead(nn.Module):
+    """Per-token logits for the per-label counts and the one-object box (training only)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.proj = nn.Linear(channels, len(LABELS) * COUNT_CLASSES + 4)
+
+    def loss(self, visual: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        counts, boxes, has_box = (x.to(visual.device) for x in labels)
+        out = self.proj(visual.float())
+        count_logits = out[:, :len(LABELS) * COUNT_CLASSES].reshape(-1, COUNT_CLASSES)
+        loss = F.cross_entropy(count_logits, counts.reshape(-1))
+        if bool(has_box.any()):
+            loss = loss + F.smooth_l1_loss(out[has_box, -4:], boxes[has_box], beta=0.1)
+        return loss
+
+
+class DenseTargets:
+    """Row -> cell labels of its scene (cached), for one chip size and token grid."""
+
+    def __init__(self, truth: dict[str, list[dict]], chip: int, token_grid: tuple[int, int]):
+        self.truth, self.chip, self.grid = truth, chip, token_grid
+        self._cache: dict[str, tuple] = {}
+
+    def __call__(self, row: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sid = str(row.get("scene", ""))
+        if sid not in self.truth:
+            raise InputError(f"row {row.get('id', '?')}: scene {sid!r} is not in --dense-truth (use the scenes.jsonl "
+                             "of the dataset the manifests came from)")
+        if sid not in self._cache:
+            self._cache[sid] = cell_labels(self.truth[sid], self.chip, self.grid)
+        return self._cache[sid]
+
+
+def vision_tokens(model, pixels: list[torch.Tensor], grids: list[torch.Tensor], anchors: list) -> list[torch.Tensor]:
+    """Visual tokens of several images from one ViT call."""
+    return model.vision_many(list(zip(pixels, grids, anchors)))
+
+
+def warmup(model, head: DenseHead, images: list[tuple], epochs: float, lr: float, batch: int = 16, seed: int = 0,
+           show_progress: bool = True) -> list[float]:
+    """Train the vision tower, TLM and ``head`` on the dense loss alone; returns per-step losses.
+
+    ``images``: ``(pixels, grid_thw, anchors or None, cell labels)`` per image. AdamW with a 5 %
+    linear warm-up and linear decay, as the main loop.
+    """
+    params = [p for p in model.visual.parameters()] + list(head.parameters())
+    if model.tlm is not None:
+        params += list(model.tlm.parameters())
+    steps_per_epoch = -(-len(images) // batch)
+    total = max(1, int(round(epochs * steps_per_epoch)))
+    warm = max(1, total // 20)
+    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    bar = None
+    if show_progress:
+        import sys
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="vision warm-up", unit="step", file=sys.stderr, dynamic_ncols=True)
+    model.train()
+    losses: list[float] = []
+    order: list[int] = []
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        for step in range(total):
+            if len(order) < batch:
+                order += torch.randperm(len(images), generator=gen).tolist()
+            chosen = [images[i] for i in order[:batch]]
+            del order[:batch]
+            tokens = vision_tokens(model, [c[0] for c in chosen], [c[1] for c in chosen], [c[2] for c in chosen])
+            loss = torch.stack([head.loss(t, c[3]) for t, c in zip(tokens, chosen)]).mean()
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optim.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    model.eval()
+    return losses
+
+
+@dataclass
+class DenseSettings:
+    truth: Path  # scenes.jsonl of the dataset
+    weight: float = 1.0  # of the dense term beside the answer loss (0: warm-up only)
+    warmup_epochs: float = 0.0  # passes over the images on the dense loss alone, before the main loop
+    warmup_lr: float = 2e-3
+    batch: int = 16  # images per warm-up step
+
+    def check(self) -> None:
+        if not self.weight >= 0:
+            raise InputError(f"--dense-weight: expected a number >= 0, got {self.weight}")
+        if not self.warmup_epochs >= 0:
+            raise InputError(f"--dense-warmup-epochs: expected a number >= 0, got {self.warmup_epochs}")
+        if not self.warmup_lr > 0:
+            raise InputError(f"--dense-warmup-lr: expected a positive number, got {self.warmup_lr}")

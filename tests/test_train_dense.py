@@ -1,0 +1,130 @@
+"""Stage 0's dense supervision: cell labels from the ground truth, the warm-up, resume, bad input."""
+
+import json
+
+import pytest
+import torch
+
+from fusar_edge.cli import main
+from fusar_edge.data.synth import synth
+from fusar_edge.errors import InputError
+from fusar_edge.train import dense as dense_mod
+from fusar_edge.train.dense import LABELS, DenseHead, DenseSettings, cell_labels, load_truth
+from fusar_edge.train.loop import TrainSettings
+from fusar_edge.train.recipe import StageArgs, run_stage
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dense-data")
+    synth(root / "ds", 6, seed=5, chip=224, per_region=2)
+    rows = [json.loads(s) for s in (root / "ds" / "stage2-train.jsonl").read_text().splitlines()]
+    first_of_scene = {}
+    for r in rows:
+        first_of_scene.setdefault(r["scene"], r)
+    small = root / "ds" / "few.jsonl"  # one row of each training scene
+    small.write_text("".join(json.dumps(r) + "\n" for r in first_of_scene.values()))
+    return root / "ds", small
+
+
+def test_cell_labels_count_per_label_and_box_of_a_single_centre():
+    targets = [
+        {"label": "ship", "box": [0, 0, 10, 6]},  # centre (5, 3): cell (0, 0)
+        {"label": "ship", "box": [10, 10, 20, 20]},  # centre (15, 15): cell (0, 0) too
+        {"label": "ship", "box": [12, 2, 14, 8]},  # a third: the count class stops at "2 or more"
+        {"label": "rock", "box": [56, 28, 70, 42]},  # centre (63, 35): cell row 1, col 2
+        {"label": "oil tank", "box": [214, 214, 224, 224]},  # centre (219, 219): the last cell
+        {"label": "unknown thing", "box": [100, 100, 110, 110]},  # not a label the head knows: ignored
+    ]
+    counts, boxes, has_box = cell_labels(targets, 224, (8, 8))
+    assert counts.shape == (64, len(LABELS)) and boxes.shape == (64, 4)
+    assert counts[0, LABELS.index("ship")] == 2 and not has_box[0]  # three centres: no single box to learn
+    rock = 1 * 8 + 2
+    assert counts[rock, LABELS.index("rock")] == 1 and has_box[rock]
+    assert torch.allclose(boxes[rock], torch.tensor([63 / 28 - 2, 35 / 28 - 1, 14 / 28, 14 / 28]))
+    assert counts[63, LABELS.index("oil tank")] == 1 and has_box[63]
+    assert int(counts.sum()) == 2 + 1 + 1 and int(has_box.sum()) == 2
+
+
+def test_the_head_learns_a_fixed_image(data):
+    # the loss is minimisable: a head alone on fixed tokens fits its labels
+    torch.manual_seed(0)
+    visual = torch.randn(64, 32)
+    labels = cell_labels([{"label": "ship", "box": [30, 30, 40, 36]}, {"label": "building", "box": [100, 0, 120, 8]}],
+                         224, (8, 8))
+    head = DenseHead(32)
+    opt = torch.optim.Adam(head.parameters(), lr=0.05)
+    first = float(head.loss(visual, labels).detach())
+    for _ in range(150):
+        opt.zero_grad()
+        head.loss(visual, labels).backward()
+        opt.step()
+    assert float(head.loss(visual, labels).detach()) < 0.05 * first
+
+
+def test_stage0_with_dense_warmup_trains_the_vision_and_resumes_without_repeating_it(data, tmp_path, monkeypatch):
+    ds, small = data
+    out = tmp_path / "s0"
+    args = dict(stage=0, data=[str(small)], out=out, settings=TrainSettings(epochs=2, lr=3e-3, grad_accum=1, seed=1),
+                dense=DenseSettings(ds / "scenes.jsonl", weight=1.0, warmup_epochs=12, batch=2))
+    summary = run_stage(StageArgs(**args), show_progress=False)
+    saved = torch.load(out / "dense-warmup.pt", weights_only=True)
+    losses = saved["losses"]
+    images = len(small.read_text().splitlines())
+    assert len(losses) == 12 * -(-images // 2)  # batches of 2 images
+    assert float(losses[-3:].mean()) < 0.8 * float(losses[:3].mean())
+    assert summary["dense"]["warmup_epochs"] == 12 and summary["dense"]["truth"].endswith("scenes.jsonl")
+    assert (out / "base" / "model.safetensors").is_file()  # the head is training-only: not in the base
+    from safetensors.torch import load_file
+
+    assert not any("dense" in k for k in load_file(str(out / "base" / "model.safetensors")))
+
+    def must_not_run(*a, **k):
+        raise AssertionError("the warm-up ran again")
+
+    monkeypatch.setattr("fusar_edge.train.recipe.warmup", must_not_run)
+    again = run_stage(StageArgs(**args), show_progress=False)  # resumes: the warm-up is read back
+    assert again["steps"] == summary["steps"]
+
+
+def test_dense_bad_input_is_one_line_and_writes_nothing(data, tmp_path, capsys):
+    ds, small = data
+    bad = tmp_path / "scenes.jsonl"
+    bad.write_text('{"id": "s0"}\n')
+    with pytest.raises(InputError, match="line 1"):
+        load_truth(bad)
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"id": "not-this-one", "targets": []}) + "\n")
+    cases = [
+        (["--stage", "0", "--dense-truth", str(other)], "not in --dense-truth"),
+        (["--stage", "0", "--dense-truth", str(tmp_path / "missing.jsonl")], "cannot be read"),
+        (["--stage", "0", "--dense-truth", str(ds / "scenes.jsonl"), "--dense-warmup-epochs", "-1"],
+         "--dense-warmup-epochs"),
+        (["--stage", "1", "--base", str(tmp_path), "--dense-truth", str(ds / "scenes.jsonl")], "stage 0"),
+    ]
+    for i, (argv, words) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        assert main(["train", *argv, "--data", str(small), "--out", str(out), "--json"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], (argv, err)
+        assert not out.exists()
+
+
+def test_warmup_batches_many_images_in_one_vit_call(data):
+    # the batched ViT call gives each image the tokens it gets alone
+    from fusar_edge.config import preset
+    from fusar_edge.model.bundle import build_random
+    from fusar_edge.tokenizer import TextTokenizer
+    from fusar_edge.train.samples import SampleBuilder, read_manifest
+
+    ds, _ = data
+    cfg = preset("demo")
+    model = build_random(cfg, seed=0).eval()
+    builder = SampleBuilder(cfg, TextTokenizer.demo())
+    rows = read_manifest(ds / "stage1-train.jsonl")[:3]
+    inputs = [builder.image_inputs(r) for r in rows]
+    with torch.no_grad():
+        together = dense_mod.vision_tokens(model, *map(list, zip(*inputs)))
+        for (px, grid, anchors), tokens in zip(inputs, together):
+            alone = model.vision(px, grid, anchors)
+            assert torch.allclose(tokens, alone, atol=1e-4, rtol=1e-4)
