@@ -1,6 +1,6 @@
 """Every metric of the demo on the held-out test split: with anchors, without AEF, fp32 ONNX, GPTQ 4-bit.
 
-    python benchmarks/eval_demo.py --demo runs/demo --noaef runs/demo-noaef --data data/synth-224
+    python benchmarks/eval_demo.py --demo runs/demo --noaef runs/demo-noaef --data data/synth2k
 
 ``--demo`` / ``--noaef``: the output folders of ``scripts/train_demo.py`` (and of
 ``scripts/train_demo.py --no-aef``), each holding ``bundle/``. Exports the demo bundle to
@@ -80,8 +80,8 @@ def main() -> None:
                            f"--work {a.work}", *commands],
               "shipped_bundle": "fusar_edge/assets/demo-bundle = " + str(bundle),
               "bundle_weights": reports[0]["weights"],
-              "training": {k: {kk: v[kk] for kk in ("steps", "samples", "seconds", "final_loss", "settings")}
-                           for k, v in train.items()},
+              "training": {k: {kk: v[kk] for kk in ("steps", "samples", "seconds", "final_loss", "settings", "dense")
+                               if kk in v} for k, v in train.items()},
               "machine": machine_info(), "runs": reports}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")

@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=120)
     p.add_argument("--workers", type=int, default=2, help="server worker threads (questions at once)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per question")
-    p.add_argument("--batch", type=int, default=1, help="decode up to N questions together (serve --batch)")
+    p.add_argument("--batch", type=int, default=1, help="up to N questions' images per ViT call and decodes together (serve --batch)")
     p.add_argument("--scenes", type=int, default=3)
     p.add_argument("--deadline", type=float, default=600, help="stop sending after this many seconds")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / f"serve-{socket.gethostname()}.json")
@@ -134,6 +134,7 @@ def main() -> None:
         "host": socket.gethostname(), "cpu_count": os.cpu_count(), "model": rt.source, "weights": rt.weights,
         "clients": a.clients, "workers": a.workers, "threads_per_question": a.threads, "batch": a.batch,
         "largest_decode_batch": rt.batcher.largest_batch if rt.batcher else 1,
+        "largest_vision_batch": rt.vision_batcher.largest_batch if rt.vision_batcher else 1,
         "requests_planned": a.requests, "answered": done, "errors": len(errors), "error_samples": errors[:5],
         "wrong_answers": wrong, "wall_s": round(wall, 2), "throughput_rps": round(done / wall, 2) if wall else None,
         "latency_ms": {"p50": round(1e3 * percentile(latencies, 50), 1) if latencies else None,

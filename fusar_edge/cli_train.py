@@ -7,10 +7,14 @@ import json
 from pathlib import Path
 
 EPILOG = """the demo recipe (2 CPU cores; see README "The demo model"):
-  fusar-edge data synth --out data/synth --n 800 --chip 224 --per-region 10
-  fusar-edge train --stage 0 --preset demo --data data/synth/stage1-train.jsonl data/synth/stage2-train.jsonl --out runs/s0
-  fusar-edge train --stage 1 --base runs/s0/base --init-tlm runs/s0 --data data/synth/stage1-train.jsonl --out runs/s1
-  fusar-edge train --stage 2 --base runs/s0/base --init-adapter runs/s1 --data data/synth/stage2-train.jsonl --out runs/s2
+  fusar-edge data synth --out data/synth --n 2000 --chip 224 --per-region 10
+  fusar-edge train --stage 0 --preset demo --data data/synth/stage1-train.jsonl data/synth/stage2-train.jsonl \\
+      --out runs/s0 --epochs 2 --grad-accum 1 --group-by-image \\
+      --dense-truth data/synth/scenes.jsonl --dense-warmup-epochs 12
+  fusar-edge train --stage 1 --base runs/s0/base --init-tlm runs/s0 --data data/synth/stage1-train.jsonl \\
+      --out runs/s1 --epochs 0.5 --lr 1e-4
+  fusar-edge train --stage 2 --base runs/s0/base --init-adapter runs/s1 --data data/synth/stage2-train.jsonl \\
+      --out runs/s2 --epochs 1 --lr 1e-4
   fusar-edge import-fusar-gpt runs/s0/base runs/s2 runs/s2 --out bundles/demo
 
 Stages 1 and 2 write the reference checkpoint layout (PEFT adapter, vec64_film.pt,

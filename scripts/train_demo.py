@@ -24,7 +24,7 @@ from pathlib import Path
 SYNTH = ["--n", "2000", "--seed", "0", "--chip", "224", "--per-region", "10"]
 STAGE0 = ["--epochs", "2", "--lr", "1e-3", "--grad-accum", "1", "--group-by-image", "--dense-warmup-epochs", "12"]
 STAGE1 = ["--epochs", "0.5", "--lr", "1e-4"]
-STAGE2 = ["--epochs", "0.25", "--lr", "1e-4"]
+STAGE2 = ["--epochs", "1", "--lr", "1e-4"]
 
 
 def step(argv: list[str], done: Path | None = None) -> None:

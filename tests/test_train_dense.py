@@ -74,6 +74,7 @@ def test_stage0_with_dense_warmup_trains_the_vision_and_resumes_without_repeatin
     assert len(losses) == 12 * -(-images // 2)  # batches of 2 images
     assert float(losses[-3:].mean()) < 0.8 * float(losses[:3].mean())
     assert summary["dense"]["warmup_epochs"] == 12 and summary["dense"]["truth"].endswith("scenes.jsonl")
+    assert summary["dense"]["warmup"]["steps"] == len(losses) and summary["dense"]["warmup"]["seconds"] > 0
     assert (out / "base" / "model.safetensors").is_file()  # the head is training-only: not in the base
     from safetensors.torch import load_file
 
@@ -85,6 +86,7 @@ def test_stage0_with_dense_warmup_trains_the_vision_and_resumes_without_repeatin
     monkeypatch.setattr("fusar_edge.train.recipe.warmup", must_not_run)
     again = run_stage(StageArgs(**args), show_progress=False)  # resumes: the warm-up is read back
     assert again["steps"] == summary["steps"]
+    assert again["dense"]["warmup"]["steps"] == len(losses)
 
 
 def test_dense_bad_input_is_one_line_and_writes_nothing(data, tmp_path, capsys):

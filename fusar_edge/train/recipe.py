@@ -3,7 +3,10 @@
 - **stage 0** (ours, for a model trained from scratch): full training of a preset (ViT, LLM and
   TLM MLP together) on the captions and the tasks. A random base has nothing for LoRA to adapt,
   so the demo gets this first; a real Qwen2.5-VL base skips it. Saves the base model as a
-  Hugging Face folder (``base/``) and its TLM (``vec64_film.pt`` + ``tlm_config.json``).
+  Hugging Face folder (``base/``) and its TLM (``vec64_film.pt`` + ``tlm_config.json``). With
+  ``--dense-truth`` the visual tokens also get a per-token loss from the generator's ground
+  truth (a warm-up on it alone first; ``train.dense``): a from-scratch ViT needs it to see the
+  small targets at all.
 - **stage 1** (knowledge injection): LoRA r 8, alpha 32, dropout 0.05 on every language-model
   q/k/v/o/gate/up/down linear (listed by full module name, vision tower excluded, as
   ``train_tlm.py`` does) + the TLM MLP; reference defaults 30 epochs, lr 1e-4. The TLM starts
@@ -27,6 +30,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,9 +161,9 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
         if dense is not None:
             targets(row)
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind
-    aux = None
+    aux, warm = None, None
     if dense is not None:
-        _dense_warmup(model, dense, rows, builder, targets, args.dense, settings.seed, out, show_progress)
+        warm = _dense_warmup(model, dense, rows, builder, targets, args.dense, settings.seed, out, show_progress)
         weight = args.dense.weight
         aux = (lambda visual, row: weight * dense.loss(visual, targets(row))) if weight > 0 else None
     log_path = out / "train_log.jsonl"
@@ -171,7 +175,7 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
                "grasp": (f"trained: grid {list(cfg.grasp.grid)}, k {cfg.grasp.k}, prompt_len {cfg.grasp.prompt_len}"
                          if model.grasp is not None else "off"),
                "trainable_parameters": sum(p.numel() for p in params.values()), "no_aef": args.no_aef,
-               "dense": vars(args.dense) | {"truth": str(args.dense.truth)} if args.dense else None,
+               "dense": vars(args.dense) | {"truth": str(args.dense.truth), "warmup": warm} if args.dense else None,
                "settings": vars(settings), **{k: v for k, v in result.items() if k != "history"},
                "final_loss": result["history"][-1]["loss"] if result["history"] else None}
     (out / "train.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -179,18 +183,19 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
 
 
 def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, seed: int, out: Path,
-                  show_progress: bool) -> None:
+                  show_progress: bool) -> dict | None:
     """The vision tower's warm-up on the dense loss; its result is kept in ``OUT/dense-warmup.pt``
-    (written atomically), so a resumed run does not repeat it."""
+    (written atomically), so a resumed run does not repeat it. -> steps, seconds, losses."""
     if dense.warmup_epochs <= 0:
-        return
+        return None
     done = out / "dense-warmup.pt"
     modules = {"visual": model.visual, "head": head, **({"tlm": model.tlm} if model.tlm is not None else {})}
     if done.is_file():
         saved = torch.load(done, map_location="cpu", weights_only=True)
         for name, module in modules.items():
             module.load_state_dict(saved[name])
-        return
+        return {k: saved[k].tolist() for k in ("steps", "seconds", "first_loss", "final_loss") if k in saved}
+    t0 = time.perf_counter()
     seen, images = set(), []
     for row in rows:
         key = (row["_root"], row["image"], row.get("aef"))
@@ -198,9 +203,13 @@ def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, see
             seen.add(key)
             images.append((*builder.image_inputs(row), targets(row)))
     losses = warmup(model, head, images, dense.warmup_epochs, dense.warmup_lr, dense.batch, seed, show_progress)
+    report = {"steps": len(losses), "seconds": round(time.perf_counter() - t0, 1), "first_loss": losses[0],
+              "final_loss": losses[-1]}
     tmp = out / "dense-warmup.pt.tmp"
-    torch.save({name: m.state_dict() for name, m in modules.items()} | {"losses": torch.tensor(losses)}, tmp)
+    torch.save({name: m.state_dict() for name, m in modules.items()} | {"losses": torch.tensor(losses)}
+               | {k: torch.tensor(v) for k, v in report.items()}, tmp)
     tmp.replace(done)
+    return report
 
 
 def _save(args: StageArgs, model: FusarModel, tok: TextTokenizer, peft_model, out: Path) -> None:
