@@ -87,6 +87,10 @@ def test_stage0_with_dense_warmup_trains_the_vision_and_resumes_without_repeatin
     again = run_stage(StageArgs(**args), show_progress=False)  # resumes: the warm-up is read back
     assert again["steps"] == summary["steps"]
     assert again["dense"]["warmup"]["steps"] == len(losses)
+    # a warm-up made with other settings is refused, not mixed in
+    other = dict(args, dense=DenseSettings(ds / "scenes.jsonl", weight=1.0, warmup_epochs=3, batch=2))
+    with pytest.raises(InputError, match="different run"):
+        run_stage(StageArgs(**other), show_progress=False)
 
 
 def test_dense_bad_input_is_one_line_and_writes_nothing(data, tmp_path, capsys):

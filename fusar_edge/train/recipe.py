@@ -190,24 +190,30 @@ def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, see
         return None
     done = out / "dense-warmup.pt"
     modules = {"visual": model.visual, "head": head, **({"tlm": model.tlm} if model.tlm is not None else {})}
-    if done.is_file():
-        saved = torch.load(done, map_location="cpu", weights_only=True)
-        for name, module in modules.items():
-            module.load_state_dict(saved[name])
-        return {k: saved[k].tolist() for k in ("steps", "seconds", "first_loss", "final_loss") if k in saved}
-    t0 = time.perf_counter()
     seen, images = set(), []
     for row in rows:
         key = (row["_root"], row["image"], row.get("aef"))
         if key not in seen:
             seen.add(key)
-            images.append((*builder.image_inputs(row), targets(row)))
+            images.append(row)
+    run_id = json.dumps({"images": sorted(map(str, seen)), "epochs": dense.warmup_epochs, "lr": dense.warmup_lr,
+                         "batch": dense.batch, "seed": seed, "modules": sorted(modules)})
+    if done.is_file():
+        saved = torch.load(done, map_location="cpu", weights_only=True)
+        if saved.get("run_id") != run_id:
+            raise InputError(f"{done}: the warm-up of a different run (other data or settings); remove it or choose "
+                             "another --out")
+        for name, module in modules.items():
+            module.load_state_dict(saved[name])
+        return {k: saved[k].tolist() for k in ("steps", "seconds", "first_loss", "final_loss") if k in saved}
+    t0 = time.perf_counter()
+    images = [(*builder.image_inputs(row), targets(row)) for row in images]
     losses = warmup(model, head, images, dense.warmup_epochs, dense.warmup_lr, dense.batch, seed, show_progress)
     report = {"steps": len(losses), "seconds": round(time.perf_counter() - t0, 1), "first_loss": losses[0],
               "final_loss": losses[-1]}
     tmp = out / "dense-warmup.pt.tmp"
     torch.save({name: m.state_dict() for name, m in modules.items()} | {"losses": torch.tensor(losses)}
-               | {k: torch.tensor(v) for k, v in report.items()}, tmp)
+               | {k: torch.tensor(v) for k, v in report.items()} | {"run_id": run_id}, tmp)
     tmp.replace(done)
     return report
 
