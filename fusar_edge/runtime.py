@@ -27,6 +27,7 @@ from .geo.sar import SarImage, parse_date, read_sar, to_chip
 from .model.bundle import open_model
 from .model.preprocess import chip_to_patches
 from .model.rope import mrope_positions, text_positions
+from .question_cache import QuestionCache
 from .tokenizer import build_sequence
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
@@ -121,10 +122,11 @@ class TorchStages:
     any number of threads; the model's weights are only read.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, question_cache: int = 256):
         self.model = model
         self.has_grasp = model.grasp is not None
         self.has_tlm = model.tlm is not None
+        self.questions = QuestionCache(question_cache)  # GRASP's question pass, by token ids
 
     def vision(self, pixels, grid_thw, anchors=None):
         return self.model.vision(pixels, grid_thw, anchors)
@@ -134,7 +136,10 @@ class TorchStages:
         return self.model.vision_many(images)
 
     def fusion(self, input_ids, layout, visual_tokens, question_ids=None):
-        return self.model.fusion(input_ids, layout, visual_tokens, question_ids)
+        model, q = self.model, None
+        if model.grasp is not None and layout.prompt_len and question_ids is not None:
+            q = self.questions.get(question_ids, lambda: model.question_vector(question_ids))
+        return model.fusion(input_ids, layout, visual_tokens, question_ids, question_vector=q)
 
     @staticmethod
     def stack(embeds: list) -> torch.Tensor:

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AnchorError, FusarError, InputError
+from ..question_cache import QuestionCache
 
 STAGES = ("vision", "embed", "fusion", "decoder")
 
@@ -109,7 +110,7 @@ class OnnxStages:
     """
 
     def __init__(self, onnx_dir: str | Path, providers=None, device: str = "auto", bundle=None,
-                 session_options=None, threads: int | None = None):
+                 session_options=None, threads: int | None = None, question_cache: int = 256):
         ort = _ort()
         self.dir = Path(onnx_dir)
         self.spec = check_export(self.dir, bundle)
@@ -147,6 +148,7 @@ class OnnxStages:
         self.kv_heads, self.head_dim = int(s["decoder"]["num_kv_heads"]), int(s["decoder"]["head_dim"])
         dec_inputs = {i.name: i for i in self.sessions["decoder"].get_inputs()}
         self.kv_dtype = _NP.get(dec_inputs["past_key_values.0.key"].type, np.float32)
+        self.questions = QuestionCache(question_cache)  # GRASP's question pass, by token ids
 
     # -- plumbing -----------------------------------------------------------------------------
     def _value(self, array: np.ndarray):
@@ -266,7 +268,7 @@ class OnnxStages:
         if layout.prompt_len:
             if question_ids is None:
                 raise ValueError("fusion: GRASP needs the question's token ids")
-            feeds["question_hidden"] = self.question_hidden(question_ids)
+            feeds["question_hidden"] = self.questions.get(question_ids, lambda: self.question_hidden(question_ids))
             feeds["prompt_start"] = np.array([layout.prompt_start], np.int64)
         else:  # no prompt slots: nothing to splice (prompt_start past the end)
             c = int(self.spec["hidden_size"])

@@ -117,8 +117,12 @@ class FusarModel(nn.Module):
         return out.last_hidden_state[0].mean(dim=0)
 
     def fusion(self, input_ids: torch.Tensor, layout: SequenceLayout, visual_tokens: torch.Tensor,
-               question_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> ``(inputs_embeds [1, L, C], grasp block weights [N] or None)``."""
+               question_ids: torch.Tensor | None = None,
+               question_vector: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> ``(inputs_embeds [1, L, C], grasp block weights [N] or None)``.
+
+        ``question_vector``: GRASP's ``q`` when the caller has it already (a cache); else it is
+        computed from ``question_ids``."""
         ids = input_ids.view(1, -1).to(self.device)
         embeds = self.language_model.embed_tokens(ids).clone()
         s, n = layout.image_start, layout.image_len
@@ -127,9 +131,9 @@ class FusarModel(nn.Module):
         embeds[0, s:s + n] = visual_tokens.to(embeds.dtype)
         weights = None
         if self.grasp is not None and layout.prompt_len:
-            if question_ids is None:
+            if question_ids is None and question_vector is None:
                 raise ValueError("fusion: GRASP needs the question's token ids")
-            q = self.question_vector(question_ids)
+            q = self.question_vector(question_ids) if question_vector is None else question_vector
             prompt, weights = self.grasp(visual_tokens, self.config.token_grid, q)
             p = layout.prompt_start
             embeds[0, p:p + layout.prompt_len] = prompt.to(embeds.dtype)
