@@ -60,6 +60,16 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="fusar-edge",
@@ -114,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="auto", help="auto (GPU if torch sees one), cpu, cuda, cuda:N")
     a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights/activations dtype (default: bfloat16 on GPU, float32 on CPU)")
+    a.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="CPU threads for torch and ONNX Runtime (default: their own choice; on a shared or loaded "
+                        "box fewer threads than cores is often much faster)")
     a.add_argument("--max-new-tokens", type=int, metavar="N", help="bound on generated tokens (default: the bundle's)")
     a.add_argument("--max-image-side", type=int, default=20000, metavar="PX",
                    help="refuse images with a side above this (default: 20000)")
@@ -234,9 +247,13 @@ def check_ask_inputs(args) -> None:
 def cmd_ask(args) -> int:
     from .runtime import Runtime
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     rt = Runtime.open(args.bundle, tiles=args.tiles, backend=args.backend, device=args.device, dtype=args.dtype,
                       max_image_side=args.max_image_side, anchor_grid=tuple(args.grid),
-                      allow_empty_anchors=args.allow_no_coverage, verify=args.verify)
+                      allow_empty_anchors=args.allow_no_coverage, verify=args.verify, threads=args.threads)
     ans = rt.ask(args.image, args.question, anchors=args.anchors, task=args.task,
                  bbox=tuple(args.bbox) if args.bbox else None, date=args.date, scale=args.scale,
                  max_new_tokens=args.max_new_tokens, label=args.label, no_anchors=args.no_anchors,

@@ -201,6 +201,27 @@ def test_debug_shows_traceback(tmp_path, demo):
         main(["--debug", "ask", str(tmp_path / "nope.tif"), "q"])
 
 
+def test_threads_flag_sets_the_pools_and_keeps_the_answer(demo, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        one = ask_json(capsys, demo["scene_tif"], "How many ships?", "--threads", "1", "--anchors", demo["anchors"],
+                       "--bundle", str(demo_bundle()))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    default = ask_json(capsys, demo["scene_tif"], "How many ships?", "--anchors", demo["anchors"],
+                       "--bundle", str(demo_bundle()))
+    assert one["token_ids"] == default["token_ids"]
+
+
+def demo_bundle():
+    from fusar_edge.config import builtin_bundle
+
+    return builtin_bundle()
+
+
 def test_device_and_dtype_flags(demo, capsys):
     res = ask_json(capsys, demo["scene_tif"], "How many ships?", "--device", "cpu", "--dtype", "bfloat16",
                    "--max-new-tokens", "2", "--anchors", demo["anchors"])
@@ -243,6 +264,8 @@ def test_untrained_weights_say_so_even_when_exported(demo, capsys, tmp_path):
     (["--repetition-penalty", "0"], ["repetition_penalty", "0"]),
     (["--repetition-penalty", "-1.5"], ["repetition_penalty", "-1.5"]),
     (["--repetition-penalty", "nan"], ["repetition_penalty", "nan"]),
+    (["--threads", "0"], ["--threads", "positive integer", "'0'"]),
+    (["--threads", "two"], ["--threads", "'two'"]),
 ])
 def test_new_ask_flags_reject_bad_values_in_one_line(demo, capsys, flags, words):
     assert main(["ask", demo["scene_tif"], "How many ships?", "--anchors", demo["anchors"], "--bundle", "tiny",
