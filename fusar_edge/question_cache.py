@@ -26,6 +26,10 @@ class QuestionCache:
     def __len__(self) -> int:
         return len(self._items)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
     def get(self, question_ids, compute: Callable[[], Any]) -> Any:
         """The cached encoding of ``question_ids``, or ``compute()`` (then kept)."""
         if self.maxsize == 0:

@@ -66,6 +66,35 @@ def test_json_schema(cli_run):
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_decode_bandwidth_is_weight_bytes_times_tokens_per_s(cli_run):
+    from fusar_edge.runtime import Runtime
+
+    _, result, _ = cli_run
+    model = Runtime.open("tiny").model
+    params = {p.data_ptr(): p for m in (model.language_model, model.lm_head) for p in m.parameters()}
+    want = sum(p.numel() * p.element_size() for p in params.values())
+    ceiling = result["machine"]["read_ceiling_gbs"]
+    assert ceiling > 0
+    for entry in result["backends"].values():  # ours and the baseline decode the same weights
+        assert entry["decode_weight_mb"] == pytest.approx(want / 2**20, abs=0.01)
+        assert entry["decode_read_gbs"] == pytest.approx(want * entry["decode_tokens_per_s"] / 1e9, rel=0.01, abs=0.01)
+        assert entry["decode_read_of_ceiling"] == pytest.approx(entry["decode_read_gbs"] / ceiling, abs=1e-3)
+
+
+def test_noise_notes_name_the_load_and_the_spread():
+    from fusar_edge.bench.bandwidth import noise_notes
+
+    calm = {"machine": {"loadavg": [0.2, 0.2, 0.2], "cores": 2},
+            "backends": {"torch": {"stages": {"end_to_end": {"p50_ms": 100.0, "p90_ms": 110.0}}}}}
+    assert noise_notes(calm) == []
+    busy = {"machine": {"loadavg": [3.5, 1.0, 1.0], "cores": 2},
+            "backends": {"torch": {"stages": {"end_to_end": {"p50_ms": 100.0, "p90_ms": 180.0}}},
+                         "onnxruntime": {"stages": {"end_to_end": {"p50_ms": 50.0, "p90_ms": 52.0}}}}}
+    notes = noise_notes(busy)
+    assert len(notes) == 2 and "load average was 3.5 on 2 cores" in notes[0]
+    assert "torch end-to-end p90 is 1.80x" in notes[1]
+
+
 def test_stage_times_add_up_to_end_to_end(cli_run):
     _, result, _ = cli_run
     resolution = result["settings"]["timer"]["resolution_ms"]

@@ -24,6 +24,9 @@ def test_lru_is_bounded_and_evicts_the_least_recently_used():
     assert len(cache) == 2 and calls == [1, 3, 4] and (cache.hits, cache.misses) == (2, 3)
     cache.get([3], enc(5))
     assert calls[-1] == 5 and len(cache) == 2
+    cache.clear()
+    cache.get([3], enc(8))
+    assert calls[-1] == 8 and len(cache) == 1
     off = QuestionCache(0)
     off.get([1], enc(6)), off.get([1], enc(7))
     assert calls[-2:] == [6, 7] and len(off) == 0

@@ -53,7 +53,8 @@ def format_table(result: dict) -> str:
     lines = [
         f"fusar-edge bench: {s['model']} ({wtxt}) | batch {s['batch']} | {s['new_tokens']} new tokens | "
         f"{s['runs']} runs after {s['warmup']} warm-up",
-        f"machine: {m['cpu']}, {m['cores']} cores (torch {m['torch_threads']} threads) | {gpu} | "
+        f"machine: {m['cpu']}, {m['cores']} cores (torch {m['torch_threads']} threads"
+        + (f"; reads {m['read_ceiling_gbs']} GB/s at most" if m.get("read_ceiling_gbs") else "") + f") | {gpu} | "
         f"torch {v.get('torch', '?')}" + (f" | onnxruntime {v['onnxruntime']}" if "onnxruntime" in v else "")
         + (f" | commit {m['commit'][:12]}" if m.get("commit") else ""),
     ]
@@ -73,6 +74,10 @@ def format_table(result: dict) -> str:
         lines.append("")
         summary = [
             ("decode tokens/s", lambda e: _num(e.get("decode_tokens_per_s"))),
+            ("decode weights MB", lambda e: _num(e.get("decode_weight_mb"))),
+            ("decode read GB/s", lambda e: _num(e.get("decode_read_gbs"))),
+            ("  of read ceiling", lambda e: f"{100 * e['decode_read_of_ceiling']:.0f} %"
+             if e.get("decode_read_of_ceiling") else "-"),
             ("peak host MB", lambda e: _num(e["peak_mem_mb"]["host"])),
             ("peak device MB", lambda e: _num(e["peak_mem_mb"]["device"])),
             ("model size MB", lambda e: _num(e["model_size_mb"])),

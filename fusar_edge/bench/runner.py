@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from ..errors import FusarError, InputError
+from .bandwidth import bandwidth_entry, decoder_weight_bytes, noise_notes, read_ceiling_gbs
 from .clock import PeakMemory, StageClock
 from .stats import summarize
 
@@ -155,6 +156,7 @@ def _argmax(logits, banned: list[int]) -> list[int]:
 def run_request(rt, settings: BenchSettings, clock: StageClock) -> dict:
     """One batch of requests through ``rt``'s stages, marking ``clock`` at every boundary."""
     stages, b = rt.stages, settings.batch
+    stages.questions.clear()  # every request's question is a new one (the cold time to first token)
     clock.start()
     reqs = [rt.prepare(settings.image, settings.question) for _ in range(b)]
     clock.mark("preprocess")
@@ -348,7 +350,8 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None,
                          "batch": settings.batch, "device": settings.device, "dtype": settings.dtype,
                          "threads": settings.threads, "anchor_grid": list(settings.anchor_grid),
                          "timer": {"clock": "time.perf_counter", "resolution_ms": timer_resolution_ms()},
-                         "work": "exactly new_tokens tokens per sequence (end-of-sequence ignored)"},
+                         "work": "exactly new_tokens tokens per sequence (end-of-sequence ignored); the question "
+                                 "cache is emptied before each request (a question never seen)"},
             "backends": {},
             "skipped": dict(skipped),
         }
@@ -377,6 +380,7 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None,
             entry.update(_describe(rt, backend), open_s=round(open_s, 3),
                          peak_mem_mb={"host": mem.host_mb, "device": None if on_cpu else mem.device_mb,
                                       "host_at_start": mem.host_start_mb})
+            entry.update(bandwidth_entry(decoder_weight_bytes(rt), entry.get("decode_tokens_per_s"), settings.batch))
             result["backends"][backend] = entry
             if backend == "torch" and not baseline_done:
                 result["backends"]["baseline"] = _run_baseline(rt, settings, progress, say)
@@ -402,10 +406,18 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None,
                 baseline_rt = None
                 _release()
         add_ratios(result)
+        if result["backends"]:  # after the runs: its 512 MiB buffer never overlaps a backend's memory
+            ceiling = read_ceiling_gbs()
+            result["machine"]["read_ceiling_gbs"] = ceiling
+            for entry in result["backends"].values():
+                if entry.get("decode_read_gbs"):
+                    entry["decode_read_of_ceiling"] = round(entry["decode_read_gbs"] / ceiling, 3)
         weights = {e["weights"] for e in result["backends"].values()}
+        result["notes"] = []
         if "random" in weights:
-            result["notes"] = ["weights are random (a preset at its true size): timings are the architecture's, "
-                               "the answers are meaningless"]
+            result["notes"].append("weights are random (a preset at its true size): timings are the architecture's, "
+                                   "the answers are meaningless")
+        result["notes"] += noise_notes(result)
     return result
 
 
@@ -422,6 +434,7 @@ def _run_baseline(rt, settings: BenchSettings, progress, say) -> dict:
     say("baseline: transformers Qwen2_5_VLForConditionalGeneration.generate on the same weights and inputs")
     with PeakMemory(_cuda_device(rt)) as mem:
         entry = measure("baseline", run_baseline_request, rt, settings, progress)
+    entry.update(bandwidth_entry(decoder_weight_bytes(rt), entry.get("decode_tokens_per_s"), settings.batch))
     entry.update(_describe(rt, "baseline"), open_s=None,
                  peak_mem_mb={"host": mem.host_mb, "device": mem.device_mb, "host_at_start": mem.host_start_mb})
     entry["notes"] = ["transformers generate: no AEF lookup, TLM or GRASP; its vision runs inside the prefill "

@@ -1,0 +1,73 @@
+"""Achieved memory-read bandwidth of decoding, against the machine's measured ceiling, and
+notes on a noisy run.
+
+At batch 1 a decode step reads every weight of the language model once, so
+``decoder weight bytes x tokens/s`` is the read bandwidth the decoder achieves; as gpt-fast
+prints it, set against what this machine can read (``read_ceiling_gbs``) it says how far a
+backend is from memory-bound. A benchmark on a shared box can also be disturbed by other
+work: ``noise_notes`` says so when the load average or the spread of the runs is high.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+NOISY_SPREAD = 1.25  # end-to-end p90 / p50 above this: the runs were disturbed
+LOADED = 0.5  # 1-minute load average per core above this at the start: other work was running
+
+
+def decoder_weight_bytes(rt) -> int:
+    """Bytes of the weights one decode step reads: the language model and its LM head."""
+    if rt.model is None:  # exported: the decoder graph's files (graph + external data)
+        d: Path = rt.stages.dir
+        stem = Path(rt.stages.spec["stages"]["decoder"]["file"]).stem
+        return sum(p.stat().st_size for p in d.iterdir() if p.is_file() and p.name.startswith(stem))
+    modules = (rt.model.language_model, rt.model.lm_head)
+    seen, total = set(), 0
+    for m in modules:
+        for p in m.parameters():
+            if p.data_ptr() not in seen:  # tied embeddings are read once
+                seen.add(p.data_ptr())
+                total += p.numel() * p.element_size()
+    return total
+
+
+def read_ceiling_gbs(mib: int = 512, repeats: int = 3) -> float:
+    """The best of ``repeats`` full reads (a sum) of a ``mib`` MiB buffer, in GB/s, with torch's
+    threads: what the decode threads could read at most."""
+    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32)  # touched: every page is resident
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        float(x.sum())
+        best = min(best, time.perf_counter() - t0)
+    return round(x.numel() * 4 / best / 1e9, 2)
+
+
+def bandwidth_entry(weight_bytes: int, tokens_per_s: float | None, batch: int) -> dict:
+    """``decode_weight_mb`` and ``decode_read_gbs`` (batch 1 only: a batch reads the weights once
+    for several sequences)."""
+    out: dict = {"decode_weight_mb": round(weight_bytes / 2**20, 2)}
+    if tokens_per_s and batch == 1:
+        out["decode_read_gbs"] = round(weight_bytes * tokens_per_s / 1e9, 2)
+    return out
+
+
+def noise_notes(result: dict) -> list[str]:
+    """Warnings for a run that other work may have disturbed."""
+    notes = []
+    m = result.get("machine", {})
+    load, cores = m.get("loadavg"), m.get("cores") or os.cpu_count() or 1
+    if load and load[0] > LOADED * cores:
+        notes.append(f"noisy: the 1-minute load average was {load[0]} on {cores} cores when the run started "
+                     "(other work competes for the cores; compare backends in one run, interleaved)")
+    for name, entry in result.get("backends", {}).items():
+        e2e = entry.get("stages", {}).get("end_to_end")
+        if e2e and e2e.get("p50_ms") and e2e["p90_ms"] / e2e["p50_ms"] > NOISY_SPREAD:
+            notes.append(f"noisy: {name} end-to-end p90 is {e2e['p90_ms'] / e2e['p50_ms']:.2f}x its p50 "
+                         "(more --runs, or a quieter machine)")
+    return notes
