@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fusar_edge.config import preset  # noqa: E402
 from fusar_edge.model.bundle import build_random  # noqa: E402
 from fusar_edge.tokenizer import TextTokenizer  # noqa: E402
-from fusar_edge.train.dense import COUNT_CLASSES, LABELS, DenseHead, load_truth, vision_tokens  # noqa: E402
+from fusar_edge.train.dense import COUNT_CLASSES, LABELS, DenseHead, load_truth  # noqa: E402
 from fusar_edge.train.samples import SampleBuilder, read_manifest  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def main() -> None:
     hits: dict[str, list[int]] = {}
     with torch.no_grad():
         for row in read_manifest(a.data / "stage1-test.jsonl"):  # one row per test scene
-            tokens = vision_tokens(model, *([x] for x in builder.image_inputs(row)))[0]
+            tokens = model.vision_many([builder.image_inputs(row)])[0]
             n = len(LABELS) * COUNT_CLASSES
             cls = head.proj(tokens)[:, :n].reshape(-1, len(LABELS), COUNT_CLASSES).argmax(-1)
             for i, label in enumerate(LABELS[:3]):

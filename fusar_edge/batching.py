@@ -142,9 +142,6 @@ class DecodeBatcher(_Batcher):
         return groups
 
     def _serve(self, group: list[DecodeJob]) -> None:
-        self._decode(group)
-
-    def _decode(self, group: list[DecodeJob]) -> None:
         stages = self.stages
         for job in group:
             job.batch_size = len(group)

@@ -13,6 +13,8 @@ import threading
 from collections import OrderedDict
 from typing import Any, Callable
 
+import numpy as np
+
 
 class QuestionCache:
     def __init__(self, maxsize: int = 256):
@@ -34,8 +36,7 @@ class QuestionCache:
         """The cached encoding of ``question_ids``, or ``compute()`` (then kept)."""
         if self.maxsize == 0:
             return compute()
-        ids = question_ids.tolist() if hasattr(question_ids, "tolist") else list(question_ids)
-        key = tuple(int(i) for i in _flat(ids))
+        key = tuple(np.asarray(question_ids).reshape(-1).tolist())  # a tensor, array or list of ids
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -50,10 +51,3 @@ class QuestionCache:
                 self._items.popitem(last=False)
         return value
 
-
-def _flat(ids):
-    for i in ids:
-        if isinstance(i, (list, tuple)):
-            yield from _flat(i)
-        else:
-            yield i

@@ -8,7 +8,6 @@ import torch
 from fusar_edge.cli import main
 from fusar_edge.data.synth import synth
 from fusar_edge.errors import InputError
-from fusar_edge.train import dense as dense_mod
 from fusar_edge.train.dense import LABELS, DenseHead, DenseSettings, cell_labels, load_truth
 from fusar_edge.train.loop import TrainSettings
 from fusar_edge.train.recipe import StageArgs, run_stage
@@ -130,7 +129,7 @@ def test_warmup_batches_many_images_in_one_vit_call(data):
     rows = read_manifest(ds / "stage1-train.jsonl")[:3]
     inputs = [builder.image_inputs(r) for r in rows]
     with torch.no_grad():
-        together = dense_mod.vision_tokens(model, *map(list, zip(*inputs)))
+        together = model.vision_many(inputs)
         for (px, grid, anchors), tokens in zip(inputs, together):
             alone = model.vision(px, grid, anchors)
             assert torch.allclose(tokens, alone, atol=1e-4, rtol=1e-4)

@@ -80,12 +80,7 @@ class FusarModel(nn.Module):
     def vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
                anchors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """ViT + merger (+ TLM when anchors are given) -> ``[T, C]`` in raster order."""
-        out = self.visual(pixel_values.to(device=self.device, dtype=self.visual.dtype), grid_thw=grid_thw.to(self.device))
-        tokens = out.pooler_output if hasattr(out, "pooler_output") else out
-        if anchors is not None and self.tlm is not None:
-            features, positions, mask = anchors
-            tokens = self.tlm(tokens, features, positions, mask, self.config.patch_grid, self.config.token_grid)
-        return tokens
+        return self.vision_many([(pixel_values, grid_thw, anchors)])[0]
 
     def vision_many(self, images: list[tuple[torch.Tensor, torch.Tensor, tuple | None]]) -> list[torch.Tensor]:
         """``vision`` of several ``(pixel_values, grid_thw, anchors)`` with one ViT call (the ViT
@@ -94,9 +89,8 @@ class FusarModel(nn.Module):
         grids = torch.cat([g for _, g, _ in images]).to(self.device)
         out = self.visual(pixels, grid_thw=grids)
         tokens = out.pooler_output if hasattr(out, "pooler_output") else out
-        per_image = tokens.split(self.config.num_visual_tokens)  # every image is one chip
-        if len(per_image) != len(images):
-            raise ValueError(f"vision_many: {tokens.shape[0]} visual tokens for {len(images)} chips")
+        merge = int(self.config.vision.get("spatial_merge_size", 2))
+        per_image = tokens.split([int(g.prod(dim=-1).sum()) // merge**2 for _, g, _ in images])
         if self.tlm is None:
             return list(per_image)
         cfg = self.config

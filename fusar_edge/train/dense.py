@@ -33,6 +33,7 @@ from torch import nn
 
 from ..data.scene import DISTRACTOR_LABELS, TARGET_LABELS
 from ..errors import InputError
+from .loop import _lr_factor
 
 LABELS = TARGET_LABELS + DISTRACTOR_LABELS
 COUNT_CLASSES = 3  # 0, 1, 2-or-more object centres of a label in one cell
@@ -113,18 +114,14 @@ class DenseTargets:
         return self._cache[sid]
 
 
-def vision_tokens(model, pixels: list[torch.Tensor], grids: list[torch.Tensor], anchors: list) -> list[torch.Tensor]:
-    """Visual tokens of several images from one ViT call."""
-    return model.vision_many(list(zip(pixels, grids, anchors)))
-
-
 def warmup(model, head: DenseHead, images: list[tuple], epochs: float, lr: float, batch: int = 16, seed: int = 0,
            show_progress: bool = True) -> list[float]:
     """Train the vision tower, TLM and ``head`` on the dense loss alone; returns per-step losses.
 
     ``images``: ``(pixels, grid_thw, anchors or None, cell labels)`` per image. AdamW with a 5 %
-    linear warm-up and linear decay, as the main loop.
+    linear warm-up and linear decay (the main loop's schedule).
     """
+
     params = [p for p in model.visual.parameters()] + list(head.parameters())
     if model.tlm is not None:
         params += list(model.tlm.parameters())
@@ -132,8 +129,7 @@ def warmup(model, head: DenseHead, images: list[tuple], epochs: float, lr: float
     total = max(1, int(round(epochs * steps_per_epoch)))
     warm = max(1, total // 20)
     optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: _lr_factor(s, total, warm))
     bar = None
     if show_progress:
         import sys
@@ -151,7 +147,7 @@ def warmup(model, head: DenseHead, images: list[tuple], epochs: float, lr: float
                 order += torch.randperm(len(images), generator=gen).tolist()
             chosen = [images[i] for i in order[:batch]]
             del order[:batch]
-            tokens = vision_tokens(model, [c[0] for c in chosen], [c[1] for c in chosen], [c[2] for c in chosen])
+            tokens = model.vision_many([c[:3] for c in chosen])
             loss = torch.stack([head.loss(t, c[3]) for t, c in zip(tokens, chosen)]).mean()
             optim.zero_grad(set_to_none=True)
             loss.backward()

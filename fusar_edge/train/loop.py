@@ -56,9 +56,9 @@ class TrainSettings:
             raise InputError(f"--grad-accum: expected a positive integer, got {self.grad_accum}")
 
 
-def sample_loss(model, sample, extra: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens (and the stop) of one sample (+ ``extra(visual)``)."""
-    return group_loss(model, [sample], extra)
+def sample_loss(model, sample) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens (and the stop) of one sample."""
+    return group_loss(model, [sample])
 
 
 def group_loss(model, samples: list, extra: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:

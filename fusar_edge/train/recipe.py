@@ -190,12 +190,12 @@ def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, see
         return None
     done = out / "dense-warmup.pt"
     modules = {"visual": model.visual, "head": head, **({"tlm": model.tlm} if model.tlm is not None else {})}
-    seen, images = set(), []
+    seen, first_rows = set(), []  # one row per image (and anchor set)
     for row in rows:
         key = (row["_root"], row["image"], row.get("aef"))
         if key not in seen:
             seen.add(key)
-            images.append(row)
+            first_rows.append(row)
     run_id = json.dumps({"images": sorted(map(str, seen)), "epochs": dense.warmup_epochs, "lr": dense.warmup_lr,
                          "batch": dense.batch, "seed": seed, "modules": sorted(modules)})
     if done.is_file():
@@ -207,7 +207,7 @@ def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, see
             module.load_state_dict(saved[name])
         return {k: saved[k].tolist() for k in ("steps", "seconds", "first_loss", "final_loss") if k in saved}
     t0 = time.perf_counter()
-    images = [(*builder.image_inputs(row), targets(row)) for row in images]
+    images = [(*builder.image_inputs(row), targets(row)) for row in first_rows]
     losses = warmup(model, head, images, dense.warmup_epochs, dense.warmup_lr, dense.batch, seed, show_progress)
     report = {"steps": len(losses), "seconds": round(time.perf_counter() - t0, 1), "first_loss": losses[0],
               "final_loss": losses[-1]}
