@@ -8,18 +8,34 @@ artifacts in sub-folders:
     onnx-int4/        decoder with com.microsoft.MatMulNBits weights (ONNX Runtime CPU/CUDA)
     onnx-int4-qdq/    decoder with INT4 DequantizeLinear -> MatMul (TensorRT's weight-only INT4)
     tensorrt/<gpu>/   engines, when TensorRT is installed
-    export.json       what was exported, from what, with the parity report
+    export.json       what was exported, from what, with the parity checks (below)
     manifest.json     sha256 and size of every file, sub-folders included
 
 Everything is written into a temporary sibling directory and moved into place at the end:
 a failed or interrupted export leaves no half-written directory, and an existing output is
 replaced only with ``force``. The temporary directory's name carries the process id
 (``.NAME.export-PID-*``): the next export into the same parent deletes those of killed runs.
+
+Parity checks that gate the export (a failure publishes nothing unless ``force``):
+
+    onnx.parity                     the fp32 graphs vs the torch model (fp32 tolerance)
+    onnx-int4.packing_check         the 4-bit weights packed as MatMulNBits at accuracy level 0
+                                    (fp32 compute) vs the torch model holding the same dequantised
+                                    weights: wrong packing, scales or layer mapping fail it
+
+and measurements that are only reported (``onnx-int4``):
+
+    accuracy_level_4_vs_dequantised the shipped graph (accuracy level 4: int8 activations inside
+                                    ONNX Runtime) vs the dequantised torch model
+    quantisation_vs_fp32            the 4-bit weights alone (the level-0 graph) vs the fp32 model
+
+``failed_checks`` lists the gating checks a ``force``d export was written despite.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -43,7 +59,11 @@ def _noop(message: str) -> None:
 def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = True, gptq4: bool = False,
                   calib: int = 16, group_size: int = 128, tensorrt: bool = False, force: bool = False,
                   parity_prompts: int = 3, progress: Progress | None = None) -> dict:
-    """Export ``source`` (bundle directory or preset name; None = the built-in demo) into ``out``; -> the report."""
+    """Export ``source`` (bundle directory or preset name; None = the built-in demo) into ``out``; -> the report.
+
+    A gating parity check that fails raises ``FusarError`` and publishes nothing; ``force``
+    replaces an existing ``out`` and publishes despite such a failure (listed in ``failed_checks``).
+    """
     progress = progress or _noop
     out = Path(out)
     if out.exists() and not force:
@@ -69,6 +89,7 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
                     copy_files=_generation_config(source))
         report: dict = {"source": str(source), "source_weights": weights_id,
                         "preset": model.config.name, "chip_size": model.config.chip_size, "artifacts": {}}
+        gate = _Gate(force)
         if onnx:
             from .onnx_stages import export_stages, parity_report
 
@@ -77,13 +98,15 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
             stages = export_stages(model, stage / "onnx",
                                    progress=lambda msg: progress(msg.replace(str(stage), str(out))))
             progress("checking parity against the torch model")
-            report["artifacts"]["onnx"] = {"files": _rel(stages, stage),
-                                           "parity": parity_report(model, tokenizer, stage / "onnx",
-                                                                   n_prompts=parity_prompts)}
+            parity = parity_report(model, tokenizer, stage / "onnx", n_prompts=parity_prompts)
+            report["artifacts"]["onnx"] = {"files": _rel(stages, stage), "parity": parity}
+            gate.require("onnx/ parity check (fp32 graphs vs the torch model)", parity)
         if gptq4:
-            report["artifacts"].update(_export_gptq4(model, tokenizer, stage, calib, group_size, progress))
+            report["artifacts"].update(_export_gptq4(model, tokenizer, stage, work, calib, group_size,
+                                                     parity_prompts, gate, progress))
         if tensorrt:
             report["artifacts"]["tensorrt"] = _build_tensorrt(stage, progress)
+        report["failed_checks"] = gate.failed
         report["seconds"] = round(time.perf_counter() - started, 1)
         (stage / "export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         progress("hashing")
@@ -113,11 +136,73 @@ def _rel(paths, root: Path):
     return paths
 
 
-def _export_gptq4(model, tokenizer, stage: Path, calib: int, group_size: int, progress: Progress) -> dict:
-    """GPTQ on real multimodal inputs -> gptq/ checkpoint, onnx-int4/ (MatMulNBits), onnx-int4-qdq/ (TensorRT)."""
+class _Gate:
+    """The parity checks that decide whether an export is published; ``force`` publishes despite them."""
+
+    def __init__(self, force: bool):
+        self.force = force
+        self.failed: list[str] = []
+
+    def require(self, check: str, parity: dict) -> None:
+        if parity.get("ok"):
+            return
+        failure = f"{check} failed: {_parity_summary(parity, tolerance=True)}"
+        if not self.force:
+            raise FusarError(f"{failure}; nothing written (--force writes the export anyway)")
+        self.failed.append(failure)
+
+
+def _parity_summary(parity: dict, tolerance: bool = False) -> str:
+    """``worst relative error 4.70e-03 (decode_logits), greedy tokens identical on 3/3 prompts``."""
+    errs = parity.get("max_rel_err") or {"?": float("nan")}
+    stage = max(errs, key=errs.get)
+    where = stage
+    if tolerance and "tolerance" in parity:
+        where += f", {'within' if errs[stage] < parity['tolerance'] else 'above'} {parity['tolerance']:g}"
+    g = parity.get("greedy") or {}
+    text = (f"worst relative error {errs[stage]:.2e} ({where}), greedy tokens identical on "
+            f"{g.get('identical_sequences', '?')}/{g.get('of', '?')} prompts")
+    if "token_agreement" in g and g.get("identical_sequences") != g.get("of"):
+        text += f" (token agreement {g['token_agreement']:.0%})"
+    return text
+
+
+def _measurement(parity: dict, what: str) -> dict:
+    """A parity report kept as a measurement: no ``ok`` / ``tolerance``, which would read as a verdict."""
+    kept = {k: v for k, v in parity.items() if k not in ("ok", "tolerance")}
+    return {"what": what, "gates_export": False, **kept}
+
+
+def _module_of(initializer: str) -> str | None:
+    """decoder.onnx names each linear's W^T ``<module>.weight_t``."""
+    return initializer[: -len(".weight_t")] if initializer.endswith(".weight_t") else None
+
+
+def _pack_decoder(src: Path, target: Path, weights: dict, form: str, group_size: int, level: int,
+                  link: bool = False):
+    """``src``'s stages with the decoder's linears in 4-bit ``form`` -> ``target``; -> the packing result."""
+    from .int4_onnx import quantize_onnx_model
+
+    _copy_stages(src, target, link=link)
+    result = quantize_onnx_model(src / "decoder.onnx", weights, form=form, block_size=group_size,
+                                 out_path=target / "decoder.onnx", name_map=_module_of, missing="skip",
+                                 accuracy_level=level)
+    _restamp_stages(target, form, group_size)
+    return result
+
+
+def _export_gptq4(model, tokenizer, stage: Path, scratch: Path, calib: int, group_size: int, prompts: int,
+                  gate: _Gate, progress: Progress) -> dict:
+    """GPTQ on real multimodal inputs -> gptq/ checkpoint, onnx-int4/ (MatMulNBits), onnx-int4-qdq/ (TensorRT).
+
+    The packing is checked on a MatMulNBits graph at accuracy level 0 built in ``scratch`` (not
+    published): with fp32 compute it must match the torch model holding the same dequantised
+    weights at the fp32 tolerance. The shipped graph's accuracy level 4 (int8 activations) and
+    the quantisation itself move the logits far more than that, so both are only measured.
+    """
     from .gptq import apply_quantized, fusar_calibration_inputs, quantize_gptq, restore_weights, summarize
     from .gptq_format import save_gptq_checkpoint
-    from .int4_onnx import lint_tensorrt_qdq, quantize_onnx_model
+    from .int4_onnx import lint_tensorrt_qdq
     from .onnx_stages import parity_report
 
     progress(f"building {calib} calibration inputs (synthetic SAR scenes + anchors + questions)")
@@ -130,38 +215,91 @@ def _export_gptq4(model, tokenizer, stage: Path, calib: int, group_size: int, pr
     progress("writing the GPTQ checkpoint")
     save_gptq_checkpoint(stage / "gptq", weights, model=model)
 
-    def module_of(initializer: str) -> str | None:  # decoder.onnx names each linear's W^T `<module>.weight_t`
-        return initializer[: -len(".weight_t")] if initializer.endswith(".weight_t") else None
-
     out: dict = {"gptq": {"dir": "gptq", "group_size": group_size, "calibration_samples": calib,
                           "summary": summarize(weights)}}
-    for form, folder, level in (("matmulnbits", "onnx-int4", 4), ("qdq", "onnx-int4-qdq", 0)):
-        progress(f"packing the decoder as {form} into {folder}/")
-        target = stage / folder
-        _copy_stages(stage / "onnx", target)
-        result = quantize_onnx_model(stage / "onnx" / "decoder.onnx", weights, form=form, block_size=group_size,
-                                     out_path=target / "decoder.onnx", name_map=module_of, missing="skip",
-                                     accuracy_level=level)
-        _restamp_stages(target, form, group_size)
-        entry = {"dir": folder, "form": form, "quantized_layers": len(result.quantized),
-                 "kept_float": [str(s) for s in result.skipped]}
-        if form == "qdq":
-            entry["tensorrt_lint"] = lint_tensorrt_qdq(target / "decoder.onnx") or "clean"
-        out[folder] = entry
-    # parity of the MatMulNBits graphs against the torch model holding the same (dequantised) weights
-    progress("checking 4-bit parity against the dequantised torch model")
+    check_dir = scratch / "int4-packing-check"
     originals = apply_quantized(model, weights)
     try:
-        out["onnx-int4"]["parity_vs_dequantised_torch"] = parity_report(model, tokenizer, stage / "onnx-int4")
+        progress("checking the 4-bit packing (MatMulNBits, accuracy level 0) against the dequantised torch model")
+        _pack_decoder(stage / "onnx", check_dir, weights, "matmulnbits", group_size, 0, link=True)
+        packing = parity_report(model, tokenizer, check_dir, n_prompts=prompts)
+        gate.require("4-bit packing check (MatMulNBits at accuracy level 0 vs the dequantised torch model)",
+                     packing)
+        for form, folder, level in (("matmulnbits", "onnx-int4", 4), ("qdq", "onnx-int4-qdq", 0)):
+            progress(f"packing the decoder as {form} into {folder}/")
+            result = _pack_decoder(stage / "onnx", stage / folder, weights, form, group_size, level)
+            entry = {"dir": folder, "form": form, "quantized_layers": len(result.quantized),
+                     "kept_float": [str(s) for s in result.skipped]}
+            if form == "qdq":
+                entry["tensorrt_lint"] = lint_tensorrt_qdq(stage / folder / "decoder.onnx") or "clean"
+            out[folder] = entry
+        progress("measuring accuracy level 4 (int8 activations) against the dequantised torch model")
+        level4 = parity_report(model, tokenizer, stage / "onnx-int4", n_prompts=prompts)
     finally:
         restore_weights(model, originals)
+    progress("measuring the 4-bit quantisation error against the fp32 torch model")
+    quantisation = parity_report(model, tokenizer, check_dir, n_prompts=prompts)
+    shutil.rmtree(check_dir, ignore_errors=True)  # a decoder's worth of disk, not part of the bundle
+    out["onnx-int4"].update({
+        "packing_check": {"what": "the same 4-bit weights as MatMulNBits at accuracy level 0 (fp32 compute) vs "
+                                  "the torch model holding them dequantised; fails the export unless --force",
+                          "accuracy_level": 0, "gates_export": True, **packing},
+        "accuracy_level_4_vs_dequantised": _measurement(
+            level4, "this graph (MatMulNBits accuracy level 4: int8 activations inside ONNX Runtime) vs the "
+                    "torch model holding the same dequantised 4-bit weights: the error level 4 adds"),
+        "quantisation_vs_fp32": _measurement(
+            quantisation, "the 4-bit weights alone (MatMulNBits at accuracy level 0) vs the fp32 torch model: "
+                          "the error GPTQ's quantisation adds"),
+    })
     return out
 
 
-def _copy_stages(src: Path, dst: Path) -> None:
+def describe(report: dict) -> list[str]:
+    """One human line per artifact (and per check of the 4-bit graph) of an export report."""
+    lines = []
+    for name, art in report.get("artifacts", {}).items():
+        if not isinstance(art, dict):
+            lines.append(f"{name}: written")
+            continue
+        if "parity" in art:
+            lines.append(f"{name}: parity {_verdict(art['parity'])}")
+        elif "tensorrt_lint" in art:
+            lint = art["tensorrt_lint"]
+            lines.append(f"{name}: TensorRT lint {lint if lint == 'clean' else '; '.join(map(str, lint))}")
+        elif "packing_check" not in art:
+            lines.append(f"{name}: written")
+        if "packing_check" in art:
+            lines.append(f"{name}: packing check (accuracy level 0 vs dequantised torch) "
+                         f"{_verdict(art['packing_check'])}")
+        for key, label in (("accuracy_level_4_vs_dequantised", "accuracy level 4 vs dequantised torch"),
+                           ("quantisation_vs_fp32", "4-bit quantisation vs fp32 torch")):
+            if key in art:
+                lines.append(f"{name}: {label} (measured only): {_parity_summary(art[key])}")
+    for failure in report.get("failed_checks", []):
+        lines.append(f"WRITTEN WITH --force DESPITE: {failure}")
+    return lines
+
+
+def _verdict(parity: dict) -> str:
+    """``ok: worst relative error ... (prefill_logits, within 0.0001), greedy ...`` or ``FAILED: ...``."""
+    return f"{'ok' if parity.get('ok') else 'FAILED'}: {_parity_summary(parity, tolerance=True)}"
+
+
+def _copy_stages(src: Path, dst: Path, link: bool = False) -> None:
+    """Every file of ``src`` but the decoder; ``link``: hard links where possible (a throwaway copy).
+
+    stages.json is always copied: ``_restamp_stages`` rewrites it in place, which through a
+    link would rewrite ``src``'s too.
+    """
     dst.mkdir(parents=True, exist_ok=True)
     for p in src.iterdir():
         if p.is_file() and not p.name.startswith("decoder.onnx"):
+            if link and p.suffix != ".json":
+                try:
+                    os.link(p, dst / p.name)
+                    continue
+                except OSError:
+                    pass
             shutil.copy2(p, dst / p.name)
 
 

@@ -183,7 +183,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--calib", type=int, default=16, metavar="N", help="calibration samples for --gptq4 (default 16)")
     x.add_argument("--group-size", type=int, default=128, choices=[64, 128], help="4-bit group size (default 128)")
     x.add_argument("--tensorrt", action="store_true", help="build TensorRT engines (needs TensorRT installed)")
-    x.add_argument("--force", action="store_true", help="replace DIR if it exists")
+    x.add_argument("--force", action="store_true", help="replace DIR if it exists, and write the export even "
+                                                        "when a parity check fails (export.json records it)")
     x.add_argument("--json", action="store_true", help="print the export report as JSON")
 
     from . import cli_bench, cli_data, cli_eval, cli_serve, cli_tiles, cli_train
@@ -332,7 +333,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export.bundle_export import export_bundle
+    from .export.bundle_export import describe, export_bundle
 
     if args.calib < 1:
         raise InputError(f"--calib: expected a positive number of samples, got {args.calib}")
@@ -343,18 +344,8 @@ def cmd_export(args) -> int:
     if args.json:
         print(json.dumps(report))
     else:
-        for name, art in report["artifacts"].items():
-            parity = (art.get("parity") or art.get("parity_vs_dequantised_torch")) if isinstance(art, dict) else None
-            if parity:
-                worst = max(parity["max_rel_err"].values())
-                g = parity["greedy"]
-                within = "within" if parity["ok"] else "ABOVE"
-                print(f"{name}: worst stage relative error {worst:.2e} ({within} {parity['tolerance']:g}), greedy "
-                      f"tokens identical on {g['identical_sequences']}/{g['of']} prompts")
-            elif isinstance(art, dict) and "tensorrt_lint" in art:
-                print(f"{name}: TensorRT lint {art['tensorrt_lint'] if art['tensorrt_lint'] == 'clean' else art['tensorrt_lint']}")
-            else:
-                print(f"{name}: written")
+        for line in describe(report):
+            print(line)
         print(f"wrote {args.out} in {report['seconds']} s")
     return 0
 
