@@ -713,7 +713,7 @@ def fusar_calibration_inputs(model, tokenizer, n: int = 32, seed: int = 0, *, sc
             question = rng.choice(CALIB_QUESTIONS[task]).format(label=label)
             prompt = tasks.build_prompt(tasks.infer_task(question), question)
             seq = build_sequence(tokenizer, prompt, cfg.num_visual_tokens, grasp_len, cfg.system_prompt)
-            ids = seq.input_ids
+            ids = torch.from_numpy(seq.input_ids)
             if with_answers:
                 k = cfg.chip_size / scene_size
                 boxes = [[round(v * k) for v in b] for b in scene["ships"]]
@@ -723,7 +723,7 @@ def fusar_calibration_inputs(model, tokenizer, n: int = 32, seed: int = 0, *, sc
             visual = model.vision(pixels, grid_thw, anchors)
             embeds, _ = model.fusion(ids, seq.layout, visual, seq.question_ids)
             positions, _ = mrope_positions(len(ids), seq.layout.image_start, cfg.token_grid)
-            out.append({"inputs_embeds": embeds.detach(), "position_ids": positions})
+            out.append({"inputs_embeds": embeds.detach(), "position_ids": torch.from_numpy(positions)})
     return out
 
 

@@ -92,9 +92,8 @@ from torch import nn
 
 from fusar_edge.hashing import file_record
 
-FORMAT = "fusar-edge-onnx-v1"
-STAGES_JSON = "stages.json"
-STAGE_FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "fusion": "fusion.onnx", "decoder": "decoder.onnx"}
+from .stages_format import FORMAT, STAGE_FILES, STAGES_JSON, read_stages  # noqa: F401  (the layout, torch-free)
+
 DEFAULT_MAX_ANCHORS = 256  # the tile store's default 16 x 16 grid
 EXTERNAL_DATA_BYTES = 512 << 20  # stages with more weight bytes than this keep them in <file>.data
 MIN_OPSET = 21
@@ -597,22 +596,6 @@ def _io(values) -> list[dict]:
     return out
 
 
-def read_stages(onnx_dir: str | Path) -> dict:
-    """``stages.json`` of an export, with a clear error when it is missing."""
-    from fusar_edge.errors import BundleError
-
-    path = Path(onnx_dir) / STAGES_JSON
-    if not path.is_file():
-        raise BundleError(f"{path}: missing (not an ONNX export: run `fusar-edge export BUNDLE --out DIR --onnx`)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if data.get("format") != FORMAT:
-        raise BundleError(f"{path}: format: expected {FORMAT!r}, got {data.get('format')!r}")
-    return data
-
-
 # --- parity --------------------------------------------------------------------------------------
 
 PARITY_QUESTIONS = ("How many ships are there?", "Detect the ships in the image.", "Describe the scene.")
@@ -664,7 +647,7 @@ def parity_report(model, tokenizer, onnx_dir: str | Path, n_prompts: int = 3, *,
     from fusar_edge.backends.onnxruntime import OnnxStages
     from fusar_edge.model.preprocess import chip_to_patches
     from fusar_edge.model.rope import mrope_positions
-    from fusar_edge.runtime import TorchStages
+    from fusar_edge.backends.torch_stages import TorchStages
     from fusar_edge.tokenizer import build_sequence
     from fusar_edge import tasks
 

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 
 class _Batcher:
@@ -85,8 +85,8 @@ class _Batcher:
 
 @dataclass
 class VisionJob:
-    pixels: torch.Tensor
-    grid_thw: torch.Tensor
+    pixels: np.ndarray
+    grid_thw: np.ndarray
     anchors: object
     done: threading.Event = field(default_factory=threading.Event)
     tokens: object = None
@@ -102,8 +102,7 @@ class VisionBatcher(_Batcher):
         return self._submit(VisionJob(pixels, grid_thw, anchors))
 
     def _serve(self, group: list[VisionJob]) -> None:
-        with torch.inference_mode():
-            tokens = self.stages.vision_batch([(j.pixels, j.grid_thw, j.anchors) for j in group])
+        tokens = self.stages.vision_batch([(j.pixels, j.grid_thw, j.anchors) for j in group])
         for job, t in zip(group, tokens):
             job.tokens, job.batch_size = t, len(group)
 
@@ -111,7 +110,7 @@ class VisionBatcher(_Batcher):
 @dataclass
 class DecodeJob:
     embeds: object  # [1, L, C], the stages' own type (torch tensor or OrtValue)
-    positions: torch.Tensor  # [3, 1, L]
+    positions: np.ndarray  # int64 [3, 1, L]
     next_position: int
     limit: int
     picker: object  # GreedyPicker
@@ -134,7 +133,7 @@ class DecodeBatcher(_Batcher):
         groups: list[list[DecodeJob]] = []
         for job in jobs:  # same length and positions decode together
             for g in groups:
-                if g[0].next_position == job.next_position and torch.equal(g[0].positions, job.positions):
+                if g[0].next_position == job.next_position and np.array_equal(g[0].positions, job.positions):
                     g.append(job)
                     break
             else:
@@ -146,29 +145,28 @@ class DecodeBatcher(_Batcher):
         for job in group:
             job.batch_size = len(group)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            logits, state = stages.prefill_batch(stages.stack([j.embeds for j in group]), group[0].positions)
-            prefill_ms = (time.perf_counter() - t0) * 1e3
-            tokens = [job.picker(logits[i]) for i, job in enumerate(group)]
-            active = [True] * len(group)
-            for job in group:
-                job.prefill_ms = prefill_ms
-            position = group[0].next_position
-            while True:
-                for i, job in enumerate(group):
-                    if active[i] and (job.picker.is_stop(tokens[i]) or len(job.ids) >= job.limit):
+        logits, state = stages.prefill_batch(stages.stack([j.embeds for j in group]), group[0].positions)
+        prefill_ms = (time.perf_counter() - t0) * 1e3
+        tokens = [job.picker(logits[i]) for i, job in enumerate(group)]
+        active = [True] * len(group)
+        for job in group:
+            job.prefill_ms = prefill_ms
+        position = group[0].next_position
+        while True:
+            for i, job in enumerate(group):
+                if active[i] and (job.picker.is_stop(tokens[i]) or len(job.ids) >= job.limit):
+                    active[i] = False
+                elif active[i]:
+                    job.ids.append(tokens[i])
+                    if len(job.ids) >= job.limit:
                         active[i] = False
-                    elif active[i]:
-                        job.ids.append(tokens[i])
-                        if len(job.ids) >= job.limit:
-                            active[i] = False
-                if not any(active):
-                    return
-                t0 = time.perf_counter()
-                logits, state = stages.step_batch(tokens, position, state)
-                position += 1
-                step_ms = (time.perf_counter() - t0) * 1e3
-                for i, job in enumerate(group):
-                    if active[i]:
-                        tokens[i] = job.picker(logits[i])
-                        job.decode_ms.append(step_ms)
+            if not any(active):
+                return
+            t0 = time.perf_counter()
+            logits, state = stages.step_batch(tokens, position, state)
+            position += 1
+            step_ms = (time.perf_counter() - t0) * 1e3
+            for i, job in enumerate(group):
+                if active[i]:
+                    tokens[i] = job.picker(logits[i])
+                    job.decode_ms.append(step_ms)

@@ -248,7 +248,7 @@ def check_ask_inputs(args) -> None:
 def cmd_ask(args) -> int:
     from .runtime import Runtime
 
-    if args.threads:
+    if args.threads and args.backend == "torch":  # onnxruntime takes threads= below; torch is not even imported
         import torch
 
         torch.set_num_threads(args.threads)
@@ -405,14 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in PRECHECKS:  # in milliseconds: importing transformers alone takes seconds
             PRECHECKS[args.command](args)
-        if args.command in MODEL_COMMANDS:
-            from transformers.utils import logging as hf_logging
-
-            if not args.debug:
-                hf_logging.set_verbosity_error()  # keep library chatter off the user's terminal
-            # our own progress lines say what is happening; transformers' weight-loading bars would
-            # only add noise (and break machine-readable output)
-            hf_logging.disable_progress_bar()
+        # the onnxruntime backend never imports transformers (the edge install has none)
+        if args.command in MODEL_COMMANDS and getattr(args, "backend", "torch") != "onnxruntime":
+            _quiet_transformers(args.debug)
         return COMMANDS[args.command](args)
     except FusarError as exc:
         if args.debug:
@@ -427,6 +422,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fusar-edge: interrupted", file=sys.stderr)
         return 130
+
+
+def _quiet_transformers(debug: bool) -> None:
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # the edge install: the command itself says what it needs
+        return
+    if not debug:
+        hf_logging.set_verbosity_error()  # keep library chatter off the user's terminal
+    # our own progress lines say what is happening; transformers' weight-loading bars would
+    # only add noise (and break machine-readable output)
+    hf_logging.disable_progress_bar()
 
 
 def _os_error(exc: OSError, args) -> str:

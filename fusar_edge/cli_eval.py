@@ -36,12 +36,12 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from .evaluate.report import markdown_table
     from .evaluate.runner import evaluate
 
-    if args.threads:
+    if args.threads and args.backend == "torch":  # ONNX Runtime takes threads= itself; no torch on the edge
+        import torch
+
         torch.set_num_threads(args.threads)
     bar = {}
 

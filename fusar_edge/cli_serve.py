@@ -107,8 +107,6 @@ def run(args) -> int:
     except ImportError as exc:
         raise InputError(f"serve needs FastAPI and uvicorn ({exc.name} is missing): pip install "
                          "'fusar-edge[serve]'") from None
-    import torch
-
     from .runtime import Runtime
     from .serve.app import build_app
 
@@ -117,7 +115,10 @@ def run(args) -> int:
         print(f"fusar-edge: warning: serving on {args.host} without --token-file: anyone who can reach the "
               "port can use the model", file=sys.stderr)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
-    torch.set_num_threads(threads)  # workers share the cores instead of each taking all of them
+    if args.backend == "torch":  # the edge install has no torch; ONNX Runtime takes threads= below
+        import torch
+
+        torch.set_num_threads(threads)  # workers share the cores instead of each taking all of them
     rt = Runtime.open(args.bundle, tiles=args.tiles, backend=args.backend, threads=threads)
     if args.batch > 1:  # each worker hands its image to one vision thread, its sequence to one decode thread
         rt.enable_batching(max_batch=args.batch)

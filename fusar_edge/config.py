@@ -432,6 +432,9 @@ def load_backbone_json(path: Path) -> dict[str, Any]:
         raise BundleError(f"{path}: {exc}") from None
     if data.get("model_type") not in ("qwen2_5_vl", None):
         raise BundleError(f"{path}: model_type: expected 'qwen2_5_vl', got {data.get('model_type')!r}")
+    saved = _as_saved(data)
+    if saved is not None:
+        return saved
     # Normalise through transformers so flat legacy configs get their sub-configs.
     from transformers import Qwen2_5_VLConfig
 
@@ -443,13 +446,33 @@ def load_backbone_json(path: Path) -> dict[str, Any]:
     backbone = {
         "vision_config": _strip(d["vision_config"]),
         "text_config": _strip(d["text_config"]),
-        **{k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                             "vision_end_token_id", "tie_word_embeddings") if k in d},
+        **{k: d[k] for k in _TOP_KEYS if k in d},
     }
     try:
         checks.check_backbone(backbone)  # transformers' defaults included, and what attention needs
     except BundleError as exc:
         raise BundleError(f"{path}: {exc}") from None
+    return backbone
+
+
+_TOP_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "tie_word_embeddings")
+
+
+def _as_saved(data: dict[str, Any]) -> dict[str, Any] | None:
+    """A config.json that transformers wrote itself (what every bundle we save holds: nested
+    sub-configs with every default filled in) is already normalised, so it is read as it
+    is: the ONNX Runtime backend opens bundles without importing transformers. None when the
+    file is not complete that way (a flat legacy config, missing keys): transformers then
+    fills it in. A test checks both ways give the same dict on our bundles."""
+    vision, text = data.get("vision_config"), data.get("text_config")
+    if not (isinstance(vision, dict) and isinstance(text, dict) and "transformers_version" in data):
+        return None
+    backbone = {"vision_config": _strip(vision), "text_config": _strip(text),
+                **{k: data[k] for k in _TOP_KEYS if k in data}}
+    try:
+        checks.check_backbone(backbone)
+    except BundleError:
+        return None
     return backbone
 
 
@@ -459,3 +482,27 @@ def _strip(sub: dict[str, Any]) -> dict[str, Any]:
             "id2label", "label2id", "problem_type", "chunk_size_feed_forward", "is_encoder_decoder",
             "tie_word_embeddings", "layer_types", "base_config_key"}
     return {k: v for k, v in sub.items() if k not in drop}
+
+
+def read_config(bundle: Path) -> FusarConfig:
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle}: not a directory (expected a bundle directory or one of: {', '.join(PRESETS)})")
+    path = bundle / FUSAR_JSON
+    if not path.is_file():
+        raise BundleError(f"{path}: missing (not a fusar-edge bundle; import a checkpoint with `fusar-edge import-fusar-gpt`)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    backbone = load_backbone_json(bundle / "config.json")
+    try:
+        return FusarConfig.from_fusar_json(data, backbone, where=str(path))
+    except BundleError as exc:
+        # FusarConfig.validate() / GRASPConfig name the field but not the file: add it (only the
+        # vision_config/text_config checks come from config.json, the rest from fusar.json).
+        msg = str(exc)
+        if msg.startswith(str(path)):
+            raise
+        where = bundle / "config.json" if msg.startswith(("vision_config", "text_config")) else path
+        raise BundleError(f"{where}: {msg}") from None

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
 from . import tasks
 from .config import PRESETS, resolve_model
@@ -24,13 +24,16 @@ from .geo.anchors import Anchor, AnchorSet
 from .geo.tilestore import DEFAULT_GRID, TileStore, check_grid
 from .generation import GenerationSettings, GreedyPicker
 from .geo.sar import SarImage, parse_date, read_sar, to_chip
-from .model.bundle import open_model
 from .model.preprocess import chip_to_patches
 from .model.rope import mrope_positions, text_positions
 from .question_cache import QuestionCache
 from .tokenizer import build_sequence
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
+# dtype names as the torch backend takes them; the ONNX Runtime backend checks them against its export
+# without importing torch
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
 
 
 @dataclass
@@ -74,6 +77,20 @@ def _source_label(bundle) -> str:
     return "built-in demo" if bundle is None else str(bundle)
 
 
+def _require_torch() -> None:
+    """The edge install has no torch: say what to do instead of a traceback."""
+    missing = []
+    for name in ("torch", "transformers", "safetensors"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise FusarError(f"backend 'torch' needs {', '.join(missing)}, which this install lacks (the edge install "
+                         "runs exported bundles only): use --backend onnxruntime (backend='onnxruntime') with a "
+                         "bundle from `fusar-edge export`, or pip install 'fusar-edge[torch]'")
+
+
 class _Timer:
     def __init__(self):
         self.ms: dict[str, float] = {}
@@ -87,97 +104,15 @@ class _Timer:
         self.ms[name] = round((time.perf_counter() - t0) * 1e3, 3)
 
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
-def resolve_device(device: str, dtype) -> tuple[torch.device, torch.dtype]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FusarError(f"device {device!r}: this torch build sees no CUDA GPU (use --device cpu)")
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise InputError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-        dtype = DTYPES[dtype]
-    if dtype is None:
-        dtype = torch.bfloat16 if dev.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return dev, dtype
-
-
-class TorchStages:
-    """The torch model behind the runtime's stage interface (``OnnxStages`` is the ONNX Runtime one).
-
-    ``vision`` / ``fusion`` are the model's stages (one image); ``prefill_batch`` runs the
-    decoder over B fused sequences of one length (``stack`` joins them), ``step_batch`` feeds
-    one token per sequence; both return the last position's logits ``[B, V]`` and the KV state
-    to pass to the next step. ``prefill`` / ``step`` are the one-sequence forms (``[V]``, or
-    ``[1, L, V]`` with ``full``).
-
-    Stateless: the KV cache belongs to the caller (one per request), so one object serves
-    any number of threads; the model's weights are only read.
-    """
-
-    def __init__(self, model, question_cache: int = 256):
-        self.model = model
-        self.has_grasp = model.grasp is not None
-        self.has_tlm = model.tlm is not None
-        self.questions = QuestionCache(question_cache)  # GRASP's question pass, by token ids
-
-    def vision(self, pixels, grid_thw, anchors=None):
-        return self.model.vision(pixels, grid_thw, anchors)
-
-    def vision_batch(self, images: list[tuple]) -> list:
-        """``vision`` of several ``(pixels, grid_thw, anchors)`` in one ViT call."""
-        return self.model.vision_many(images)
-
-    def fusion(self, input_ids, layout, visual_tokens, question_ids=None):
-        model, q = self.model, None
-        if model.grasp is not None and layout.prompt_len and question_ids is not None:
-            q = self.questions.get(question_ids, lambda: model.question_vector(question_ids))
-        return model.fusion(input_ids, layout, visual_tokens, question_ids, question_vector=q)
-
-    @staticmethod
-    def stack(embeds: list) -> torch.Tensor:
-        return embeds[0] if len(embeds) == 1 else torch.cat(embeds, dim=0)
-
-    def prefill_batch(self, embeds, positions):
-        b = embeds.shape[0]
-        logits, cache = self.model.decoder(embeds, positions.expand(3, b, -1), last_only=True)
-        return logits[:, -1], cache
-
-    def step_batch(self, tokens: list[int], position: int, state):
-        model = self.model
-        ids = torch.tensor(tokens, device=model.device).view(-1, 1)
-        embeds = model.language_model.embed_tokens(ids)
-        pos = text_positions(position, 1).expand(3, len(tokens), 1)
-        logits, cache = model.decoder(embeds, pos, state, last_only=True)
-        return logits[:, -1], cache
-
-    def prefill(self, embeds, positions, full: bool = False):
-        if not full:
-            logits, state = self.prefill_batch(embeds, positions)
-            return logits[0], state
-        return self.model.decoder(embeds, positions)
-
-    def step(self, token: int, position: int, state):
-        logits, state = self.step_batch([token], position, state)
-        return logits[0], state
-
-
 @dataclass
 class Request:
     """One image + question made ready for the stages (what ``Runtime.prepare`` returns)."""
 
     image: SarImage
-    pixels: torch.Tensor  # [patches, patch_dim]
-    grid_thw: torch.Tensor  # [1, 3]
+    pixels: np.ndarray  # float32 [patches, patch_dim]
+    grid_thw: np.ndarray  # int64 [1, 3]
     sequence: Any  # tokenizer.ChatSequence
-    positions: torch.Tensor  # M-RoPE [3, 1, L]
+    positions: np.ndarray  # int64 M-RoPE [3, 1, L]
     next_position: int  # the first generated token's text position
     task: str
     label: str | None
@@ -204,7 +139,11 @@ class Runtime:
         bundle's ``generation_config.json`` settings (plain greedy when None)."""
         self.model, self.tokenizer = model, tokenizer
         self.config = config if config is not None else model.config
-        self.stages = stages if stages is not None else TorchStages(model)
+        if stages is None:
+            from .backends.torch_stages import TorchStages
+
+            stages = TorchStages(model)
+        self.stages = stages
         self.generation = generation or GenerationSettings()
         self.batcher = None  # enable_batching(): concurrent decodes share prefill/decode steps
         self.vision_batcher = None  # ... and concurrent images share ViT calls
@@ -214,7 +153,7 @@ class Runtime:
 
     @classmethod
     def open(cls, bundle: str | Path | None = None, tiles: str | Path | None = None, backend: str = "torch",
-             dtype: torch.dtype | str | None = None, device: str = "auto",
+             dtype=None, device: str = "auto",
              max_image_side: int = 20000, anchor_grid: tuple[int, int] = DEFAULT_GRID,
              allow_empty_anchors: bool = False, providers: list | None = None,
              threads: int | None = None, verify: bool = False) -> "Runtime":
@@ -244,6 +183,10 @@ class Runtime:
         if backend == "onnxruntime":
             return cls._open_onnx(bundle, store, device, dtype, providers, max_image_side, tuple(anchor_grid),
                                   allow_empty_anchors, threads, verify)
+        _require_torch()
+        from .backends.torch_stages import resolve_device
+        from .model.bundle import open_model
+
         generation = GenerationSettings.from_bundle(resolve_model(bundle))  # refused settings: before loading
         device, dtype = resolve_device(device, dtype)
         model, tok, weights = open_model(bundle, dtype=dtype, device=device, verify=verify)
@@ -254,7 +197,7 @@ class Runtime:
     def _open_onnx(cls, bundle, store, device, dtype, providers, max_image_side, anchor_grid,
                    allow_empty_anchors, threads=None, verify=False) -> "Runtime":
         from .backends.onnxruntime import OnnxStages, export_hint
-        from .model.bundle import read_config
+        from .config import read_config
         from .model.manifest import check_bundle
         from .tokenizer import TextTokenizer
 
@@ -278,8 +221,8 @@ class Runtime:
             raise BundleError(f"{root / 'onnx'}: exported for chip {spec['chip_size']} px, but fusar.json says "
                               f"{config.chip_size} px (re-run {export_hint(root)})")
         if dtype is not None:
-            want = DTYPES[dtype] if isinstance(dtype, str) and dtype in DTYPES else dtype
-            if str(want).replace("torch.", "") != spec["dtype"]:
+            want = DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, str) else str(dtype).replace("torch.", "")
+            if want != spec["dtype"]:
                 raise InputError(f"dtype: the ONNX stages in {root / 'onnx'} are {spec['dtype']}; "
                                  f"got dtype={dtype!r} (leave it unset for onnxruntime)")
         rows, cols = anchor_grid
@@ -376,7 +319,7 @@ class Runtime:
         """The image's anchors (looked up in the tile store when there is one) as the vision
         stage's ``(features, positions, mask)``, or None; plus the answer's ``anchor`` report."""
         anchor_set, info = self._anchors(anchors, img, bbox, date, no_anchors)
-        return (anchor_set.to_torch() if anchor_set is not None else None), info
+        return (anchor_set.arrays() if anchor_set is not None else None), info
 
     def _require_tlm_anchors(self, anchor_tensors, info: dict[str, Any], img: SarImage, no_anchors: bool) -> None:
         """Record whether TLM ran (``anchor["tlm"]``); refuse to skip it silently.
@@ -404,7 +347,6 @@ class Runtime:
                           f"--anchors FILE or --tiles DIR (anchors=... / tiles=...), {way_out}")
 
     # -- the question --------------------------------------------------------------------
-    @torch.inference_mode()
     def ask(self, image: str | Path | SarImage, question: str, anchors=None, *, task: str | None = None,
             bbox: tuple[float, float, float, float] | None = None, date=None, scale: str = "auto",
             max_new_tokens: int | None = None, label: str | None = None, no_anchors: bool = False,
@@ -442,7 +384,7 @@ class Runtime:
             req = self.prepare(image, question, task=task, scale=scale, label=label.strip() if label else None,
                                band=band)
             img, seq, task = req.image, req.sequence, req.task
-        room = context and context - int(seq.input_ids.numel())
+        room = context and context - int(seq.input_ids.size)
         if room and limit > room:
             if max_new_tokens is not None:
                 raise InputError(f"max_new_tokens: {limit} exceeds the {room} tokens the model's context of {context} "
@@ -476,7 +418,7 @@ class Runtime:
                    **({"untrained": True} if cfg.untrained else {}),
                    **({"decode_batch": timer.batch} if timer.batch else {}),
                    **({"vision_batch": timer.vision_batch} if timer.vision_batch else {}),
-                   "prompt_tokens": int(seq.input_ids.numel()), "new_tokens": len(ids), "max_new_tokens": limit, "prompt_style": cfg.prompt_style,
+                   "prompt_tokens": int(seq.input_ids.size), "new_tokens": len(ids), "max_new_tokens": limit, "prompt_style": cfg.prompt_style,
                    "prompt": req.prompt, "generation": generation.record(),
                    **({"onnx": self.stages.dir.name} if hasattr(self.stages, "dir") else {})},
             grasp_weights=[round(float(w), 6) for w in grasp_w] if grasp_w is not None else None,
@@ -496,7 +438,7 @@ class Runtime:
             self.batcher = DecodeBatcher(self.stages, max_batch=max_batch, window_s=window_ms / 1e3)
         return self
 
-    def _generate(self, embeds: torch.Tensor, positions: torch.Tensor, next_pos: int, limit: int,
+    def _generate(self, embeds, positions: np.ndarray, next_pos: int, limit: int,
                   timer: _Timer, picker: GreedyPicker) -> tuple[list[int], list[float]]:
         """Greedy decoding over the KV cache, each step through ``picker`` (the bundle's logits
         settings, then argmax)."""

@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import torch
+import numpy as np
 from tokenizers import Tokenizer
 
 from .errors import BundleError
-from .model.fusar import SequenceLayout
 
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -98,11 +97,23 @@ class TextTokenizer:
         (Path(directory) / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
+@dataclass(frozen=True)
+class SequenceLayout:
+    """Where the image tokens and the GRASP prompt slots sit in the input sequence."""
+
+    image_start: int
+    image_len: int
+    prompt_start: int  # first GRASP slot (== image end + 1, after <|vision_end|>)
+    prompt_len: int  # 0 when GRASP is off
+
+
 @dataclass
 class ChatSequence:
-    input_ids: torch.Tensor  # [L] long
+    """Token ids as numpy int64 (the torch model takes them as they are; no torch needed here)."""
+
+    input_ids: np.ndarray  # [L]
     layout: SequenceLayout
-    question_ids: torch.Tensor  # [n] long: the question alone, for GRASP's text-only pass
+    question_ids: np.ndarray  # [n]: the question alone, for GRASP's text-only pass
 
 
 def build_sequence(tok: TextTokenizer, question: str, num_image_tokens: int, prompt_len: int,
@@ -117,4 +128,4 @@ def build_sequence(tok: TextTokenizer, question: str, num_image_tokens: int, pro
     ids = head + image + vend + slots + tail
     layout = SequenceLayout(image_start=len(head), image_len=num_image_tokens,
                             prompt_start=len(head) + num_image_tokens + 1, prompt_len=prompt_len)
-    return ChatSequence(torch.tensor(ids, dtype=torch.long), layout, torch.tensor(question_ids, dtype=torch.long))
+    return ChatSequence(np.array(ids, dtype=np.int64), layout, np.array(question_ids, dtype=np.int64))

@@ -208,7 +208,7 @@ def test_baseline_matches_ours_when_tlm_and_grasp_are_off(tmp_path, tiny_tokeniz
 
 def test_requests_run_without_autograd(monkeypatch):
     """An autograd graph would keep every activation alive (a 3B preset ran out of memory so)."""
-    from fusar_edge.runtime import TorchStages
+    from fusar_edge.backends.torch_stages import TorchStages
 
     seen = []
     real = TorchStages.prefill_batch

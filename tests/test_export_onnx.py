@@ -221,15 +221,15 @@ def test_wrappers_match_the_model_for_other_settings(tiny_tokenizer):
     cfg.backbone["text_config"]["num_key_value_heads"] = 4
     cfg.chip_size = 280
     model = build_random(cfg, seed=11)
-    pixels, grid = chip_to_patches(synthetic_chip(280, 2))
+    pixels, grid = (torch.from_numpy(a) for a in chip_to_patches(synthetic_chip(280, 2)))
     seq = build_sequence(tiny_tokenizer, "How many ships?", cfg.num_visual_tokens, 2, cfg.system_prompt)
     lay = seq.layout
     with torch.no_grad():
         vis = model.vision(pixels, grid)
         assert rel_err(VisionStage(model)(pixels), vis) < 1e-5
         embeds, w = model.fusion(seq.input_ids, lay, vis, seq.question_ids)
-        text = model.language_model.embed_tokens(seq.input_ids[None])
-        q_ids = seq.question_ids[None]
+        text = model.language_model.embed_tokens(torch.from_numpy(seq.input_ids)[None])
+        q_ids = torch.from_numpy(seq.question_ids)[None]
         n = q_ids.shape[1]
         dec = DecoderStage(model)
         empty = [torch.zeros(1, 4, 0, 16) for _ in range(4)]
@@ -239,6 +239,7 @@ def test_wrappers_match_the_model_for_other_settings(tiny_tokenizer):
                                         torch.tensor([lay.prompt_start]))
         assert rel_err(got_w, w) < 1e-5 and rel_err(got, embeds) < 1e-5
         pos, _ = mrope_positions(len(seq.input_ids), lay.image_start, cfg.token_grid)
+        pos = torch.from_numpy(pos)
         ref, cache = model.decoder(embeds, pos)
         length = embeds.shape[1]
         out = dec(embeds, torch.ones(1, length, dtype=torch.long), pos, *empty)

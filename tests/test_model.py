@@ -29,7 +29,7 @@ def make_inputs(model, tok, question="How many ships are there?", seed=0):
     cfg = model.config
     rng = np.random.default_rng(seed)
     chip = rng.integers(0, 256, (cfg.chip_size, cfg.chip_size, 3), dtype=np.uint8)
-    pixels, grid = chip_to_patches(chip)
+    pixels, grid = (torch.from_numpy(a) for a in chip_to_patches(chip))  # the host makes numpy; tests compare tensors
     plen = cfg.grasp.prompt_len if model.grasp is not None else 0
     seq = build_sequence(tok, question, cfg.num_visual_tokens, plen, cfg.system_prompt)
     return pixels, grid, seq
@@ -73,7 +73,7 @@ def test_split_stages_match_transformers_forward(tiny_tokenizer):
     cfg.grasp.enabled = False
     model = build_random(cfg, seed=3)
     pixels, grid, seq = make_inputs(model, tiny_tokenizer, seed=4)
-    ids = seq.input_ids[None]
+    ids = torch.from_numpy(seq.input_ids)[None]
     mm = (ids == cfg.backbone["image_token_id"]).int()
     with torch.no_grad():
         ref = model.backbone(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=mm).logits
@@ -85,11 +85,11 @@ def test_split_stages_match_transformers_forward(tiny_tokenizer):
 
 def test_mrope_positions_match_transformers(tiny_model, tiny_tokenizer):
     _, grid, seq = make_inputs(tiny_model, tiny_tokenizer)
-    ids = seq.input_ids[None]
+    ids = torch.from_numpy(seq.input_ids)[None]
     mm = (ids == tiny_model.config.backbone["image_token_id"]).int()
     ref, delta = tiny_model.backbone.model.get_rope_index(ids, mm_token_type_ids=mm, image_grid_thw=grid)
     ours, next_pos = mrope_positions(ids.shape[1], seq.layout.image_start, tiny_model.config.token_grid)
-    assert torch.equal(ours, ref)
+    assert ours.dtype == np.int64 and torch.equal(torch.from_numpy(ours), ref)
     assert next_pos == ids.shape[1] + int(delta)
 
 
@@ -99,8 +99,8 @@ def test_chip_to_patches_matches_qwen_processor():
     chip = np.random.default_rng(0).integers(0, 256, (112, 168, 3), dtype=np.uint8)
     ref = Qwen2VLImageProcessorPil()(images=[chip], return_tensors="pt")
     ours, grid = chip_to_patches(chip)
-    assert torch.equal(grid, ref["image_grid_thw"])
-    assert rel_err(ours, ref["pixel_values"]) < 1e-6
+    assert torch.equal(torch.from_numpy(grid), ref["image_grid_thw"])
+    assert rel_err(torch.from_numpy(ours), ref["pixel_values"]) < 1e-6
 
 
 def test_cached_greedy_decoding_matches_full_recompute(tiny_model, tiny_tokenizer):
@@ -110,7 +110,7 @@ def test_cached_greedy_decoding_matches_full_recompute(tiny_model, tiny_tokenize
         embeds, _ = tiny_model.fusion(seq.input_ids, seq.layout, tiny_model.vision(pixels, grid), seq.question_ids)
         pos, nxt = mrope_positions(embeds.shape[1], seq.layout.image_start, cfg.token_grid)
         logits, cache = tiny_model.decoder(embeds, pos)
-        full_e, full_p = embeds, pos
+        full_e, full_p = embeds, torch.from_numpy(pos)
         for step in range(5):
             tok = logits[0, -1].argmax()
             e = tiny_model.language_model.embed_tokens(tok.view(1, 1))

@@ -1,10 +1,10 @@
 """ONNX Runtime backend: the exported stages (``<bundle>/onnx/``) behind the runtime's stage interface.
 
-``OnnxStages`` offers what ``fusar_edge.runtime.TorchStages`` offers (``vision``,
+``OnnxStages`` offers what ``fusar_edge.backends.torch_stages.TorchStages`` offers (``vision``,
 ``fusion``, ``prefill``, ``step``), over the graphs ``fusar_edge.export.onnx_stages``
 writes:
 
-- vision: the host computes TLM's matrix A (``kernels.tlm.tlm_weights``) from the anchor
+- vision: the host computes TLM's matrix A (``tlm_host.tlm_weights_numpy``) from the anchor
   positions and mask, pads A and the features to the export's S anchors (zero columns =
   masked anchors); no anchors -> A = 0, i.e. the plain tower;
 - fusion: ``embed.onnx`` embeds the chat sequence; with GRASP the question goes through
@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import AnchorError, FusarError, InputError
 from ..question_cache import QuestionCache
+from .tlm_host import tlm_weights_numpy
 
 STAGES = ("vision", "embed", "fusion", "decoder")
 
@@ -40,7 +41,7 @@ _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(doubl
 
 
 NOT_INSTALLED = ("onnxruntime is not installed: backend 'onnxruntime' needs the onnxruntime package "
-                 "(pip install 'fusar-edge[onnx]', or onnxruntime-gpu for CUDA)")
+                 "(pip install onnxruntime, or onnxruntime-gpu for CUDA; every fusar-edge install brings one)")
 
 
 def _ort():
@@ -62,7 +63,7 @@ def export_hint(bundle: str | Path | None = None) -> str:
 
 def check_export(onnx_dir: str | Path, bundle: str | Path | None = None) -> dict:
     """``stages.json`` of ``onnx_dir`` after checking every file it needs exists (one-line errors)."""
-    from ..export.onnx_stages import STAGE_FILES, STAGES_JSON, read_stages
+    from ..export.stages_format import STAGE_FILES, STAGES_JSON, read_stages
 
     onnx_dir = Path(onnx_dir)
     hint = (f"backend 'onnxruntime' runs the exported ONNX stages: run {export_hint(bundle)} "
@@ -180,33 +181,32 @@ class OnnxStages:
 
     @staticmethod
     def to_numpy(value) -> np.ndarray:
-        return value.numpy() if hasattr(value, "numpy") and not isinstance(value, np.ndarray) else np.asarray(value)
+        """numpy from an OrtValue, a (CPU, detached) torch tensor or anything array-like."""
+        if isinstance(value, np.ndarray):
+            return value
+        if hasattr(value, "detach"):  # a torch tensor (callers such as the parity check pass them)
+            value = value.detach().cpu().float() if value.is_floating_point() else value.detach().cpu()
+        return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
 
     # -- stages ---------------------------------------------------------------------------
     def anchor_inputs(self, anchors) -> tuple[np.ndarray, np.ndarray]:
         """``(A [T, S], features [S, 64])`` float32 for ``vision.onnx``, padded to the export's S."""
-        import torch
-
-        from ..kernels.tlm import tlm_weights
-
         s = self.spec
         t_tok, width = int(s["visual_tokens"]), int(s["tlm"]["vec_dim"])
         a = np.zeros((t_tok, self.max_anchors), np.float32)
         f = np.zeros((self.max_anchors, width), np.float32)
         if anchors is None:
             return a, f
-        features, positions, mask = (torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
-                                     for x in anchors)
+        features, positions, mask = (self.to_numpy(x) for x in anchors)
         if features.ndim != 2 or features.shape[1] != width:
             raise AnchorError(f"anchor features: expected [S, {width}], got {list(features.shape)}")
         n = features.shape[0]
         if n > self.max_anchors:
             raise AnchorError(f"anchor set: {n} anchors, but vision.onnx in {self.dir} was exported for at most "
                               f"{self.max_anchors}; use a coarser anchor grid or re-export with more anchors")
-        weights = tlm_weights(positions.cpu(), mask.cpu(), tuple(s["patch_grid"]), tuple(s["token_grid"]),
-                              s["tlm"]["sigma"], s["tlm"]["eps"])
-        a[:, :n] = weights.numpy()
-        f[:n] = features.detach().cpu().float().numpy()
+        a[:, :n] = tlm_weights_numpy(positions, mask, tuple(s["patch_grid"]), tuple(s["token_grid"]),
+                                     s["tlm"]["sigma"], s["tlm"]["eps"])
+        f[:n] = features.astype(np.float32)
         return a, f
 
     def vision(self, pixels, grid_thw=None, anchors=None):

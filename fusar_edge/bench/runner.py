@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..errors import FusarError, InputError
@@ -108,7 +109,7 @@ def check_fits(settings: BenchSettings) -> None:
     """Refuse a random-weight preset that cannot fit this machine's memory, before allocating it."""
     from ..config import PRESETS, preset
     from ..model.bundle import count_parameters
-    from ..runtime import resolve_device
+    from ..backends.torch_stages import resolve_device
     from .machine import meminfo_kb
 
     if settings.model not in PRESETS or Path(settings.model).is_dir():
@@ -180,7 +181,7 @@ def run_request(rt, settings: BenchSettings, clock: StageClock) -> dict:
         clock.mark("decode")
         generated.append(tokens)
     clock.mark("other")
-    return {"anchor": anchors[0][1], "sequence_length": int(reqs[0].sequence.input_ids.numel()),
+    return {"anchor": anchors[0][1], "sequence_length": int(reqs[0].sequence.input_ids.size),
             "tokens": [list(seq) for seq in zip(*generated)]}
 
 
@@ -215,9 +216,10 @@ def run_baseline_request(rt, settings: BenchSettings, clock: StageClock) -> dict
     clock.start()
     reqs = [rt.prepare(settings.image, settings.question) for _ in range(settings.batch)]
     inputs = {
-        "input_ids": torch.stack([r.sequence.input_ids for r in reqs]).to(dev),
-        "pixel_values": torch.cat([r.pixels for r in reqs]).to(device=dev, dtype=model.visual.dtype),
-        "image_grid_thw": torch.cat([r.grid_thw for r in reqs]).to(dev),
+        "input_ids": torch.from_numpy(np.stack([r.sequence.input_ids for r in reqs])).to(dev),
+        "pixel_values": torch.from_numpy(np.concatenate([r.pixels for r in reqs])).to(device=dev,
+                                                                                        dtype=model.visual.dtype),
+        "image_grid_thw": torch.from_numpy(np.concatenate([r.grid_thw for r in reqs])).to(dev),
     }
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     # what Qwen's processor returns: transformers 5 computes M-RoPE positions only when it is given
@@ -422,7 +424,7 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None,
 
 
 def _maybe_cuda(settings: BenchSettings, backend: str):
-    from ..runtime import resolve_device
+    from ..backends.torch_stages import resolve_device
 
     if backend != "torch":
         return torch.device("cuda") if torch.cuda.is_available() and settings.device != "cpu" else None

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import InputError
-from ..train.samples import read_manifest
+from ..data.task_rows import read_manifest
 from . import metrics as M
 
 

@@ -224,6 +224,11 @@ class AnchorSet:
         """Fraction of anchors with AEF data."""
         return float(self.mask.mean())
 
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(features [S, 64] float32, positions [S, 2] float32, mask [S] bool)``: what the
+        vision stage takes, on either backend."""
+        return self.features, self.positions, self.mask
+
     def to_torch(self) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
         """``(features [S, 64] float32, positions [S, 2] float32, mask [S] bool)``, sharing memory."""
         import torch  # here, so `fusar-edge tiles ...` never pays for importing torch

@@ -43,7 +43,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..config import FUSAR_JSON, PRESETS, QWEN_SPECIAL_TOKENS, FusarConfig, load_backbone_json, preset, resolve_model
+from ..config import (FUSAR_JSON, PRESETS, QWEN_SPECIAL_TOKENS, FusarConfig, load_backbone_json, preset,  # noqa: F401
+                      read_config, resolve_model)
 from ..errors import BundleError
 from ..fsutil import publish_dir, publishable_mkdtemp
 from ..hashing import file_record
@@ -120,30 +121,6 @@ def save_bundle(model: FusarModel, tokenizer, out_dir: str | Path, overwrite: bo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def read_config(bundle: Path) -> FusarConfig:
-    bundle = Path(bundle)
-    if not bundle.is_dir():
-        raise BundleError(f"{bundle}: not a directory (expected a bundle directory or one of: {', '.join(PRESETS)})")
-    path = bundle / FUSAR_JSON
-    if not path.is_file():
-        raise BundleError(f"{path}: missing (not a fusar-edge bundle; import a checkpoint with `fusar-edge import-fusar-gpt`)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    backbone = load_backbone_json(bundle / "config.json")
-    try:
-        return FusarConfig.from_fusar_json(data, backbone, where=str(path))
-    except BundleError as exc:
-        # FusarConfig.validate() / GRASPConfig name the field but not the file: add it (only the
-        # vision_config/text_config checks come from config.json, the rest from fusar.json).
-        msg = str(exc)
-        if msg.startswith(str(path)):
-            raise
-        where = bundle / "config.json" if msg.startswith(("vision_config", "text_config")) else path
-        raise BundleError(f"{where}: {msg}") from None
 
 
 def load_bundle(bundle: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",

@@ -13,25 +13,26 @@ positions, ViT window indices) stays on the host. The backbone is an unmodified
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import numpy as np
 import torch
 from torch import nn
 
 from ..config import FusarConfig
+from ..tokenizer import SequenceLayout  # noqa: F401  (defined beside the sequence it describes; callers import it here)
 from .grasp import GRASP
 from .rope import text_positions
 from .tlm import TLM
 
 
-@dataclass(frozen=True)
-class SequenceLayout:
-    """Where the image tokens and the GRASP prompt slots sit in the input sequence."""
-
-    image_start: int
-    image_len: int
-    prompt_start: int  # first GRASP slot (== image end + 1, after <|vision_end|>)
-    prompt_len: int  # 0 when GRASP is off
+def as_tensor(x, device=None, dtype=None) -> torch.Tensor:
+    """The host side (preprocessing, tokenizer, M-RoPE, anchors) hands numpy arrays to the
+    stages; the model takes those or tensors alike (no copy for a tensor already in place)."""
+    if isinstance(x, np.ndarray):
+        x = np.ascontiguousarray(x)
+        t = torch.from_numpy(x if x.flags.writeable else x.copy())  # a broadcast view is read-only
+    else:
+        t = torch.as_tensor(x)
+    return t.to(device=device, dtype=dtype) if device is not None or dtype is not None else t
 
 
 class FusarModel(nn.Module):
@@ -85,6 +86,7 @@ class FusarModel(nn.Module):
     def vision_many(self, images: list[tuple[torch.Tensor, torch.Tensor, tuple | None]]) -> list[torch.Tensor]:
         """``vision`` of several ``(pixel_values, grid_thw, anchors)`` with one ViT call (the ViT
         attends within each image); TLM then runs per image. -> one ``[T, C]`` per image."""
+        images = [(as_tensor(p), as_tensor(g), _anchor_tensors(a)) for p, g, a in images]
         pixels = torch.cat([p for p, _, _ in images]).to(device=self.device, dtype=self.visual.dtype)
         grids = torch.cat([g for _, g, _ in images]).to(self.device)
         out = self.visual(pixels, grid_thw=grids)
@@ -104,9 +106,9 @@ class FusarModel(nn.Module):
         No gradient: GRASP reads the frozen LLM's view of the question; training moves the
         prompts and projections, not the question encoding (and skips a backward pass).
         """
-        ids = question_ids.view(1, -1).to(self.device)
+        ids = as_tensor(question_ids, self.device).view(1, -1)
         with torch.no_grad():
-            out = self.language_model(input_ids=ids, position_ids=text_positions(0, ids.shape[1]).to(self.device),
+            out = self.language_model(input_ids=ids, position_ids=as_tensor(text_positions(0, ids.shape[1]), self.device),
                                       use_cache=False)
         return out.last_hidden_state[0].mean(dim=0)
 
@@ -117,7 +119,7 @@ class FusarModel(nn.Module):
 
         ``question_vector``: GRASP's ``q`` when the caller has it already (a cache); else it is
         computed from ``question_ids``."""
-        ids = input_ids.view(1, -1).to(self.device)
+        ids = as_tensor(input_ids, self.device).view(1, -1)
         embeds = self.language_model.embed_tokens(ids).clone()
         s, n = layout.image_start, layout.image_len
         if visual_tokens.shape[0] != n:
@@ -141,7 +143,12 @@ class FusarModel(nn.Module):
         ``last_only``: the LM head runs on the last position alone (``[B, 1, V]``): what greedy
         decoding needs, and for a 7B prefill it saves L x 152k x 3584 multiply-adds and the copy.
         """
-        out = self.language_model(inputs_embeds=inputs_embeds, position_ids=position_ids.to(self.device),
+        out = self.language_model(inputs_embeds=inputs_embeds, position_ids=as_tensor(position_ids, self.device),
                                   cache=cache, use_cache=True)
         hidden = out.last_hidden_state[:, -1:] if last_only else out.last_hidden_state
         return self.lm_head(hidden).float(), out.cache
+
+
+def _anchor_tensors(anchors):
+    """``(features, positions, mask)`` as tensors (numpy from ``AnchorSet.arrays()``), or None."""
+    return None if anchors is None else tuple(as_tensor(x) for x in anchors)

@@ -12,15 +12,15 @@ compares it with the processor.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 
 
 def chip_to_patches(chip: np.ndarray, patch_size: int = 14, merge_size: int = 2,
-                    temporal_patch_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """``chip`` uint8 ``[H, W, 3]`` -> ``(pixel_values [N, 3*t*p*p] float32, grid_thw [1, 3])``."""
+                    temporal_patch_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """``chip`` uint8 ``[H, W, 3]`` -> ``(pixel_values [N, 3*t*p*p] float32, grid_thw int64 [1, 3])``,
+    numpy (the torch model takes them as they are)."""
     if chip.dtype != np.uint8 or chip.ndim != 3 or chip.shape[2] != 3:
         raise ValueError(f"chip: expected uint8 [H, W, 3], got {chip.dtype} {list(chip.shape)}")
     h, w, _ = chip.shape
@@ -35,4 +35,4 @@ def chip_to_patches(chip: np.ndarray, patch_size: int = 14, merge_size: int = 2,
                        gw // merge_size, merge_size, patch_size)
     x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
     x = x.reshape(gh * gw, 3 * temporal_patch_size * patch_size * patch_size)
-    return torch.from_numpy(np.ascontiguousarray(x)), torch.tensor([[1, gh, gw]], dtype=torch.long)
+    return np.ascontiguousarray(x), np.array([[1, gh, gw]], dtype=np.int64)

@@ -1,4 +1,4 @@
-"""M-RoPE position ids, computed on the host.
+"""M-RoPE position ids, computed on the host (numpy, so the torch-free runtime shares them).
 
 Qwen2.5-VL gives text tokens one position shared by its three rotary axes (t, h, w) and
 image tokens a (t, h, w) grid position. For a still image starting at text position ``p``
@@ -9,11 +9,11 @@ compares the two. Exported graphs take these ids as inputs, so they keep static 
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
 
-def mrope_positions(seq_len: int, image_start: int, token_grid: tuple[int, int]) -> tuple[torch.Tensor, int]:
-    """Positions ``[3, 1, seq_len]`` for one sequence with one image; returns also the next position.
+def mrope_positions(seq_len: int, image_start: int, token_grid: tuple[int, int]) -> tuple[np.ndarray, int]:
+    """Positions int64 ``[3, 1, seq_len]`` for one sequence with one image; returns also the next position.
 
     ``image_start`` is the index of the first image token; the image spans ``h*w`` tokens.
     """
@@ -21,20 +21,20 @@ def mrope_positions(seq_len: int, image_start: int, token_grid: tuple[int, int])
     n_img = h * w
     if image_start < 0 or image_start + n_img > seq_len:
         raise ValueError(f"image tokens [{image_start}, {image_start + n_img}) do not fit a sequence of {seq_len}")
-    pos = torch.empty(3, seq_len, dtype=torch.long)
-    pos[:, :image_start] = torch.arange(image_start)
-    rows = torch.arange(h).repeat_interleave(w)
-    cols = torch.arange(w).repeat(h)
+    pos = np.empty((3, seq_len), dtype=np.int64)
+    pos[:, :image_start] = np.arange(image_start)
+    rows = np.repeat(np.arange(h), w)
+    cols = np.tile(np.arange(w), h)
     p = image_start
     pos[0, p:p + n_img] = p
     pos[1, p:p + n_img] = p + rows
     pos[2, p:p + n_img] = p + cols
     after = p + max(h, w)
     rest = seq_len - (p + n_img)
-    pos[:, p + n_img:] = torch.arange(after, after + rest)
+    pos[:, p + n_img:] = np.arange(after, after + rest)
     return pos[:, None, :], after + rest
 
 
-def text_positions(start: int, length: int) -> torch.Tensor:
-    """Positions ``[3, 1, length]`` for text tokens continuing at ``start`` (decode steps)."""
-    return torch.arange(start, start + length).view(1, 1, -1).expand(3, 1, -1).clone()
+def text_positions(start: int, length: int) -> np.ndarray:
+    """Positions int64 ``[3, 1, length]`` for text tokens continuing at ``start`` (decode steps)."""
+    return np.ascontiguousarray(np.broadcast_to(np.arange(start, start + length, dtype=np.int64), (3, 1, length)))

@@ -25,6 +25,7 @@ from ..model.preprocess import chip_to_patches
 from ..model.rope import mrope_positions
 from ..tasks import reference_question
 from ..tokenizer import build_sequence
+from ..data.task_rows import read_manifest  # noqa: F401  (callers import it here)
 
 
 @dataclass
@@ -37,29 +38,6 @@ class Sample:
     positions: torch.Tensor  # [3, 1, L]
     layout: Any
     question_ids: torch.Tensor
-
-
-def read_manifest(path: str | Path) -> list[dict[str, Any]]:
-    """JSON (a list) or JSONL rows; each must have image, aef, question and answer."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise InputError(f"{path}: cannot be read ({exc.strerror})") from None
-    try:
-        rows = json.loads(text) if path.suffix == ".json" else [json.loads(s) for s in text.splitlines() if s.strip()]
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: not valid JSON/JSONL ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(rows, list) or not rows:
-        raise InputError(f"{path}: expected a non-empty list of rows")
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise InputError(f"{path}: row {i + 1}: expected a JSON object")
-        for key in ("image", "aef", "question"):
-            if key not in row:
-                raise InputError(f"{path}: row {i + 1}: missing {key!r} (rows need image, aef, question, answer)")
-        row["_root"] = str(path.resolve().parent)
-    return rows
 
 
 class SampleBuilder:
@@ -76,9 +54,10 @@ class SampleBuilder:
         if key not in self._images:
             cfg = self.config
             chip = to_chip(read_sar(path), cfg.chip_size)
-            self._images[key] = chip_to_patches(chip, int(cfg.vision.get("patch_size", 14)),
-                                                int(cfg.vision.get("spatial_merge_size", 2)),
-                                                int(cfg.vision.get("temporal_patch_size", 2)))
+            pixels, grid = chip_to_patches(chip, int(cfg.vision.get("patch_size", 14)),
+                                           int(cfg.vision.get("spatial_merge_size", 2)),
+                                           int(cfg.vision.get("temporal_patch_size", 2)))
+            self._images[key] = torch.from_numpy(pixels), torch.from_numpy(grid)
         return self._images[key]
 
     def _anchor(self, path: Path):
@@ -103,7 +82,7 @@ class SampleBuilder:
         question = reference_question(row["question"])
         grasp_len = cfg.grasp.prompt_len if cfg.grasp.enabled else 0  # the slots the runtime leaves for it
         seq = build_sequence(self.tok, question, cfg.num_visual_tokens, grasp_len, cfg.system_prompt)
-        prompt = seq.input_ids
+        prompt = torch.from_numpy(seq.input_ids)
         if with_answer:
             answer = row["answer"] if isinstance(row["answer"], str) else json.dumps(row["answer"], ensure_ascii=False)
             response = torch.tensor(self.tok.encode(answer) + [self.tok.ids["<|im_end|>"]], dtype=torch.long)
@@ -115,4 +94,5 @@ class SampleBuilder:
             raise InputError(f"row {row.get('id', '?')}: {len(ids)} tokens exceed max_length {self.max_length}; "
                              "raise --max-length rather than truncate the answer")
         positions, _ = mrope_positions(len(ids), seq.layout.image_start, cfg.token_grid)
-        return Sample(pixels, grid, anchors, ids, labels, positions, seq.layout, seq.question_ids)
+        return Sample(pixels, grid, anchors, ids, labels, torch.from_numpy(positions), seq.layout,
+                      torch.from_numpy(seq.question_ids))
