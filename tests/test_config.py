@@ -91,3 +91,25 @@ def test_demo_preset_and_its_tokenizer():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.build().to_str() == tok._tok.to_str()  # the shipped file is what the script builds
+
+
+def test_saved_config_reads_without_transformers_as_transformers_reads_it(tmp_path, tiny_model, tiny_tokenizer):
+    """A config.json transformers wrote is taken as it is (the edge runtime has no transformers);
+    that must equal transformers' own normalisation of the file, on every bundle we ship or save."""
+    import json
+
+    from transformers import Qwen2_5_VLConfig
+
+    from fusar_edge import config as C
+    from fusar_edge.model.bundle import save_bundle
+
+    saved = save_bundle(tiny_model, tiny_tokenizer, tmp_path / "tiny") / "config.json"
+    for path in (C.builtin_bundle() / "config.json", saved):
+        data = json.loads(path.read_text())
+        d = Qwen2_5_VLConfig(**{k: v for k, v in data.items()
+                                if k not in ("architectures", "transformers_version")}).to_dict()
+        want = {"vision_config": C._strip(d["vision_config"]), "text_config": C._strip(d["text_config"]),
+                **{k: d[k] for k in C._TOP_KEYS if k in d}}
+        assert C._as_saved(data) == want
+    flat = {"model_type": "qwen2_5_vl", "hidden_size": 64, "transformers_version": "4.49.0"}
+    assert C._as_saved(flat) is None  # a legacy flat config goes through transformers
