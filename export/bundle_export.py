@@ -186,7 +186,7 @@ def _pack_decoder(src: Path, target: Path, weights: dict, form: str, group_size:
     _copy_stages(src, target, link=link)
     result = quantize_onnx_model(src / "decoder.onnx", weights, form=form, block_size=group_size,
                                  out_path=target / "decoder.onnx", name_map=_module_of, missing="skip",
-                                 accuracy_level=level)
+                                 accuracy_level=level, fuse_parallel=True)
     _restamp_stages(target, form, group_size)
     return result
 

@@ -213,6 +213,7 @@ class QuantizedOnnx:
     quantized: dict[str, str] = field(default_factory=dict)  # node name -> module name
     skipped: list[str] = field(default_factory=list)  # "node: reason"
     path: Path | None = None
+    fused_nodes: int = 0  # MatMulNBits nodes folded into a sibling (fuse_parallel)
 
 
 def _literal(s: str):
@@ -372,7 +373,8 @@ def quantize_onnx_model(model: onnx.ModelProto | str | os.PathLike,
                         name_map: Callable[[str], str | None] | Mapping[str, str] | None = None,
                         *, accuracy_level: int = 0, zero_points: bool = False, fuse_bias: bool = True,
                         include: Callable[[str], bool] | None = None, missing: str | None = None,
-                        external_data: bool | None = None, inplace: bool = False) -> QuantizedOnnx:
+                        external_data: bool | None = None, inplace: bool = False,
+                        fuse_parallel: bool = False) -> QuantizedOnnx:
     """Rewrite every linear layer of ``model`` into 4-bit ``form`` (``"matmulnbits"`` / ``"qdq"``).
 
     A linear layer is ``MatMul(A, W)`` with ``W`` a 2-D float32/float16 initializer ``[in, out]``,
@@ -393,6 +395,8 @@ def quantize_onnx_model(model: onnx.ModelProto | str | os.PathLike,
     in A's dtype; 4 = int8 activations, fastest on CPU). ``include(module_name)`` picks layers.
     ``out_path``: where to save (with external data beside it when ``external_data`` or when
     large). The QDQ form raises the model to opset 21 (via onnx's version converter).
+    ``fuse_parallel`` (``matmulnbits``): layers reading one input (q/k/v, gate/up) become one
+    node and a ``Split`` (:mod:`.int4_fuse`).
     """
     if form not in ("matmulnbits", "qdq"):
         raise ValueError(f"form must be 'matmulnbits' or 'qdq', not {form!r}")
@@ -590,6 +594,10 @@ def quantize_onnx_model(model: onnx.ModelProto | str | os.PathLike,
         g.value_info.remove(v)
     if form == "matmulnbits" and replace and _opset(m, MS_DOMAIN) is None:
         m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    if form == "matmulnbits" and fuse_parallel:
+        from .int4_fuse import fuse_parallel_matmulnbits
+
+        res.fused_nodes = fuse_parallel_matmulnbits(m)
     if out_path is not None:
         res.path = save_model(m, out_path, external_data)
     return res

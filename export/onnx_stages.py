@@ -125,6 +125,25 @@ def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
+class _RMSNorm(nn.Module):
+    """Qwen2's RMSNorm written as ``x / sqrt(mean(x^2) + eps) * w``: the pattern ONNX Runtime's
+    optimizer fuses into one ``SimplifiedLayerNormalization`` (and, with the residual add before
+    it, ``SkipSimplifiedLayerNormalization``). transformers' ``x * rsqrt(...)`` exports as
+    Sqrt + Reciprocal + Mul, which it does not match: five nodes per norm every decode step.
+    Same arithmetic in float32 as transformers', up to the rounding of a division."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.weight = norm.weight
+        self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
 class DecoderStage(nn.Module):
     """The language model over plain KV tensors; see the module docstring for the I/O."""
 
@@ -139,9 +158,9 @@ class DecoderStage(nn.Module):
         self.head_dim, self.scaling = attn.head_dim, attn.scaling
         self.groups = attn.num_key_value_groups
         self.rotary_emb = lm.rotary_emb
-        self.norm = lm.norm
-        self.input_norms = nn.ModuleList(layer.input_layernorm for layer in lm.layers)
-        self.post_norms = nn.ModuleList(layer.post_attention_layernorm for layer in lm.layers)
+        self.norm = _RMSNorm(lm.norm)
+        self.input_norms = nn.ModuleList(_RMSNorm(layer.input_layernorm) for layer in lm.layers)
+        self.post_norms = nn.ModuleList(_RMSNorm(layer.post_attention_layernorm) for layer in lm.layers)
         self.acts = nn.ModuleList(layer.mlp.act_fn for layer in lm.layers)
         prefix = _backbone_prefix(model, lm)
         self.linear_names: dict[str, str] = {}  # ModuleDict key -> backbone module name
@@ -181,10 +200,8 @@ class DecoderStage(nn.Module):
             k = torch.cat([past[2 * i], k], dim=2)
             v = torch.cat([past[2 * i + 1], v], dim=2)
             presents += [k, v]
-            if self.groups > 1:  # GQA: each kv head serves `groups` consecutive query heads
-                k, v = _repeat_kv(k, self.groups), _repeat_kv(v, self.groups)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scaling)
-            x = x + self._lin(i, "self_attn.o_proj")(o.transpose(1, 2).reshape(b, s, -1))
+            o = _grouped_attention(q, k, v, bias, self.groups, self.scaling)
+            x = x + self._lin(i, "self_attn.o_proj")(o)
             h = self.post_norms[i](x)
             h = self.acts[i](self._lin(i, "mlp.gate_proj")(h)) * self._lin(i, "mlp.up_proj")(h)
             x = x + self._lin(i, "mlp.down_proj")(h)
@@ -192,9 +209,23 @@ class DecoderStage(nn.Module):
         return (self.linears["lm_head"](x).float(), x, *presents)
 
 
-def _repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
-    b, h, n, d = t.shape
-    return t[:, :, None].expand(b, h, groups, n, d).reshape(b, h * groups, n, d)
+def _grouped_attention(q, k, v, bias, groups: int, scale: float) -> torch.Tensor:
+    """GQA without copying the cache: ``q [b, H, s, d]``, ``k``/``v`` ``[b, Hkv, n, d]`` (query head
+    ``j * groups + g`` reads kv head ``j``, as transformers' repeat_kv has it), ``bias [1|b, 1, s, n]``
+    -> ``[b, s, H * d]``.
+
+    The ``groups`` query heads of one kv head are stacked along the query axis, so one matmul per
+    kv head reads its keys once: no ``repeat_kv`` (which materialises ``groups`` copies of the
+    whole cache every decode step: 11 MB a token on ``small``). Softmax in float32, as SDPA.
+    """
+    b, heads, s, d = q.shape
+    kv = k.shape[1]
+    qg = q.reshape(b, kv, groups * s, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [b, kv, groups * s, n]
+    scores = scores.view(b, kv, groups, s, -1) + bias[:, :, None]
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, kv, groups * s, -1)
+    out = torch.matmul(probs, v)  # [b, kv, groups * s, d]
+    return out.view(b, heads, s, d).transpose(1, 2).reshape(b, s, heads * d)
 
 
 def _backbone_prefix(model, lm) -> str:
