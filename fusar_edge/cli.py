@@ -125,8 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights/activations dtype (default: bfloat16 on GPU, float32 on CPU)")
     a.add_argument("--threads", type=_positive_int, metavar="N",
-                   help="CPU threads for torch and ONNX Runtime (default: their own choice; on a shared or loaded "
-                        "box fewer threads than cores is often much faster)")
+                   help="CPU threads for torch and ONNX Runtime (default: the physical cores this process may "
+                        "use, within any container CPU quota; on a shared or loaded box fewer is often much faster)")
     a.add_argument("--max-new-tokens", type=int, metavar="N", help="bound on generated tokens (default: the bundle's)")
     a.add_argument("--max-image-side", type=int, default=20000, metavar="PX",
                    help="refuse images with a side above this (default: 20000)")
@@ -248,7 +248,10 @@ def check_ask_inputs(args) -> None:
 def cmd_ask(args) -> int:
     from .runtime import Runtime
 
-    if args.threads and args.backend == "torch":  # onnxruntime takes threads= below; torch is not even imported
+    from .threads import resolve_threads
+
+    args.threads = resolve_threads(args.threads)  # the cores we may use, never more (fusar_edge/threads.py)
+    if args.backend == "torch":  # onnxruntime takes threads= below; on it torch is not even imported
         import torch
 
         torch.set_num_threads(args.threads)

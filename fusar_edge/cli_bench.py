@@ -58,8 +58,9 @@ def add_parser(sub) -> None:
     b.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N")
     b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="torch weights dtype (default: bfloat16 on GPU, float32 on CPU)")
-    b.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and onnxruntime "
-                                                            "(default: their own choice)")
+    b.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and onnxruntime (default: the "
+                                                            "physical cores this process may use, within any "
+                                                            "container CPU quota)")
     b.add_argument("--json", metavar="FILE", help="write the full result (machine, settings, every backend) here")
     b.add_argument("--plot", metavar="FILE.png", help="write a PNG of the stage breakdown per backend (matplotlib)")
     b.add_argument("--quiet", action="store_true", help="no progress on stderr")
@@ -93,6 +94,7 @@ def run(args) -> int:
 
     from .bench import report
     from .bench.runner import QUESTION, BenchSettings, run_bench
+    from .threads import resolve_threads
 
     if args.plot and not report.have_matplotlib():
         raise InputError("--plot needs matplotlib (pip install 'fusar-edge[bench]' or pip install matplotlib)")
@@ -104,7 +106,7 @@ def run(args) -> int:
     settings = BenchSettings(model=args.bundle or args.preset or resolve_model(None), backends=args.backend.split(","),
                              image=args.image, tiles=args.tiles, question=args.question or QUESTION,
                              runs=args.runs, warmup=args.warmup, new_tokens=args.new_tokens, batch=args.batch,
-                             device=args.device, dtype=args.dtype, threads=args.threads,
+                             device=args.device, dtype=args.dtype, threads=resolve_threads(args.threads),
                              baseline=not args.no_baseline)
     progress = None if args.quiet else _Progress()
     say = None if args.quiet else (lambda msg: print(f"bench: {msg}", file=sys.stderr, flush=True))

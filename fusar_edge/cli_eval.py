@@ -31,7 +31,8 @@ def add_parser(sub) -> None:
                    help="torch (default) or onnxruntime (BUNDLE must hold an onnx/ export)")
     e.add_argument("--no-anchors", action="store_true", help="answer without the rows' AEF anchors (TLM skipped)")
     e.add_argument("--limit", type=int, metavar="N", help="only the first N rows")
-    e.add_argument("--threads", type=int, help="intra-op threads (torch or ONNX Runtime)")
+    e.add_argument("--threads", type=int, help="intra-op threads, torch or ONNX Runtime (default: the physical "
+                                               "cores this process may use, within any container CPU quota)")
     e.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
 
 
@@ -39,7 +40,10 @@ def run(args) -> int:
     from .evaluate.report import markdown_table
     from .evaluate.runner import evaluate
 
-    if args.threads and args.backend == "torch":  # ONNX Runtime takes threads= itself; no torch on the edge
+    from .threads import resolve_threads
+
+    args.threads = resolve_threads(args.threads)
+    if args.backend == "torch":  # ONNX Runtime takes threads= itself; no torch on the edge
         import torch
 
         torch.set_num_threads(args.threads)

@@ -43,7 +43,8 @@ def add_parser(sub) -> None:
     s.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
                    help="a directory whose files the `path` field may name (repeatable; default: none, uploads only)")
     s.add_argument("--workers", type=int, default=2, help="questions answered at once (default 2)")
-    s.add_argument("--threads", type=int, help="backend threads per question (default: cores / workers)")
+    s.add_argument("--threads", type=int, help="backend threads per question (default: the physical cores this process "
+                                                    "may use, within any container CPU quota, / workers)")
     s.add_argument("--batch", type=int, default=1, metavar="N",
                    help="run up to N concurrent questions' images in one ViT call and decode those of one prompt "
                         "length together (default 1: off; more throughput, but a batched greedy answer can "
@@ -99,8 +100,6 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(args) -> int:
-    import os
-
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -114,7 +113,9 @@ def run(args) -> int:
     if not _is_loopback(args.host) and settings.token is None:
         print(f"fusar-edge: warning: serving on {args.host} without --token-file: anyone who can reach the "
               "port can use the model", file=sys.stderr)
-    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    from .threads import resolve_threads
+
+    threads = resolve_threads(args.threads, share=args.workers)  # workers share the cores we may use
     if args.backend == "torch":  # the edge install has no torch; ONNX Runtime takes threads= below
         import torch
 

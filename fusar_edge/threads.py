@@ -1,0 +1,67 @@
+"""How many threads a backend should use here: never more than the cores this process may use.
+
+torch and ONNX Runtime size their pools from the machine's cores, which oversubscribes inside
+a container limited by a CPU quota (``docker --cpus 2`` on a 64-core host) or a CPU affinity
+mask (``taskset``), and on hyper-threaded machines a GEMM thread per logical CPU fights its
+sibling. So the default is the physical cores among the CPUs this process may run on, capped
+by the cgroup CPU quota. Measured on the 2-core VM (``benchmarks/results/threads-vm.json``):
+the small preset's 4-bit decoder answers in 426 ms with 2 threads against 679 ms with 1; the
+demo model is too small to gain from a second thread (59 vs 64 ms on ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+SYS_CPU = Path("/sys/devices/system/cpu")
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def allowed_cpus() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
+def physical_cores(cpus: list[int], sys_cpu: Path = SYS_CPU) -> int:
+    """Distinct (package, core) pairs among ``cpus``; their count when the topology is unreadable."""
+    cores = set()
+    for cpu in cpus:
+        topo = sys_cpu / f"cpu{cpu}" / "topology"
+        try:
+            cores.add((topo.joinpath("physical_package_id").read_text().strip(),
+                       topo.joinpath("core_id").read_text().strip()))
+        except OSError:
+            return len(cpus)
+    return len(cores) or len(cpus)
+
+
+def cgroup_cpu_limit(root: Path = CGROUP) -> float | None:
+    """CPUs allowed by the cgroup quota (v2 ``cpu.max``, or v1 ``cpu.cfs_quota_us``), None if unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def default_threads(share: int = 1) -> int:
+    """Threads for one of ``share`` concurrent workers: physical cores we may use, within the quota."""
+    n = physical_cores(allowed_cpus())
+    limit = cgroup_cpu_limit()
+    if limit is not None:
+        n = min(n, max(1, math.ceil(limit)))
+    return max(1, n // max(1, share))
+
+
+def resolve_threads(requested: int | None, share: int = 1) -> int:
+    return int(requested) if requested else default_threads(share)

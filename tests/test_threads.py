@@ -1,0 +1,42 @@
+"""Default thread counts: the physical cores we may use, within a cgroup CPU quota."""
+
+from fusar_edge import threads as T
+
+
+def _topology(root, pairs):
+    for cpu, (pkg, core) in enumerate(pairs):
+        d = root / f"cpu{cpu}" / "topology"
+        d.mkdir(parents=True)
+        (d / "physical_package_id").write_text(f"{pkg}\n")
+        (d / "core_id").write_text(f"{core}\n")
+
+
+def test_physical_cores_count_hyperthread_siblings_once(tmp_path):
+    _topology(tmp_path, [(0, 0), (0, 1), (0, 0), (0, 1), (1, 0), (1, 1)])  # 2 packages, SMT on package 0
+    assert T.physical_cores([0, 1, 2, 3, 4, 5], tmp_path) == 4
+    assert T.physical_cores([0, 2], tmp_path) == 1  # two siblings of one core
+    assert T.physical_cores([0, 9], tmp_path) == 2  # unreadable topology: count the CPUs
+
+
+def test_cgroup_quota_v2_and_v1(tmp_path):
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert T.cgroup_cpu_limit(tmp_path) == 1.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert T.cgroup_cpu_limit(tmp_path) is None
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert T.cgroup_cpu_limit(v1) == 3.0
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    assert T.cgroup_cpu_limit(v1) is None
+
+
+def test_default_threads_respects_quota_and_share(monkeypatch):
+    monkeypatch.setattr(T, "allowed_cpus", lambda: list(range(16)))
+    monkeypatch.setattr(T, "physical_cores", lambda cpus: 8)
+    monkeypatch.setattr(T, "cgroup_cpu_limit", lambda: None)
+    assert T.default_threads() == 8 and T.default_threads(share=3) == 2 and T.default_threads(share=20) == 1
+    monkeypatch.setattr(T, "cgroup_cpu_limit", lambda: 2.5)
+    assert T.default_threads() == 3  # a 2.5-CPU quota runs 3 threads, not 8
+    assert T.resolve_threads(5) == 5 and T.resolve_threads(None) == 3
