@@ -194,9 +194,15 @@ class LlamaCppEngine:
         import llama_cpp
 
         f32 = work / "model-f32.gguf"
-        env = {**os.environ, "PYTHONPATH": str(llama_src / "gguf-py")}
-        subprocess.run([sys.executable, str(llama_src / "convert_hf_to_gguf.py"), str(ckpt), "--outfile", str(f32),
-                        "--outtype", "f32"], check=True, capture_output=True, text=True, env=env)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(llama_src / "gguf-py"), str(llama_src)])}
+        # The converter recognises a BPE pre-tokenizer by hashing its output on a test string; the
+        # presets' small tokenizer is not in its table. Token ids are fed directly here, so its
+        # name does not matter: "default".
+        convert = ("import sys, conversion.base as b, convert_hf_to_gguf as c; "
+                   "b.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'default'; "
+                   f"sys.argv = ['convert_hf_to_gguf.py', {str(ckpt)!r}, '--outfile', {str(f32)!r}, "
+                   "'--outtype', 'f32']; c.main()")
+        subprocess.run([sys.executable, "-c", convert], check=True, capture_output=True, text=True, env=env)
         q4 = work / "model-q4_0.gguf"
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0

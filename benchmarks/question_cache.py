@@ -1,6 +1,7 @@
 """Time to first token for a repeated question, with and without GRASP's question cache.
 
     python benchmarks/question_cache.py --bundle small --rounds 12
+    python benchmarks/question_cache.py --bundle EXPORTED_SMALL --backend onnxruntime --rounds 12
 
 Asks one question of one scene with ``max_new_tokens=1`` (so the total is vision + anchors +
 fusion + prefill: the time to first token), alternating cache on (filled by a first ask) and
@@ -34,11 +35,12 @@ def main() -> None:
     p.add_argument("--bundle", default="small")
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--backend", default="torch", help="torch, or onnxruntime for an exported bundle")
     p.add_argument("--out", type=Path, help="write the result as JSON here")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     scene = sample_scene(Path(tempfile.mkdtemp(prefix="qcache-")) / "s", seed=5)
-    rt = Runtime.open(a.bundle, threads=a.threads)
+    rt = Runtime.open(a.bundle, threads=a.threads, backend=a.backend)
     if getattr(rt.stages, "has_grasp", False) is False:
         print(f"{a.bundle}: GRASP is off, the question cache has nothing to do", file=sys.stderr)
     totals: dict[str, list[float]] = {"cached": [], "uncached": []}
@@ -52,7 +54,7 @@ def main() -> None:
             totals[mode].append(t["total"])
             stages[mode] = {k: t[k] for k in ("vision", "fusion", "prefill", "total")}
     median = {k: round(statistics.median(v[2:]), 1) for k, v in totals.items()}
-    result = {"bundle": a.bundle, "threads": a.threads, "rounds": a.rounds, "ttft_ms_median": median,
+    result = {"bundle": a.bundle, "backend": a.backend, "threads": a.threads, "rounds": a.rounds, "ttft_ms_median": median,
               "speedup": round(median["uncached"] / median["cached"], 2), "last_round_stages_ms": stages,
               "command": "python benchmarks/question_cache.py " + " ".join(sys.argv[1:]), "machine": machine_info()}
     print(json.dumps({k: result[k] for k in ("bundle", "ttft_ms_median", "speedup", "last_round_stages_ms")}, indent=1))
