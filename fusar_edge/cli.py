@@ -248,13 +248,11 @@ def check_ask_inputs(args) -> None:
 def cmd_ask(args) -> int:
     from .runtime import Runtime
 
-    from .threads import resolve_threads
+    from .threads import resolve_threads, set_torch_threads
 
     args.threads = resolve_threads(args.threads)  # the cores we may use, never more (fusar_edge/threads.py)
     if args.backend == "torch":  # onnxruntime takes threads= below; on it torch is not even imported
-        import torch
-
-        torch.set_num_threads(args.threads)
+        set_torch_threads(args.threads)
     rt = Runtime.open(args.bundle, tiles=args.tiles, backend=args.backend, device=args.device, dtype=args.dtype,
                       max_image_side=args.max_image_side, anchor_grid=tuple(args.grid),
                       allow_empty_anchors=args.allow_no_coverage, verify=args.verify, threads=args.threads)

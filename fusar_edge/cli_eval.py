@@ -40,13 +40,11 @@ def run(args) -> int:
     from .evaluate.report import markdown_table
     from .evaluate.runner import evaluate
 
-    from .threads import resolve_threads
+    from .threads import resolve_threads, set_torch_threads
 
     args.threads = resolve_threads(args.threads)
     if args.backend == "torch":  # ONNX Runtime takes threads= itself; no torch on the edge
-        import torch
-
-        torch.set_num_threads(args.threads)
+        set_torch_threads(args.threads)
     bar = {}
 
     def progress(done: int, total: int) -> None:

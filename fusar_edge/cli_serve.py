@@ -113,13 +113,11 @@ def run(args) -> int:
     if not _is_loopback(args.host) and settings.token is None:
         print(f"fusar-edge: warning: serving on {args.host} without --token-file: anyone who can reach the "
               "port can use the model", file=sys.stderr)
-    from .threads import resolve_threads
+    from .threads import resolve_threads, set_torch_threads
 
     threads = resolve_threads(args.threads, share=args.workers)  # workers share the cores we may use
     if args.backend == "torch":  # the edge install has no torch; ONNX Runtime takes threads= below
-        import torch
-
-        torch.set_num_threads(threads)  # workers share the cores instead of each taking all of them
+        set_torch_threads(threads)  # workers share the cores instead of each taking all of them
     rt = Runtime.open(args.bundle, tiles=args.tiles, backend=args.backend, threads=threads)
     if args.batch > 1:  # each worker hands its image to one vision thread, its sequence to one decode thread
         rt.enable_batching(max_batch=args.batch)

@@ -65,3 +65,13 @@ def default_threads(share: int = 1) -> int:
 
 def resolve_threads(requested: int | None, share: int = 1) -> int:
     return int(requested) if requested else default_threads(share)
+
+
+def set_torch_threads(n: int) -> None:
+    """torch's intra-op pool, when torch is installed (the edge install has none; the torch
+    backend then says what to install)."""
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(n)
