@@ -5,8 +5,8 @@ a container limited by a CPU quota (``docker --cpus 2`` on a 64-core host) or a 
 mask (``taskset``), and on hyper-threaded machines a GEMM thread per logical CPU fights its
 sibling. So the default is the physical cores among the CPUs this process may run on, capped
 by the cgroup CPU quota. Measured on the 2-core VM (``benchmarks/results/threads-vm.json``):
-the small preset's 4-bit decoder answers in 426 ms with 2 threads against 679 ms with 1; the
-demo model is too small to gain from a second thread (59 vs 64 ms on ONNX Runtime).
+the small preset's 4-bit export answers in 306 ms with 2 threads against 454 ms with 1; the
+demo model is too small to care (57 vs 55 ms on ONNX Runtime).
 """
 
 from __future__ import annotations
