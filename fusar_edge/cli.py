@@ -187,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
                                                         "when a parity check fails (export.json records it)")
     x.add_argument("--json", action="store_true", help="print the export report as JSON")
 
-    from . import cli_bench, cli_data, cli_eval, cli_serve, cli_tiles, cli_train
+    from . import cli_bench, cli_data, cli_eval, cli_scan, cli_serve, cli_tiles, cli_train
 
     cli_tiles.add_parser(sub)
     cli_bench.add_parser(sub)
@@ -195,6 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_train.add_parser(sub)
     cli_eval.add_parser(sub)
     cli_serve.add_parser(sub)
+    cli_scan.add_parser(sub)
 
     s = sub.add_parser("sample", help="write a synthetic SAR scene, its AEF tile store and anchors to try `ask` on",
                        description="One scene from the same generator as `data synth` (sea or coast, with ships): "
@@ -357,6 +358,12 @@ def cmd_bench(args) -> int:
     return cli_bench.run(args)
 
 
+def cmd_scan(args) -> int:
+    from . import cli_scan
+
+    return cli_scan.run(args)
+
+
 def cmd_eval(args) -> int:
     from . import cli_eval
 
@@ -389,9 +396,9 @@ def cmd_tiles(args) -> int:
 
 COMMANDS = {"ask": cmd_ask, "info": cmd_info, "verify": cmd_verify, "import-fusar-gpt": cmd_import,
             "sample": cmd_sample, "tiles": cmd_tiles, "export": cmd_export, "bench": cmd_bench, "data": cmd_data,
-            "train": cmd_train, "eval": cmd_eval, "serve": cmd_serve}
+            "train": cmd_train, "eval": cmd_eval, "serve": cmd_serve, "scan": cmd_scan}
 PRECHECKS = {"ask": check_ask_inputs}
-MODEL_COMMANDS = ("ask", "info", "import-fusar-gpt", "export", "bench", "train", "eval", "serve")  # the ones that load transformers
+MODEL_COMMANDS = ("ask", "info", "import-fusar-gpt", "export", "bench", "train", "eval", "serve", "scan")  # the ones that load transformers
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,12 +15,12 @@ Outputs in ``OUT`` (each written to a temporary name and renamed): ``predictions
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
 
 from ..errors import InputError
+from ..fsutil import write_text_atomic
 from ..data.task_rows import read_manifest
 from . import metrics as M
 
@@ -80,6 +80,4 @@ def evaluate(bundle, data: str | Path, out: str | Path, backend: str = "torch", 
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text)

@@ -2,7 +2,8 @@
 
 A target in the overlap of two chips is answered twice; when a chip border cuts it, one answer
 is truncated. The box farthest from its chip's inner borders is the one least likely to be cut,
-so greedy NMS visits boxes in that order and keeps the first of each overlapping group.
+so greedy NMS visits boxes in that order and keeps the first of each overlapping group; a box
+from another chip lying mostly inside a kept one (a cut-off piece) is dropped as well.
 """
 
 from __future__ import annotations
@@ -69,10 +70,26 @@ def merge_detections(dets: list[Detection], iou: float = 0.5) -> list[Detection]
     kept: dict[str, list[Detection]] = {}
     for d in order:
         same = kept.setdefault(d.label, [])  # labels never suppress each other
-        if all(box_iou(d.box, k.box) < iou for k in same):
+        if not any(_duplicate(d, k, iou) for k in same):
             same.append(d)
     out = [d for group in kept.values() for d in group]
     return sorted(out, key=_output_key)
+
+
+def _duplicate(d: Detection, kept: Detection, iou: float) -> bool:
+    """``d`` repeats ``kept``: they overlap by IoU, or (from another chip) ``d`` lies mostly inside
+    ``kept``. The second rule catches the piece of a target a chip border cut off: a sliver has a
+    small IoU with the whole box but sits entirely within it. Boxes of one chip are the model's own
+    decision and only IoU applies to them."""
+    if box_iou(d.box, kept.box) >= iou:
+        return True
+    if d.chip == kept.chip:
+        return False
+    ax0, ay0, ax1, ay1 = _norm(d.box)
+    bx0, by0, bx1, by1 = _norm(kept.box)
+    area = (ax1 - ax0) * (ay1 - ay0)
+    inter = max(0.0, min(ax1, bx1) - max(ax0, bx0)) * max(0.0, min(ay1, by1) - max(ay0, by0))
+    return area > 0 and inter / area >= iou
 
 
 def _output_key(d: Detection) -> tuple:

@@ -1,0 +1,106 @@
+"""A whole scene read chip by chip: windowed reads, one stretch for the whole scene.
+
+Memory follows the chip, never the scene: rasterio reads one window at a time. Every chip is
+rendered with the scene's own stretch limits (``geo.sar``'s contract, step 3), computed once
+from a decimated read of the whole scene (GDAL's average, from overviews when the file has
+them): stretching each chip by its own percentiles would make open sea in one chip look like
+clutter in the next, and the model would see a different scene per chip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from affine import Affine
+from rasterio.enums import Resampling
+from rasterio.windows import Window
+
+from ..errors import InputError
+from ..geo.sar import SarImage, open_raster, raster_date, stretch, stretch_limits, to_db
+from .georef import SceneGeoref
+from .grid import Chip
+
+OVERVIEW_SIDE = 2048  # the decimated read that sets the stretch: enough pixels for stable percentiles
+
+
+class SceneReader:
+    """An open scene: ``read(chip)`` -> the chip as a ``SarImage`` (its own georeference), or None
+    when it holds no valid pixel (nodata, or the zero fill around a SAR swath)."""
+
+    def __init__(self, path: str | Path, band: int = 1, scale: str = "auto"):
+        self.path = Path(path)
+        self._ctx = open_raster(self.path)
+        self.ds = self._ctx.__enter__()
+        try:
+            ds = self.ds
+            if band < 1 or band > ds.count:
+                raise InputError(f"scene {self.path}: band {band} out of range; the file has {ds.count} band(s)")
+            self.band, self.width, self.height = band, ds.width, ds.height
+            self.nodata = ds.nodatavals[band - 1]
+            self.georef = SceneGeoref.from_dataset(ds)
+            self.date, _ = raster_date(ds)
+            self.kind, self.limits = self._scene_stretch(scale)
+        except BaseException:
+            self.close()
+            raise
+
+    def _scene_stretch(self, scale: str) -> tuple[str, tuple[float, float] | None]:
+        side = max(self.width, self.height)
+        k = max(1.0, side / OVERVIEW_SIDE)
+        shape = (max(1, round(self.height / k)), max(1, round(self.width / k)))
+        pixels = self.ds.read(self.band, out_shape=shape, resampling=Resampling.average)
+        if scale == "auto" and pixels.dtype == np.uint8:
+            return "visual8", None  # an 8-bit rendering already: chips are its pixels
+        db, valid, kind = to_db(self.path, pixels, scale, self.nodata)
+        return kind, stretch_limits(self.path, db, valid)
+
+    def read(self, chip: Chip) -> SarImage | None:
+        window = Window(chip.x0, chip.y0, chip.width, chip.height)
+        pixels = self.ds.read(self.band, window=window)
+        if self.kind == "visual8":
+            if not pixels.any():
+                return None
+            data = np.repeat(pixels[:, :, None], 3, axis=2)
+        else:
+            db, valid, _ = to_db(self.path, pixels, self.kind, self.nodata)
+            if not valid.any():
+                return None
+            data = stretch(self.path, db, valid, self.limits)
+        transform = None
+        if self.georef.kind == "affine":  # the scene's grid, moved to the window's corner
+            transform = tuple(float(v) for v in (self.ds.transform @ Affine.translation(chip.x0, chip.y0))[:6])
+        return SarImage(f"{self.path}#chip{chip.index}", data, chip.height, chip.width, self.georef.crs, transform,
+                        self.chip_bounds(chip), self.date, self.kind, None, self.band, self.ds.count)
+
+    def chip_bounds(self, chip: Chip, per_side: int = 5) -> tuple[float, float, float, float] | None:
+        """The chip's lon/lat envelope (edges sampled, so a rotated or GCP grid is covered), or None."""
+        t = np.linspace(0.0, 1.0, per_side)
+        xs = np.concatenate([chip.x0 + t * chip.width, np.full(per_side, chip.x0 + chip.width),
+                             chip.x0 + t * chip.width, np.full(per_side, chip.x0)])
+        ys = np.concatenate([np.full(per_side, chip.y0), chip.y0 + t * chip.height,
+                             np.full(per_side, chip.y0 + chip.height), chip.y0 + t * chip.height])
+        lonlat = self.georef.pixel_to_lonlat(xs, ys)
+        if lonlat is None:
+            return None
+        lons, lats = (np.asarray(v, dtype=np.float64) for v in lonlat)
+        return float(lons.min()), float(lats.min()), float(lons.max()), float(lats.max())
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
+
+    def __enter__(self) -> "SceneReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def scene_identity(path: Path, reader: SceneReader) -> dict:
+    """What a resumed run must find unchanged: the same file (size, mtime) and its grid."""
+    st = path.stat()
+    return {"scene": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "width": reader.width, "height": reader.height, "band": reader.band, "georef": reader.georef.describe()}
+

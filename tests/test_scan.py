@@ -1,0 +1,171 @@
+"""`fusar-edge scan`: chips answered, boxes mapped and merged, resumable with byte-identical outputs."""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from fusar_edge.cli import main
+from fusar_edge.data.synth import sample_scene
+from fusar_edge.errors import InputError
+from fusar_edge.scan.run import JOURNAL, scan_scene
+
+OUTPUTS = ("detections.geojson", "chips.jsonl", "summary.json")
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory):
+    """A 448-px synthetic scene (3 x 3 chips of 224 px at overlap 32) whose 5 ships all lie in
+    more than one chip, 2 of them cut by a chip border."""
+    return sample_scene(tmp_path_factory.mktemp("scan_scene"), seed=11, size=448)
+
+
+@dataclass
+class _Config:
+    chip_size: int = 224
+    name: str = "oracle"
+
+
+@dataclass
+class _Answer:
+    answer: list
+    text: str
+    parse_error: None = None
+    anchor: dict = field(default_factory=lambda: {"source": "none", "coverage": 0.0, "tlm": "off"})
+    timings_ms: dict = field(default_factory=lambda: {"total": 1.0})
+
+
+class OracleRuntime:
+    """Answers each chip with the true ships it sees (clipped to the chip), as a perfect model
+    would: what scan does with boxes can then be checked exactly. ``fail_after`` kills the run."""
+
+    config, weights = _Config(), "oracle-weights"
+
+    def __init__(self, ships, fail_after=None):
+        self.ships, self.fail_after, self.calls = ships, fail_after, 0
+
+    def ask(self, img, question, task=None, label=None, no_anchors=False):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("killed")
+        self.calls += 1
+        x0, y0 = _OFFSETS[img.path]
+        boxes = []
+        for sx0, sy0, sx1, sy1 in self.ships:
+            cx0, cy0 = max(sx0 - x0, 0), max(sy0 - y0, 0)
+            cx1, cy1 = min(sx1 - x0, img.width), min(sy1 - y0, img.height)
+            if cx1 > cx0 and cy1 > cy0:
+                boxes.append({"bbox_2d": [cx0, cy0, cx1, cy1], "bbox_chip": [cx0, cy0, cx1, cy1], "label": "ship"})
+        return _Answer(boxes, json.dumps(boxes))
+
+
+_OFFSETS = {}  # chip image path -> its window's offset in the scene (recorded by the `oracle` fixture)
+
+
+@pytest.fixture
+def oracle(scene, monkeypatch):
+    """Record each chip's window so the oracle knows where it is."""
+    from fusar_edge.scan import reader as R
+
+    real = R.SceneReader.read
+
+    def read(self, chip):
+        img = real(self, chip)
+        if img is not None:
+            _OFFSETS[img.path] = (chip.x0, chip.y0)
+        return img
+
+    monkeypatch.setattr(R.SceneReader, "read", read)
+    return lambda **kw: OracleRuntime(scene["ships"], **kw)
+
+
+def _bytes(folder: Path) -> dict:
+    return {name: (folder / name).read_bytes() for name in OUTPUTS}
+
+
+def test_detections_are_mapped_and_merged_across_overlaps(scene, oracle, tmp_path):
+    summary = scan_scene(oracle(), Path(scene["scene_tif"]), tmp_path, chip=224, overlap=32)
+    assert summary["chips"] == 9 and summary["chips_answered"] + summary["chips_nodata"] == 9
+    fc = json.loads((tmp_path / "scene" / "detections.geojson").read_text())
+    ships = sorted(tuple(b) for b in scene["ships"])
+    # every ship once, whole, although chips overlap and cut some of them
+    got = sorted(tuple(int(round(v)) for v in f["properties"]["scene_box"]) for f in fc["features"])
+    assert got == ships and summary["detections_before_merge"] > len(ships)
+    with rasterio.open(scene["scene_tif"]) as ds:
+        for f in fc["features"]:
+            x0, y0, x1, y1 = f["properties"]["scene_box"]
+            ring = np.array(f["geometry"]["coordinates"][0])
+            assert (ring[0] == ring[-1]).all() and len(ring) == 5
+            # rasterio's own pixel -> CRS -> lon/lat of the box's corners (pixel corners: offset "ul")
+            rows, cols = [y0, y0, y1, y1], [x0, x1, x1, x0]
+            xs, ys = rasterio.transform.xy(ds.transform, rows, cols, offset="ul")
+            lon, lat = rasterio.warp.transform(ds.crs, "EPSG:4326", xs, ys)
+            want = sorted(zip(np.round(lon, 7), np.round(lat, 7)))
+            assert np.allclose(sorted(map(tuple, ring[:4])), want, atol=2e-7)
+    lines = (tmp_path / "scene" / "chips.jsonl").read_text().splitlines()
+    assert [json.loads(s)["chip"] for s in lines] == list(range(9))
+
+
+def test_a_killed_run_resumes_to_byte_identical_outputs(scene, oracle, tmp_path):
+    whole = tmp_path / "whole"
+    scan_scene(oracle(), Path(scene["scene_tif"]), whole, chip=224, overlap=32)
+    for kill_at in (0, 4, 8):
+        out = tmp_path / f"killed{kill_at}"
+        with pytest.raises(KeyboardInterrupt):
+            scan_scene(oracle(fail_after=kill_at), Path(scene["scene_tif"]), out, chip=224, overlap=32)
+        assert not (out / "scene" / "detections.geojson").exists()  # nothing half-written
+        journal = out / "scene" / JOURNAL
+        with open(journal, "a") as f:
+            f.write('{"chip": 99, "torn')  # a line cut by the kill
+        rt = oracle()
+        scan_scene(rt, Path(scene["scene_tif"]), out, chip=224, overlap=32)
+        assert rt.calls == 9 - kill_at  # no chip done twice, none lost
+        assert _bytes(out / "scene") == _bytes(whole / "scene")
+
+
+def test_a_folder_of_another_run_is_refused(scene, oracle, tmp_path):
+    scan_scene(oracle(), Path(scene["scene_tif"]), tmp_path, chip=224, overlap=32)
+    with pytest.raises(InputError, match="another setting .*label differs"):
+        scan_scene(oracle(), Path(scene["scene_tif"]), tmp_path, chip=224, overlap=32, label="aircraft")
+    with pytest.raises(InputError, match="overlap differs"):
+        scan_scene(oracle(), Path(scene["scene_tif"]), tmp_path, chip=224, overlap=0)
+
+
+def test_nodata_chips_are_skipped(tmp_path, oracle, scene):
+    with rasterio.open(scene["scene_tif"]) as ds:
+        profile, data = ds.profile, ds.read()
+        tags = ds.tags()
+    data[:, :, :224] = 0  # the swath's zero fill over the left half
+    path = tmp_path / "half.tif"
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        dst.update_tags(**tags)
+    summary = scan_scene(oracle(), path, tmp_path / "out", chip=224, overlap=0)
+    assert summary["chips"] == 4 and summary["chips_nodata"] == 2
+
+
+def test_scan_cli_with_the_built_in_demo(scene, tmp_path, capsys):
+    assert main(["scan", str(scene["scene_tif"]), "--out", str(tmp_path), "--tiles", str(scene["tiles"]),
+                 "--task", "count", "--overlap", "0", "--threads", "1", "--quiet"]) == 0
+    said = capsys.readouterr().out
+    assert "4 of 4 chips answered" in said
+    summary = json.loads((tmp_path / "scene" / "summary.json").read_text())
+    assert len(summary["count_per_chip"]) == 4 and summary["coordinates"] == "EPSG:4326"
+    assert summary["count_sum"] == sum(summary["count_per_chip"].values())
+
+
+def test_scan_cli_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["scan", str(tmp_path / "none.tif"), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == f"fusar-edge: error: scene {tmp_path / 'none.tif'}: no such file"
+
+
+def test_a_cut_off_sliver_from_another_chip_is_dropped_but_one_chips_own_boxes_stay():
+    from fusar_edge.scan.merge import Detection, merge_detections
+
+    whole = Detection((100, 100, 120, 140), "ship", chip=0, chip_box=[], margin=30)
+    sliver = Detection((100, 100, 120, 106), "ship", chip=1, chip_box=[], margin=0)  # IoU 0.15 with the whole
+    assert merge_detections([sliver, whole]) == [whole]
+    inner = Detection((104, 110, 110, 116), "ship", chip=0, chip_box=[], margin=30)  # the model's own second box
+    assert merge_detections([whole, inner]) == [whole, inner]
