@@ -156,9 +156,14 @@ def test_scan_cli_with_the_built_in_demo(scene, tmp_path, capsys):
     assert summary["count_sum"] == sum(summary["count_per_chip"].values())
 
 
-def test_scan_cli_bad_input_is_one_line(tmp_path, capsys):
+def test_scan_cli_bad_input_is_one_line(tmp_path, capsys, scene):
     assert main(["scan", str(tmp_path / "none.tif"), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == f"fusar-edge: error: scene {tmp_path / 'none.tif'}: no such file"
+    # a 1-px stride would make millions of chips of a real scene: refused before any is read
+    assert main(["scan", str(scene["scene_tif"]), "--out", str(tmp_path / "o"), "--no-anchors", "--chip", "224",
+                 "--overlap", "223", "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == "fusar-edge: error: --overlap 223: at most half of the chip (112 px for --chip 224)"
+    assert not (tmp_path / "o" / "scene" / "journal.jsonl").exists()
 
 
 def test_a_cut_off_sliver_from_another_chip_is_dropped_but_one_chips_own_boxes_stay():

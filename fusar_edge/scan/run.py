@@ -38,6 +38,8 @@ def scan_scene(rt, scene: Path, out: Path, *, task: str = "detect", label: str =
     if task not in TASKS:
         raise InputError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
     size = int(chip or rt.config.chip_size)
+    if overlap > size // 2:  # beyond it every pixel is read (and answered) more than 4 times; the grid would grow
+        raise InputError(f"--overlap {overlap}: at most half of the chip ({size // 2} px for --chip {size})")
     folder = out / scene.stem
     folder.mkdir(parents=True, exist_ok=True)
     with SceneReader(scene) as reader:
