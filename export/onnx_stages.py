@@ -127,8 +127,7 @@ def _key(name: str) -> str:
 
 class _RMSNorm(nn.Module):
     """Qwen2's RMSNorm written as ``x / sqrt(mean(x^2) + eps) * w``: the pattern ONNX Runtime's
-    optimizer fuses into one ``SimplifiedLayerNormalization`` (and, with the residual add before
-    it, ``SkipSimplifiedLayerNormalization``). transformers' ``x * rsqrt(...)`` exports as
+    optimizer fuses into one ``SimplifiedLayerNormalization``. transformers' ``x * rsqrt(...)`` exports as
     Sqrt + Reciprocal + Mul, which it does not match: five nodes per norm every decode step.
     Same arithmetic in float32 as transformers', up to the rounding of a division."""
 

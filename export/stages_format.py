@@ -6,10 +6,10 @@ so what both need to agree on lives here.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from fusar_edge.errors import BundleError
+from fusar_edge.fsutil import read_json
 
 FORMAT = "fusar-edge-onnx-v1"
 STAGES_JSON = "stages.json"
@@ -19,12 +19,10 @@ STAGE_FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "fusion": "fusion
 def read_stages(onnx_dir: str | Path) -> dict:
     """``stages.json`` of an export, with a clear error when it is missing."""
     path = Path(onnx_dir) / STAGES_JSON
+    missing = "not an ONNX export: run `fusar-edge export BUNDLE --out DIR --onnx`"
     if not path.is_file():
-        raise BundleError(f"{path}: missing (not an ONNX export: run `fusar-edge export BUNDLE --out DIR --onnx`)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise BundleError(f"{path}: missing ({missing})")
+    data = read_json(path, missing)
     if data.get("format") != FORMAT:
         raise BundleError(f"{path}: format: expected {FORMAT!r}, got {data.get('format')!r}")
     return data

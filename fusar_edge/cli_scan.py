@@ -70,7 +70,7 @@ def run(args) -> int:
     out = Path(args.out)
     results, failed = {}, {}
     for scene in scenes:
-        bar = None if args.quiet else _bar(scene.name)
+        bar = None if args.quiet else _Bar(scene.name)
         try:
             results[scene.name] = scan_scene(rt, scene, out, task=args.task, label=args.label, chip=args.chip,
                                              overlap=args.overlap, no_anchors=args.no_anchors,
@@ -94,7 +94,7 @@ def run(args) -> int:
     return 0
 
 
-class _bar:
+class _Bar:
     """tqdm with chips/s and ETA, fed (done, total)."""
 
     def __init__(self, name: str):

@@ -24,6 +24,7 @@ from typing import Any
 
 from . import config_checks as checks
 from .errors import BundleError
+from .fsutil import read_json
 
 FUSAR_JSON = "fusar.json"
 FUSAR_FORMAT = "fusar-edge-bundle-v1"
@@ -420,12 +421,7 @@ def preset(name: str) -> FusarConfig:
 
 def load_backbone_json(path: Path) -> dict[str, Any]:
     """Read a Hugging Face ``config.json`` into plain kwargs for Qwen2_5_VLConfig."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"{path}: missing (a bundle needs the backbone's config.json)") from None
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    data = read_json(path, "a bundle needs the backbone's config.json")
     try:
         checks.check_raw_backbone(data)  # what the file says, before transformers fills in defaults
     except BundleError as exc:
@@ -489,12 +485,10 @@ def read_config(bundle: Path) -> FusarConfig:
     if not bundle.is_dir():
         raise BundleError(f"{bundle}: not a directory (expected a bundle directory or one of: {', '.join(PRESETS)})")
     path = bundle / FUSAR_JSON
+    missing = "not a fusar-edge bundle; import a checkpoint with `fusar-edge import-fusar-gpt`"
     if not path.is_file():
-        raise BundleError(f"{path}: missing (not a fusar-edge bundle; import a checkpoint with `fusar-edge import-fusar-gpt`)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        raise BundleError(f"{path}: missing ({missing})")
+    data = read_json(path, missing)
     backbone = load_backbone_json(bundle / "config.json")
     try:
         return FusarConfig.from_fusar_json(data, backbone, where=str(path))

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
 import shutil
 from pathlib import Path
+from typing import Any
+
+from .errors import BundleError
 
 
 def publish_dir(stage: Path, out: Path) -> None:
@@ -93,3 +97,14 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path, missing: str) -> Any:
+    """A bundle's JSON file, or one line naming it: ``<path>: missing (<missing>)`` or
+    ``<path>: not valid JSON (<what> at line <n>)``."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BundleError(f"{path}: missing ({missing})") from None
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None

@@ -30,8 +30,8 @@ from .question_cache import QuestionCache
 from .tokenizer import build_sequence
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
-# dtype names as the torch backend takes them; the ONNX Runtime backend checks them against its export
-# without importing torch
+# the dtype names both backends take (torch_stages.DTYPES maps them to torch dtypes; the ONNX Runtime
+# backend checks them against its export without importing torch)
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float16": "float16", "fp16": "float16"}
 

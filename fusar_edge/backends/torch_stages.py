@@ -14,9 +14,9 @@ from ..errors import FusarError, InputError
 from ..model.fusar import as_tensor
 from ..model.rope import text_positions
 from ..question_cache import QuestionCache
+from ..runtime import DTYPE_NAMES
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {name: getattr(torch, canonical) for name, canonical in DTYPE_NAMES.items()}
 
 
 def resolve_device(device: str, dtype) -> tuple[torch.device, torch.dtype]:
