@@ -60,7 +60,7 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="auto", help="auto (GPU if torch sees one), cpu, cuda, cuda:N")
     a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights/activations dtype (default: bfloat16 on GPU, float32 on CPU)")
-    a.add_argument("--threads", type=_positive_int, metavar="N",
+    a.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads for torch and ONNX Runtime (default: the physical cores this process may "
                         "use, within any container CPU quota; on a shared or loaded box fewer is often much faster)")
     a.add_argument("--max-new-tokens", type=int, metavar="N", help="bound on generated tokens (default: the bundle's)")

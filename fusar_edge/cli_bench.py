@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .cli import positive_int
 from .config import resolve_model
 from .errors import InputError
 
@@ -58,7 +59,7 @@ def add_parser(sub) -> None:
     b.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N")
     b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="torch weights dtype (default: bfloat16 on GPU, float32 on CPU)")
-    b.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch and onnxruntime (default: the "
+    b.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch and onnxruntime (default: the "
                                                             "physical cores this process may use, within any "
                                                             "container CPU quota)")
     b.add_argument("--json", metavar="FILE", help="write the full result (machine, settings, every backend) here")

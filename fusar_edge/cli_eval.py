@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .cli import positive_int
+
 EPILOG = """examples:
   fusar-edge eval bundles/demo --data data/synth/stage2-test.jsonl --out runs/eval-demo
   fusar-edge eval bundles/demo --data data/synth/stage2-test.jsonl --out runs/eval-noaef --no-anchors
@@ -31,7 +33,7 @@ def add_parser(sub) -> None:
                    help="torch (default) or onnxruntime (BUNDLE must hold an onnx/ export)")
     e.add_argument("--no-anchors", action="store_true", help="answer without the rows' AEF anchors (TLM skipped)")
     e.add_argument("--limit", type=int, metavar="N", help="only the first N rows")
-    e.add_argument("--threads", type=int, help="intra-op threads, torch or ONNX Runtime (default: the physical "
+    e.add_argument("--threads", type=positive_int, help="intra-op threads, torch or ONNX Runtime (default: the physical "
                                                "cores this process may use, within any container CPU quota)")
     e.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
 

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .cli import positive_int
+
 EPILOG = """examples:
   fusar-edge sample demo --size 1024 && \\
   fusar-edge scan demo/scene.tif --out scans --tiles demo/tiles           # ships, with the built-in demo
@@ -44,7 +46,7 @@ def add_parser(sub) -> None:
     s.add_argument("--overlap", type=int, default=64, metavar="PX",
                    help="overlap of neighbouring chips in scene pixels (default 64: a target cut by one chip's "
                         "border is whole in the next)")
-    s.add_argument("--threads", type=int, metavar="N", help="CPU threads (default: the physical cores we may use)")
+    s.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads (default: the physical cores we may use)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

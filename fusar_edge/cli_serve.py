@@ -7,6 +7,7 @@ import ipaddress
 import sys
 from pathlib import Path
 
+from .cli import positive_int
 from .errors import InputError
 
 EPILOG = """examples:
@@ -43,7 +44,7 @@ def add_parser(sub) -> None:
     s.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
                    help="a directory whose files the `path` field may name (repeatable; default: none, uploads only)")
     s.add_argument("--workers", type=int, default=2, help="questions answered at once (default 2)")
-    s.add_argument("--threads", type=int, help="backend threads per question (default: the physical cores this process "
+    s.add_argument("--threads", type=positive_int, help="backend threads per question (default: the physical cores this process "
                                                     "may use, within any container CPU quota, / workers)")
     s.add_argument("--batch", type=int, default=1, metavar="N",
                    help="run up to N concurrent questions' images in one ViT call and decode those of one prompt "

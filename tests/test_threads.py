@@ -40,3 +40,20 @@ def test_default_threads_respects_quota_and_share(monkeypatch):
     monkeypatch.setattr(T, "cgroup_cpu_limit", lambda: 2.5)
     assert T.default_threads() == 3  # a 2.5-CPU quota runs 3 threads, not 8
     assert T.resolve_threads(5) == 5 and T.resolve_threads(None) == 3
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("argv", [["ask", "x.tif", "q"], ["eval", "--data", "x", "--out", "y"],
+                                  ["scan", "x.tif", "--out", "o"], ["serve"], ["bench"]])
+@pytest.mark.parametrize("bad", ["0", "-2", "two"])
+def test_threads_must_be_a_positive_integer_everywhere(argv, bad, capsys, tmp_path, monkeypatch):
+    from fusar_edge.cli import main
+
+    monkeypatch.chdir(tmp_path)  # a relative --out would land here: nothing may be written
+
+    assert main([*argv, "--threads", bad]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--threads: expected a positive integer, got '{bad}'" in err[0]
+    assert not any(tmp_path.iterdir())
