@@ -42,7 +42,7 @@ def add_parser(sub) -> None:
     anchors.add_argument("--no-anchors", action="store_true", help="answer without AEF anchors (TLM skipped)")
     s.add_argument("--allow-no-coverage", action="store_true",
                    help="answer chips the tile store does not cover without anchors instead of stopping")
-    s.add_argument("--chip", type=int, metavar="PX", help="chip side in scene pixels (default: the model's chip)")
+    s.add_argument("--chip", type=positive_int, metavar="PX", help="chip side in scene pixels (default: the model's chip)")
     s.add_argument("--overlap", type=int, default=64, metavar="PX",
                    help="overlap of neighbouring chips in scene pixels (default 64: a target cut by one chip's "
                         "border is whole in the next)")

@@ -163,7 +163,14 @@ def test_scan_cli_bad_input_is_one_line(tmp_path, capsys, scene):
     assert main(["scan", str(scene["scene_tif"]), "--out", str(tmp_path / "o"), "--no-anchors", "--chip", "224",
                  "--overlap", "223", "--quiet"]) == 2
     assert capsys.readouterr().err.strip() == "fusar-edge: error: --overlap 223: at most half of the chip (112 px for --chip 224)"
-    assert not (tmp_path / "o" / "scene" / "journal.jsonl").exists()
+    assert not (tmp_path / "o").exists()
+    for flag, value, says in (("--chip", "0", "--chip: expected a positive integer, got '0'"),
+                              ("--overlap", "-1", "--overlap -1: must be at least 0")):
+        assert main(["scan", str(scene["scene_tif"]), "--out", str(tmp_path / "o"), "--no-anchors", flag, value,
+                     "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_cut_off_sliver_from_another_chip_is_dropped_but_one_chips_own_boxes_stay():

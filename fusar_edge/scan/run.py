@@ -41,12 +41,12 @@ def scan_scene(rt, scene: Path, out: Path, *, task: str = "detect", label: str =
     if overlap > size // 2:  # beyond it every pixel is read (and answered) more than 4 times; the grid would grow
         raise InputError(f"--overlap {overlap}: at most half of the chip ({size // 2} px for --chip {size})")
     folder = out / scene.stem
-    folder.mkdir(parents=True, exist_ok=True)
     with SceneReader(scene) as reader:
         grid = chip_grid(reader.width, reader.height, size, overlap)
         header = {"identity": scene_identity(scene, reader), "weights": rt.weights, "preset": rt.config.name,
                   "task": task, "label": label, "chip": size, "overlap": overlap, "chips": len(grid),
                   "no_anchors": no_anchors}
+        folder.mkdir(parents=True, exist_ok=True)  # only once the scene and the settings are known good
         journal = Journal(folder / JOURNAL, header)
         done = journal.done()
         question = QUESTIONS[task].format(label=label)
