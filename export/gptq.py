@@ -687,7 +687,8 @@ def fusar_calibration_inputs(model, tokenizer, n: int = 32, seed: int = 0, *, sc
     """
     from fusar_edge import tasks
     from fusar_edge.geo.anchors import AnchorSet
-    from fusar_edge.geo.sar import read_sar, to_chip
+    from fusar_edge.geo.chip import to_chip
+    from fusar_edge.geo.sar import read_sar
     from fusar_edge.geo.synthetic import write_demo_scene
     from fusar_edge.model.preprocess import chip_to_patches
     from fusar_edge.model.rope import mrope_positions

@@ -23,7 +23,8 @@ from .errors import AnchorError, BundleError, FusarError, InputError
 from .geo.anchors import Anchor, AnchorSet
 from .geo.tilestore import DEFAULT_GRID, TileStore, check_grid
 from .generation import GenerationSettings, GreedyPicker
-from .geo.sar import SarImage, parse_date, read_sar, to_chip
+from .geo.chip import to_chip
+from .geo.sar import SarImage, parse_date, read_sar
 from .model.preprocess import chip_to_patches
 from .model.rope import mrope_positions, text_positions
 from .question_cache import QuestionCache

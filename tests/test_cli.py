@@ -92,7 +92,8 @@ def test_anchors_change_the_answer_path_and_runs_are_deterministic(demo, capsys)
     import torch
 
     from fusar_edge.geo.anchors import AnchorSet
-    from fusar_edge.geo.sar import read_sar, to_chip
+    from fusar_edge.geo.chip import to_chip
+    from fusar_edge.geo.sar import read_sar
     from fusar_edge.model.preprocess import chip_to_patches
 
     pixels, grid = chip_to_patches(to_chip(read_sar(demo["scene_tif"]), rt.config.chip_size))

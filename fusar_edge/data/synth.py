@@ -121,7 +121,8 @@ def _write_scene_files(tif: Path, png: Path, npz: Path, amplitude: np.ndarray, x
                        date: dt.date, store):
     """A scene's GeoTIFF, its 8-bit rendering and its anchors looked up in ``store``; -> the SarImage."""
     from ..geo.anchors import Anchor
-    from ..geo.sar import read_sar, render
+    from ..geo.chip import render
+    from ..geo.sar import read_sar
 
     _write_scene(tif, amplitude, x0, y0, date)
     img = read_sar(tif)  # the PNG is the tif through the reader's contract, nothing else

@@ -1,5 +1,8 @@
 """SAR image input: read a GeoTIFF, PNG/JPEG or ``.npy`` into one display representation.
 
+This module reads files (pixels, georeference, acquisition date) and owns the contract
+below; the value steps 1-3 are in ``geo.radiometry``, the chip of step 4 in ``geo.chip``.
+
 The model was trained on 8-bit renderings of SAR scenes (the FUSAR-GPT reference opens a
 PNG, converts it to RGB and resizes it bicubically to 504 x 504), so every input ends as
 such a rendering; what differs is how radar measurements become one.
@@ -61,14 +64,13 @@ from rasterio.enums import Resampling
 from rasterio.warp import transform_bounds
 
 from ..errors import InputError
+from .radiometry import normalise
 
 SCALES = ("auto", "amplitude", "db", "power")
 RASTER_SUFFIXES = (".tif", ".tiff")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg")
 NPY_SUFFIXES = (".npy",)
 SUFFIXES = RASTER_SUFFIXES + PIL_SUFFIXES + NPY_SUFFIXES
-EPS = 1e-10
-STRETCH_PERCENTILES = (2.0, 98.0)
 # Tag keys that may carry the acquisition date, most specific first. TIFFTAG_DATETIME is
 # last: it is often the time the file was written, not when the scene was acquired.
 DATE_KEYS = ("ACQUISITION_DATE", "ACQUISITION_START_TIME", "FIRST_LINE_TIME", "ACQUISITION_TIME",
@@ -151,23 +153,6 @@ def read_sar(path: str | Path, *, scale: str = "auto", band: int | None = None, 
     return _read_npy(p, scale, max_side)
 
 
-def render(img: SarImage) -> Image.Image:
-    """The full-size 8-bit rendering: ``"RGB"`` for visual images, ``"L"`` for radar data."""
-    if img.kind == "visual8":
-        return Image.fromarray(img.data, "RGB")
-    return Image.fromarray(np.rint(np.clip(img.data, 0.0, 1.0) * 255.0).astype(np.uint8), "L")
-
-
-def to_chip(img: SarImage, size: int) -> np.ndarray:
-    """uint8 ``[size, size, 3]``: the rendering resized with PIL bicubic, as the reference does."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise InputError(f"chip size: expected a positive integer, got {size!r}")
-    chip = np.asarray(render(img).resize((size, size), Image.Resampling.BICUBIC))
-    # Resizing gray then replicating equals PIL's convert("RGB") then resize (per-channel
-    # resampling), at a third of the work.
-    return chip if chip.ndim == 3 else np.repeat(chip[:, :, None], 3, axis=2)
-
-
 # -- GeoTIFF ------------------------------------------------------------------------------
 
 
@@ -236,7 +221,7 @@ def _read_raster(p: Path, scale: str, band: int | None, max_side: int) -> SarIma
     if rgb:
         data, kind = np.ascontiguousarray(pixels.transpose(1, 2, 0)), "visual8"
     else:
-        data, kind = _normalise(p, pixels[0], scale, nodata)
+        data, kind = normalise(p, pixels[0], scale, nodata)
     return SarImage(str(p), data, height, width, crs, affine, bounds, date, kind, date_tag,
                     None if rgb else band, bands)
 
@@ -282,11 +267,11 @@ def _read_pil(p: Path, scale: str, max_side: int) -> SarImage:
                 _check_size(p, im.height, im.width, max_side)
                 im.load()
                 if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit: radar data, not a rendering
-                    data, kind = _normalise(p, np.asarray(im), scale, None)
+                    data, kind = normalise(p, np.asarray(im), scale, None)
                 elif scale == "auto":
                     data, kind = np.asarray(im.convert("RGB")), "visual8"
                 else:
-                    data, kind = _normalise(p, np.asarray(im.convert("L")), scale, None)
+                    data, kind = normalise(p, np.asarray(im.convert("L")), scale, None)
                 height, width = im.height, im.width
     except Image.DecompressionBombError as exc:
         raise InputError(f"image {p}: more pixels than Pillow's decompression-bomb limit ({exc}); "
@@ -316,7 +301,7 @@ def _read_npy(p: Path, scale: str, max_side: int) -> SarImage:
         raise InputError(f"image {p}: expected real or complex numbers, got dtype {arr.dtype}")
     _check_size(p, arr.shape[0], arr.shape[1], max_side)
     step = math.ceil(max(arr.shape) / READ_MAX_SIDE)  # 1 unless the image is large: then every step-th pixel
-    data, kind = _normalise(p, np.asarray(arr[::step, ::step]), scale, None)
+    data, kind = normalise(p, np.asarray(arr[::step, ::step]), scale, None)
     return SarImage(str(p), data, arr.shape[0], arr.shape[1], kind=kind)
 
 
@@ -329,74 +314,3 @@ def _check_size(p: Path, height: int, width: int, max_side: int, read_side: int 
         raise InputError(f"image {p}: {height} x {width} px{via} exceeds the limit of {max_side} px per side "
                          "read at full resolution (configurable: read_sar(max_side=...), --max-image-side; "
                          "GeoTIFF overviews, e.g. gdaladdo, are read instead when present)")
-
-
-# -- values -------------------------------------------------------------------------------
-
-
-def _normalise(p: Path, pixels: np.ndarray, scale: str, nodata: float | None) -> tuple[np.ndarray, str]:
-    """Steps 1-3 of the contract: raw pixels -> (data, kind)."""
-    if pixels.size == 0:
-        raise InputError(f"image {p}: zero-size image (shape {list(pixels.shape)})")
-    if scale == "auto" and pixels.dtype == np.uint8:
-        return np.repeat(pixels[:, :, None], 3, axis=2), "visual8"
-    db, valid, kind = to_db(p, pixels, scale, nodata)
-    return stretch(p, db, valid), kind
-
-
-def to_db(p: Path | str, pixels: np.ndarray, scale: str, nodata: float | None) -> tuple[np.ndarray, np.ndarray, str]:
-    """Steps 1-2 of the contract: raw radar pixels -> ``(dB float32, valid mask, kind)``.
-
-    Kept apart from the stretch so that a scene scanned chip by chip (``fusar_edge.scan``) can
-    stretch every chip with the scene's limits instead of its own."""
-    nodata_mask = None
-    if nodata is not None:
-        nodata_mask = np.isnan(pixels) if np.isnan(nodata) else pixels == nodata
-    if pixels.dtype.kind in "fc":
-        bad = ~np.isfinite(pixels)
-        if nodata_mask is not None:
-            bad &= ~nodata_mask
-        n_bad = int(bad.sum())
-        if n_bad:
-            raise InputError(f"image {p}: {n_bad} of {pixels.size} pixels are NaN/Inf; fill them (e.g. with 0) "
-                             "or declare them as the GeoTIFF's nodata value")
-    if pixels.dtype.kind == "c":
-        if scale not in ("auto", "amplitude", "complex"):
-            raise InputError(f"image {p}: complex (SLC) pixels are read as amplitude |z|; "
-                             f"scale={scale!r} does not apply (use auto or amplitude)")
-        values, kind = np.abs(pixels).astype(np.float32), "complex"
-    else:
-        values = pixels.astype(np.float32)
-        kind = scale
-    valid = np.ones(values.shape, bool) if nodata_mask is None else ~nodata_mask
-    if kind == "auto":
-        kind = "db" if (values[valid] < 0).any() else "amplitude"
-    if kind != "db":
-        valid &= values > 0
-        np.log10(np.maximum(values, EPS), out=values)
-        values *= 10.0 if kind == "power" else 20.0
-    return values, valid, kind
-
-
-def stretch_limits(p: Path | str, db: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
-    """Step 3's ``(lo, hi)``: the 2nd..98th percentile of the valid pixels (min..max if they coincide)."""
-    sample = db[valid]
-    if sample.size == 0:
-        raise InputError(f"image {p}: no valid pixels (all are nodata, or zero in linear data)")
-    lo, hi = (float(v) for v in np.percentile(sample, STRETCH_PERCENTILES))
-    if hi <= lo:
-        lo, hi = float(sample.min()), float(sample.max())
-    return lo, hi
-
-
-def stretch(p: Path | str, db: np.ndarray, valid: np.ndarray,
-            limits: tuple[float, float] | None = None) -> np.ndarray:
-    """Step 3: ``(lo, hi)`` (the image's own by default) mapped to [0, 1]; invalid pixels -> 0 (in place on ``db``)."""
-    lo, hi = limits if limits is not None else stretch_limits(p, db, valid)
-    if hi <= lo:
-        return np.zeros(db.shape, np.float32)
-    db -= lo
-    db /= hi - lo
-    np.clip(db, 0.0, 1.0, out=db)
-    db[~valid] = 0.0
-    return db

@@ -19,7 +19,8 @@ from rasterio.transform import Affine
 
 from ..errors import InputError
 from .anchors import AnchorSet
-from .sar import read_sar, render
+from .chip import render
+from .sar import read_sar
 
 CRS = "EPSG:32631"
 CENTRE_EN = (500000.0, 5983520.0)  # 3 deg E, 54 deg N in UTM 31N (10 m grid)

@@ -2,7 +2,7 @@
 
 Same layout as transformers' Qwen2-VL image processor (rescale 1/255, CLIP mean/std,
 the still image repeated to ``temporal_patch_size`` frames, patches ordered by 2x2 merge
-windows), without its resizing: ``geo.sar.to_chip`` has already made the chip square at the
+windows), without its resizing: ``geo.chip.to_chip`` has already made the chip square at the
 model's size, exactly like the FUSAR-GPT reference (PIL bicubic to 504 x 504). Written out
 here rather than calling the processor because the processor needs torchvision for its
 default backend and re-decides the size; this stays a few lines of numpy, and a test

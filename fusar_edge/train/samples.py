@@ -20,7 +20,8 @@ import torch
 
 from ..errors import InputError
 from ..geo.anchors import AnchorSet
-from ..geo.sar import read_sar, to_chip
+from ..geo.chip import to_chip
+from ..geo.sar import read_sar
 from ..model.preprocess import chip_to_patches
 from ..model.rope import mrope_positions
 from ..tasks import reference_question
