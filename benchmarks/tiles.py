@@ -92,8 +92,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from fusar_edge.geo.anchors import Anchor
-    from fusar_edge.geo.tile_ingest import ingest
-    from fusar_edge.geo.tilestore import TileStore
+    from fusar_edge.tiles.ingest import ingest
+    from fusar_edge.tiles.store import TileStore
     from rasterio.warp import transform as warp
 
     results: dict = {"machine": machine(), "grid": [16, 16], "chip_px": CHIP_PX}
@@ -160,7 +160,7 @@ def c_reader(store_dir: Path, bbox, runs: int) -> dict:
     """libfusar_tiles' latency: per call through ctypes, and in its own C loop (example_lookup)."""
     import re
 
-    from fusar_edge.geo.native_tiles import NativeTileStore, build_native_tiles
+    from fusar_edge.tiles.native import NativeTileStore, build_native_tiles
 
     build = Path(tempfile.mkdtemp(prefix="fusar-tiles-build-"))
     try:

@@ -17,7 +17,7 @@ _LAZY = {
     "Answer": ("runtime", "Answer"),
     "Anchor": ("geo.anchors", "Anchor"),
     "AnchorSet": ("geo.anchors", "AnchorSet"),
-    "TileStore": ("geo.tilestore", "TileStore"),
+    "TileStore": ("tiles.store", "TileStore"),
     "FusarConfig": ("config", "FusarConfig"),
 }
 

@@ -101,7 +101,7 @@ class _Bar:
 
 
 def _ingest(args) -> int:
-    from .geo.tile_ingest import ingest
+    from .tiles.ingest import ingest
 
     bar = _Bar(enabled=not args.json)
     try:
@@ -121,7 +121,7 @@ def _ingest(args) -> int:
 
 
 def _info(args) -> int:
-    from .geo.tilestore import TileStore
+    from .tiles.store import TileStore
 
     info = TileStore.open(args.store).describe()
     if args.json:
@@ -135,7 +135,7 @@ def _info(args) -> int:
 
 
 def _verify(args) -> int:
-    from .geo.tile_verify import verify
+    from .tiles.verify import verify
 
     bar = _Bar(enabled=not args.json)
     try:
@@ -155,7 +155,7 @@ def _verify(args) -> int:
 
 def _lookup(args) -> int:
     from .geo.anchors import Anchor
-    from .geo.tilestore import TileStore
+    from .tiles.store import TileStore
 
     store = TileStore.open(args.store)
     if args.image:

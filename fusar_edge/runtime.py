@@ -21,7 +21,7 @@ from . import tasks
 from .config import PRESETS, resolve_model
 from .errors import AnchorError, BundleError, FusarError, InputError
 from .geo.anchors import Anchor, AnchorSet
-from .geo.tilestore import DEFAULT_GRID, TileStore, check_grid
+from .tiles.store import DEFAULT_GRID, TileStore, check_grid
 from .generation import GenerationSettings, GreedyPicker
 from .geo.chip import to_chip
 from .geo.sar import SarImage, parse_date, read_sar

@@ -1,7 +1,7 @@
 """Small synthetic AEF sources in the official layouts, with known values (test helpers).
 
 Everything here is written with rasterio / zarr / pyarrow and read back independently of
-``fusar_edge.geo.tile_ingest``, so tests can compare a tile store with its sources.
+``fusar_edge.tiles.ingest``, so tests can compare a tile store with its sources.
 
 Sources
 -------
@@ -354,7 +354,7 @@ def store_vector(store, lon: float, lat: float, year: int) -> np.ndarray | None:
     """The int8 vector docs/tilestore.md's lookup returns at ``lon, lat`` for ``year``."""
     from rasterio.warp import transform
 
-    from fusar_edge.geo.tile_format import read_generation
+    from fusar_edge.tiles.format import read_generation
 
     _gen, records, _manifest = read_generation(Path(store))
     cands = [(i, r) for i, r in enumerate(records) if r.year == year and r.lonlat_bounds[0] <= lon <= r.lonlat_bounds[2]

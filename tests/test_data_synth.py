@@ -11,7 +11,7 @@ import rasterio
 from fusar_edge.cli import main
 from fusar_edge.data.synth import prototypes, synth
 from fusar_edge.errors import InputError
-from fusar_edge.geo.tilestore import TileStore
+from fusar_edge.tiles.store import TileStore
 from fusar_edge.tasks import DETECT_PROMPT
 
 CHIP = 112

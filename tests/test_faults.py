@@ -74,7 +74,7 @@ def test_export_disk_full_keeps_the_old_export_and_cleans_killed_runs(tmp_path, 
 
 
 def test_tiles_ingest_disk_full_leaves_the_store_as_it_was(tmp_path, monkeypatch, capsys):
-    import fusar_edge.geo.tile_ingest as tile_ingest
+    import fusar_edge.tiles.ingest_commit as ingest_commit
     from aef_fixtures import write_official_cog
 
     store = tmp_path / "store"
@@ -83,7 +83,7 @@ def test_tiles_ingest_disk_full_leaves_the_store_as_it_was(tmp_path, monkeypatch
     assert main(["tiles", "ingest", str(first.path), "--store", str(store), "--json"]) == 0
     capsys.readouterr()
     current = (store / "CURRENT").read_bytes()
-    monkeypatch.setattr(tile_ingest._TileWriter, "write", disk_full)
+    monkeypatch.setattr(ingest_commit.TileWriter, "write", disk_full)
     assert main(["tiles", "ingest", str(second.path), "--store", str(store), "--json"]) == 2
     line = error_line(capsys)
     assert str(store) in line and NO_SPACE in line

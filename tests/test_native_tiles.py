@@ -20,11 +20,11 @@ import pytest
 
 from fusar_edge.errors import AnchorError, InputError
 from fusar_edge.geo.anchors import Anchor
-from fusar_edge.geo.native_tiles import (NativeTileStore, NativeTilesUnavailable, build_native_tiles,
+from fusar_edge.tiles.native import (NativeTileStore, NativeTilesUnavailable, build_native_tiles,
                                          lonlat_to_utm_native)
-from fusar_edge.geo.tile_format import StoreError, read_generation, write_store
-from fusar_edge.geo.tilestore import TileStore
-from fusar_edge.geo.utm import lonlat_to_utm
+from fusar_edge.tiles.format import StoreError, read_generation, write_store
+from fusar_edge.tiles.store import TileStore
+from fusar_edge.tiles.utm import lonlat_to_utm
 
 NODATA = -128
 GRIDS = [(16, 16), (1, 1), (3, 7), (32, 32), (5, 1), (9, 12)]

@@ -9,7 +9,7 @@ from fusar_edge.cli import main
 from fusar_edge.errors import AnchorError, FusarError
 from fusar_edge.geo.anchors import Anchor, AnchorSet
 from fusar_edge.geo.synthetic import write_demo_scene
-from fusar_edge.geo.tilestore import TileStore
+from fusar_edge.tiles.store import TileStore
 
 from conftest import one_line
 

@@ -23,9 +23,11 @@ from aef_fixtures import (
 )
 from conftest import one_line
 from fusar_edge.errors import InputError
-from fusar_edge.geo import tile_format as tf
-from fusar_edge.geo import tile_ingest as ti
-from fusar_edge.geo.tile_ingest import ingest
+from fusar_edge.tiles import format as tf
+from fusar_edge.tiles import ingest as ti
+from fusar_edge.tiles.ingest import ingest
+from fusar_edge.tiles.ingest_plan import MARGIN_PX
+from fusar_edge.tiles.ingest_zarr import requantize
 
 # a box around the 31N/32N boundary at 6°E, 45°N (inside both zones' synthetic tiles)
 BBOX = (5.9985, 44.9985, 6.0015, 45.0012)
@@ -63,8 +65,8 @@ def test_both_orientations_are_stored_north_up(scene, tmp_path, monkeypatch):
         with rasterio.open(c.path) as ds:
             assert (ds.transform.e > 0) == c.bottom_up
     reads = []
-    real = ti._read_cog_rows
-    monkeypatch.setattr(ti, "_read_cog_rows", lambda ds, u, r0, r1: (reads.append(r1 - r0), real(ds, u, r0, r1))[1])
+    real = ti.read_cog_rows
+    monkeypatch.setattr(ti, "read_cog_rows", lambda ds, u, r0, r1: (reads.append(r1 - r0), real(ds, u, r0, r1))[1])
     report = ingest([tmp_path / "aef"], store)
     assert max(reads) == 32 and len(reads) == 8  # windowed reads, one source block row each
     assert report.tiles_added == 4 and report.years == [2022, 2023]
@@ -104,7 +106,7 @@ def test_lookup_semantics_at_the_zone_boundary(scene, tmp_path):
 
 
 def test_tilestore_lookup_reads_what_was_ingested(scene, tmp_path):
-    from fusar_edge.geo.tilestore import TileStore
+    from fusar_edge.tiles.store import TileStore
 
     store = tmp_path / "store"
     ingest([tmp_path / "aef"], store)
@@ -137,7 +139,7 @@ def test_bbox_crops_to_the_covering_window(scene, tmp_path):
         assert la0 <= BBOX[1] and la1 >= BBOX[3]
         # ... and is no larger than the bbox plus the margin (and one pixel of rounding)
         w_m = (min(BBOX[2], src[2]) - max(BBOX[0], src[0])) * 111320 * math.cos(math.radians(45))
-        assert rec.width <= w_m / 10 + 2 * ti.MARGIN_PX + 3
+        assert rec.width <= w_m / 10 + 2 * MARGIN_PX + 3
     # every point of the bbox reads the same value as its source
     rng = np.random.default_rng(0)
     for lon, lat in zip(rng.uniform(BBOX[0], BBOX[2], 25), rng.uniform(BBOX[1], BBOX[3], 25)):
@@ -302,11 +304,11 @@ def test_zarr_georeferencing_from_coordinates(tmp_path):
 def test_requantize_inverts_dequantize():
     q = np.arange(-127, 128, dtype=np.int8)
     v = np.tile(dequantize(q)[:, None], (1, 64))
-    np.testing.assert_array_equal(ti.requantize(v)[:, 0], q)
+    np.testing.assert_array_equal(requantize(v)[:, 0], q)
     v[3, 5] = np.nan
-    out = ti.requantize(v)
+    out = requantize(v)
     assert (out[3] == -128).all() and (out[4] == q[4]).all()
-    assert ti.requantize(np.full((1, 64), 2.0))[0, 0] == 127
+    assert requantize(np.full((1, 64), 2.0))[0, 0] == 127
 
 
 def test_zarr_without_dimension_names(tmp_path):
@@ -350,13 +352,13 @@ def test_resume_after_a_kill_skips_finished_sources(scene, tmp_path, monkeypatch
     assert not list((store / "tiles").rglob("*.tmp"))
 
     reads = []
-    real = ti._read_cog_rows
+    real = ti.read_cog_rows
 
     def counting(ds, u, r0, r1):
         reads.append(u.source.name)
         return real(ds, u, r0, r1)
 
-    monkeypatch.setattr(ti, "_read_cog_rows", counting)
+    monkeypatch.setattr(ti, "read_cog_rows", counting)
     r = ingest([tmp_path / "aef"], store)
     assert r.tiles_resumed == 2 and r.tiles_added == 2
     assert set(reads) == set(names[2:])  # no re-work for the finished sources

@@ -5,9 +5,9 @@ import json
 import numpy as np
 
 from aef_fixtures import official_scene
-from fusar_edge.geo import tile_format as tf
-from fusar_edge.geo.tile_ingest import ingest
-from fusar_edge.geo.tile_verify import verify
+from fusar_edge.tiles import format as tf
+from fusar_edge.tiles.ingest import ingest
+from fusar_edge.tiles.verify import verify
 
 
 def small_store(path, n=3):

@@ -10,8 +10,8 @@ from rasterio.warp import transform as warp
 
 from fusar_edge.errors import AnchorError, InputError
 from fusar_edge.geo.anchors import Anchor, AnchorSet
-from fusar_edge.geo.tile_format import CURRENT, StoreError, read_generation, write_store
-from fusar_edge.geo.tilestore import TileStore, dequantise_table, grid_lonlat
+from fusar_edge.tiles.format import CURRENT, StoreError, read_generation, write_store
+from fusar_edge.tiles.store import TileStore, dequantise_table, grid_lonlat
 
 from conftest import one_line
 from tilestore_fixtures import dequantise, expected_lookup, multi_zone_store

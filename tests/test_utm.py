@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from rasterio.warp import transform
 
-from fusar_edge.geo.utm import lonlat_to_utm, parse_utm_epsg, utm_epsg
+from fusar_edge.tiles.utm import lonlat_to_utm, parse_utm_epsg, utm_epsg
 
 
 @pytest.mark.parametrize("zone,north", [(31, True), (32, True), (33, False), (1, True), (60, False), (18, False)])

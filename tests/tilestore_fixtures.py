@@ -2,7 +2,7 @@
 
 The independent lookup projects with PROJ (rasterio.warp), walks tiles one point at a time in
 plain Python and de-quantises with float64 maths, so it shares no code with
-``fusar_edge.geo.tilestore`` beyond the store's published rules (docs/tilestore.md).
+``fusar_edge.tiles.store`` beyond the store's published rules (docs/tilestore.md).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from rasterio.warp import transform as warp
 
-from fusar_edge.geo.tile_format import write_store
+from fusar_edge.tiles.format import write_store
 
 NODATA = -128
 

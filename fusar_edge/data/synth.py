@@ -137,8 +137,8 @@ def synth(out: str | Path, n: int, seed: int = 0, chip: int = 504, per_region: i
 
     ``progress(phase, done, total)`` is called per region ("regions") and per scene ("scenes").
     """
-    from ..geo.tile_ingest import ingest
-    from ..geo.tilestore import TileStore
+    from ..tiles.ingest import ingest
+    from ..tiles.store import TileStore
 
     for name, value, low in (("--n", n, 3), ("--chip", chip, 56), ("--per-region", per_region, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -243,8 +243,8 @@ def sample_scene(out: str | Path, seed: int = 0, size: int = 224) -> dict:
     an existing one each file is renamed in, ``scene.tif`` last. A kill or a full disk never
     leaves a truncated file.
     """
-    from ..geo.tile_ingest import ingest
-    from ..geo.tilestore import TileStore
+    from ..tiles.ingest import ingest
+    from ..tiles.store import TileStore
 
     if isinstance(size, bool) or not isinstance(size, int) or size < 56 or size > 4096:
         raise InputError(f"--size: expected an integer from 56 to 4096 px, got {size!r}")

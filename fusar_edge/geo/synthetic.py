@@ -85,7 +85,7 @@ def write_demo_tiles(store: str | Path, size: int, year: int, seed: int = 0) -> 
     The embeddings are a smooth random field of unit vectors (like AEF's, they vary slowly
     over the ground), with a small no-data hole under the scene.
     """
-    from .tile_format import write_store
+    from ..tiles.format import write_store
 
     rng = np.random.default_rng(seed + 1)
     coarse = rng.standard_normal((size // 32 + 2, size // 32 + 2, 64))

@@ -2,7 +2,7 @@
  * libfusar_tiles: the C reader of the AEF tile store. docs/tilestore.md is the contract;
  * section names below ("Lookup", "Grids", ...) refer to it.
  *
- * Bit compatibility with the Python reference (fusar_edge/geo/tilestore.py, utm.py) rests
+ * Bit compatibility with the Python reference (fusar_edge/tiles/store.py, utm.py) rests
  * on three things: the same double operations in the same order (build with
  * -ffp-contract=off so the compiler fuses nothing), the same libm functions (sin, atanh,
  * atan2, ...), and the same de-quantisation table. Features are whole AEF pixels, so a
@@ -40,7 +40,7 @@
 /* numpy's radians(x) is x * (pi / 180) with this double pi; keep the same product. */
 #define DEG2RAD (3.141592653589793238462643383279502884 / 180.0)
 
-/* ---- UTM (docs/tilestore.md, "Projection"; fusar_edge/geo/utm.py) ----------------------- */
+/* ---- UTM (docs/tilestore.md, "Projection"; fusar_edge/tiles/utm.py) --------------------- */
 
 typedef struct {
     double e;        /* first eccentricity, written through n */

@@ -3,7 +3,7 @@
  *
  * The on-disk format and the lookup rules are normative in docs/tilestore.md; this reader
  * follows them so that it returns the same float32 bytes as the Python reference
- * (fusar_edge/geo/tilestore.py). C99, libc + libm + POSIX mmap only.
+ * (fusar_edge/tiles/store.py). C99, libc + libm + POSIX mmap only.
  *
  * Thread safety: a fusar_tiles handle is immutable after fusar_tiles_open() returns, and
  * the library keeps no global state, so any number of threads may call the lookup and
@@ -105,7 +105,7 @@ FUSAR_TILES_API long fusar_tiles_lookup_bbox(const fusar_tiles *t, int year, dou
 
 /*
  * WGS84 lon/lat (degrees) -> UTM easting/northing (metres) in `zone` (1..60), the series
- * the lookup uses (Krüger / Karney 6th order, same operations as fusar_edge/geo/utm.py).
+ * the lookup uses (Krüger / Karney 6th order, same operations as fusar_edge/tiles/utm.py).
  * Exposed for tests and tools; returns EINVAL for a bad zone or NULL outputs.
  */
 FUSAR_TILES_API int fusar_tiles_lonlat_to_utm(double lon, double lat, int zone, int north, double *easting,

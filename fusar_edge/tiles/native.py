@@ -1,7 +1,7 @@
 """ctypes binding of ``libfusar_tiles``, the C reader of the AEF tile store (``native/tiles``).
 
 ``NativeTileStore(dir).lookup_bbox(bbox, year, grid)`` returns the same float32 bytes as
-``TileStore`` (``fusar_edge.geo.tilestore``), both following docs/tilestore.md; the C side
+``TileStore`` (``fusar_edge.tiles.store``), both following docs/tilestore.md; the C side
 exists for callers without Python (and is faster). The library is found through
 ``$FUSAR_TILES_LIB``, the copy setup.py builds into the package, the source tree's
 ``build/`` directory, or the system's library path; ``build_native_tiles(build_dir)``
@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AnchorError, FusarError, InputError
-from .tile_format import VEC_DIM, StoreError, lookup_points_arrays
+from .format import VEC_DIM, StoreError, lookup_points_arrays
+from .years import acquisition_year
 
 LIB_ENV = "FUSAR_TILES_LIB"
 LIB_FILE = "libfusar_tiles.so"
@@ -109,7 +110,7 @@ def load_native_tiles(lib_path: str | Path | None = None) -> ctypes.CDLL:
         raise NativeTilesUnavailable(
             f"libfusar_tiles not found: set ${LIB_ENV} to a built {LIB_FILE}, build it into {SOURCE_ROOT / 'build'} "
             "(`cmake -S . -B build && cmake --build build`), or call "
-            "fusar_edge.geo.native_tiles.build_native_tiles(build_dir)")
+            "fusar_edge.tiles.native.build_native_tiles(build_dir)")
     key = str(path)
     with _LIBS_LOCK:
         lib = _LIBS.get(key)
@@ -226,8 +227,6 @@ class NativeTileStore:
 
     def pick_year(self, date: dt.date | str | int | None) -> tuple[int, str | None]:
         """``(year, note)`` as ``TileStore.pick_year``: the acquisition year if stored, else the nearest."""
-        from .tilestore import acquisition_year
-
         year = acquisition_year(date)
         handle = self._acquire()
         try:

@@ -13,7 +13,7 @@ A generation directory and the tile files it names are immutable once written. W
 store means: write new tile files (invisible until referenced), write a new generation,
 then atomically replace ``CURRENT``. A crash before that last step leaves the store as it
 was; after it, complete. This module owns that protocol and the binary format; ingest
-(``tile_ingest``) and lookup (``tilestore``) build on it.
+(``tiles.ingest``), lookup (``tiles.store``) and ``tiles.verify`` build on it.
 """
 
 from __future__ import annotations

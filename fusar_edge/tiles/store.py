@@ -3,8 +3,9 @@
 ``TileStore.open(dir).lookup(anchor, grid=(16, 16)) -> AnchorSet``: lay a grid over the
 image footprint, pick the AEF year, and read each grid point's 64-d vector from
 memory-mapped int8 tiles (nearest pixel, de-quantised on read). This module is the
-reference the C reader (``native/tiles``) is tested against byte for byte; both follow the
-per-point rules of docs/tilestore.md.
+reference the C reader (``native/tiles``, wrapped by ``tiles.native``) is tested against byte
+for byte; both follow the per-point rules of docs/tilestore.md. ``open`` hands lookups to the
+C reader when it is available (``backend="auto"``).
 
 Thread safety: everything is read-only after ``open`` (numpy memmaps, immutable arrays),
 so one ``TileStore`` may serve lookups from several threads at once.
@@ -20,12 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import AnchorError, InputError
-from .anchors import Anchor, AnchorSet
-from .tile_format import (EPSG_LONLAT, NODATA, VEC_DIM, StoreError, TileRecord, lookup_points_arrays,
-                          read_generation)
+from ..geo.anchors import Anchor, AnchorSet
+from .format import (EPSG_LONLAT, NODATA, VEC_DIM, StoreError, TileRecord, lookup_points_arrays,
+                     read_generation)
+from .native import NativeTilesUnavailable, NativeTileStore
 from .utm import central_meridian, lonlat_to_utm
+from .years import acquisition_year
 
-FIRST_AEF_YEAR = 2017
 DEFAULT_GRID = (16, 16)
 BACKENDS = ("auto", "native", "numpy")
 
@@ -105,8 +107,6 @@ class TileStore:
             raise StoreError(f"tile store {root}: holds no tiles")
         native = None
         if backend != "numpy":
-            from .native_tiles import NativeTilesUnavailable, NativeTileStore
-
             try:
                 native = NativeTileStore(root)
             except NativeTilesUnavailable:
@@ -263,26 +263,6 @@ def grid_positions(rows: int, cols: int) -> np.ndarray:
     pos = np.stack([np.repeat(fy, cols), np.tile(fx, rows)], axis=1).astype(np.float32)
     pos.flags.writeable = False
     return pos
-
-
-def acquisition_year(date: dt.date | dt.datetime | str | int | None) -> int:
-    """The AEF year asked for by an acquisition date (or year), checked: known, not in the
-    future, within AEF's range. Shared by both readers' ``pick_year``."""
-    if date is None:
-        raise AnchorError("anchor date: unknown acquisition date; AEF is annual, so give one "
-                          "(--date YYYY-MM-DD, or Anchor(..., date=...))")
-    if isinstance(date, str):
-        from .sar import parse_date
-
-        date = parse_date(date)
-    if isinstance(date, dt.datetime):
-        date = date.date()
-    if isinstance(date, dt.date) and date > dt.date.today():
-        raise AnchorError(f"anchor date: {date.isoformat()} is in the future")
-    year = int(date.year if isinstance(date, dt.date) else date)
-    if year < FIRST_AEF_YEAR or year > dt.date.today().year:
-        raise AnchorError(f"anchor date: year {year} is outside AEF's range ({FIRST_AEF_YEAR} to this year)")
-    return year
 
 
 def grid_lonlat(anchor: Anchor, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import tile_format as tf
+from . import format as tf
 
 Progress = Callable[[int, int, str], None]
 _CHUNK = 1 << 22
