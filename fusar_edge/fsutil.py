@@ -84,19 +84,24 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """``path`` holds the old text or the new, never part of either: a temp file beside it,
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """``path`` holds the old bytes or the new, never part of either: a temp file beside it,
     flushed to disk, then renamed over it."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``write_bytes_atomic`` of ``text`` in UTF-8."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def read_json(path: Path, missing: str) -> Any:

@@ -11,9 +11,8 @@ import rasterio
 from fusar_edge.cli import main
 from fusar_edge.data.synth import sample_scene
 from fusar_edge.errors import InputError
-from fusar_edge.scan.run import JOURNAL, scan_scene
-
-OUTPUTS = ("detections.geojson", "chips.jsonl", "summary.json")
+from fusar_edge.scan.journal import JOURNAL
+from fusar_edge.scan.run import OUTPUTS, scan_scene
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +180,123 @@ def test_a_cut_off_sliver_from_another_chip_is_dropped_but_one_chips_own_boxes_s
     assert merge_detections([sliver, whole]) == [whole]
     inner = Detection((104, 110, 110, 116), "ship", chip=0, chip_box=[], margin=30)  # the model's own second box
     assert merge_detections([whole, inner]) == [whole, inner]
+
+
+def _rewrite(src, dst, **changes):
+    """A copy of GeoTIFF ``src`` with profile ``changes`` (another CRS or transform)."""
+    with rasterio.open(src) as ds:
+        profile, data, tags = ds.profile, ds.read(), ds.tags()
+    profile.update(changes)
+    with rasterio.open(dst, "w", **profile) as out:
+        out.write(data)
+        out.update_tags(**tags)
+    return Path(dst)
+
+
+def _assert_features_match_rasterio(path, fc):
+    with rasterio.open(path) as ds:
+        assert fc["features"]
+        for f in fc["features"]:
+            x0, y0, x1, y1 = f["properties"]["scene_box"]
+            xs, ys = rasterio.transform.xy(ds.transform, [y0, y0, y1, y1], [x0, x1, x1, x0], offset="ul")
+            lon, lat = rasterio.warp.transform(ds.crs, "EPSG:4326", xs, ys)
+            ring = np.array(f["geometry"]["coordinates"][0])
+            assert np.allclose(sorted(map(tuple, ring[:4])), sorted(zip(lon, lat)), atol=2e-7)
+
+
+def test_scenes_in_different_crss_each_map_through_their_own(scene, oracle, tmp_path):
+    """A batch mixing CRSs: every scene's GeoJSON is EPSG:4326, each mapped from its own CRS."""
+    north = Path(scene["scene_tif"])
+    south = _rewrite(north, tmp_path / "south.tif", crs="EPSG:32733",  # UTM 33 south, 10 m pixels
+                     transform=rasterio.Affine(10.0, 0.0, 420000.0, 0.0, -10.0, 7000000.0))
+    lonlat = _rewrite(north, tmp_path / "lonlat.tif", crs="EPSG:4326",
+                      transform=rasterio.Affine(1e-4, 0.0, -70.5, 0.0, -1e-4, -33.0))
+    for path in (north, south, lonlat):
+        summary = scan_scene(oracle(), path, tmp_path / "out", chip=224, overlap=32)
+        assert summary["coordinates"] == "EPSG:4326" and summary["detections"] == len(scene["ships"])
+        _assert_features_match_rasterio(path, json.loads((tmp_path / "out" / path.stem / "detections.geojson").read_text()))
+    crss = {json.loads((tmp_path / "out" / p.stem / "summary.json").read_text())["georef"]["crs"]
+            for p in (north, south, lonlat)}
+    assert crss == {"EPSG:32631", "EPSG:32733", "EPSG:4326"}
+
+
+def test_the_quicklook_shows_the_merged_boxes(scene, oracle, tmp_path):
+    from PIL import Image
+
+    scan_scene(oracle(), Path(scene["scene_tif"]), tmp_path, chip=224, overlap=32)
+    img = np.asarray(Image.open(tmp_path / "scene" / "quicklook.png").convert("RGB"))
+    assert img.shape == (448, 448, 3)  # a 448-px scene is its own overview
+    red = (img[..., 0] == 255) & (img[..., 1] == 40) & (img[..., 2] == 40)
+    for x0, y0, x1, y1 in scene["ships"]:  # each ship's box outline is drawn...
+        cx = (x0 + x1) // 2
+        assert red[max(y0 - 2, 0):y0 + 2, cx].any() or red[max(y1 - 2, 0):y1 + 2, cx].any()
+    drawn = np.zeros_like(red)
+    for x0, y0, x1, y1 in scene["ships"]:
+        drawn[max(y0 - 3, 0):y1 + 3, max(x0 - 3, 0):x1 + 3] = True
+    assert not (red & ~drawn).any()  # ...and nothing else is
+
+
+def test_a_full_disk_stops_cleanly_and_the_run_resumes(scene, oracle, tmp_path, monkeypatch):
+    import errno
+
+    from fusar_edge.errors import FusarError
+    from fusar_edge.scan import journal as J
+
+    whole = tmp_path / "whole"
+    scan_scene(oracle(), Path(scene["scene_tif"]), whole, chip=224, overlap=32)
+    real, calls = J.Journal.append, []
+
+    def append(self, record):
+        calls.append(record["chip"])
+        if len(calls) > 3:
+            with open(self.path, "a") as f:
+                f.write('{"chip": 5, "te')  # the disk filled mid-line
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, record)
+
+    monkeypatch.setattr(J.Journal, "append", append)
+    out = tmp_path / "full"
+    with pytest.raises(FusarError, match=r"disk full \(No space left on device\) with 3 of 9 chips done; they are kept"):
+        scan_scene(oracle(), Path(scene["scene_tif"]), out, chip=224, overlap=32)
+    assert not (out / "scene" / "summary.json").exists()
+    monkeypatch.setattr(J.Journal, "append", real)  # space freed
+    rt = oracle()
+    scan_scene(rt, Path(scene["scene_tif"]), out, chip=224, overlap=32)
+    assert rt.calls == 6 and _bytes(out / "scene") == _bytes(whole / "scene")
+
+
+def test_an_unreadable_scene_in_a_batch_is_reported_and_the_others_finish(scene, tmp_path, capsys):
+    good = Path(scene["scene_tif"])
+    raw = good.read_bytes()
+    bad = tmp_path / "truncated.tif"
+    bad.write_bytes(raw[: len(raw) // 2])  # a transfer cut half way
+    code = main(["scan", str(bad), str(good), "--out", str(tmp_path / "o"), "--no-anchors", "--task", "count",
+                 "--overlap", "0", "--threads", "1", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert f"fusar-edge: error: scene {bad}" in err or f"image {bad}" in err
+    assert "skipped; the other scenes go on" in err and json.loads(err.strip().splitlines()[-1])["failed"]
+    assert "scene.tif: 4 of 4 chips answered" in out and (tmp_path / "o" / "scene" / "summary.json").exists()
+
+
+def test_chips_outside_the_tile_store_stop_the_scan_or_are_flagged(scene, tmp_path, capsys):
+    """Moved 240 px east, this scene's east column of chips lies beyond the tile store (which
+    covers the 448-px sample with 8 px to spare) and its west column partly: without
+    --allow-no-coverage that is an error naming the flag; with it the uncovered chips are
+    answered without anchors and flagged, and the partly covered ones flagged too."""
+    with rasterio.open(scene["scene_tif"]) as ds:
+        t = ds.transform
+    shifted = _rewrite(scene["scene_tif"], tmp_path / "east.tif",
+                       transform=rasterio.transform.Affine(t.a, t.b, t.c + 240 * t.a, t.d, t.e, t.f))
+    args = ["scan", str(shifted), "--tiles", str(scene["tiles"]), "--task", "count", "--overlap", "0",
+            "--threads", "1", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "strict")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--allow-no-coverage" in err[0], err
+    assert main(args + ["--out", str(tmp_path / "flagged"), "--allow-no-coverage"]) == 0
+    assert "without AEF anchors" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "flagged" / "east" / "summary.json").read_text())
+    assert summary["chips_without_anchors"] == [1, 3]  # the east column of the 2 x 2 grid
+    assert summary["chips_partly_covered"] == [0, 2]
+    rows = [json.loads(s) for s in (tmp_path / "flagged" / "east" / "chips.jsonl").read_text().splitlines()]
+    assert [r["anchor"]["tlm"] for r in rows] == ["applied", "skipped", "applied", "skipped"]

@@ -12,28 +12,39 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import rasterio
 from affine import Affine
 from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
 from ..errors import InputError
-from ..geo.sar import SarImage, open_raster, raster_date, stretch, stretch_limits, to_db
+from ..geo.radiometry import stretch, stretch_limits, to_db
+from ..geo.sar import SarImage, open_raster, raster_date
 from .georef import SceneGeoref
 from .grid import Chip
 
 OVERVIEW_SIDE = 2048  # the decimated read that sets the stretch: enough pixels for stable percentiles
+GDAL_CACHE_MB = 128  # a row of 512-px uint16 blocks across a 25,000-px scene is 25 MB; float32 SLC 50 MB
 
 
 class SceneReader:
     """An open scene: ``read(chip)`` -> the chip as a ``SarImage`` (its own georeference), or None
-    when it holds no valid pixel (nodata, or the zero fill around a SAR swath)."""
+    when it holds no valid pixel (nodata, or the zero fill around a SAR swath). ``overview``: the
+    decimated scene (at most ``OVERVIEW_SIDE`` px a side) in 8 bits, rendered with the scene's
+    stretch, for the quick-look."""
 
     def __init__(self, path: str | Path, band: int = 1, scale: str = "auto"):
         self.path = Path(path)
-        self._ctx = open_raster(self.path)
-        self.ds = self._ctx.__enter__()
+        # GDAL's block cache defaults to 5 % of the machine's memory (1.2 GB on 24 GB), and a scene
+        # read window by window would fill it: the scan's memory would follow the machine, not the
+        # work. One row of chips touches one or two rows of blocks: GDAL_CACHE_MB holds them.
+        self._env, self._ctx = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), None
+        self._env.__enter__()
         try:
-            ds = self.ds
+            ctx = open_raster(self.path)
+            self.ds = ds = ctx.__enter__()
+            self._ctx = ctx  # entered: close() exits it
             if band < 1 or band > ds.count:
                 raise InputError(f"scene {self.path}: band {band} out of range; the file has {ds.count} band(s)")
             self.band, self.width, self.height = band, ds.width, ds.height
@@ -49,15 +60,26 @@ class SceneReader:
         side = max(self.width, self.height)
         k = max(1.0, side / OVERVIEW_SIDE)
         shape = (max(1, round(self.height / k)), max(1, round(self.width / k)))
-        pixels = self.ds.read(self.band, out_shape=shape, resampling=Resampling.average)
+        try:
+            pixels = self.ds.read(self.band, out_shape=shape, resampling=Resampling.average)
+        except RasterioError as exc:
+            raise InputError(f"scene {self.path}: unreadable ({' '.join(str(exc).split())}); is the file truncated "
+                             "or corrupt?") from None
         if scale == "auto" and pixels.dtype == np.uint8:
-            return "visual8", None  # an 8-bit rendering already: chips are its pixels
+            self.overview = pixels  # an 8-bit rendering already: chips are its pixels
+            return "visual8", None
         db, valid, kind = to_db(self.path, pixels, scale, self.nodata)
-        return kind, stretch_limits(self.path, db, valid)
+        limits = stretch_limits(self.path, db, valid)
+        self.overview = np.round(stretch(self.path, db, valid, limits) * 255.0).astype(np.uint8)
+        return kind, limits
 
     def read(self, chip: Chip) -> SarImage | None:
         window = Window(chip.x0, chip.y0, chip.width, chip.height)
-        pixels = self.ds.read(self.band, window=window)
+        try:
+            pixels = self.ds.read(self.band, window=window)
+        except RasterioError as exc:  # a truncated or damaged file fails here, not at open
+            raise InputError(f"scene {self.path}: unreadable at chip {chip.index} (window at x {chip.x0}, "
+                             f"y {chip.y0}): {' '.join(str(exc).split())}") from None
         if self.kind == "visual8":
             if not pixels.any():
                 return None
@@ -90,6 +112,9 @@ class SceneReader:
         if self._ctx is not None:
             self._ctx.__exit__(None, None, None)
             self._ctx = None
+        if self._env is not None:
+            self._env.__exit__(None, None, None)
+            self._env = None
 
     def __enter__(self) -> "SceneReader":
         return self

@@ -2,78 +2,100 @@
 
 Per scene, ``OUT/<scene name>/`` holds:
 
-- ``journal.jsonl``: a header (the scene's identity, the model, the settings), then one line per
-  chip as it finishes, flushed to disk; a killed run resumes from it (no chip done twice, none
-  lost), and a journal of another scene, model or setting is refused, never merged;
-- when every chip is done, written atomically: ``detections.geojson`` (RFC 7946, EPSG:4326; pixel
-  space when the scene has no georeference, and it says so), ``chips.jsonl`` (every chip's raw
-  answer, in chip order) and ``summary.json``. These are built from the journal alone, sorted,
-  without timings: a resumed run writes the same bytes as an uninterrupted one.
+- ``journal.jsonl`` (``scan.journal``): a header (the scene's identity, the model, the
+  settings), then one line per chip as it finishes, flushed to disk; a killed run resumes from
+  it (no chip done twice, none lost), and a journal of another scene, model or setting is
+  refused, never merged;
+- when every chip is done, each written atomically: ``detections.geojson`` (RFC 7946,
+  EPSG:4326, whatever the scene's own CRS; pixel space when the scene has no georeference, and
+  it says so), ``chips.jsonl`` (every chip's raw answer, in chip order), ``quicklook.png`` and,
+  last, ``summary.json``. They are built from the journal alone, sorted, without timings: a
+  resumed run writes the same bytes as an uninterrupted one, whoever answered the chips (this
+  process, in batches, or Ray workers: ``scan.answerers``, ``scan.ray_pool``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
-import os
 import time
 from pathlib import Path
 from typing import Callable
 
-from ..errors import InputError
-from ..fsutil import write_text_atomic
+from ..errors import FusarError, InputError
+from ..fsutil import write_bytes_atomic, write_text_atomic
+from .answerers import ChipQuestion, LocalAnswerer, timed
 from .geojson import dumps, feature, feature_collection
 from .grid import Chip, chip_grid
+from .journal import JOURNAL, Journal
 from .merge import Detection, edge_margin, merge_detections
+from .quicklook import quicklook_png
 from .reader import SceneReader, scene_identity
 
 TASKS = ("detect", "count", "caption")
-JOURNAL = "journal.jsonl"
 QUESTIONS = {"detect": "Detect the {label}s in the image.", "count": "How many {label}s are there?",
              "caption": "Describe the scene."}
+OUTPUTS = ("detections.geojson", "chips.jsonl", "summary.json", "quicklook.png")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def scan_scene(rt, scene: Path, out: Path, *, task: str = "detect", label: str = "ship", chip: int | None = None,
+def scan_scene(runner, scene: Path, out: Path, *, task: str = "detect", label: str = "ship", chip: int | None = None,
                overlap: int = 64, no_anchors: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Scan one scene with an open ``Runtime``; -> the summary (also written to ``summary.json``)."""
+    """Scan one scene; -> the summary (also written to ``summary.json``) plus ``run`` (this run's
+    chips, seconds and where they went, which is not written: it differs run to run).
+
+    ``runner``: an open ``Runtime`` (chips answered one by one in this process) or an answerer
+    from ``scan.answerers`` / ``scan.ray_pool`` (batched, or on Ray workers)."""
+    answerer = runner if hasattr(runner, "answer") else LocalAnswerer(runner)
     if task not in TASKS:
         raise InputError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
-    size = int(chip or rt.config.chip_size)
+    size = int(chip or answerer.chip_size)
     if overlap > size // 2:  # beyond it every pixel is read (and answered) more than 4 times; the grid would grow
         raise InputError(f"--overlap {overlap}: at most half of the chip ({size // 2} px for --chip {size})")
     folder = out / scene.stem
+    t0 = time.perf_counter()
     with SceneReader(scene) as reader:
         grid = chip_grid(reader.width, reader.height, size, overlap)
-        header = {"identity": scene_identity(scene, reader), "weights": rt.weights, "preset": rt.config.name,
+        header = {"identity": scene_identity(scene, reader), "weights": answerer.weights, "preset": answerer.preset,
                   "task": task, "label": label, "chip": size, "overlap": overlap, "chips": len(grid),
                   "no_anchors": no_anchors}
         folder.mkdir(parents=True, exist_ok=True)  # only once the scene and the settings are known good
-        journal = Journal(folder / JOURNAL, header)
+        journal = _disk_guard(lambda: Journal(folder / JOURNAL, header), folder, 0, len(grid))
         done = journal.done()
-        question = QUESTIONS[task].format(label=label)
         todo = [c for c in grid if c.index not in done]
         finished = len(grid) - len(todo)
-        t0 = time.perf_counter()
-        for c in todo:
-            journal.append(_answer_chip(rt, reader, c, task, label, question, no_anchors))
+        q = ChipQuestion(task, label, QUESTIONS[task].format(label=label), no_anchors)
+        read_ms: dict[int, float] = {}
+        profile: dict[str, float] = {}
+        jobs = timed(((c, reader.read(c)) for c in todo), read_ms)
+        for record in answerer.answer(jobs, q):
+            record.setdefault("timings", {})["read"] = round(read_ms.pop(record["chip"], 0.0), 3)
+            for k, v in record["timings"].items():
+                profile[k] = profile.get(k, 0.0) + v
+            _disk_guard(lambda: journal.append(record), folder, finished, len(grid))
             finished += 1
             if progress:
                 progress(finished, len(grid))
-        records = journal.records()
-        summary = _write_outputs(folder, reader, grid, records, header, rt)
-    summary["seconds_this_run"] = round(time.perf_counter() - t0, 2)
+        t_write = time.perf_counter()
+        summary = _disk_guard(lambda: _write_outputs(folder, reader, grid, journal.records(), header), folder,
+                              finished, len(grid))
+        profile["write"] = (time.perf_counter() - t_write) * 1e3
+    seconds = time.perf_counter() - t0
+    summary["run"] = {"chips": len(todo), "seconds": round(seconds, 2),
+                      "chips_per_s": round(len(todo) / seconds, 3) if seconds > 0 else None,
+                      "profile_ms": {k: round(v, 1) for k, v in sorted(profile.items())}}
     return summary
 
 
-def _answer_chip(rt, reader: SceneReader, c: Chip, task: str, label: str, question: str, no_anchors: bool) -> dict:
-    record = {"chip": c.index, "window": [c.x0, c.y0, c.width, c.height]}
-    img = reader.read(c)
-    if img is None:
-        return {**record, "status": "nodata"}
-    ans = rt.ask(img, question, task=task, label=label if task == "detect" else None, no_anchors=no_anchors)
-    record.update(status="done", text=ans.text, answer=ans.answer, parse_error=ans.parse_error,
-                  anchor={k: ans.anchor.get(k) for k in ("source", "coverage", "tlm")},
-                  ms=round(ans.timings_ms["total"], 1))
-    return record
+def _disk_guard(step, folder: Path, finished: int, total: int):
+    """Run ``step``; a full disk stops the scan with one line, the finished chips kept in the journal."""
+    try:
+        return step()
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        raise FusarError(f"{folder}: disk full ({exc.strerror}) with {finished} of {total} chips done; they are kept "
+                         "in the journal: free some space and run the same command again to continue") from None
 
 
 def _chip_detections(record: dict, c: Chip, reader: SceneReader) -> list[Detection]:
@@ -89,15 +111,32 @@ def _chip_detections(record: dict, c: Chip, reader: SceneReader) -> list[Detecti
     return out
 
 
-def _write_outputs(folder: Path, reader: SceneReader, grid: list[Chip], records: dict[int, dict], header: dict,
-                   rt) -> dict:
+def _anchor_flags(records: dict[int, dict], no_anchors: bool) -> tuple[list[int], list[int]]:
+    """Answered chips the tile store left without anchors (TLM skipped: ``--allow-no-coverage``),
+    and those it covered only in part."""
+    if no_anchors:
+        return [], []  # none were asked for
+    none, partly = [], []
+    for i, r in sorted(records.items()):
+        anchor = r.get("anchor") or {}
+        if r["status"] != "done" or not str(anchor.get("source", "")).startswith("tiles:"):
+            continue
+        if anchor.get("tlm") == "skipped":
+            none.append(i)
+        elif (anchor.get("coverage") or 0.0) < 1.0:
+            partly.append(i)
+    return none, partly
+
+
+def _write_outputs(folder: Path, reader: SceneReader, grid: list[Chip], records: dict[int, dict],
+                   header: dict) -> dict:
     task = header["task"]
     chips_log = []
     detections: list[Detection] = []
     counts = {}
     for c in grid:
         r = records[c.index]
-        chips_log.append({k: v for k, v in r.items() if k != "ms"})  # timings vary run to run: kept out
+        chips_log.append({k: v for k, v in r.items() if k != "timings"})  # timings vary run to run: kept out
         if r["status"] != "done":
             continue
         if task == "detect":
@@ -109,14 +148,20 @@ def _write_outputs(folder: Path, reader: SceneReader, grid: list[Chip], records:
             "task": task, "label": header["label"], "chip": header["chip"], "overlap": header["overlap"],
             "coordinates": "EPSG:4326" if reader.georef.kind != "none" else "scene pixels (no georeference)"}
     merged = merge_detections(detections) if task == "detect" else []
+
+    def anchors_of(chip: int) -> dict:
+        a = records[chip].get("anchor") or {}
+        return {"anchors": a.get("tlm"), "anchor_coverage": a.get("coverage")}
+
     features = [feature(d, reader.georef, {"label": d.label, "chip": d.chip, "chip_box": d.chip_box,
                                            "scene_box": [round(v, 2) for v in d.box], "model": header["preset"],
-                                           "weights": header["weights"], "scene": meta["scene"], "date": meta["date"]})
+                                           "weights": header["weights"], "scene": meta["scene"], "date": meta["date"],
+                                           **anchors_of(d.chip)})
                 for d in merged]
-    write_text_atomic(folder / "chips.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in chips_log))
-    write_text_atomic(folder / "detections.geojson", dumps(feature_collection(features, meta)))
+    without, partly = _anchor_flags(records, header["no_anchors"])
     n_done = sum(1 for r in records.values() if r["status"] == "done")
     summary = {**meta, "chips": len(grid), "chips_answered": n_done, "chips_nodata": len(grid) - n_done,
+               "chips_without_anchors": without, "chips_partly_covered": partly,
                "detections_before_merge": len(detections), "detections": len(merged),
                "boxes_without_area": sum(1 for r in records.values() if isinstance(r.get("answer"), list)
                                          for b in r["answer"] if isinstance(b, dict) and b.get("degenerate")),
@@ -127,58 +172,10 @@ def _write_outputs(folder: Path, reader: SceneReader, grid: list[Chip], records:
         if header["overlap"]:
             summary["count_note"] = ("the sum of per-chip counts: objects in chip overlaps count twice; --overlap 0, "
                                      "or --task detect for a deduplicated count")
+    # summary.json last: its presence says every other output is complete
+    write_text_atomic(folder / "chips.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in chips_log))
+    write_text_atomic(folder / "detections.geojson", dumps(feature_collection(features, meta)))
+    write_bytes_atomic(folder / "quicklook.png", quicklook_png(reader.overview, (reader.width, reader.height), grid,
+                                                               records, merged, counts))
     write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
-
-
-class Journal:
-    """Append-only record of finished chips; refuses a folder that belongs to another run."""
-
-    def __init__(self, path: Path, header: dict):
-        self.path, self.header = path, header
-        if path.exists():
-            self._check_header()
-        else:
-            write_text_atomic(path, json.dumps({"header": header}, sort_keys=True) + "\n")
-
-    def _lines(self) -> list[str]:
-        raw = self.path.read_bytes()
-        if raw and not raw.endswith(b"\n"):  # a line cut by a kill: drop it, the chip runs again
-            raw = raw[: raw.rfind(b"\n") + 1]
-            with open(self.path, "r+b") as f:
-                f.truncate(len(raw))
-        return raw.decode("utf-8").splitlines()
-
-    def _check_header(self) -> None:
-        lines = self._lines()
-        try:
-            found = json.loads(lines[0])["header"] if lines else None
-        except (json.JSONDecodeError, KeyError, TypeError):
-            found = None
-        if found is None:
-            raise InputError(f"{self.path}: not a scan journal; choose another --out")
-        for key in self.header:
-            if found.get(key) != self.header[key]:
-                raise InputError(f"{self.path.parent}: holds a scan of another {_what(key)} ({key} differs); it is "
-                                 "not merged: choose another --out, or delete the folder to start over")
-
-    def append(self, record: dict) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def records(self) -> dict[int, dict]:
-        out = {}
-        for line in self._lines()[1:]:
-            r = json.loads(line)
-            out[int(r["chip"])] = r
-        return out
-
-    def done(self) -> set[int]:
-        return set(self.records())
-
-
-def _what(key: str) -> str:
-    return {"identity": "scene (or the scene file changed)", "weights": "model", "preset": "model"}.get(key, "setting")
-
