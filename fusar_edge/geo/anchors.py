@@ -29,6 +29,8 @@ allocated. Only the ``.npz`` keys above are read; other members are never decomp
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import datetime as dt
 import math
 import os
@@ -41,6 +43,9 @@ from pathlib import Path
 from typing import Callable, IO
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 from ..errors import AnchorError, InputError
 from .sar import SarImage, open_raster, parse_date, raster_date, raster_georef

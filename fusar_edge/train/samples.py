@@ -74,7 +74,7 @@ class SampleBuilder:
         return pixels, grid, self._anchor(root / row["aef"]) if self.use_anchors else None
 
     def __call__(self, row: dict[str, Any], with_answer: bool = True) -> Sample:
-        cfg, root = self.config, Path(row["_root"])
+        cfg = self.config
         size = row.get("coordinate_size", cfg.chip_size)
         if size != cfg.chip_size:
             raise InputError(f"row {row.get('id', '?')}: coordinate_size {size} != the model's chip {cfg.chip_size} "
