@@ -141,10 +141,14 @@ def main() -> None:
     from fusar_edge.data.synth import sample_scene
 
     work = Path(tempfile.mkdtemp(prefix="fusar-scan-bench-"))
-    result = {"command": "python benchmarks/scan.py " + " ".join(sys.argv[1:]), "threads": a.threads,
-              "cpu": _cpu(), "host": socket.gethostname()}
+    out = ROOT / "benchmarks" / "results" / f"scan-{socket.gethostname().split('.')[0]}.json"
+    # a run of one part (--skip-memory) keeps the other part's last results, each with its command
+    result = json.loads(out.read_text()) if out.exists() else {}
+    command = "python benchmarks/scan.py " + " ".join(sys.argv[1:])
+    result.update(cpu=_cpu(), host=socket.gethostname())
     if not a.skip_memory:
         result["memory"] = memory_runs(a.sizes, work, a.threads)
+        result["memory_command"] = command
     sample = work / "sample"
     sample_scene(sample, seed=3, size=1024)
     onnx = a.onnx
@@ -156,8 +160,10 @@ def main() -> None:
     cases = {"torch": t, "torch-batch4": [*t, "--batch", "4"],
              "onnxruntime": [*t, "--bundle", onnx, "--backend", "onnxruntime"]}
     result["speed"] = speed_runs(cases, sample / "scene.tif", sample / "tiles", work, a.rounds)
-    result["load_avg_1m_at_end"] = os.getloadavg()[0]
-    out = ROOT / "benchmarks" / "results" / f"scan-{socket.gethostname().split('.')[0]}.json"
+    result.update(speed_command=command, speed_threads=a.threads, speed_rounds=a.rounds,
+                  load_avg_1m_at_end=os.getloadavg()[0])
+    result.pop("command", None)
+    result.pop("threads", None)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {out}")
     shutil.rmtree(work, ignore_errors=True)

@@ -20,6 +20,10 @@ from ..errors import AnchorError, InputError
 from .grid import Chip
 
 
+# the answer's stage timings a scan adds up (``total`` and ``decode_per_token`` would count twice)
+STAGES = ("preprocess", "anchors", "vision", "fusion", "prefill", "decode", "parse")
+
+
 @dataclass(frozen=True)
 class ChipQuestion:
     """What every chip of one scan is asked (the same text for all: their prompts then share a
@@ -48,7 +52,7 @@ def answer_chip(rt, chip: Chip, img, q: ChipQuestion) -> dict:
                          "--allow-no-coverage answers such chips without anchors, flagged in its outputs") from None
     return {**nodata_record(chip), "status": "done", "text": ans.text, "answer": ans.answer,
             "parse_error": ans.parse_error, "anchor": {k: ans.anchor.get(k) for k in ("source", "coverage", "tlm")},
-            "timings": {k: v for k, v in ans.timings_ms.items() if isinstance(v, (int, float))}}
+            "timings": {k: v for k, v in ans.timings_ms.items() if k in STAGES}}
 
 
 class LocalAnswerer:
