@@ -3,13 +3,12 @@
 The same random 4-bit weights (symmetric, block 128, ``export/quant_types.Int4Weight``) run as
   * ONNX Runtime ``com.microsoft.MatMulNBits`` at accuracy level 4 (int8 activations; the
     fast CPU path) and at level 0 (float32 activations),
-  * ONNX Runtime on the INT4 QDQ form (``DequantizeLinear -> MatMul``; ORT fuses it into
-    MatMulNBits at level 4 by itself),
   * ONNX Runtime float32 ``MatMul`` with the dequantised weights,
   * torch float32 eager (``F.linear`` x 8) with the dequantised weights.
 Time per call of the whole stack: median (and min) over repeats of the mean of back-to-back
 calls, the variants taking turns, warm-up excluded. Writes
-benchmarks/results/int4-gemv-<host>.json with machine info.
+benchmarks/results/int4-gemv-<host>.json with machine info. (Results written before the INT4
+QDQ form was retired, e.g. int4-gemv-vm.json, also hold an ``ort_qdq_int4`` row.)
 
     python benchmarks/int4_gemv.py [--threads 1 2] [--iters 50] [--repeats 15] [--out FILE]
 """
@@ -102,7 +101,6 @@ def main() -> int:
     variants = {
         "ort_matmulnbits_acc4": quantize_onnx_model(fmodel, wmap, form="matmulnbits", accuracy_level=4).model,
         "ort_matmulnbits_acc0": quantize_onnx_model(fmodel, wmap, form="matmulnbits", accuracy_level=0).model,
-        "ort_qdq_int4": quantize_onnx_model(fmodel, wmap, form="qdq").model,
         "ort_fp32": fmodel,
     }
     results: dict = {"machine": machine(), "shape": {"layers": LAYERS, "in": D, "out": D, "batch": 1,

@@ -6,8 +6,8 @@ artifacts in sub-folders:
     onnx/             the three stages in fp32 (ONNX Runtime, and the source of the others)
     gptq/             Hugging Face GPTQ checkpoint of the language model's linear layers
     onnx-int4/        decoder with com.microsoft.MatMulNBits weights (ONNX Runtime CPU/CUDA)
-    onnx-int4-qdq/    decoder with INT4 DequantizeLinear -> MatMul (TensorRT's weight-only INT4)
-    tensorrt/<gpu>/   engines, when TensorRT is installed
+    edgellm/          TensorRT Edge-LLM (Jetson): its GPTQ checkpoint, its exporter's llm/ when
+                      installed, our fp16 vision.onnx / grasp.onnx, fusar_edgellm.json (edgellm.py)
     export.json       what was exported, from what, with the parity checks (below)
     manifest.json     sha256 and size of every file, sub-folders included
 
@@ -22,6 +22,10 @@ Parity checks that gate the export (a failure publishes nothing unless ``force``
     onnx-int4.packing_check         the 4-bit weights packed as MatMulNBits at accuracy level 0
                                     (fp32 compute) vs the torch model holding the same dequantised
                                     weights: wrong packing, scales or layer mapping fail it
+    edgellm.parity                  fp16 vision.onnx / grasp.onnx vs the fp32 torch model
+    edgellm.join_check              the runner's id/table rule vs the torch fusion (exact)
+    edgellm.llm.problems            Edge-LLM's graph: one INT4 GEMM plugin per quantised linear,
+                                    one attention plugin per layer, the hidden_states output
 
 and measurements that are only reported (``onnx-int4``):
 
@@ -57,19 +61,23 @@ def _noop(message: str) -> None:
 
 
 def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = True, gptq4: bool = False,
-                  calib: int = 16, group_size: int = 128, tensorrt: bool = False, force: bool = False,
+                  calib: int = 16, group_size: int = 128, edgellm: bool = False, force: bool = False,
                   parity_prompts: int = 3, progress: Progress | None = None) -> dict:
     """Export ``source`` (bundle directory or preset name; None = the built-in demo) into ``out``; -> the report.
 
     A gating parity check that fails raises ``FusarError`` and publishes nothing; ``force``
     replaces an existing ``out`` and publishes despite such a failure (listed in ``failed_checks``).
+    ``edgellm`` takes the GPTQ weights of the source's ``gptq/`` (or ``edgellm/checkpoint/``) when
+    they are group 128 and ``gptq4`` is not asked (GPTQ of a 7B model takes hours), else runs GPTQ.
     """
     progress = progress or _noop
     out = Path(out)
     if out.exists() and not force:
         raise BundleError(f"{out}: already exists; pass --force to replace a previous export")
-    if tensorrt:
-        _require_tensorrt()
+    if edgellm:
+        from .edgellm import check_group_size
+
+        check_group_size(group_size)
     if gptq4 and not onnx:
         onnx = True  # the 4-bit graphs are rewrites of the fp32 decoder graph
     started = time.perf_counter()
@@ -78,6 +86,11 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
     # fp32: the exported graphs are the fp32 reference the 4-bit forms and other runtimes derive from
     model, tokenizer, weights_id = open_model(source, dtype=torch.float32, device="cpu")
     model.eval()
+    if edgellm:
+        from .edgellm import check_shapes
+
+        check_shapes(model)  # before any work: GPTQ of a model Edge-LLM cannot run is time lost
+        reused = None if gptq4 else _source_gptq(source)
     parent = out.absolute().parent  # absolute: the report's paths are made relative to the stage
     parent.mkdir(parents=True, exist_ok=True)
     remove_stale_work_dirs(parent, "export")
@@ -101,11 +114,15 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
             parity = parity_report(model, tokenizer, stage / "onnx", n_prompts=parity_prompts)
             report["artifacts"]["onnx"] = {"files": _rel(stages, stage), "parity": parity}
             gate.require("onnx/ parity check (fp32 graphs vs the torch model)", parity)
+        weights = None
+        if gptq4 or (edgellm and reused is None):
+            weights = _gptq_weights(model, tokenizer, calib, group_size, progress)
         if gptq4:
-            report["artifacts"].update(_export_gptq4(model, tokenizer, stage, work, calib, group_size,
+            report["artifacts"].update(_export_gptq4(model, tokenizer, stage, work, weights, calib, group_size,
                                                      parity_prompts, gate, progress))
-        if tensorrt:
-            report["artifacts"]["tensorrt"] = _build_tensorrt(stage, progress)
+        if edgellm:
+            report["artifacts"]["edgellm"] = _export_edgellm(model, tokenizer, stage, weights, reused, gate,
+                                                             progress, out)
         report["failed_checks"] = gate.failed
         report["seconds"] = round(time.perf_counter() - started, 1)
         (stage / "export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
@@ -144,9 +161,12 @@ class _Gate:
         self.failed: list[str] = []
 
     def require(self, check: str, parity: dict) -> None:
-        if parity.get("ok"):
+        if not parity.get("ok"):
+            self.expect(False, f"{check} failed: {_parity_summary(parity, tolerance=True)}")
+
+    def expect(self, ok: bool, failure: str) -> None:
+        if ok:
             return
-        failure = f"{check} failed: {_parity_summary(parity, tolerance=True)}"
         if not self.force:
             raise FusarError(f"{failure}; nothing written (--force writes the export anyway)")
         self.failed.append(failure)
@@ -159,9 +179,11 @@ def _parity_summary(parity: dict, tolerance: bool = False) -> str:
     where = stage
     if tolerance and "tolerance" in parity:
         where += f", {'within' if errs[stage] < parity['tolerance'] else 'above'} {parity['tolerance']:g}"
-    g = parity.get("greedy") or {}
-    text = (f"worst relative error {errs[stage]:.2e} ({where}), greedy tokens identical on "
-            f"{g.get('identical_sequences', '?')}/{g.get('of', '?')} prompts")
+    text = f"worst relative error {errs[stage]:.2e} ({where})"
+    g = parity.get("greedy")
+    if g is None:  # a stage check (edgellm's graphs): no generation
+        return text
+    text += f", greedy tokens identical on {g.get('identical_sequences', '?')}/{g.get('of', '?')} prompts"
     if "token_agreement" in g and g.get("identical_sequences") != g.get("of"):
         text += f" (token agreement {g['token_agreement']:.0%})"
     return text
@@ -191,27 +213,74 @@ def _pack_decoder(src: Path, target: Path, weights: dict, form: str, group_size:
     return result
 
 
-def _export_gptq4(model, tokenizer, stage: Path, scratch: Path, calib: int, group_size: int, prompts: int,
-                  gate: _Gate, progress: Progress) -> dict:
-    """GPTQ on real multimodal inputs -> gptq/ checkpoint, onnx-int4/ (MatMulNBits), onnx-int4-qdq/ (TensorRT).
+def _gptq_weights(model, tokenizer, calib: int, group_size: int, progress: Progress) -> dict:
+    """GPTQ on real multimodal inputs (synthetic SAR scenes + anchors + questions)."""
+    from .gptq import fusar_calibration_inputs, quantize_gptq
+
+    progress(f"building {calib} calibration inputs (synthetic SAR scenes + anchors + questions)")
+    samples = fusar_calibration_inputs(model, tokenizer, n=calib)
+    progress(f"GPTQ 4-bit, group size {group_size}")
+    try:
+        return quantize_gptq(model, samples, group_size=group_size, progress=progress)
+    except ValueError as exc:  # e.g. a group size that does not divide the layers (tiny: width 64)
+        raise FusarError(f"--gptq4: {exc} (--group-size 64 or 128)") from None
+
+
+def _source_gptq(source) -> tuple[str, dict] | None:
+    """``(folder, weights)`` of the source bundle's group-128 GPTQ checkpoint (its ``gptq/``, else
+    the ``edgellm/checkpoint/`` of an earlier --edgellm export), or None."""
+    from .edgellm import GROUP_SIZE
+    from .gptq_format import load_gptq_checkpoint, read_quantize_config
+
+    if source is None:
+        return None
+    for rel in ("gptq", "edgellm/checkpoint"):
+        folder = Path(source) / rel
+        if not folder.is_dir():
+            continue
+        try:
+            group = int(read_quantize_config(folder).get("group_size", 0))
+            if group == GROUP_SIZE:
+                return rel, load_gptq_checkpoint(folder)
+        except ValueError as exc:
+            raise BundleError(f"{folder}: {exc}") from None
+    return None  # GPTQ runs here at 128; a group-64 gptq/ of the source stays as it is
+
+
+def _export_edgellm(model, tokenizer, stage: Path, weights: dict | None, reused: tuple | None, gate: _Gate,
+                    progress: Progress, out: Path) -> dict:
+    """edgellm/ (edgellm.py), its checks gating the export like the others."""
+    from .edgellm import export_edgellm
+    from .onnx_stages import DEFAULT_MAX_ANCHORS
+
+    if weights is None:
+        progress(f"taking the GPTQ weights of the source's {reused[0]}/ (group 128)")
+    rep = export_edgellm(model, tokenizer, weights if weights is not None else reused[1], stage / "edgellm",
+                         max_anchors=DEFAULT_MAX_ANCHORS, progress=progress, bundle=out)
+    rep["gptq"] = "computed here" if weights is not None else f"the source bundle's {reused[0]}/"
+    gate.require("edgellm/ fp16 vision.onnx / grasp.onnx vs the torch model", rep["parity"])
+    join = rep["join_check"]
+    gate.expect(join["ok"], f"edgellm/ join check (placeholder ids + table vs the torch fusion): max abs error "
+                            f"{join['max_abs_err']:.2e}")
+    if rep.get("llm"):
+        problems = rep["llm"]["problems"]
+        gate.expect(not problems, "edgellm/llm/ (TensorRT Edge-LLM's graph): " + "; ".join(problems))
+    return rep
+
+
+def _export_gptq4(model, tokenizer, stage: Path, scratch: Path, weights: dict, calib: int, group_size: int,
+                  prompts: int, gate: _Gate, progress: Progress) -> dict:
+    """``weights`` (GPTQ) -> gptq/ checkpoint and onnx-int4/ (MatMulNBits).
 
     The packing is checked on a MatMulNBits graph at accuracy level 0 built in ``scratch`` (not
     published): with fp32 compute it must match the torch model holding the same dequantised
     weights at the fp32 tolerance. The shipped graph's accuracy level 4 (int8 activations) and
     the quantisation itself move the logits far more than that, so both are only measured.
     """
-    from .gptq import apply_quantized, fusar_calibration_inputs, quantize_gptq, restore_weights, summarize
+    from .gptq import apply_quantized, restore_weights, summarize
     from .gptq_format import save_gptq_checkpoint
-    from .int4_onnx import lint_tensorrt_qdq
     from .onnx_stages import parity_report
 
-    progress(f"building {calib} calibration inputs (synthetic SAR scenes + anchors + questions)")
-    samples = fusar_calibration_inputs(model, tokenizer, n=calib)
-    progress(f"GPTQ 4-bit, group size {group_size}")
-    try:
-        weights = quantize_gptq(model, samples, group_size=group_size, progress=progress)
-    except ValueError as exc:  # e.g. a group size that does not divide the layers (tiny: width 64)
-        raise FusarError(f"--gptq4: {exc} (--group-size 64 or 128)") from None
     progress("writing the GPTQ checkpoint")
     save_gptq_checkpoint(stage / "gptq", weights, model=model)
 
@@ -225,14 +294,10 @@ def _export_gptq4(model, tokenizer, stage: Path, scratch: Path, calib: int, grou
         packing = parity_report(model, tokenizer, check_dir, n_prompts=prompts)
         gate.require("4-bit packing check (MatMulNBits at accuracy level 0 vs the dequantised torch model)",
                      packing)
-        for form, folder, level in (("matmulnbits", "onnx-int4", 4), ("qdq", "onnx-int4-qdq", 0)):
-            progress(f"packing the decoder as {form} into {folder}/")
-            result = _pack_decoder(stage / "onnx", stage / folder, weights, form, group_size, level)
-            entry = {"dir": folder, "form": form, "quantized_layers": len(result.quantized),
-                     "kept_float": [str(s) for s in result.skipped]}
-            if form == "qdq":
-                entry["tensorrt_lint"] = lint_tensorrt_qdq(stage / folder / "decoder.onnx") or "clean"
-            out[folder] = entry
+        progress("packing the decoder as MatMulNBits into onnx-int4/")
+        result = _pack_decoder(stage / "onnx", stage / "onnx-int4", weights, "matmulnbits", group_size, 4)
+        out["onnx-int4"] = {"dir": "onnx-int4", "form": "matmulnbits", "quantized_layers": len(result.quantized),
+                            "kept_float": [str(s) for s in result.skipped]}
         progress("measuring accuracy level 4 (int8 activations) against the dequantised torch model")
         level4 = parity_report(model, tokenizer, stage / "onnx-int4", n_prompts=prompts)
     finally:
@@ -261,11 +326,11 @@ def describe(report: dict) -> list[str]:
         if not isinstance(art, dict):
             lines.append(f"{name}: written")
             continue
+        if name == "edgellm":
+            lines.extend(_describe_edgellm(art))
+            continue
         if "parity" in art:
             lines.append(f"{name}: parity {_verdict(art['parity'])}")
-        elif "tensorrt_lint" in art:
-            lint = art["tensorrt_lint"]
-            lines.append(f"{name}: TensorRT lint {lint if lint == 'clean' else '; '.join(map(str, lint))}")
         elif "packing_check" not in art:
             lines.append(f"{name}: written")
         if "packing_check" in art:
@@ -277,6 +342,23 @@ def describe(report: dict) -> list[str]:
                 lines.append(f"{name}: {label} (measured only): {_parity_summary(art[key])}")
     for failure in report.get("failed_checks", []):
         lines.append(f"WRITTEN WITH --force DESPITE: {failure}")
+    return lines
+
+
+def _describe_edgellm(art: dict) -> list[str]:
+    lines = [f"edgellm: checkpoint/ GPTQ 4-bit, {art['checkpoint']['quantized_linears']} linears, group "
+             f"{art['checkpoint']['group_size']}, fp16 ({art['gptq']})",
+             f"edgellm: vision.onnx / grasp.onnx fp16 vs torch {_verdict(art['parity'])}",
+             f"edgellm: join check (placeholder ids + table vs the torch fusion) "
+             f"{'ok' if art['join_check']['ok'] else 'FAILED'}: max abs error {art['join_check']['max_abs_err']:.1e}"]
+    llm = art.get("llm")
+    if llm:
+        plugins = ", ".join(f"{n} {k}" for k, n in llm["graph"]["plugins"].items())
+        verdict = "ok" if not llm["problems"] else "FAILED: " + "; ".join(llm["problems"])
+        lines.append(f"edgellm: llm/ by TensorRT Edge-LLM {llm['edgellm_version']} in {llm['seconds']} s: {plugins}, "
+                     f"hidden_states {llm['graph']['hidden_states']} ({verdict})")
+    else:
+        lines.append(f"edgellm: llm/ not written: {art['llm_note']}")
     return lines
 
 
@@ -323,58 +405,3 @@ def _restamp_stages(folder: Path, form: str, group_size: int) -> None:
         data = [p.name for p in folder.glob("decoder.onnx.*")]
         dec["data"] = data[0] if data else None
     path.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
-
-
-def _require_tensorrt() -> None:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        raise FusarError("--tensorrt: the TensorRT Python package is not installed (it comes with NVIDIA's "
-                         "TensorRT, e.g. `pip install tensorrt` on a machine with a matching CUDA driver); the "
-                         "ONNX graphs in onnx-int4-qdq/ are ready for trtexec") from None
-
-
-def _build_tensorrt(stage: Path, progress: Progress, max_sequence: int = 2048) -> dict:
-    """One serialized engine per stage in ``tensorrt/<gpu>/``, from the INT4 QDQ graphs when present.
-
-    UNVERIFIED: TensorRT cannot be installed on the machines this was written on, so this path
-    has never run. Symbolic dims get one optimisation profile: batch 1, sequence 1..max_sequence,
-    past 0..max_sequence (TensorRT 10 accepts zero-length past tensors).
-    """
-    import re
-
-    import tensorrt as trt
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cuda"
-    target = stage / "tensorrt" / re.sub(r"[^A-Za-z0-9_.-]+", "-", gpu)
-    target.mkdir(parents=True, exist_ok=True)
-    src = stage / "onnx-int4-qdq" if (stage / "onnx-int4-qdq").is_dir() else stage / "onnx"
-    spec = json.loads((src / "stages.json").read_text(encoding="utf-8"))
-    ranges = {"batch_size": (1, 1, 1), "sequence_length": (1, 256, max_sequence),
-              "total_sequence_length": (1, 512, 2 * max_sequence), "past_sequence_length": (0, 256, max_sequence),
-              "question_length": (1, 32, 256)}
-    logger = trt.Logger(trt.Logger.WARNING)
-    engines = {}
-    for name, entry in spec["stages"].items():
-        progress(f"TensorRT: building the {name} engine from {src.name}/{entry['file']}")
-        builder = trt.Builder(logger)
-        network = builder.create_network(0)
-        parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(src / entry["file"])):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise FusarError(f"TensorRT cannot parse {src / entry['file']}: {errors}")
-        config = builder.create_builder_config()
-        if src.name == "onnx-int4-qdq":
-            config.set_flag(trt.BuilderFlag.FP16)  # INT4 weight-only: the QDQ nodes carry the INT4
-        profile = builder.create_optimization_profile()
-        for io in entry["inputs"]:
-            dims = [ranges.get(d, (d, d, d)) if isinstance(d, str) else (d, d, d) for d in io["shape"]]
-            profile.set_shape(io["name"], *[tuple(r[k] for r in dims) for k in range(3)])
-        config.add_optimization_profile(profile)
-        blob = builder.build_serialized_network(network, config)
-        if blob is None:
-            raise FusarError(f"TensorRT failed to build the {name} engine (see the messages above)")
-        path = target / f"{name}.engine"
-        path.write_bytes(bytes(blob))
-        engines[name] = path.relative_to(stage).as_posix()
-    return {"gpu": gpu, "source": src.name, "engines": engines, "tensorrt": trt.__version__}

@@ -39,7 +39,7 @@ The pipeline (the paper's Section 4 / Algorithm 1, "sequential" over layers):
    of the group size, so a group never straddles two blocks). ``act_order=True`` processes
    columns by decreasing ``H_ii`` with "static groups": the scales of the (contiguous)
    groups are fixed up front from the unquantised weights, so the result still has the
-   contiguous groups and trivial ``g_idx`` that ``Int4Weight``, MatMulNBits and TensorRT need.
+   contiguous groups and trivial ``g_idx`` that ``Int4Weight``, MatMulNBits and Edge-LLM need.
 
 The quantisation grid (symmetric, zero point 0 in signed form): per row and group of
 ``group_size`` consecutive input columns, ``q = clamp(round(w / s), -8, 7)``, ``w ~= q * s``.
@@ -58,7 +58,6 @@ codes that checkpoints and ONNX store are ``u = q + 8`` in ``[0, 15]``:
 
 - ONNX ``MatMulNBits`` (bits=4): ``B`` holds ``u``, zero point 8 (its default when
   ``zero_points`` is absent), ``w = (u - 8) * s``;
-- TensorRT INT4 weight-only (``DequantizeLinear`` on INT4): signed ``q``, zero point 0;
 - GPTQ checkpoints: ``qweight`` holds ``u``; ``qzeros`` holds 7 (legacy AutoGPTQ
   ``checkpoint_format="gptq"``, which stores zero - 1) or 8 (GPTQModel ``"gptq_v2"``).
 
@@ -66,8 +65,7 @@ Sources for these conventions (semantics only): IST-DASLab/gptq issue #19 (the r
 symmetric 4-bit ``zero = 8`` "means that quantized values are in range [-8, 7]"); the ONNX
 Runtime MatMulNBits contrib-op spec (``(code - zero_point) * scale`` per power-of-two K block,
 codes packed low-first; tract-onnx's importer documents the absent ``zero_points`` as 8);
-the Torch-TensorRT INT4 weight-only example ("TensorRT's IDequantizeLayer rejects" a nonzero
-INT4 zero point, hence symmetric group-wise INT4); ``gptq_format.py`` cites the checkpoint side.
+``gptq_format.py`` cites the checkpoint side (which TensorRT Edge-LLM reads, ``edgellm.py``).
 """
 
 from __future__ import annotations

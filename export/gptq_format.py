@@ -86,8 +86,12 @@ def unpack_nibbles(words: torch.Tensor, dim: int) -> torch.Tensor:
     return codes.reshape(*w.shape[:-1], w.shape[-1] * PACK).movedim(-1, dim).contiguous()
 
 
-def pack_weight(w: Int4Weight, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
-    """One ``Int4Weight`` -> ``{"qweight", "qzeros", "scales", "g_idx"[, "bias"]}`` (unprefixed)."""
+def pack_weight(w: Int4Weight, checkpoint_format: str = "gptq",
+                bias_dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """One ``Int4Weight`` -> ``{"qweight", "qzeros", "scales", "g_idx"[, "bias"]}`` (unprefixed).
+
+    ``bias_dtype``: float32 by default (exact; loaders cast to their dtype); a checkpoint whose
+    reader takes one float dtype throughout (TensorRT Edge-LLM: float16) asks for that."""
     _check_format(checkpoint_format)
     out_f, in_f = w.shape
     if in_f % PACK or out_f % PACK:
@@ -107,7 +111,7 @@ def pack_weight(w: Int4Weight, checkpoint_format: str = "gptq") -> dict[str, tor
         "g_idx": (torch.arange(in_f, dtype=torch.int32) // w.group_size).to(torch.int32),
     }
     if w.bias is not None:
-        tensors["bias"] = w.bias.detach().float().contiguous()  # float32: exact; loaders cast to their dtype
+        tensors["bias"] = w.bias.detach().to(bias_dtype).contiguous()
     return tensors
 
 
@@ -179,13 +183,19 @@ def quantize_config(group_size: int, checkpoint_format: str = "gptq", *, damp: f
 
 def save_gptq_checkpoint(out_dir: str | Path, weights: dict[str, Int4Weight], *, checkpoint_format: str = "gptq",
                          model: torch.nn.Module | None = None, damp: float | None = None, act_order: bool = False,
-                         meta: dict[str, Any] | None = None) -> Path:
+                         meta: dict[str, Any] | None = None, float_dtype: torch.dtype | None = None,
+                         skip_prefixes: tuple[str, ...] = ()) -> Path:
     """Write ``quantize_config.json`` and ``model.safetensors`` into ``out_dir``.
 
     Without ``model`` the safetensors file holds the quantised linears only. With ``model`` (the
     module the weights were computed on: a transformers model, or a FusarModel whose backbone is
     then written) it is a complete checkpoint: every other tensor of its state dict under its
     transformers key, tied copies written once, and ``config.json`` with ``quantization_config``.
+
+    ``float_dtype`` (e.g. float16): every non-quantised floating tensor and bias is stored in it and
+    ``config.json`` says so (``dtype``); None keeps the model's own dtypes (and float32 biases).
+    ``skip_prefixes``: state-dict keys left out (e.g. ``model.visual.`` when the vision tower ships
+    in another form).
     """
     from .gptq import quant_root
 
@@ -200,7 +210,7 @@ def save_gptq_checkpoint(out_dir: str | Path, weights: dict[str, Int4Weight], *,
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for name, w in weights.items():
-        for key, t in pack_weight(w, checkpoint_format).items():
+        for key, t in pack_weight(w, checkpoint_format, bias_dtype=float_dtype or torch.float32).items():
             tensors[f"{name}.{key}"] = t
     cfg = quantize_config(group_size, checkpoint_format, damp=damp, act_order=act_order, meta=meta)
     if model is not None:
@@ -208,17 +218,29 @@ def save_gptq_checkpoint(out_dir: str | Path, weights: dict[str, Int4Weight], *,
         replaced = {f"{n}.weight" for n in weights} | {f"{n}.bias" for n in weights}
         seen_ptrs = set()
         for key, t in root.state_dict().items():
-            if key in replaced:
+            if key in replaced or key.startswith(skip_prefixes):
                 continue
             ptr = (t.data_ptr(), tuple(t.shape), t.dtype)
             if ptr in seen_ptrs:  # tied (e.g. lm_head = embed_tokens): stored once, as transformers does
                 continue
             seen_ptrs.add(ptr)
-            tensors[key] = t.detach().cpu().contiguous()
+            t = t.detach().cpu()
+            if float_dtype is not None and t.is_floating_point():
+                t = t.to(float_dtype)
+            tensors[key] = t.contiguous()
         config = getattr(root, "config", None)
         if config is not None and hasattr(config, "to_dict"):
             cdict = config.to_dict()
             cdict["quantization_config"] = cfg
+            # readers that dispatch on the class (transformers' Auto*, Edge-LLM's exporter) need it;
+            # a config built in code, as the presets' are, has none
+            if not cdict.get("architectures"):
+                cdict["architectures"] = [type(root).__name__]
+            if float_dtype is not None:
+                name = str(float_dtype).replace("torch.", "")
+                cdict["dtype"] = cdict["torch_dtype"] = name  # transformers 5 reads dtype, older readers torch_dtype
+                if isinstance(cdict.get("text_config"), dict):
+                    cdict["text_config"]["dtype"] = name
             (out / "config.json").write_text(json.dumps(cdict, indent=2, default=str), encoding="utf-8")
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "quantizer": "fusar-edge gptq"})
     (out / QUANTIZE_CONFIG).write_text(json.dumps(cfg, indent=2), encoding="utf-8")

@@ -1,9 +1,7 @@
-"""4-bit weights in ONNX: two forms from the same :class:`Int4Weight`, and a TensorRT lint.
+"""4-bit weights in ONNX as ONNX Runtime's ``MatMulNBits``, from an :class:`Int4Weight`.
 
-Both forms hold exactly the same numbers, ``W[out, in] = q * scale`` per block of
-``block_size`` consecutive input columns, symmetric (no zero point in signed form):
-
-``matmulnbits`` -- ONNX Runtime's contrib op ``com.microsoft.MatMulNBits`` (CPU/CUDA EPs)::
+``W[out, in] = q * scale`` per block of ``block_size`` consecutive input columns, symmetric
+(no zero point in signed form), as the contrib op ``com.microsoft.MatMulNBits`` (CPU/CUDA EPs)::
 
     Y = A @ dequant(B)^T (+ bias)     A [..., K], Y [..., N]   (K = in, N = out)
     B      uint8 [N, n_blocks, block_size / 2]  unsigned codes u = q + 8, two per byte
@@ -16,19 +14,13 @@ Both forms hold exactly the same numbers, ``W[out, in] = q * scale`` per block o
   the lower 4 bits of a byte"; checked end to end against ORT 1.32's CPU kernel in
   ``tests/test_int4_onnx.py``.)
 
-``qdq`` -- standard ONNX (opset >= 21), the form TensorRT builds weight-only INT4 from::
-
-    W = DequantizeLinear(Bq, scales, axis=0, block_size=bs)   W [K, N] = W_linear^T
-    Y = MatMul(A, W) (+ Add(bias))
-    Bq     INT4  [K, N]        signed q^T, packed two per byte in row-major order, the even
-                               (flat) element in the low nibble (ONNX IR 4-bit packing)
-    scales T     [K / bs, N]   float32 / float16; blocked along axis 0 = the reduction axis
-    zero point   omitted (TensorRT accepts only zeros; ``zero_point=True`` writes INT4 zeros)
-
 :func:`quantize_onnx_model` rewrites every ``x @ W^T`` of an exported model (``MatMul`` with
-a 2-D float initializer, ``MatMul`` fed by ``Transpose(initializer)``, ``Gemm``) into one of
-the two forms, with the GPTQ weights given, or by round-to-nearest (:func:`rtn_int4`) when
-none are. :func:`lint_tensorrt_qdq` checks a QDQ graph against TensorRT's INT4 rules.
+a 2-D float initializer, ``MatMul`` fed by ``Transpose(initializer)``, ``Gemm``) into that
+form, with the GPTQ weights given, or by round-to-nearest (:func:`rtn_int4`) when none are.
+
+The INT4 ``DequantizeLinear -> MatMul`` form we once wrote for TensorRT, and its lint, are
+gone: on NVIDIA's edge GPUs the language model goes through TensorRT Edge-LLM, which builds
+its INT4 plugins from the GPTQ checkpoint itself (``edgellm.py``, docs/jetson.md).
 """
 
 from __future__ import annotations
@@ -49,9 +41,6 @@ from .quant_types import Int4Weight
 log = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
-QDQ_MIN_OPSET = 21  # DequantizeLinear with INT4 input and the block_size attribute
-INT4_MIN_IR = 10  # ONNX IR version that introduced INT4 / UINT4
-TRT_INT4_BLOCK_SIZES = (64, 128)
 # models whose tensors add up to more than this are saved with external data (protobuf
 # cannot serialise a message over 2 GiB)
 EXTERNAL_DATA_THRESHOLD = 1 << 30
@@ -148,44 +137,6 @@ def pack_matmulnbits(w: Int4Weight, block_size: int | None = None, dtype=np.floa
     return MatMulNBitsPack(B=B, scales=scales, zero_points=zp, K=k_in, N=n_out, block_size=bs)
 
 
-def int4_tensor(name: str, values: np.ndarray) -> TensorProto:
-    """A signed ``TensorProto.INT4`` initializer from int values in [-8, 7] (any shape), packed
-    two per byte in row-major order, the even flat element in the low nibble."""
-    v = np.asarray(values)
-    if v.size and (v.min() < -8 or v.max() > 7):
-        raise ValueError(f"{name}: INT4 values must lie in [-8, 7]")
-    raw = pack_nibbles((v.astype(np.int16).reshape(-1) & 0x0F).astype(np.uint8)).tobytes()
-    return helper.make_tensor(name, TensorProto.INT4, list(v.shape), vals=raw, raw=True)
-
-
-@dataclass
-class QdqPack:
-    """The initializers and attributes of one blocked ``DequantizeLinear`` feeding ``MatMul``."""
-
-    q: np.ndarray  # int8 [K, N] in [-8, 7] (stored as INT4)
-    scales: np.ndarray  # dtype [K / block_size, N]
-    zero_point: np.ndarray | None  # int8 zeros [K / block_size, N] (stored as INT4) or None
-    block_size: int
-    axis: int = 0
-
-    def tensors(self, prefix: str) -> tuple[TensorProto, TensorProto, TensorProto | None]:
-        q = int4_tensor(prefix + "_q4", self.q)
-        s = numpy_helper.from_array(self.scales, prefix + "_scale")
-        z = None if self.zero_point is None else int4_tensor(prefix + "_zp", self.zero_point)
-        return q, s, z
-
-
-def pack_qdq_int4(w: Int4Weight, block_size: int | None = None, dtype=np.float32,
-                  zero_point: bool = False) -> QdqPack:
-    """:class:`Int4Weight` -> blocked INT4 ``DequantizeLinear`` operands for ``MatMul(A, W^T)``:
-    the weight transposed to ``[in, out]``, blocked along axis 0 (the reduction axis)."""
-    bs = _check_block(w, block_size)
-    q = np.ascontiguousarray(_np(w.q).astype(np.int8).T)
-    scales = np.ascontiguousarray(_blocked_scales(w, bs, np.dtype(dtype).type).T)
-    zp = np.zeros_like(scales, dtype=np.int8) if zero_point else None
-    return QdqPack(q=q, scales=scales, zero_point=zp, block_size=bs)
-
-
 def rtn_int4(weight, group_size: int = 128, name: str = "", scale_method: str = "signed") -> Int4Weight:
     """Round-to-nearest 4-bit of a float ``weight [out, in]`` on the same symmetric grid as GPTQ
     (``export/gptq.py``: ``rtn_matrix``; by default ``s = max(max(w) / 7, -min(w) / 8)`` per
@@ -277,49 +228,6 @@ def _opset(model: onnx.ModelProto, domain: str = "") -> int | None:
     return None
 
 
-def _set_opset(model: onnx.ModelProto, domain: str, version: int):
-    for o in model.opset_import:
-        if o.domain == domain or (not domain and o.domain == "ai.onnx"):
-            o.version = version
-            return
-    model.opset_import.append(helper.make_opsetid(domain, version))
-
-
-def _ensure_qdq_opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    cur = _opset(model) or 1
-    if cur >= QDQ_MIN_OPSET:
-        return model
-    try:
-        from onnx import version_converter
-
-        conv = version_converter.convert_version(model, QDQ_MIN_OPSET)
-    except Exception as e:  # noqa: BLE001 - the converter raises many kinds
-        log.warning("opset %d -> %d conversion failed (%s); bumping the opset import only", cur,
-                    QDQ_MIN_OPSET, e)
-        _set_opset(model, "", QDQ_MIN_OPSET)
-        return model
-    log.info("converted the model from opset %d to %d", cur, QDQ_MIN_OPSET)
-    # the converter drops metadata_props, which name the torch modules: carry them over
-    old_nodes, new_nodes = list(model.graph.node), list(conv.graph.node)
-    if len(old_nodes) == len(new_nodes) and all(a.op_type == b.op_type for a, b in zip(old_nodes, new_nodes)):
-        pairs = zip(old_nodes, new_nodes)
-    else:
-        by_name = {n.name: n for n in old_nodes if n.name}
-        pairs = ((by_name[n.name], n) for n in new_nodes if n.name in by_name)
-    for a, b in pairs:
-        if a.metadata_props and not b.metadata_props:
-            b.metadata_props.extend(a.metadata_props)
-    meta = {v.name: v.metadata_props for v in model.graph.value_info if v.metadata_props}
-    have = {v.name for v in conv.graph.value_info}
-    for v in conv.graph.value_info:
-        if v.name in meta and not v.metadata_props:
-            v.metadata_props.extend(meta[v.name])
-    for v in model.graph.value_info:
-        if v.metadata_props and v.name not in have:
-            conv.graph.value_info.append(v)
-    return conv
-
-
 def _subgraph_inputs(graph: onnx.GraphProto) -> set[str]:
     names: set[str] = set()
     for n in graph.node:
@@ -375,12 +283,12 @@ def quantize_onnx_model(model: onnx.ModelProto | str | os.PathLike,
                         include: Callable[[str], bool] | None = None, missing: str | None = None,
                         external_data: bool | None = None, inplace: bool = False,
                         fuse_parallel: bool = False) -> QuantizedOnnx:
-    """Rewrite every linear layer of ``model`` into 4-bit ``form`` (``"matmulnbits"`` / ``"qdq"``).
+    """Rewrite every linear layer of ``model`` into ``MatMulNBits`` (``form``: ``"matmulnbits"``, the one form).
 
     A linear layer is ``MatMul(A, W)`` with ``W`` a 2-D float32/float16 initializer ``[in, out]``,
     ``MatMul(A, Transpose(W'))`` with ``W'`` ``[out, in]``, or ``Gemm(A, W, C)`` (``transA=0``,
     ``alpha = beta = 1``, either ``transB``). Biases stay: a ``Gemm``'s C becomes the
-    ``MatMulNBits`` bias input (or an ``Add`` after the QDQ ``MatMul``), and with ``fuse_bias``
+    ``MatMulNBits`` bias input (or an ``Add`` after it), and with ``fuse_bias``
     a ``MatMul``'s lone following ``Add(out, b[N])`` folds into ``MatMulNBits``' bias.
 
     ``weights``: module name (``fc1``, or ``fc1.weight``) -> :class:`Int4Weight` (its ``bias``
@@ -394,12 +302,13 @@ def quantize_onnx_model(model: onnx.ModelProto | str | os.PathLike,
     must divide the group size. ``accuracy_level``: ``MatMulNBits``' attribute (0 = compute
     in A's dtype; 4 = int8 activations, fastest on CPU). ``include(module_name)`` picks layers.
     ``out_path``: where to save (with external data beside it when ``external_data`` or when
-    large). The QDQ form raises the model to opset 21 (via onnx's version converter).
+    large).
     ``fuse_parallel`` (``matmulnbits``): layers reading one input (q/k/v, gate/up) become one
     node and a ``Split`` (:mod:`.int4_fuse`).
     """
-    if form not in ("matmulnbits", "qdq"):
-        raise ValueError(f"form must be 'matmulnbits' or 'qdq', not {form!r}")
+    if form != "matmulnbits":
+        raise ValueError(f"form must be 'matmulnbits', not {form!r} (the INT4 QDQ form for TensorRT is retired: "
+                         "TensorRT Edge-LLM builds the language model from the GPTQ checkpoint, export --edgellm)")
     missing = missing or ("error" if weights is not None else "rtn")
     if missing not in ("error", "rtn", "skip"):
         raise ValueError(f"missing must be 'error', 'rtn' or 'skip', not {missing!r}")
@@ -409,9 +318,6 @@ def quantize_onnx_model(model: onnx.ModelProto | str | os.PathLike,
         m.CopyFrom(src)
     else:
         m = src
-    if form == "qdq":
-        m = _ensure_qdq_opset(m)
-    m.ir_version = max(m.ir_version, INT4_MIN_IR)
     g = m.graph
     res = QuantizedOnnx(model=m, form=form)
 
@@ -508,17 +414,12 @@ def quantize_onnx_model(model: onnx.ModelProto | str | os.PathLike,
                 arr = numpy_helper.to_array(t).astype(np.float32)
                 w = rtn_int4(arr if transposed else arr.T, gs, module)
             prefix = fresh(module or b_name, ("_q4", "_scales", "_scale", "_zp"))
-            if form == "matmulnbits":
-                pk = pack_matmulnbits(w, block_size, dtype, zero_points=zero_points)
-                tensors = [numpy_helper.from_array(pk.B, prefix + "_q4"),
-                           numpy_helper.from_array(pk.scales, prefix + "_scales")]
-                if pk.zero_points is not None:
-                    tensors.append(numpy_helper.from_array(pk.zero_points, prefix + "_zp"))
-                packed[key] = (pk, [x.name for x in tensors], module)
-            else:
-                pk = pack_qdq_int4(w, block_size, dtype, zero_point=zero_points)
-                tensors = [x for x in pk.tensors(prefix) if x is not None]
-                packed[key] = (pk, [x.name for x in tensors], module)
+            pk = pack_matmulnbits(w, block_size, dtype, zero_points=zero_points)
+            tensors = [numpy_helper.from_array(pk.B, prefix + "_q4"),
+                       numpy_helper.from_array(pk.scales, prefix + "_scales")]
+            if pk.zero_points is not None:
+                tensors.append(numpy_helper.from_array(pk.zero_points, prefix + "_zp"))
+            packed[key] = (pk, [x.name for x in tensors], module)
             new_inits.extend(tensors)
         pk, names, module = packed[key]
 
@@ -527,7 +428,7 @@ def quantize_onnx_model(model: onnx.ModelProto | str | os.PathLike,
         bias, add_node, gemm_add = None, None, None
         if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
             c = inits.get(node.input[2])
-            if form == "matmulnbits" and c is not None and int(np.prod(c.dims)) == n_out and \
+            if c is not None and int(np.prod(c.dims)) == n_out and \
                     c.data_type == t.data_type:
                 bias = node.input[2]
                 if list(c.dims) != [n_out]:
@@ -536,7 +437,7 @@ def quantize_onnx_model(model: onnx.ModelProto | str | os.PathLike,
                     bias = nb.name
             else:
                 gemm_add = node.input[2]
-        elif node.op_type == "MatMul" and form == "matmulnbits" and fuse_bias and \
+        elif node.op_type == "MatMul" and fuse_bias and \
                 node.output[0] not in graph_outputs and len(consumers.get(node.output[0], [])) == 1:
             a = consumers[node.output[0]][0]
             if a.op_type == "Add" and a.domain in ("", "ai.onnx") and len(a.input) == 2:
@@ -548,19 +449,13 @@ def quantize_onnx_model(model: onnx.ModelProto | str | os.PathLike,
         out = node.output[0]
         nodes: list[onnx.NodeProto] = []
         mm_out = fresh(out + "_mm") if gemm_add else (add_node.output[0] if add_node else out)
-        if form == "matmulnbits":
-            ins = [node.input[0], names[0], names[1]]
-            if len(names) > 2 or bias is not None:
-                ins.append(names[2] if len(names) > 2 else "")
-            if bias is not None:
-                ins += ["", bias]  # g_idx (deprecated) is input 4, bias input 5
-            nodes.append(helper.make_node("MatMulNBits", ins, [mm_out], name=fresh(label + "_q4"),
-                                          domain=MS_DOMAIN, **pk.attributes(accuracy_level)))
-        else:
-            w_out = fresh(f"{module}_w_dq")
-            nodes.append(helper.make_node("DequantizeLinear", names, [w_out], name=fresh(label + "_dq"),
-                                          axis=pk.axis, block_size=pk.block_size))
-            nodes.append(helper.make_node("MatMul", [node.input[0], w_out], [mm_out], name=fresh(label + "_q4")))
+        ins = [node.input[0], names[0], names[1]]
+        if len(names) > 2 or bias is not None:
+            ins.append(names[2] if len(names) > 2 else "")
+        if bias is not None:
+            ins += ["", bias]  # g_idx (deprecated) is input 4, bias input 5
+        nodes.append(helper.make_node("MatMulNBits", ins, [mm_out], name=fresh(label + "_q4"),
+                                      domain=MS_DOMAIN, **pk.attributes(accuracy_level)))
         if gemm_add:
             nodes.append(helper.make_node("Add", [mm_out, gemm_add], [out], name=fresh(label + "_bias")))
         for n in nodes:
@@ -592,132 +487,12 @@ def quantize_onnx_model(model: onnx.ModelProto | str | os.PathLike,
     known = {i.name for i in g.input} | {t.name for t in g.initializer} | {o for n in g.node for o in n.output}
     for v in [v for v in g.value_info if v.name not in known]:
         g.value_info.remove(v)
-    if form == "matmulnbits" and replace and _opset(m, MS_DOMAIN) is None:
+    if replace and _opset(m, MS_DOMAIN) is None:
         m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    if form == "matmulnbits" and fuse_parallel:
+    if fuse_parallel:
         from .int4_fuse import fuse_parallel_matmulnbits
 
         res.fused_nodes = fuse_parallel_matmulnbits(m)
     if out_path is not None:
         res.path = save_model(m, out_path, external_data)
     return res
-
-
-# --------------------------------------------------------------------------- TensorRT lint
-
-
-def lint_tensorrt_qdq(model: onnx.ModelProto | str | os.PathLike) -> list[str]:
-    """Violations of TensorRT's weight-only INT4 rules in a QDQ graph (``[]``: none found).
-
-    Rules (TensorRT docs: "Quantization Schemes" -- INT4 is weight-only, per-block scales,
-    block sizes {64, 128}; ``IDequantizeLayer`` -- symmetric, zero points absent or all zero,
-    scales a build-time constant, strictly positive, blocked along one of the last two axes):
-    the default opset is >= 21 (blocked ``DequantizeLinear``); no ``com.microsoft`` (or other
-    custom-domain) op such as ``MatMulNBits``; every ``DequantizeLinear`` dequantises a 2-D
-    signed INT4 constant (never an activation), with float32 / float16 / bfloat16 constant
-    positive scales of the input's rank blocked along axis 0 of the ``[K, N]`` weight (the
-    reduction axis of ``MatMul``) with ``block_size`` 64 or 128 and the matching scale shape
-    ``[ceil(K / block), N]``, an INT4 zero point that is absent or all zero, and its output
-    feeding only ``MatMul`` nodes, as their B input.
-    """
-    m = load_model(model)
-    g = m.graph
-    out: list[str] = []
-    opset = _opset(m) or 0
-    if opset < QDQ_MIN_OPSET:
-        out.append(f"model: default-domain opset {opset} < {QDQ_MIN_OPSET} (blocked INT4 DequantizeLinear needs 21)")
-    consts: dict[str, TensorProto] = {t.name: t for t in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
-            v = _attr(n, "value", None)
-            if isinstance(v, TensorProto):
-                consts[n.output[0]] = v
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    graph_outputs = {o.name for o in g.output}
-
-    def nm(n: onnx.NodeProto) -> str:
-        return f"node '{n.name or n.output[0]}' ({n.op_type})"
-
-    for n in g.node:
-        if n.domain not in ("", "ai.onnx"):
-            out.append(f"{nm(n)}: custom-domain op '{n.domain}.{n.op_type}' is not a TensorRT ONNX op"
-                       + (" (use the QDQ form: DequantizeLinear -> MatMul)" if n.op_type == "MatMulNBits" else ""))
-            continue
-        if n.op_type != "DequantizeLinear":
-            continue
-        x = consts.get(n.input[0])
-        if x is None:
-            out.append(f"{nm(n)}: input '{n.input[0]}' is not a constant; INT4 is weight-only in TensorRT")
-            continue
-        if x.data_type != TensorProto.INT4:
-            out.append(f"{nm(n)}: weight '{x.name or n.input[0]}' is {TensorProto.DataType.Name(x.data_type)}, "
-                       f"not INT4")
-            continue
-        shape = list(x.dims)
-        if len(shape) != 2:
-            out.append(f"{nm(n)}: INT4 weight has rank {len(shape)}, expected a 2-D [K, N] MatMul weight")
-        scale = consts.get(n.input[1]) if len(n.input) > 1 else None
-        if scale is None:
-            out.append(f"{nm(n)}: scale '{n.input[1] if len(n.input) > 1 else ''}' is not a constant")
-        else:
-            if scale.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16):
-                out.append(f"{nm(n)}: scale dtype {TensorProto.DataType.Name(scale.data_type)} is not "
-                           f"float32/float16/bfloat16")
-            elif scale.data_type != TensorProto.BFLOAT16:
-                sv = numpy_helper.to_array(scale).astype(np.float32)
-                if not np.all(sv > 0) or not np.all(np.isfinite(sv)):
-                    out.append(f"{nm(n)}: scales must be finite and strictly positive "
-                               f"({int(np.sum(~(sv > 0)))} are not)")
-        block = _attr(n, "block_size", 0)
-        axis = _attr(n, "axis", 1)
-        if len(shape) == 2:
-            axis_n = axis + 2 if axis < 0 else axis
-            if not block:
-                out.append(f"{nm(n)}: no block_size (per-tensor / per-channel INT4); TensorRT's INT4 needs "
-                           f"block quantization with block size 64 or 128")
-            else:
-                if block not in TRT_INT4_BLOCK_SIZES:
-                    out.append(f"{nm(n)}: block_size {block} not in {list(TRT_INT4_BLOCK_SIZES)}")
-                if axis_n != 0:
-                    out.append(f"{nm(n)}: blocked along axis {axis}; the [K, N] MatMul weight must be blocked "
-                               f"along axis 0 (K, the reduction axis)")
-                if scale is not None:
-                    want = [-(-shape[0] // block), shape[1]] if axis_n == 0 else [shape[0], -(-shape[1] // block)]
-                    if list(scale.dims) != want:
-                        out.append(f"{nm(n)}: scale shape {list(scale.dims)} does not match the weight "
-                                   f"{shape} blocked by {block} along axis {axis} (expected {want})")
-                    if shape[axis_n] % block:
-                        out.append(f"{nm(n)}: dimension {shape[axis_n]} is not a multiple of block_size {block}")
-        if len(n.input) > 2 and n.input[2]:
-            zp = consts.get(n.input[2])
-            if zp is None:
-                out.append(f"{nm(n)}: zero point '{n.input[2]}' is not a constant")
-            else:
-                if zp.data_type != x.data_type:
-                    out.append(f"{nm(n)}: zero point dtype {TensorProto.DataType.Name(zp.data_type)} differs "
-                               f"from the weight's INT4")
-                try:
-                    zv = numpy_helper.to_array(zp)
-                    nonzero = int(np.count_nonzero(zv.astype(np.int32)))
-                except Exception:  # noqa: BLE001
-                    nonzero = -1
-                if nonzero:
-                    out.append(f"{nm(n)}: zero point must be absent or all zero (TensorRT is symmetric-only); "
-                               f"{nonzero if nonzero > 0 else 'some'} entries are non-zero")
-                if scale is not None and list(zp.dims) != list(scale.dims):
-                    out.append(f"{nm(n)}: zero point shape {list(zp.dims)} differs from the scale's "
-                               f"{list(scale.dims)}")
-        users = consumers.get(n.output[0], [])
-        if n.output[0] in graph_outputs:
-            out.append(f"{nm(n)}: output '{n.output[0]}' is a graph output; it must feed MatMul")
-        if not users:
-            out.append(f"{nm(n)}: output '{n.output[0]}' feeds nothing")
-        for u in users:
-            if u.op_type != "MatMul" or u.domain not in ("", "ai.onnx"):
-                out.append(f"{nm(n)}: output feeds {nm(u)}, not MatMul directly")
-            elif len(u.input) < 2 or u.input[1] != n.output[0] or u.input[0] == n.output[0]:
-                out.append(f"{nm(n)}: output is not the B (weight) input of {nm(u)}")
-    return out

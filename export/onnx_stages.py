@@ -321,12 +321,7 @@ class FusionStage(nn.Module):
         self.grasp = model.grasp
         self.num_tokens = model.config.num_visual_tokens
         if self.grasp is not None:
-            h, w = model.config.token_grid
-            # Adaptive average pooling of the [h, w] grid into the block grid, as one [N, h*w]
-            # matrix (exact for grids that do not divide evenly, and a plain MatMul in the graph).
-            eye = torch.eye(h * w, dtype=torch.float32).reshape(h * w, 1, h, w)
-            pool = F.adaptive_avg_pool2d(eye, self.grasp.grid).reshape(h * w, -1).t().contiguous()
-            self.register_buffer("pool", pool.to(model.device))
+            self.register_buffer("pool", grasp_pool(model))
             self.prompt_len = self.grasp.prompts.shape[1]
 
     def forward(self, text_embeds, visual_tokens, image_start, question_hidden=None, prompt_start=None):
@@ -353,6 +348,14 @@ class FusionStage(nn.Module):
         is_prompt = (prel >= 0) & (prel < self.prompt_len)
         pr = prompt.index_select(0, prel.clamp(0, self.prompt_len - 1))
         return torch.where(is_prompt[None, :, None], pr[None], out), weights
+
+
+def grasp_pool(model) -> torch.Tensor:
+    """GRASP's adaptive average pooling of the ``[h, w]`` token grid into its block grid, as one
+    ``[N, h*w]`` matrix (exact for grids that do not divide evenly, and a plain MatMul in a graph)."""
+    h, w = model.config.token_grid
+    eye = torch.eye(h * w, dtype=torch.float32).reshape(h * w, 1, h, w)
+    return F.adaptive_avg_pool2d(eye, model.grasp.grid).reshape(h * w, -1).t().contiguous().to(model.device)
 
 
 def _select(scores: torch.Tensor, selector: str, k: int) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 GPTQ / RTN (``gptq.py``) produce it, the Hugging Face GPTQ checkpoint format
 (``gptq_format.py``) stores and loads it, and the ONNX packers (``int4_onnx.py``) turn it
-into ``MatMulNBits`` or blocked ``DequantizeLinear -> MatMul``. Symmetric only: the zero
-point is 0 in signed form (8 in the unsigned form checkpoints and ONNX store), so the same
-weights map onto ONNX Runtime and TensorRT's weight-only INT4.
+into ``MatMulNBits``. Symmetric only: the zero point is 0 in signed form (8 in the unsigned
+form checkpoints and ONNX store), so the same weights map onto ONNX Runtime's MatMulNBits and,
+through the GPTQ checkpoint, TensorRT Edge-LLM's INT4 GEMM.
 """
 
 from __future__ import annotations

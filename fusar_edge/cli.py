@@ -118,9 +118,10 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--band", type=int, metavar="N",
                    help="GeoTIFF band to read, 1-based, e.g. 2 for VH in a VV/VH file (default: 1; the answer's "
                         "image record says which band of how many)")
-    a.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"], default="torch",
-                   help="torch (default); onnxruntime: the bundle's onnx/ export (fusar-edge export --onnx); "
-                        "tensorrt: engines built from the export")
+    a.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="torch (default); onnxruntime: the bundle's onnx/ export (fusar-edge export --onnx). "
+                        "On a Jetson the language model runs in TensorRT Edge-LLM instead: export --edgellm, "
+                        "docs/jetson.md")
     a.add_argument("--device", default="auto", help="auto (GPU if torch sees one), cpu, cuda, cuda:N")
     a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights/activations dtype (default: bfloat16 on GPU, float32 on CPU)")
@@ -165,24 +166,33 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--legacy-sigma", type=float, help="TLM sigma for old checkpoints without tlm_config.json")
     m.add_argument("--force", action="store_true", help="replace --out if it exists")
 
-    x = sub.add_parser("export", help="write deployable artifacts: ONNX stages, GPTQ 4-bit, TensorRT engines",
+    x = sub.add_parser("export", help="write deployable artifacts: ONNX stages, GPTQ 4-bit, TensorRT Edge-LLM",
                        description="Export a bundle (or a preset such as `tiny`) into a new bundle DIR with the "
-                                   "artifacts inside: onnx/ (fp32 stages), gptq/ + onnx-int4/ + onnx-int4-qdq/ "
-                                   "(--gptq4), tensorrt/<gpu>/ (--tensorrt). Writes a parity report against the "
-                                   "torch model into DIR/export.json. A failed export leaves nothing behind.",
+                                   "artifacts inside: onnx/ (fp32 stages), gptq/ + onnx-int4/ (--gptq4), "
+                                   "edgellm/ (--edgellm: for TensorRT Edge-LLM on a Jetson, docs/jetson.md). "
+                                   "Writes a parity report against the torch model into DIR/export.json. A failed "
+                                   "export leaves nothing behind.",
                        epilog="examples:\n  fusar-edge export tiny --out bundles/tiny-onnx --onnx\n"
                               "  fusar-edge ask demo/scene.tif \"How many ships?\" --bundle bundles/tiny-onnx "
                               "--backend onnxruntime\n  fusar-edge export bundles/fusar-7b --out bundles/fusar-7b-int4 "
-                              "--gptq4 --calib 64",
+                              "--gptq4 --calib 64\n  fusar-edge export bundles/fusar-7b-int4 --out bundles/fusar-7b-jetson "
+                              "--edgellm   (reuses gptq/ when it is group 128)\n"
+                              "  fusar-edge export small --out bundles/small-jetson --edgellm --calib 4",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     x.add_argument("bundle", nargs="?", help="bundle directory or preset name (default: the built-in demo)")
     x.add_argument("--out", required=True, metavar="DIR", help="bundle directory to write")
     x.add_argument("--onnx", action="store_true", help="export the three stages to ONNX (default when nothing "
                                                        "else is asked)")
     x.add_argument("--gptq4", action="store_true", help="GPTQ 4-bit weights for the language model (implies --onnx)")
-    x.add_argument("--calib", type=int, default=16, metavar="N", help="calibration samples for --gptq4 (default 16)")
-    x.add_argument("--group-size", type=int, default=128, choices=[64, 128], help="4-bit group size (default 128)")
-    x.add_argument("--tensorrt", action="store_true", help="build TensorRT engines (needs TensorRT installed)")
+    x.add_argument("--edgellm", action="store_true",
+                   help="edgellm/: the language model as a GPTQ checkpoint TensorRT Edge-LLM builds (group 128, fp16), "
+                        "Edge-LLM's own ONNX export of it when tensorrt-edgellm is installed (pip install "
+                        "'fusar-edge[edgellm]'; else the command to run later), fp16 vision.onnx (ViT + TLM) and "
+                        "grasp.onnx for trtexec, and fusar_edgellm.json saying how a runner joins them")
+    x.add_argument("--calib", type=int, default=16, metavar="N",
+                   help="calibration samples for GPTQ (--gptq4, --edgellm; default 16)")
+    x.add_argument("--group-size", type=int, default=128, choices=[64, 128],
+                   help="4-bit group size (default 128; --edgellm takes 128 only)")
     x.add_argument("--force", action="store_true", help="replace DIR if it exists, and write the export even "
                                                         "when a parity check fails (export.json records it)")
     x.add_argument("--json", action="store_true", help="print the export report as JSON")
@@ -339,9 +349,9 @@ def cmd_export(args) -> int:
 
     if args.calib < 1:
         raise InputError(f"--calib: expected a positive number of samples, got {args.calib}")
-    onnx = args.onnx or not (args.gptq4 or args.tensorrt)
+    onnx = args.onnx or not (args.gptq4 or args.edgellm)
     report = export_bundle(args.bundle, args.out, onnx=onnx, gptq4=args.gptq4, calib=args.calib,
-                           group_size=args.group_size, tensorrt=args.tensorrt, force=args.force,
+                           group_size=args.group_size, edgellm=args.edgellm, force=args.force,
                            progress=None if args.json else lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(report))

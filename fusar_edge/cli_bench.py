@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
                        help="random weights at a preset's true size: tiny, small, demo, qwen2.5-vl-3b, "
                             "qwen2.5-vl-7b")
     b.add_argument("--backend", default="torch", metavar="LIST",
-                   help="comma-separated: torch, onnxruntime, tensorrt (default: torch)")
+                   help="comma-separated: torch, onnxruntime (default: torch)")
     b.add_argument("--no-baseline", action="store_true", help="skip the transformers generate baseline")
     b.add_argument("--image", metavar="FILE", help="SAR image (default: the built-in synthetic scene)")
     b.add_argument("--tiles", metavar="DIR", help="AEF tile store for the lookup (default with the built-in "

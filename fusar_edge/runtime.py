@@ -30,7 +30,7 @@ from .model.rope import mrope_positions, text_positions
 from .question_cache import QuestionCache
 from .tokenizer import build_sequence
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime")
 # the dtype names both backends take (torch_stages.DTYPES maps them to torch dtypes; the ONNX Runtime
 # backend checks them against its export without importing torch)
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -176,9 +176,6 @@ class Runtime:
         """
         if backend not in BACKENDS:
             raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
-        if backend == "tensorrt":
-            raise FusarError(f"backend {backend!r} is not available yet: this version runs the torch and "
-                             "onnxruntime backends")
         store = TileStore.open(tiles) if tiles is not None else None  # cheap; fail before loading weights
         check_grid(anchor_grid)
         if backend == "onnxruntime":

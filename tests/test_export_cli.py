@@ -68,7 +68,7 @@ def test_export_gptq4_writes_every_form_and_runs_4bit(tmp_path, capsys):
     # tiny's layers are 64 wide, so group size 64
     assert main(["export", "tiny", "--out", str(out), "--gptq4", "--calib", "4", "--group-size", "64", "--json"]) == 0
     arts = json.loads(capsys.readouterr().out)["artifacts"]
-    assert arts["onnx-int4-qdq"]["tensorrt_lint"] == "clean"
+    assert set(arts) == {"onnx", "gptq", "onnx-int4"}  # no TensorRT QDQ decoder any more
     assert arts["onnx-int4"]["quantized_layers"] == arts["gptq"]["summary"]["linears"] > 0
     assert arts["onnx-int4"]["packing_check"]["ok"]  # fp32 compute: the packing matches the dequantised model
     parity = arts["onnx-int4"]["accuracy_level_4_vs_dequantised"]
@@ -82,21 +82,18 @@ def test_export_gptq4_writes_every_form_and_runs_4bit(tmp_path, capsys):
     # `info` says what can run the exported bundle
     assert main(["info", str(out), "--json"]) == 0
     backends = json.loads(capsys.readouterr().out)["backends"]
-    assert set(backends) == {"torch", "onnx", "onnx-int4", "onnx-int4-qdq", "gptq"}
+    assert set(backends) == {"torch", "onnx", "onnx-int4", "gptq"}
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "onnx-int4: onnxruntime (GPTQ 4-bit, MatMulNBits)" in text and "{" not in text.split("files")[-1]
 
 
-def test_tensorrt_missing_is_a_clear_error(tmp_path, capsys):
-    pytest.importorskip("onnx")
-    try:
-        import tensorrt  # noqa: F401
-        pytest.skip("TensorRT is installed here")
-    except ImportError:
-        pass
+def test_tensorrt_engine_build_is_retired(tmp_path, capsys):
+    """--tensorrt built engines from our own QDQ decoder; Edge-LLM builds the LLM now (--edgellm)."""
     assert main(["export", "tiny", "--out", str(tmp_path / "trt"), "--tensorrt"]) == 2
-    assert "TensorRT" in capsys.readouterr().err
+    assert "unrecognized arguments: --tensorrt" in capsys.readouterr().err
+    assert main(["ask", "x.png", "q", "--backend", "tensorrt"]) == 2
+    assert "invalid choice: 'tensorrt'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 

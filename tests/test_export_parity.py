@@ -81,7 +81,8 @@ def test_correct_packing_passes_and_each_error_is_reported(tmp_path, reuse_stage
     assert "onnx-int4: accuracy level 4 vs dequantised torch (measured only): worst relative error" in said
     assert "onnx-int4: 4-bit quantisation vs fp32 torch (measured only): worst relative error" in said
     assert "--force" not in said
-    for folder in ("onnx", "onnx-int4", "onnx-int4-qdq"):  # each stages.json describes its own files
+    assert not (out / "onnx-int4-qdq").exists()  # the TensorRT QDQ form is retired (Edge-LLM builds the LLM)
+    for folder in ("onnx", "onnx-int4"):  # each stages.json describes its own files
         records = json.loads((out / folder / "stages.json").read_text())["files"]
         assert {name: sha256_file(out / folder / name) for name in records} == {
             name: r["sha256"] for name, r in records.items()}, folder

@@ -1,4 +1,4 @@
-"""4-bit ONNX packing (export/int4_onnx.py): MatMulNBits and INT4 QDQ from the same weights."""
+"""4-bit ONNX packing (export/int4_onnx.py): MatMulNBits from GPTQ / RTN weights."""
 
 import warnings
 
@@ -13,10 +13,7 @@ pytest.importorskip("onnxscript")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from fusar_edge.export.int4_onnx import (  # noqa: E402
-    int4_tensor,
-    lint_tensorrt_qdq,
     pack_matmulnbits,
-    pack_qdq_int4,
     pack_nibbles,
     quantize_onnx_model,
     rtn_int4,
@@ -129,20 +126,9 @@ def test_matmulnbits_layout_by_hand():
     assert pk.attributes(4) == dict(K=64, N=2, bits=4, block_size=16, accuracy_level=4)
 
 
-def test_qdq_layout_by_hand():
-    q = torch.tensor([[-8, 7, 1, -1] * 4, [0, 1, 2, 3] * 4], dtype=torch.int8)  # [out=2, in=16]
-    pk = pack_qdq_int4(Int4Weight("w", q, torch.tensor([[0.5], [0.25]]), 16))
-    assert pk.q.shape == (16, 2) and pk.scales.shape == (1, 2) and pk.axis == 0
-    t = int4_tensor("w", pk.q)
-    assert t.data_type == TensorProto.INT4 and list(t.dims) == [16, 2]
-    # row-major [in, out]: (-8, 0) -> 0x08, (7, 1) -> 0x17, (1, 2) -> 0x21, (-1, 3) -> 0x3F
-    assert t.raw_data[:4] == bytes([0x08, 0x17, 0x21, 0x3F])
-    assert numpy_helper.to_array(t).astype(np.int8).tolist() == q.numpy().T.tolist()
-
-
 def test_layout_agrees_with_ort_packers():
     """ONNX Runtime's own C++ packers (used by its quantizer) read back with our unpacking."""
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_qdq_matmul_4bits
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
     rng = np.random.default_rng(0)
     k, n, bs = 256, 64, 32
@@ -152,60 +138,35 @@ def test_layout_agrees_with_ort_packers():
     quantize_matmul_4bits(B, w, s, np.zeros((n, k // bs // 2), np.uint8), bs, n, k, True)
     deq = ((unpack_nibbles(B).astype(np.float32) - 8) * s[..., None]).reshape(n, k).T
     assert rel(deq, w) < 0.1  # RTN error; the high-nibble-first reading gives ~1.4
-    p = np.zeros(k * n // 2, np.uint8)
-    s2 = np.zeros((k // bs, n), np.float32)
-    quantize_qdq_matmul_4bits(p, w, s2, np.zeros(k * n // bs // 2, np.uint8), bs, n, k, True)
-    v = unpack_nibbles(p).astype(np.int16)
-    deq2 = np.where(v > 7, v - 16, v).reshape(k, n) * np.repeat(s2, bs, axis=0)
-    assert rel(deq2, w) < 0.1
 
 
 # ----------------------------------------------------------------------------- numerics
 
 
-@pytest.mark.parametrize("form", ["matmulnbits", "qdq"])
-def test_forms_match_torch(exported, form):
+def test_matmulnbits_matches_torch(exported):
     path, x, ref, weights = exported
-    res = quantize_onnx_model(path, weights, form=form)
+    res = quantize_onnx_model(path, weights)
     onnx.checker.check_model(res.model)
     assert sorted(res.quantized.values()) == ["fc1", "fc2", "fc3"], res.quantized
     ops = [n.op_type for n in res.model.graph.node]
-    if form == "matmulnbits":
-        assert ops.count("MatMulNBits") == 3 and "Gemm" not in ops and "MatMul" not in ops
-        assert "Add" not in ops  # biases went into MatMulNBits' bias input
-    else:
-        assert ops.count("DequantizeLinear") == 3 and ops.count("MatMul") == 3 and "Gemm" not in ops
+    assert ops.count("MatMulNBits") == 3 and "Gemm" not in ops and "MatMul" not in ops
+    assert "Add" not in ops  # biases went into MatMulNBits' bias input
     # the float weight matrices are gone: no float initializer has 256 or more columns
     assert not [t.name for t in res.model.graph.initializer
                 if t.data_type == TensorProto.FLOAT and len(t.dims) == 2 and min(t.dims) >= 256]
     assert rel(run(res.model, x), ref) < 1e-5
-    if form == "qdq":  # without ORT's DQ+MatMul -> MatMulNBits fusion: plain DQ, then MatMul
-        assert rel(run(res.model, x, optimize=False), ref) < 1e-5
 
 
-def test_qdq_reference_evaluator(exported):
-    """onnx's reference implementation (independent of ORT) reads the INT4 QDQ graph the same."""
-    from onnx.reference import ReferenceEvaluator
-
-    path, x, ref, weights = exported
-    model = quantize_onnx_model(path, weights, form="qdq").model
-    y = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x})[0]
-    assert rel(y, ref) < 1e-5
-
-
-def test_both_forms_same_outputs(exported):
-    path, x, _, weights = exported
-    y1 = run(quantize_onnx_model(path, weights, form="matmulnbits").model, x)
-    y2 = run(quantize_onnx_model(path, weights, form="qdq").model, x)
-    assert rel(y1, y2) < 1e-6
+def test_the_retired_qdq_form_is_refused(exported):
+    path, _, _, weights = exported
+    with pytest.raises(ValueError, match="retired.*Edge-LLM"):
+        quantize_onnx_model(path, weights, form="qdq")
 
 
 def test_block_finer_than_group(exported):
     path, x, ref, weights = exported
-    for form in ("matmulnbits", "qdq"):
-        model = quantize_onnx_model(path, weights, form=form, block_size=64).model
-        assert rel(run(model, x), ref) < 1e-5
-    assert lint_tensorrt_qdq(model) == []
+    model = quantize_onnx_model(path, weights, block_size=64).model
+    assert rel(run(model, x), ref) < 1e-5
     with pytest.raises(ValueError, match="does not divide"):
         quantize_onnx_model(path, {k: random_int4(k, *w.shape, group=64) for k, w in weights.items()},
                             block_size=128)
@@ -213,11 +174,10 @@ def test_block_finer_than_group(exported):
 
 def test_explicit_zero_points(exported):
     path, x, ref, weights = exported
-    for form in ("matmulnbits", "qdq"):
-        model = quantize_onnx_model(path, weights, form=form, zero_points=True).model
-        zp = [t for t in model.graph.initializer if t.name.endswith("_zp")]
-        assert len(zp) == 3
-        assert rel(run(model, x), ref) < 1e-5
+    model = quantize_onnx_model(path, weights, zero_points=True).model
+    zp = [t for t in model.graph.initializer if t.name.endswith("_zp")]
+    assert len(zp) == 3
+    assert rel(run(model, x), ref) < 1e-5
 
 
 def test_int8_accuracy_level_runs(exported):
@@ -237,14 +197,11 @@ def test_rtn_standalone(exported, mlp):
             mod.weight.copy_(rtn_int4(mod.weight, 128, name).dequantize())
     with torch.no_grad():
         ref_rtn = m_rtn(torch.from_numpy(x)).numpy()
-    outs = []
-    for form in ("matmulnbits", "qdq"):
-        res = quantize_onnx_model(path, None, form=form)
-        assert sorted(res.quantized.values()) == ["fc1", "fc2", "fc3"]
-        outs.append(run(res.model, x))
-        assert rel(outs[-1], ref_rtn) < 1e-5
-    assert rel(outs[0], outs[1]) < 1e-6
-    assert 1e-4 < rel(outs[0], ref) < 0.2  # RTN of the (already 4-bit) weights: close, not exact
+    res = quantize_onnx_model(path, None)
+    assert sorted(res.quantized.values()) == ["fc1", "fc2", "fc3"]
+    y = run(res.model, x)
+    assert rel(y, ref_rtn) < 1e-5
+    assert 1e-4 < rel(y, ref) < 0.2  # RTN of the (already 4-bit) weights: close, not exact
 
 
 def test_rtn_weight():
@@ -268,14 +225,13 @@ def test_size_on_disk(exported, tmp_path):
     n_float = sum(w.q.numel() for w in weights.values())
     assert disk_size(path) > 4 * n_float
     out = tmp_path / "q.onnx"
-    for form in ("matmulnbits", "qdq"):
-        quantize_onnx_model(path, weights, form=form, out_path=out)
-        assert not out.with_name("q.onnx.data").exists()  # small: one file
-        ratio = disk_size(path) / disk_size(out)
-        # float32 -> 4 bits + one float32 scale per 128: 32 / (4 + 32/128) = 7.5x on the weights
-        assert 6.0 < ratio < 8.0, (form, ratio)
-        assert disk_size(out) < n_float * (0.5 + 4 / 128) + 64 * 1024
-        assert rel(run(out, x), run(quantize_onnx_model(path, weights, form=form).model, x)) == 0
+    quantize_onnx_model(path, weights, out_path=out)
+    assert not out.with_name("q.onnx.data").exists()  # small: one file
+    ratio = disk_size(path) / disk_size(out)
+    # float32 -> 4 bits + one float32 scale per 128: 32 / (4 + 32/128) = 7.5x on the weights
+    assert 6.0 < ratio < 8.0, ratio
+    assert disk_size(out) < n_float * (0.5 + 4 / 128) + 64 * 1024
+    assert rel(run(out, x), run(quantize_onnx_model(path, weights).model, x)) == 0
 
 
 def test_external_data_roundtrip(exported, tmp_path):
@@ -284,11 +240,10 @@ def test_external_data_roundtrip(exported, tmp_path):
     save_model(onnx.load(str(path)), src, external_data=True)
     assert (tmp_path / "ext" / "float.onnx.data").stat().st_size > 1 << 20
     out = tmp_path / "ext" / "q.onnx"
-    for form in ("matmulnbits", "qdq"):
-        res = quantize_onnx_model(src, weights, form=form, out_path=out, external_data=True)
-        assert res.path == out and (tmp_path / "ext" / "q.onnx.data").exists()
-        assert out.stat().st_size < 64 * 1024  # the weights live in q.onnx.data
-        assert rel(run(out, x), ref) < 1e-5
+    res = quantize_onnx_model(src, weights, out_path=out, external_data=True)
+    assert res.path == out and (tmp_path / "ext" / "q.onnx.data").exists()
+    assert out.stat().st_size < 64 * 1024  # the weights live in q.onnx.data
+    assert rel(run(out, x), ref) < 1e-5
 
 
 def test_missing_include_and_errors(exported):
@@ -332,14 +287,13 @@ def _linear_graph(w_t: np.ndarray, dtype=TensorProto.FLOAT, transpose_node=False
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
 
 
-@pytest.mark.parametrize("form", ["matmulnbits", "qdq"])
-def test_float16_transpose_and_tied(form):
+def test_float16_transpose_and_tied():
     rng = np.random.default_rng(3)
     w = random_int4("lin", 256, 512, gen=torch.Generator().manual_seed(3))
     w.scales = w.scales.half().float()  # exactly representable in float16
     wd = w.dequantize().numpy()
     model = _linear_graph(wd.T.astype(np.float16), TensorProto.FLOAT16, transpose_node=True, twice=True)
-    res = quantize_onnx_model(model, {"lin": w}, form=form)
+    res = quantize_onnx_model(model, {"lin": w})
     assert len(res.quantized) == 2 and "Transpose" not in [n.op_type for n in res.model.graph.node]
     n_q4 = [t for t in res.model.graph.initializer if t.name.endswith("_q4")]
     assert len(n_q4) == 1  # the tied weight is packed once
@@ -363,8 +317,7 @@ def test_name_map():
         quantize_onnx_model(model, {"other": w}, name_map={"lin.weight_t": "blocks.0.proj"})
 
 
-@pytest.mark.parametrize("form", ["matmulnbits", "qdq"])
-def test_gemm_untransposed_with_2d_bias(form):
+def test_gemm_untransposed_with_2d_bias():
     w = random_int4("lin", 128, 256)
     wd = w.dequantize().numpy()
     c = np.random.default_rng(1).standard_normal((1, 128)).astype(np.float32)
@@ -374,131 +327,7 @@ def test_gemm_untransposed_with_2d_bias(form):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(wd.T.copy(), "W"), numpy_helper.from_array(c, "C")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    res = quantize_onnx_model(model, {"lin": w}, form=form)
+    res = quantize_onnx_model(model, {"lin": w})
     assert res.quantized == {"/lin/Gemm": "lin"}
     x = np.random.default_rng(2).standard_normal((4, 256)).astype(np.float32)
     assert rel(run(res.model, x), x @ wd.T + c) < 1e-5
-
-
-def test_qdq_raises_opset(tmp_path):
-    w = random_int4("lin", 128, 256)
-    model = _linear_graph(w.dequantize().numpy().T.copy(), opset=17)
-    res = quantize_onnx_model(model, {"lin": w}, form="qdq")
-    assert [o.version for o in res.model.opset_import if o.domain in ("", "ai.onnx")] == [21]
-    assert lint_tensorrt_qdq(res.model) == []
-    x = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
-    assert rel(run(res.model, x), x @ w.dequantize().numpy().T) < 1e-5
-
-
-# ----------------------------------------------------------------------------- TensorRT lint
-
-
-@pytest.fixture(scope="module")
-def qdq_model():
-    w = random_int4("lin", 128, 256, gen=torch.Generator().manual_seed(5))
-    model = _linear_graph(w.dequantize().numpy().T.copy())
-    return quantize_onnx_model(model, {"lin": w}, form="qdq").model, w
-
-
-def _copy(m):
-    c = onnx.ModelProto()
-    c.CopyFrom(m)
-    return c
-
-
-def _dq(m):
-    return next(n for n in m.graph.node if n.op_type == "DequantizeLinear")
-
-
-def _init(m, name):
-    return next(t for t in m.graph.initializer if t.name == name)
-
-
-def test_lint_clean(exported, qdq_model):
-    assert lint_tensorrt_qdq(qdq_model[0]) == []
-    path, _, _, weights = exported
-    assert lint_tensorrt_qdq(quantize_onnx_model(path, weights, form="qdq").model) == []
-    explicit_zero = quantize_onnx_model(path, weights, form="qdq", zero_points=True).model
-    assert all(len(n.input) == 3 for n in explicit_zero.graph.node if n.op_type == "DequantizeLinear")
-    assert lint_tensorrt_qdq(explicit_zero) == []
-
-
-def _one(violations, *words):
-    assert len(violations) >= 1, violations
-    text = " | ".join(violations)
-    for w in words:
-        assert w in text, (w, violations)
-
-
-def test_lint_nonzero_zero_point(qdq_model):
-    m = _copy(qdq_model[0])
-    dq = _dq(m)
-    s = _init(m, dq.input[1])
-    zp = np.zeros(list(s.dims), np.int8)
-    zp[0, 3] = 1
-    m.graph.initializer.append(int4_tensor("zp_bad", zp))
-    dq.input.append("zp_bad")
-    _one(lint_tensorrt_qdq(m), dq.name, "zero point", "1 entries are non-zero")
-
-
-def test_lint_block_32(tmp_path):
-    w = random_int4("lin", 128, 256, group=32)
-    m = quantize_onnx_model(_linear_graph(w.dequantize().numpy().T.copy()), {"lin": w}, form="qdq").model
-    _one(lint_tensorrt_qdq(m), "block_size 32 not in [64, 128]")
-
-
-def test_lint_dq_not_feeding_matmul(qdq_model):
-    m = _copy(qdq_model[0])
-    dq = _dq(m)
-    mm = next(n for n in m.graph.node if n.op_type == "MatMul")
-    m.graph.node.insert(list(m.graph.node).index(mm), helper.make_node("Identity", [dq.output[0]], ["w_id"], name="id"))
-    mm.input[1] = "w_id"
-    _one(lint_tensorrt_qdq(m), dq.name, "feeds node 'id' (Identity), not MatMul directly")
-    # DQ as the activation (A) input of the MatMul
-    m2 = _copy(qdq_model[0])
-    mm2 = next(n for n in m2.graph.node if n.op_type == "MatMul")
-    mm2.input[0], mm2.input[1] = mm2.input[1], mm2.input[0]
-    _one(lint_tensorrt_qdq(m2), "not the B (weight) input")
-
-
-def test_lint_matmulnbits_present(exported):
-    path, _, _, weights = exported
-    v = lint_tensorrt_qdq(quantize_onnx_model(path, weights, form="matmulnbits").model)
-    nbits = [x for x in v if "com.microsoft.MatMulNBits" in x]
-    assert len(nbits) == 3 and "QDQ form" in nbits[0], v
-
-
-def test_lint_other_rules(qdq_model):
-    base, w = qdq_model
-    m = _copy(base)  # opset 20
-    for o in m.opset_import:
-        if o.domain == "":
-            o.version = 20
-    _one(lint_tensorrt_qdq(m), "opset 20 < 21")
-    m = _copy(base)  # blocked along N
-    dq = _dq(m)
-    for a in dq.attribute:
-        if a.name == "axis":
-            a.i = 1
-    _one(lint_tensorrt_qdq(m), "axis 1", "axis 0")
-    m = _copy(base)  # a negative scale
-    s = _init(m, _dq(m).input[1])
-    arr = numpy_helper.to_array(s).copy()
-    arr[0, 0] = -arr[0, 0]
-    s.CopyFrom(numpy_helper.from_array(arr, s.name))
-    _one(lint_tensorrt_qdq(m), "strictly positive")
-    m = _copy(base)  # int8 weight (not INT4), and no block size (per-channel)
-    dq = _dq(m)
-    q = _init(m, dq.input[0])
-    q.CopyFrom(numpy_helper.from_array(w.q.numpy().T.copy(), q.name))
-    _one(lint_tensorrt_qdq(m), "is INT8, not INT4")
-    m = _copy(base)
-    dq = _dq(m)
-    del dq.attribute[:]
-    dq.attribute.extend([helper.make_attribute("axis", 1)])
-    s = _init(m, dq.input[1])
-    s.CopyFrom(numpy_helper.from_array(np.full([128], 0.01, np.float32), s.name))
-    _one(lint_tensorrt_qdq(m), "no block_size")
-    m = _copy(base)  # DQ on an activation
-    m.graph.node.insert(0, helper.make_node("DequantizeLinear", ["x", _dq(m).input[1]], ["xd"], name="act_dq"))
-    _one(lint_tensorrt_qdq(m), "node 'act_dq'", "not a constant")

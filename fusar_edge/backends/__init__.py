@@ -1,1 +1,1 @@
-"""Runtime backends other than torch eager (ONNX Runtime over the exported stages; TensorRT)."""
+"""Runtime backends other than torch eager (ONNX Runtime over the exported stages)."""

@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 PACKAGES = ("fusar-edge", "torch", "transformers", "onnxruntime", "onnxruntime-gpu", "onnx", "triton",
-            "tensorrt", "numpy")
+            "tensorrt", "tensorrt-edgellm", "numpy")
 
 
 def cpu_name() -> str:

@@ -38,7 +38,10 @@ from .bandwidth import bandwidth_entry, decoder_weight_bytes, noise_notes, read_
 from .clock import PeakMemory, StageClock
 from .stats import summarize
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("torch", "onnxruntime")
+# names an older command line may still pass, and where that work went
+RETIRED = {"tensorrt": "retired: on NVIDIA edge GPUs the language model runs in TensorRT Edge-LLM (fusar-edge export "
+                       "--edgellm, docs/jetson.md); time it there with its own benchmark tools"}
 STAGES = ("preprocess", "anchors", "vision", "fusion", "prefill", "decode", "other")
 QUESTION = "How many ships are there in this image?"
 
@@ -84,6 +87,8 @@ def split_backends(names: list[str]) -> tuple[list[str], dict[str, str]]:
             continue
         if name in BACKENDS:
             run.append(name)
+        elif name in RETIRED:
+            skipped[name] = f"backend {name!r} {RETIRED[name]}"
         else:
             skipped[name] = f"unknown backend {name!r}: expected one of {', '.join(BACKENDS)}"
     return run, skipped
@@ -95,12 +100,6 @@ def unavailable_reason(backend: str) -> str | None:
         from ..backends.onnxruntime import NOT_INSTALLED
 
         return NOT_INSTALLED
-    if backend == "tensorrt":
-        if importlib.util.find_spec("tensorrt") is None:
-            return ("TensorRT is not installed (pip install tensorrt, on a machine with an NVIDIA GPU; Jetson: "
-                    "JetPack's python3-libnvinfer)")
-        return ("TensorRT is installed, but this version's runtime does not run engines yet: "
-                "`fusar-edge export BUNDLE --out DIR --tensorrt` builds them (time them with trtexec --loadEngine)")
     return None
 
 

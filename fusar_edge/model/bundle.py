@@ -295,7 +295,8 @@ def describe(bundle: str | Path) -> dict:
 
 # Export artifacts (fusar-edge export) and the backend each one serves.
 ARTIFACTS = {"onnx": "onnxruntime (fp32 stages)", "onnx-int4": "onnxruntime (GPTQ 4-bit, MatMulNBits)",
-             "onnx-int4-qdq": "tensorrt (INT4 QDQ decoder)", "gptq": "transformers GPTQ checkpoint"}
+             "gptq": "transformers GPTQ checkpoint",
+             "edgellm": "TensorRT Edge-LLM on a Jetson (docs/jetson.md)"}
 
 
 def _backends(root: Path, files: dict) -> dict[str, str]:
