@@ -75,3 +75,11 @@ def test_a_ray_run_writes_the_local_runs_outputs_and_shares_its_journal(scene, l
         (tmp_path / "scene" / name).unlink()
     assert main(args) == 0
     assert _outputs(tmp_path / "scene") == _outputs(local_run)
+
+
+def test_a_ray_worker_that_cannot_open_the_model_is_one_line(scene, local_ray, tmp_path, capsys):
+    assert main(["scan", str(scene["scene_tif"]), "--out", str(tmp_path / "o"), "--no-anchors", "--quiet",
+                 "--bundle", str(tmp_path / "no-bundle"), "--ray", "--ray-workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fusar-edge: error: Ray workers could not open the model: {tmp_path / 'no-bundle'}: not a "
+                   "directory (expected a bundle directory or one of: tiny, small, demo, qwen2.5-vl-3b, qwen2.5-vl-7b)"]

@@ -15,6 +15,7 @@ not the scene.
 
 from __future__ import annotations
 
+import re
 from typing import Iterable, Iterator
 
 from ..errors import FusarError, InputError
@@ -58,19 +59,26 @@ class RayAnswerer:
         except ImportError:
             raise FusarError(INSTALL) from None
         if not ray.is_initialized():
-            ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+            try:
+                ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
+            except ConnectionError as exc:
+                raise FusarError(f"--ray {address}: {_last_line(exc)}") from None
         cpus = int(ray.cluster_resources().get("CPU", 1))
         n = workers or max(1, cpus // threads)
         worker = ray.remote(num_cpus=threads)(_ChipWorker)
         self.actors = [worker.remote(open_kwargs, threads) for _ in range(n)]
-        seen = ray.get([a.describe.remote() for a in self.actors])
+        self._ray = ray
+        try:
+            seen = ray.get([a.describe.remote() for a in self.actors])
+        except ray.exceptions.RayError as exc:  # a worker could not open the model: its own one-line reason
+            self.close()
+            raise FusarError(f"Ray workers could not open the model: {_last_line(exc)}") from None
         if any(s != seen[0] for s in seen):  # e.g. another bundle at the same path on one node
             raise FusarError(f"Ray workers opened different models: {sorted({s['weights'] for s in seen})}; give "
                              "every node the same bundle")
         self.weights, self.preset, self.chip_size = seen[0]["weights"], seen[0]["preset"], seen[0]["chip_size"]
         self.workers = n
         self._pool = ActorPool(self.actors)
-        self._ray = ray
 
     def answer(self, jobs: Iterable[tuple[Chip, object]], q: ChipQuestion) -> Iterator[dict]:
         pool = self._pool
@@ -94,3 +102,11 @@ class RayAnswerer:
         for a in self.actors:
             self._ray.kill(a)
         self.actors = []
+
+
+def _last_line(exc: BaseException) -> str:
+    """A remote error's last line (Ray wraps it in the worker's traceback)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1])  # "fusar_edge.errors.BundleError: ..." -> "..."
