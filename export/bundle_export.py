@@ -25,7 +25,8 @@ Parity checks that gate the export (a failure publishes nothing unless ``force``
     edgellm.parity                  fp16 vision.onnx / grasp.onnx vs the fp32 torch model
     edgellm.join_check              the runner's id/table rule vs the torch fusion (exact)
     edgellm.llm.problems            Edge-LLM's graph: one INT4 GEMM plugin per quantised linear,
-                                    one attention plugin per layer, the hidden_states output
+                                    one attention plugin per layer, the hidden_states output, and its
+                                    packed INT4 weights and scales equal to ours (weights_check)
 
 and measurements that are only reported (``onnx-int4``):
 
@@ -357,6 +358,10 @@ def _describe_edgellm(art: dict) -> list[str]:
         verdict = "ok" if not llm["problems"] else "FAILED: " + "; ".join(llm["problems"])
         lines.append(f"edgellm: llm/ by TensorRT Edge-LLM {llm['edgellm_version']} in {llm['seconds']} s: {plugins}, "
                      f"hidden_states {llm['graph']['hidden_states']} ({verdict})")
+        wc = llm.get("weights_check")
+        if wc:
+            lines.append(f"edgellm: llm/ INT4 weights vs ours: {'ok' if wc['ok'] else 'FAILED'} "
+                         f"({wc['linears']} linears' scales, {wc['packed_weights_compared']} linears' packed codes)")
     else:
         lines.append(f"edgellm: llm/ not written: {art['llm_note']}")
     return lines

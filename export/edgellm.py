@@ -213,6 +213,9 @@ def manifest(model, tokenizer, graphs: dict, checkpoint: dict, max_question: int
             "visual_tokens": t_tok, "grasp_slots": plen, "vocab_size": vocab,
             "image_placeholder_ids": f"image token k (0 <= k < {t_tok}) -> vocab_size + k",
             "grasp_slot_ids": f"GRASP slot j (0 <= j < {plen}) -> vocab_size + {t_tok} + j",
+            "counting_form": "equivalently image_token_id at all T + P positions: Edge-LLM's "
+                             "generateMultimodalIndices numbers them 0..T+P-1 in order, the same rows",
+            "image_token_id": int(getattr(model.backbone.config, "image_token_id", ids.get("<|image_pad|>", -1))),
             "multimodal_table": f"[{t_tok + plen}, {cfg.hidden_size}] = vision.onnx visual_tokens, then grasp.onnx "
                                 "prompt_embeds",
             "special_ids": {k: int(ids[k]) for k in ("<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -237,7 +240,7 @@ def export_edgellm(model, tokenizer, weights: dict, out: Path, *, max_anchors: i
     Edge-LLM's exporter when installed, and the manifest; -> the report's ``edgellm`` entry.
     ``bundle``: the published bundle's path, for the command a note gives (``out`` may be a work folder)."""
     from .edgellm_graphs import MAX_QUESTION_TOKENS, check_graphs, export_graphs
-    from .edgellm_llm import check_graph, command, installed_version, run_exporter
+    from .edgellm_llm import check_graph, check_weights, command, installed_version, run_exporter
 
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -252,7 +255,10 @@ def export_edgellm(model, tokenizer, weights: dict, out: Path, *, max_anchors: i
     if installed_version() is not None:
         progress(f"running TensorRT Edge-LLM {installed_version()}'s exporter (--skip-visual, hidden_states)")
         llm = run_exporter(out / "checkpoint", out / "llm")
-        llm["problems"] = check_graph(llm["graph"], len(weights), spec["llm_config"]["layers"])
+        progress("checking Edge-LLM's packed INT4 weights against ours")
+        llm["weights_check"] = check_weights(out / "llm", weights)
+        llm["problems"] = (check_graph(llm["graph"], len(weights), spec["llm_config"]["layers"])
+                           + llm["weights_check"]["problems"][:5])
         spec["llm"] = report["llm"] = llm
     else:
         report["llm"] = None

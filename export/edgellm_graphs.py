@@ -119,7 +119,8 @@ def export_graphs(model, out_dir: str | Path, dtype: torch.dtype = torch.float16
                                      output_names=outputs, optimize=True, verbose=False)
         _check_graph(prog.model, name, MIN_OPSET)
         data = _save(prog.model, out / name, EXTERNAL_DATA_BYTES)  # a 7B ViT's weights go beside it
-        specs[name] = {"data": data.name if data else None,"inputs": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype).replace("torch.", "")}
+        specs[name] = {"data": data.name if data else None,
+                       "inputs": [{"name": n, "shape": list(a.shape), "dtype": str(a.dtype).replace("torch.", "")}
                                   for n, a in zip(inputs, args)],
                        "outputs": outputs, "export_seconds": round(time.perf_counter() - t0, 2)}
 

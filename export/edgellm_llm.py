@@ -116,6 +116,82 @@ def check_graph(graph: dict, quantized: int, layers: int) -> list[str]:
     return problems
 
 
+def _initializer(tensor, folder: Path):
+    """An initializer's values as numpy, reading only its own bytes of external data (a 7B
+    graph's weights are gigabytes; one linear's are a few megabytes)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    info = {e.key: e.value for e in tensor.external_data}
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    raw = np.fromfile(folder / info["location"], dtype=np.uint8, count=int(info["length"]),
+                      offset=int(info.get("offset", 0)))
+    return raw.view(dtype).reshape(tuple(tensor.dims))
+
+
+FULL_CHECK_CODES = 1 << 28  # above this many 4-bit codes only the first and last layer's are repacked (~15 s per 1e8)
+
+
+def check_weights(llm_dir: Path, weights: dict) -> dict:
+    """Edge-LLM's INT4 weights in its graph vs ours, linear by linear.
+
+    For each ``Int4GroupwiseGemmPluginV2`` node: its packed weights must equal Edge-LLM's own
+    fragment packing (``repack_to_cutedsl_fragment``) of our unsigned codes ``q + 8`` laid out
+    ``[N, K]``, its scales ``[K / 128, N]`` our scales, and the activation permutation before it
+    (``desc_act``) the identity. This checks what its loader made of our checkpoint (zero-point
+    convention, transposes, group order) with its layout function as the oracle for the layout;
+    whether its kernel reads that layout right is its own business, checked on a GPU only.
+    Repacking in numpy costs ~15 s per 1e8 codes, so a model above ``FULL_CHECK_CODES`` (7B: 6.5e9)
+    has its packed weights compared for the first and last layer (every projection kind); scales
+    and permutations are compared for every linear.
+    """
+    import numpy as np
+    import onnx
+    import torch
+    from tensorrt_edgellm.checkpoint.repacking import repack_to_cutedsl_fragment
+
+    graph = onnx.load(str(llm_dir / "model.onnx"), load_external_data=False).graph
+    inits = {t.name: t for t in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    by_tail = {name[name.index("layers."):]: w for name, w in weights.items() if "layers." in name}
+    problems, checked, packed = [], 0, 0
+    layers = sorted({int(t.split(".")[1]) for t in by_tail if t.split(".")[1].isdigit()})
+    sample = None
+    if sum(w.q.numel() for w in weights.values()) > FULL_CHECK_CODES and layers:
+        sample = {f"layers.{layers[0]}.", f"layers.{layers[-1]}."}
+    for node in graph.node:
+        if node.op_type != INT4_GEMM:
+            continue
+        qname = node.input[1]
+        tail = qname[qname.index("layers."):-len(".qweight")] if "layers." in qname else qname
+        w = by_tail.get(tail)
+        if w is None:
+            problems.append(f"{qname}: no quantised linear of ours ends in {tail!r}")
+            continue
+        if sample is None or any(tail.startswith(p) for p in sample):
+            codes = (w.q.to(torch.int16) + 8).numpy()  # [N, K]
+            if not np.array_equal(_initializer(inits[qname], llm_dir), repack_to_cutedsl_fragment(codes)):
+                problems.append(f"{tail}: packed INT4 weights differ from our codes")
+            packed += 1
+        scales = _initializer(inits[node.input[2]], llm_dir)
+        if not np.array_equal(scales, w.scales.t().to(torch.float16).numpy()):
+            problems.append(f"{tail}: scales differ from ours")
+        gather = producers.get(node.input[0])
+        if gather is not None and gather.op_type == "Gather" and gather.input[1] in inits:
+            perm = _initializer(inits[gather.input[1]], llm_dir)
+            if not np.array_equal(perm, np.arange(perm.size)):
+                problems.append(f"{tail}: activations permuted (act-order), ours are in order")
+        checked += 1
+    if checked != len(weights):
+        problems.append(f"{checked} INT4 GEMM nodes checked for {len(weights)} quantised linears")
+    return {"what": "Edge-LLM's packed INT4 weights and scales vs our GPTQ codes, per linear (its layout "
+                    "function as the oracle)", "linears": checked, "packed_weights_compared": packed,
+            "problems": problems, "ok": not problems}
+
+
 def _child(checkpoint: str, out_dir: str) -> int:
     """In the child: register the hidden-states variant for the checkpoint's type, run the exporter."""
     from tensorrt_edgellm import model as edgellm_model
@@ -166,10 +242,16 @@ def add_llm(bundle: Path) -> dict:
     spec = read_json(path, "not an Edge-LLM export: run `fusar-edge export BUNDLE --out DIR --edgellm`")
     if installed_version() is None:
         raise FusarError(f"{DISTRIBUTION} is not installed: pip install {DISTRIBUTION}=={EDGELLM_VERSION}")
-    llm = run_exporter(root / spec["checkpoint"]["dir"], root / "llm")
+    from .gptq_format import load_gptq_checkpoint
+
+    checkpoint = root / spec["checkpoint"]["dir"]
+    llm = run_exporter(checkpoint, root / "llm")
     problems = check_graph(llm["graph"], spec["checkpoint"]["quantized_linears"], spec["llm_config"]["layers"])
+    llm["weights_check"] = check_weights(root / "llm", load_gptq_checkpoint(checkpoint))
+    problems += llm["weights_check"]["problems"]
+    llm["problems"] = problems
     if problems:
-        raise BundleError(f"{root / 'llm' / 'model.onnx'}: " + "; ".join(problems))
+        raise BundleError(f"{root / 'llm' / 'model.onnx'}: " + "; ".join(problems[:5]))
     spec["llm"] = llm
     write_text_atomic(path, json.dumps(spec, indent=2) + "\n")
     if (bundle / MANIFEST).is_file():

@@ -175,8 +175,9 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  fusar-edge export tiny --out bundles/tiny-onnx --onnx\n"
                               "  fusar-edge ask demo/scene.tif \"How many ships?\" --bundle bundles/tiny-onnx "
                               "--backend onnxruntime\n  fusar-edge export bundles/fusar-7b --out bundles/fusar-7b-int4 "
-                              "--gptq4 --calib 64\n  fusar-edge export bundles/fusar-7b-int4 --out bundles/fusar-7b-jetson "
-                              "--edgellm   (reuses gptq/ when it is group 128)\n"
+                              "--gptq4 --calib 64\n"
+                              "  fusar-edge export bundles/fusar-7b-int4 --out bundles/fusar-7b-jetson --edgellm"
+                              "   (takes its group-128 gptq/)\n"
                               "  fusar-edge export small --out bundles/small-jetson --edgellm --calib 4",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     x.add_argument("bundle", nargs="?", help="bundle directory or preset name (default: the built-in demo)")
@@ -187,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--edgellm", action="store_true",
                    help="edgellm/: the language model as a GPTQ checkpoint TensorRT Edge-LLM builds (group 128, fp16), "
                         "Edge-LLM's own ONNX export of it when tensorrt-edgellm is installed (pip install "
-                        "'fusar-edge[edgellm]'; else the command to run later), fp16 vision.onnx (ViT + TLM) and "
+                        "'fusar-edge[torch,edgellm]'; else the command to run later), fp16 vision.onnx (ViT + TLM) and "
                         "grasp.onnx for trtexec, and fusar_edgellm.json saying how a runner joins them")
     x.add_argument("--calib", type=int, default=16, metavar="N",
                    help="calibration samples for GPTQ (--gptq4, --edgellm; default 16)")

@@ -5,6 +5,7 @@ in multiples of 128): seconds on a CPU. The one test that runs Edge-LLM's own ex
 `small` preset and skips, saying why, when tensorrt-edgellm is not installed.
 """
 
+import dataclasses
 import json
 
 import numpy as np
@@ -187,7 +188,7 @@ def test_cli_export_end_to_end_without_edgellm(tiny_tokenizer, tmp_path, capsys,
 
 
 @pytest.mark.skipif(edgellm_llm.installed_version() is None,
-                    reason="tensorrt-edgellm is not installed (pip install 'fusar-edge[edgellm]')")
+                    reason="tensorrt-edgellm is not installed (pip install 'fusar-edge[torch,edgellm]')")
 def test_small_exports_through_edgellm(tmp_path, tiny_tokenizer):
     """Edge-LLM's exporter on the `small` checkpoint: one INT4 GEMM plugin per quantised linear,
     one attention plugin per layer, the hidden_states output; via the by-hand command."""
@@ -214,6 +215,13 @@ def test_small_exports_through_edgellm(tmp_path, tiny_tokenizer):
     assert graph["plugins"][edgellm_llm.ATTENTION] == 8
     assert graph["hidden_states"] == ["physical_tokens", 1024]
     assert edgellm_llm.check_graph(graph, 56, 8) == []
+    check = spec["llm"]["weights_check"]  # what its loader made of our checkpoint, linear by linear
+    assert check["ok"] and check["linears"] == check["packed_weights_compared"] == 56
+    name = "model.language_model.layers.3.mlp.down_proj"  # one code off by one step: found
+    bad = dataclasses.replace(weights[name], q=weights[name].q.clone())
+    bad.q[5, 7] = 7 if int(bad.q[5, 7]) != 7 else 6
+    found = edgellm_llm.check_weights(bundle / "edgellm" / "llm", {name: bad})["problems"]
+    assert "layers.3.mlp.down_proj: packed INT4 weights differ from our codes" in found
     assert (bundle / "edgellm" / "llm" / edgellm_llm.LOG).is_file()
     files = json.loads((bundle / "manifest.json").read_text())["files"]
     assert "edgellm/llm/model.onnx" in files
