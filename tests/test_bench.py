@@ -139,7 +139,7 @@ def test_missing_and_unknown_backends_are_reported_and_the_others_run(tmp_path, 
     skipped = result["skipped"]
     assert "not installed" in skipped["onnxruntime"] and "pip install" in skipped["onnxruntime"]
     assert "unknown backend 'warp-drive'" in skipped["warp-drive"] and "torch, onnxruntime" in skipped["warp-drive"]
-    assert "tensorrt" in skipped
+    assert "retired" in skipped["tensorrt"] and "Edge-LLM" in skipped["tensorrt"]
     out = capsys.readouterr().out
     assert "skipped onnxruntime" in out and "skipped warp-drive" in out
 
