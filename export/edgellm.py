@@ -145,11 +145,10 @@ def lookup_with_insertion(ids: np.ndarray, embed_table: np.ndarray, extra_rows: 
 def check_join(model, tokenizer) -> dict:
     """The join rule against the torch fusion: ids + table -> the same ``inputs_embeds`` (fp32, exact)."""
     from fusar_edge import tasks
+    from fusar_edge.model.preprocess import chip_to_patches
     from fusar_edge.tokenizer import build_sequence
 
     from .onnx_stages import PARITY_QUESTIONS, synthetic_anchors, synthetic_chip
-
-    from fusar_edge.model.preprocess import chip_to_patches
 
     cfg = model.config
     question = PARITY_QUESTIONS[0]

@@ -36,7 +36,6 @@ not with the wrappers, so a wrapper that drifted from the model fails it.
 from __future__ import annotations
 
 import copy
-import math
 import time
 import warnings
 from pathlib import Path
@@ -47,7 +46,7 @@ import torch
 from torch import nn
 
 from .onnx_stages import (DEFAULT_MAX_ANCHORS, EXTERNAL_DATA_BYTES, MIN_OPSET, VisionStage, _check_graph,
-                          _quiet_exporter_registry, _rel, _save, _select, grasp_pool, synthetic_anchors,
+                          _quiet_exporter_registry, _rel, _save, grasp_graph, grasp_pool, synthetic_anchors,
                           synthetic_chip)
 
 MAX_QUESTION_TOKENS = 256
@@ -67,18 +66,10 @@ class GraspStage(nn.Module):
         self.register_buffer("pool", grasp_pool(model))
 
     def forward(self, visual_tokens, question_hidden, question_mask):
-        g = self.grasp
         m = question_mask.float()
         normed = self.norm(question_hidden).float()
-        q = (normed * m[:, None]).sum(dim=0) / m.sum().clamp_min(1.0)
-        blocks = self.pool.float() @ visual_tokens.float() + g.block_pos.float()  # fp32, as the reference pools
-        dtype = g.w_k.weight.dtype
-        keys = g.w_k(blocks.to(dtype))
-        query = g.w_q(q.to(dtype))
-        scores = keys.float() @ query.float() / math.sqrt(g.proj_dim)
-        weights = _select(scores, g.selector, g.k)
-        n_blocks, plen, c = g.prompts.shape
-        prompt = (weights[None, :] @ g.prompts.float().reshape(n_blocks, plen * c)).reshape(plen, c)
+        q = (normed * m[:, None]).sum(dim=0) / m.sum().clamp_min(1.0)  # masked mean: the shape stays fixed
+        prompt, weights = grasp_graph(self.grasp, self.pool, visual_tokens, q)
         return prompt.to(visual_tokens.dtype), weights
 
 

@@ -333,16 +333,7 @@ class FusionStage(nn.Module):
         out = torch.where(is_img[None, :, None], vis[None], text_embeds)
         if self.grasp is None:
             return out
-        g = self.grasp
-        q = question_hidden[0].mean(dim=0)
-        blocks = self.pool @ visual_tokens.float() + g.block_pos
-        dtype = g.w_k.weight.dtype
-        keys = g.w_k(blocks.to(dtype))
-        query = g.w_q(q.to(dtype))
-        scores = keys.float() @ query.float() / math.sqrt(g.proj_dim)
-        weights = _select(scores, g.selector, g.k)
-        n_blocks, plen, c = g.prompts.shape
-        prompt = (weights[None, :] @ g.prompts.float().reshape(n_blocks, plen * c)).reshape(plen, c)
+        prompt, weights = grasp_graph(self.grasp, self.pool, visual_tokens, question_hidden[0].mean(dim=0))
         prompt = prompt.to(text_embeds.dtype)
         prel = seq - prompt_start
         is_prompt = (prel >= 0) & (prel < self.prompt_len)
@@ -356,6 +347,19 @@ def grasp_pool(model) -> torch.Tensor:
     h, w = model.config.token_grid
     eye = torch.eye(h * w, dtype=torch.float32).reshape(h * w, 1, h, w)
     return F.adaptive_avg_pool2d(eye, model.grasp.grid).reshape(h * w, -1).t().contiguous().to(model.device)
+
+
+def grasp_graph(g, pool: torch.Tensor, visual_tokens: torch.Tensor, q: torch.Tensor):
+    """GRASP in graph form: blocks pooled in fp32, scores, selection, the weighted prompt sum;
+    -> ``(prompt [P, C] float32, block weights [N])``. The fusion stage and grasp.onnx share it."""
+    blocks = pool.float() @ visual_tokens.float() + g.block_pos.float()
+    dtype = g.w_k.weight.dtype
+    keys = g.w_k(blocks.to(dtype))
+    query = g.w_q(q.to(dtype))
+    scores = keys.float() @ query.float() / math.sqrt(g.proj_dim)
+    weights = _select(scores, g.selector, g.k)
+    n_blocks, plen, c = g.prompts.shape
+    return (weights[None, :] @ g.prompts.float().reshape(n_blocks, plen * c)).reshape(plen, c), weights
 
 
 def _select(scores: torch.Tensor, selector: str, k: int) -> torch.Tensor:
