@@ -115,6 +115,18 @@ def test_vision_and_grasp_graphs_match_torch(tiny_model, tiny_tokenizer, tmp_pat
         assert 1e-5 < errs["vision"] < 5e-3 and errs["grasp_prompt"] < 5e-3
 
 
+def test_trained_demo_without_grasp(tmp_path):
+    """The built-in demo (trained weights, TLM on, GRASP off): vision.onnx alone, fp16 close to torch."""
+    from fusar_edge.model.bundle import open_model
+
+    model, tokenizer, _ = open_model(None, dtype=torch.float32)
+    assert model.grasp is None and model.tlm is not None
+    assert set(export_graphs(model.eval(), tmp_path, torch.float16)) == {VISION}
+    report = check_graphs(model, tokenizer, tmp_path, torch.float16)
+    assert report["ok"] and report["max_rel_err"]["vision"] < 2e-3, report
+    assert edgellm.check_join(model, tokenizer)["ok"]  # no GRASP slots: image rows only
+
+
 def test_graph_check_catches_a_wrong_norm(tiny_model, tiny_tokenizer, tmp_path):
     """grasp.onnx must apply the final norm to Edge-LLM's pre-norm states: without it, it fails."""
     from fusar_edge.export import edgellm_graphs
