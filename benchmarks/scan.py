@@ -7,7 +7,7 @@
    uint16 GeoTIFF whose zero fill (like the fill around a SAR swath) surrounds one strip of
    speckled sea with ships, one chip row tall, so every chip window is read but only the strip's
    chips are answered. Each is scanned by the built-in demo in a fresh process; its peak RSS
-   (``ru_maxrss``) is what must stay flat with the scene's size, under 2 GB. No tile store this
+   (``VmHWM``) is what must stay flat with the scene's size, under 2 GB. No tile store this
    large can be made here (AEF at 10 m over 200 km is 25 GB), so these runs use ``--no-anchors``.
 2. **Speed**: the ``fusar-edge sample --size 1024`` scene (36 chips, with its tile store) scanned
    by each case (torch one by one, torch ``--batch 4``, ONNX Runtime from ``--onnx DIR`` or an
@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 # The child: parse the scan command as the CLI does, run it, report its run record and peak RSS.
 CHILD = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from fusar_edge.cli import _parser
 from fusar_edge import cli_scan
@@ -48,9 +48,10 @@ answerer = cli_scan._answerer(args)
 s = scan_scene(answerer, Path(args.scenes[0]), Path(args.out), task=args.task, chip=args.chip,
                overlap=args.overlap, no_anchors=args.no_anchors)
 answerer.close()
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forked parent's size
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"run": s["run"], "chips": s["chips"], "answered": s["chips_answered"],
-                  "detections": s.get("detections"),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "detections": s.get("detections"), "peak_rss_mb": hwm / 1024}))
 """
 
 

@@ -110,8 +110,10 @@ def run(args) -> int:
         what = (f"{s['detections']} {args.label} detections" if args.task == "detect"
                 else f"count sum {s.get('count_sum')}" if args.task == "count" else "captions")
         flags = f", {len(s['chips_without_anchors'])} without AEF anchors" if s["chips_without_anchors"] else ""
+        crs = s["georef"]["crs"]
+        where = f"{s['coordinates']} from {crs}" if crs else s["coordinates"]
         print(f"{name}: {s['chips_answered']} of {s['chips']} chips answered ({s['chips_nodata']} without data"
-              f"{flags}), {what}, {s['coordinates']} from {s['georef']['crs'] or 'pixels'} -> {out / Path(name).stem}/")
+              f"{flags}), {what}, {where} -> {out / Path(name).stem}/")
         if not args.quiet and s["run"]["chips"]:
             print(f"  this run: {_breakdown(s['run'])}", file=sys.stderr)
     if failed:
