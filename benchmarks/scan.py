@@ -139,6 +139,7 @@ def main() -> None:
     p.add_argument("--skip-memory", action="store_true")
     a = p.parse_args()
 
+    from fusar_edge.bench.machine import cpu_name
     from fusar_edge.data.synth import sample_scene
 
     work = Path(tempfile.mkdtemp(prefix="fusar-scan-bench-"))
@@ -146,7 +147,7 @@ def main() -> None:
     # a run of one part (--skip-memory) keeps the other part's last results, each with its command
     result = json.loads(out.read_text()) if out.exists() else {}
     command = "python benchmarks/scan.py " + " ".join(sys.argv[1:])
-    result.update(cpu=_cpu(), host=socket.gethostname())
+    result.update(cpu=cpu_name(), host=socket.gethostname())
     if not a.skip_memory:
         result["memory"] = memory_runs(a.sizes, work, a.threads)
         result["memory_command"] = command
@@ -168,16 +169,6 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {out}")
     shutil.rmtree(work, ignore_errors=True)
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":
