@@ -26,8 +26,7 @@ from .generation import GenerationSettings, GreedyPicker
 from .geo.chip import to_chip
 from .geo.sar import SarImage, parse_date, read_sar
 from .model.preprocess import chip_to_patches
-from .model.rope import mrope_positions, text_positions
-from .question_cache import QuestionCache
+from .model.rope import mrope_positions
 from .tokenizer import build_sequence
 
 BACKENDS = ("torch", "onnxruntime")
