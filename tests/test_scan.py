@@ -300,3 +300,21 @@ def test_chips_outside_the_tile_store_stop_the_scan_or_are_flagged(scene, tmp_pa
     assert summary["chips_partly_covered"] == [0, 2]
     rows = [json.loads(s) for s in (tmp_path / "flagged" / "east" / "chips.jsonl").read_text().splitlines()]
     assert [r["anchor"]["tlm"] for r in rows] == ["applied", "skipped", "applied", "skipped"]
+
+
+def test_a_run_killed_at_random_chips_over_and_over_ends_byte_identical(scene, oracle, tmp_path):
+    """Killed again and again at random chips (seeded), the run still ends with the same bytes,
+    and across all the attempts no chip is answered twice."""
+    import random
+
+    whole = tmp_path / "whole"
+    scan_scene(oracle(), Path(scene["scene_tif"]), whole, chip=224, overlap=32)
+    rng, out, calls = random.Random(14), tmp_path / "killed", 0
+    while not (out / "scene" / "summary.json").exists():
+        rt = oracle(fail_after=rng.randint(0, 3))
+        try:
+            scan_scene(rt, Path(scene["scene_tif"]), out, chip=224, overlap=32)
+        except KeyboardInterrupt:
+            pass
+        calls += rt.calls
+    assert calls == 9 and _bytes(out / "scene") == _bytes(whole / "scene")
