@@ -83,3 +83,11 @@ def test_a_ray_worker_that_cannot_open_the_model_is_one_line(scene, local_ray, t
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"fusar-edge: error: Ray workers could not open the model: {tmp_path / 'no-bundle'}: not a "
                    "directory (expected a bundle directory or one of: tiny, small, demo, qwen2.5-vl-3b, qwen2.5-vl-7b)"]
+
+
+def test_more_ray_workers_than_the_cluster_has_cpus_is_refused(scene, local_ray, tmp_path, capsys):
+    # Ray would leave the extra workers pending, and the scan would wait for them forever
+    assert main(["scan", str(scene["scene_tif"]), "--out", str(tmp_path / "o"), "--no-anchors", "--quiet",
+                 "--ray", "--ray-workers", "2", "--threads", "2"]) == 2
+    assert capsys.readouterr().err.strip() == ("fusar-edge: error: --ray-workers 2 x --threads 2 needs 4 CPUs; the "
+                                               "Ray cluster has 2")

@@ -65,6 +65,9 @@ class RayAnswerer:
                 raise FusarError(f"--ray {address}: {_last_line(exc)}") from None
         cpus = int(ray.cluster_resources().get("CPU", 1))
         n = workers or max(1, cpus // threads)
+        if n * threads > cpus:  # Ray would leave the extra workers pending and the scan would wait forever
+            raise InputError(f"--ray-workers {n} x --threads {threads} needs {n * threads} CPUs; the Ray cluster "
+                             f"has {cpus}")
         worker = ray.remote(num_cpus=threads)(_ChipWorker)
         self.actors = [worker.remote(open_kwargs, threads) for _ in range(n)]
         self._ray = ray
