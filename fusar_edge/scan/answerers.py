@@ -98,13 +98,14 @@ class BatchedAnswerer(LocalAnswerer):
             while ready:
                 yield ready.popleft()
             while len(pending) >= 2 * self.batch:
-                yield from self._finished(pending, FIRST_COMPLETED)
+                yield from self._finished(pending)
         while pending:
-            yield from self._finished(pending, FIRST_COMPLETED)
+            yield from self._finished(pending)
 
     @staticmethod
-    def _finished(pending: dict, how) -> Iterator[dict]:
-        done, _ = wait(list(pending), return_when=how)
+    def _finished(pending: dict) -> Iterator[dict]:
+        """The chips answered by now (at least one), in chip order."""
+        done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
         for fut in sorted(done, key=lambda f: pending[f].index):
             pending.pop(fut)
             yield fut.result()  # a chip's error stops the scan; the chips journaled so far are kept
