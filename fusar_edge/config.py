@@ -318,6 +318,19 @@ def _demo() -> FusarConfig:
     return cfg
 
 
+def _demo_wide() -> FusarConfig:
+    """``demo`` with a wider, deeper language model: width 256, 6 layers (8 query heads, 2 kv heads,
+    head_dim 32, the same M-RoPE sections and theta). An experiment on the language side's reading
+    of the visual tokens (benchmarks/results/eval-demo-recipes-vm.md), not the shipped demo."""
+    cfg = _demo()
+    hidden = 256
+    cfg.name = "demo-wide"
+    cfg.backbone["vision_config"]["out_hidden_size"] = hidden
+    cfg.backbone["text_config"].update({"hidden_size": hidden, "intermediate_size": 688, "num_hidden_layers": 6,
+                                        "num_attention_heads": 8, "num_key_value_heads": 2})
+    return cfg
+
+
 def _qwen_vision(out_hidden: int) -> dict[str, Any]:
     # Identical in the official 3B and 7B checkpoints except for out_hidden_size.
     return {
@@ -392,7 +405,8 @@ def _qwen_7b() -> FusarConfig:
                  num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4)
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "demo": _demo, "qwen2.5-vl-3b": _qwen_3b, "qwen2.5-vl-7b": _qwen_7b}
+PRESETS = {"tiny": _tiny, "small": _small, "demo": _demo, "demo-wide": _demo_wide, "qwen2.5-vl-3b": _qwen_3b,
+           "qwen2.5-vl-7b": _qwen_7b}
 
 
 BUILTIN_BUNDLE = "demo-bundle"  # fusar_edge/assets/<this>: the trained demo, the built-in default model

@@ -2,6 +2,7 @@
 
     python scripts/train_demo.py --out runs/demo            # with AEF anchors (the shipped demo)
     python scripts/train_demo.py --out runs/demo-noaef --no-aef   # the same budget without AEF
+    python scripts/train_demo.py --out runs/demo-wide --preset demo-wide   # another architecture, same recipe
 
 Every step is a `fusar-edge` command (printed before it runs), so the recipe can be read and
 rerun by hand; a step whose output exists is skipped, and training steps resume from their
@@ -40,6 +41,7 @@ def main() -> None:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--data", type=Path, default=Path("data/synth2k"), help="dataset (made if missing)")
     p.add_argument("--no-aef", action="store_true")
+    p.add_argument("--preset", default="demo", help="architecture preset of stage 0 (default: demo, the shipped one)")
     p.add_argument("--threads", default="2")
     a = p.parse_args()
     d, o = a.data, a.out
@@ -47,7 +49,7 @@ def main() -> None:
     common = ["--threads", a.threads, "--seed", "0"]
     step(["data", "synth", "--out", str(d), *SYNTH],
          done=d / "dataset.json")
-    step(["train", "--stage", "0", "--preset", "demo", "--data", str(d / "stage1-train.jsonl"),
+    step(["train", "--stage", "0", "--preset", a.preset, "--data", str(d / "stage1-train.jsonl"),
           str(d / "stage2-train.jsonl"), "--out", str(o / "s0"), *STAGE0, "--dense-truth", str(d / "scenes.jsonl"),
           *aef, *common], done=o / "s0" / "train.json")
     step(["train", "--stage", "1", "--base", str(o / "s0" / "base"), *([] if a.no_aef else ["--init-tlm", str(o / "s0")]),

@@ -93,6 +93,20 @@ def test_demo_preset_and_its_tokenizer():
     assert mod.build().to_str() == tok._tok.to_str()  # the shipped file is what the script builds
 
 
+def test_demo_wide_is_the_demo_with_a_wider_language_model_and_the_demo_tokenizer():
+    from fusar_edge.model.bundle import count_parameters, open_model
+
+    demo, wide = preset("demo"), preset("demo-wide")
+    assert wide.text["hidden_size"] == wide.vision["out_hidden_size"] == 256 and wide.text["num_hidden_layers"] == 6
+    assert wide.text["hidden_size"] // wide.text["num_attention_heads"] == 32  # head_dim as the demo's
+    assert wide.text["rope_parameters"] == demo.text["rope_parameters"] and wide.chip_size == demo.chip_size
+    assert {k: v for k, v in wide.vision.items() if k != "out_hidden_size"} == \
+        {k: v for k, v in demo.vision.items() if k != "out_hidden_size"}
+    assert count_parameters(wide) * 4 < 24e6  # fp32 weights: the bundle stays under the 25 MB the repo allows
+    _, tok, _ = open_model("demo-wide")  # stage 0 and open_model pick the demo tokenizer by its vocabulary
+    assert tok.vocab_size <= wide.text["vocab_size"] and tok.vocab_size == TextTokenizer.demo().vocab_size
+
+
 def test_saved_config_reads_without_transformers_as_transformers_reads_it(tmp_path, tiny_model, tiny_tokenizer):
     """A config.json transformers wrote is taken as it is (the edge runtime has no transformers);
     that must equal transformers' own normalisation of the file, on every bundle we ship or save."""

@@ -43,8 +43,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..config import (FUSAR_JSON, PRESETS, QWEN_SPECIAL_TOKENS, FusarConfig, load_backbone_json, preset,  # noqa: F401
-                      read_config, resolve_model)
+from ..config import (DEMO_VOCAB_SIZE, FUSAR_JSON, PRESETS, QWEN_SPECIAL_TOKENS, FusarConfig,  # noqa: F401
+                      load_backbone_json, preset, read_config, resolve_model)
 from ..errors import BundleError
 from ..fsutil import publish_dir, publishable_mkdtemp
 from ..hashing import file_record
@@ -243,7 +243,7 @@ def open_model(bundle: str | Path | None, dtype: torch.dtype | None = None, devi
         model = build_random(cfg, dtype=dtype or torch.float32, device=device)
         if name in ("tiny", "small"):  # both use the tiny vocabulary
             tok = TextTokenizer.tiny()
-        elif name == "demo":
+        elif cfg.text["vocab_size"] == DEMO_VOCAB_SIZE:  # demo, demo-wide
             tok = TextTokenizer.demo()
         else:  # the true-size presets: real special ids and vocabulary width, for benchmarks
             tok = TextTokenizer.stand_in(QWEN_SPECIAL_TOKENS)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import FusarConfig, GRASPConfig, TLMConfig, load_backbone_json, preset
+from ..config import DEMO_VOCAB_SIZE, FusarConfig, GRASPConfig, TLMConfig, load_backbone_json, preset
 from ..errors import InputError
 from ..model.bundle import build_random, load_backbone
 from ..model.fusar import FusarModel
@@ -114,7 +114,8 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
         cfg.grasp.enabled = False
         cfg.tlm.sigma = args.sigma
         model = build_random(cfg, seed=settings.seed)
-        tok = TextTokenizer.demo() if args.preset == "demo" else TextTokenizer.tiny()
+        # the demo vocabulary (demo, demo-wide) or the tiny one
+        tok = TextTokenizer.demo() if cfg.text["vocab_size"] == DEMO_VOCAB_SIZE else TextTokenizer.tiny()
         params = {n: p for n, p in model.named_parameters()}
     else:
         if args.base is None:
