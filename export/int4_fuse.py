@@ -87,3 +87,38 @@ def fuse_parallel_matmulnbits(model: onnx.ModelProto) -> int:
     for t in [t for t in g.initializer if t.name in dead_inits and t.name not in still_read]:
         g.initializer.remove(t)
     return len(gone)
+
+
+def pack_attention_inputs(model: onnx.ModelProto) -> int:
+    """Feed ``GroupQueryAttention`` the fused q/k/v matmul's output whole, in place.
+
+    After :func:`fuse_parallel_matmulnbits` q, k and v come from one node and a ``Split``;
+    ``GroupQueryAttention`` takes them packed (``query`` = ``[q | k | v]`` along the last axis,
+    ``key`` and ``value`` empty), so the ``Split`` (one more op per layer and decode step) goes.
+    -> how many ``Split`` nodes were removed."""
+    g = model.graph
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in g.node:
+        for i in n.input:
+            readers[i].append(n)
+    outputs = {o.name for o in g.output}
+    producer = {o: n for n in g.node for o in n.output}
+    gone: set[int] = set()
+    for n in g.node:
+        if n.op_type != "GroupQueryAttention" or n.domain != MS_DOMAIN or len(n.input) < 3:
+            continue
+        split = producer.get(n.input[0])
+        if split is None or split.op_type != "Split" or list(split.output) != list(n.input[:3]):
+            continue
+        if any(o in outputs or len(readers[o]) != 1 for o in split.output):
+            continue
+        n.input[0], n.input[1], n.input[2] = split.input[0], "", ""
+        gone.add(id(split))
+    if gone:
+        kept = [n for n in g.node if id(n) not in gone]
+        del g.node[:]
+        g.node.extend(kept)
+        read = {i for n in g.node for i in n.input}
+        for t in [t for t in g.initializer if t.name.endswith("_fused_split") and t.name not in read]:
+            g.initializer.remove(t)
+    return len(gone)

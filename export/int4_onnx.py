@@ -490,9 +490,10 @@ def quantize_onnx_model(model: onnx.ModelProto | str | os.PathLike,
     if replace and _opset(m, MS_DOMAIN) is None:
         m.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     if fuse_parallel:
-        from .int4_fuse import fuse_parallel_matmulnbits
+        from .int4_fuse import fuse_parallel_matmulnbits, pack_attention_inputs
 
         res.fused_nodes = fuse_parallel_matmulnbits(m)
+        pack_attention_inputs(m)
     if out_path is not None:
         res.path = save_model(m, out_path, external_data)
     return res

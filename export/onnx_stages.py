@@ -29,16 +29,13 @@ chip geometry they were built for, sha256 of every file):
     prompt_start    int64 [1]    (GRASP) first prompt slot
     -> inputs_embeds [1, L, C], grasp_weights float32 [N_blocks] (GRASP)
 
-``decoder.onnx`` the language model + LM head, KV cache in and out (names as in
-onnxruntime-genai / Optimum decoders)::
-
-    inputs_embeds               [batch_size, sequence_length, C]
-    attention_mask              int64 [batch_size, total_sequence_length]   (1 = attend)
-    position_ids                int64 [3, batch_size, sequence_length]      M-RoPE (t, h, w), host-computed
-    past_key_values.{i}.key     [batch_size, kv_heads, past_sequence_length, head_dim]   (and .value)
-    -> logits                   float32 [batch_size, sequence_length, vocab]
-       last_hidden_state        [batch_size, sequence_length, C]            (final-normed; GRASP's question pass)
-       present.{i}.key          [batch_size, kv_heads, total_sequence_length, head_dim]  (and .value)
+``decoder.onnx`` the language model + LM head over a KV cache written in place, built by
+:mod:`.decoder_graph` with ONNX Runtime's fused decoder ops (its docstring gives the I/O):
+``inputs_embeds``, the cache buffers ``past_key_values.{i}.key|value`` (bound again as
+``present.*``), and where the new tokens sit (``seqlens_k``, ``total_sequence_length``,
+``position_ids`` into the host-computed M-RoPE rows ``cos_cache`` / ``sin_cache``) ->
+the last position's ``logits`` and ``last_hidden_state`` (final-normed; GRASP's question pass).
+It runs in ONNX Runtime only (``com.microsoft`` ops); the other three stages are standard ONNX.
 
 Why this split rather than one ``fusion.onnx`` holding the question pass: the question
 pass is the language model itself. Putting it into the fusion graph would store the LLM's
@@ -61,21 +58,19 @@ per-window attention -> un-permute, and keeps one static attention shape; the ma
 ~8% extra ViT FLOPs at 504 px. The patch embedding (a Conv3d whose kernel equals its
 stride) is exported as the equivalent MatMul over the flattened patch.
 
-Graph form. The stages are ``nn.Module`` wrappers that call the backbone's own
-submodules (norms, MLPs, rotary embedding, merger, TLM/GRASP weights) and spell out the
-attention and the per-layer loop with plain tensors (no transformers Cache object), then
-``torch.onnx.export(..., dynamo=True)``. In ``decoder.onnx`` every linear layer of the
-language model (q/k/v/o, gate/up/down, lm_head) is one ``MatMul(x, W^T)`` whose second
-input is an initializer named ``<module>.weight_t`` holding ``W^T`` (``[in, out]``,
-i.e. the transposed torch weight), ``<module>`` being the backbone's qualified name
-(``model.language_model.layers.3.mlp.down_proj``, ``lm_head``); the node is named
-``<module>/MatMul``, and q/k/v's bias is the following ``<module>/Add`` with initializer
-``<module>.bias``. Those are the nodes a 4-bit rewrite replaces.
+Graph form. Vision, embed and fusion are ``nn.Module`` wrappers that call the backbone's
+own submodules (norms, MLPs, rotary embedding, merger, TLM/GRASP weights) and spell out the
+attention with plain tensors, then ``torch.onnx.export(..., dynamo=True)``. The decoder is
+written node by node (:mod:`.decoder_graph`): every linear layer of the language model
+(q/k/v/o, gate/up/down, lm_head) is one ``MatMul(x, W^T)`` named ``<module>/MatMul`` whose
+second input is the initializer ``<module>.weight_t`` (``[in, out]``), ``<module>`` being
+the backbone's qualified name (``model.language_model.layers.3.mlp.down_proj``,
+``lm_head``); q/k/v's bias is the following ``<module>/Add`` with ``<module>.bias``. Those are
+the nodes a 4-bit rewrite replaces.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import json
 import logging
@@ -92,6 +87,8 @@ from torch import nn
 
 from fusar_edge.hashing import file_record
 
+from .decoder_graph import build_decoder, decoder_spec
+from .int4_onnx import save_model
 from .stages_format import FORMAT, STAGE_FILES, STAGES_JSON, read_stages  # noqa: F401  (the layout, torch-free)
 
 DEFAULT_MAX_ANCHORS = 256  # the tile store's default 16 x 16 grid
@@ -102,137 +99,6 @@ Progress = Callable[[str], None]
 
 
 # --- stage wrappers ---------------------------------------------------------------------------
-
-class _MatMulLinear(nn.Module):
-    """``x @ W^T (+ b)`` with ``W^T`` held as a (non-copying) transposed view of the Linear's weight.
-
-    Exported as ``MatMul(x, weight_t)`` with the initializer already in ``[in, out]`` layout:
-    no Transpose node for the optimizer to fold (which would materialise a copy of every
-    weight at export time) and a predictable pattern for the int4 rewrite.
-    """
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.register_buffer("weight_t", linear.weight.detach().t())
-        self.bias = linear.bias
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.matmul(x, self.weight_t)
-        return y + self.bias if self.bias is not None else y
-
-
-def _key(name: str) -> str:
-    return name.replace(".", "__")
-
-
-class _RMSNorm(nn.Module):
-    """Qwen2's RMSNorm written as ``x / sqrt(mean(x^2) + eps) * w``: the pattern ONNX Runtime's
-    optimizer fuses into one ``SimplifiedLayerNormalization``. transformers' ``x * rsqrt(...)`` exports as
-    Sqrt + Reciprocal + Mul, which it does not match: five nodes per norm every decode step.
-    Same arithmetic in float32 as transformers', up to the rounding of a division."""
-
-    def __init__(self, norm: nn.Module):
-        super().__init__()
-        self.weight = norm.weight
-        self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-
-    def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-class DecoderStage(nn.Module):
-    """The language model over plain KV tensors; see the module docstring for the I/O."""
-
-    LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-    def __init__(self, model):
-        super().__init__()
-        lm = model.language_model
-        self.num_layers = len(lm.layers)
-        attn = lm.layers[0].self_attn
-        self.head_dim, self.scaling = attn.head_dim, attn.scaling
-        self.groups = attn.num_key_value_groups
-        self.rotary_emb = lm.rotary_emb
-        self.norm = _RMSNorm(lm.norm)
-        self.input_norms = nn.ModuleList(_RMSNorm(layer.input_layernorm) for layer in lm.layers)
-        self.post_norms = nn.ModuleList(_RMSNorm(layer.post_attention_layernorm) for layer in lm.layers)
-        self.acts = nn.ModuleList(layer.mlp.act_fn for layer in lm.layers)
-        prefix = _backbone_prefix(model, lm)
-        self.linear_names: dict[str, str] = {}  # ModuleDict key -> backbone module name
-        linears = {}
-        for i, layer in enumerate(lm.layers):
-            for sub in self.LINEARS:
-                name = f"{prefix}layers.{i}.{sub}"
-                linears[_key(name)] = _MatMulLinear(layer.get_submodule(sub))
-                self.linear_names[_key(name)] = name
-        linears["lm_head"] = _MatMulLinear(model.lm_head)
-        self.linear_names["lm_head"] = "lm_head"
-        self.linears = nn.ModuleDict(linears)
-        self._prefix = prefix
-
-    def _lin(self, i: int, sub: str) -> nn.Module:
-        return self.linears[_key(f"{self._prefix}layers.{i}.{sub}")]
-
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past):
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
-
-        x = inputs_embeds
-        b, s, _ = x.shape
-        past_len = past[0].shape[2]
-        cos, sin = self.rotary_emb(x, position_ids)
-        kpos = torch.arange(past_len + s, device=x.device)
-        qpos = torch.arange(s, device=x.device) + past_len
-        allowed = (kpos[None, :] <= qpos[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
-        bias = torch.where(allowed, torch.zeros((), dtype=x.dtype, device=x.device),
-                           torch.full((), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device))
-        presents = []
-        for i in range(self.num_layers):
-            h = self.input_norms[i](x)
-            q = self._lin(i, "self_attn.q_proj")(h).view(b, s, -1, self.head_dim).transpose(1, 2)
-            k = self._lin(i, "self_attn.k_proj")(h).view(b, s, -1, self.head_dim).transpose(1, 2)
-            v = self._lin(i, "self_attn.v_proj")(h).view(b, s, -1, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            k = torch.cat([past[2 * i], k], dim=2)
-            v = torch.cat([past[2 * i + 1], v], dim=2)
-            presents += [k, v]
-            o = _grouped_attention(q, k, v, bias, self.groups, self.scaling)
-            x = x + self._lin(i, "self_attn.o_proj")(o)
-            h = self.post_norms[i](x)
-            h = self.acts[i](self._lin(i, "mlp.gate_proj")(h)) * self._lin(i, "mlp.up_proj")(h)
-            x = x + self._lin(i, "mlp.down_proj")(h)
-        x = self.norm(x)
-        return (self.linears["lm_head"](x).float(), x, *presents)
-
-
-def _grouped_attention(q, k, v, bias, groups: int, scale: float) -> torch.Tensor:
-    """GQA without copying the cache: ``q [b, H, s, d]``, ``k``/``v`` ``[b, Hkv, n, d]`` (query head
-    ``j * groups + g`` reads kv head ``j``, as transformers' repeat_kv has it), ``bias [1|b, 1, s, n]``
-    -> ``[b, s, H * d]``.
-
-    The ``groups`` query heads of one kv head are stacked along the query axis, so one matmul per
-    kv head reads its keys once: no ``repeat_kv`` (which materialises ``groups`` copies of the
-    whole cache every decode step: 11 MB a token on ``small``). Softmax in float32, as SDPA.
-    """
-    b, heads, s, d = q.shape
-    kv = k.shape[1]
-    qg = q.reshape(b, kv, groups * s, d)
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [b, kv, groups * s, n]
-    scores = scores.view(b, kv, groups, s, -1) + bias[:, :, None]
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, kv, groups * s, -1)
-    out = torch.matmul(probs, v)  # [b, kv, groups * s, d]
-    return out.view(b, heads, s, d).transpose(1, 2).reshape(b, s, heads * d)
-
-
-def _backbone_prefix(model, lm) -> str:
-    for name, module in model.backbone.named_modules():
-        if module is lm:
-            return f"{name}." if name else ""
-    return "model.language_model."
-
 
 class EmbedStage(nn.Module):
     def __init__(self, model):
@@ -427,8 +293,6 @@ def export_stages(model, out_dir: str | Path, opset: int = MIN_OPSET, progress: 
     vis = model.visual
     patch_dim = 3 * vis.patch_embed.temporal_patch_size * vis.patch_embed.patch_size ** 2
     text = model.language_model.config
-    n_layers, kv = text.num_hidden_layers, text.num_key_value_heads
-    head_dim = model.language_model.layers[0].self_attn.head_dim
     tlm, grasp = model.tlm is not None, model.grasp is not None
     s = int(max_anchors)
     gen = torch.Generator().manual_seed(0)
@@ -490,23 +354,20 @@ def export_stages(model, out_dir: str | Path, opset: int = MIN_OPSET, progress: 
         f_dyn.update(question_hidden={1: "question_length"}, prompt_start=None)
     run("fusion", FusionStage(model).eval(), f_args, f_in, f_out, dynamic=f_dyn)
 
-    # decoder
-    b, sq, past = 2, 7, 5
-    stage = DecoderStage(model).eval()
-    d_args = (rnd(b, sq, c, dt=dtype), torch.ones(b, past + sq, dtype=torch.long, device=dev),
-              torch.arange(past, past + sq, device=dev).view(1, 1, sq).expand(3, b, sq).contiguous(),
-              *(rnd(b, kv, past, head_dim, dt=dtype) for _ in range(2 * n_layers)))
-    kv_names = [f"past_key_values.{i}.{w}" for i in range(n_layers) for w in ("key", "value")]
-    present = [f"present.{i}.{w}" for i in range(n_layers) for w in ("key", "value")]
-    d_dyn = {"inputs_embeds": {0: "batch_size", 1: "sequence_length"},
-             "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-             "position_ids": {1: "batch_size", 2: "sequence_length"},
-             "past": tuple({0: "batch_size", 2: "past_sequence_length"} for _ in range(2 * n_layers))}
-    rename = {"sequence_length + past_sequence_length": "total_sequence_length",
-              "past_sequence_length + sequence_length": "total_sequence_length"}
-    run("decoder", stage, d_args, ["inputs_embeds", "attention_mask", "position_ids", *kv_names],
-        ["logits", "last_hidden_state", *present], dynamic=d_dyn, rename=rename,
-        post=lambda irm: _name_linears(irm, stage.linear_names))
+    # decoder: written node by node with ONNX Runtime's fused ops (decoder_graph's docstring says why)
+    progress(f"writing {STAGE_FILES['decoder']}")
+    t0 = time.perf_counter()
+    path = out / STAGE_FILES["decoder"]
+    with torch.no_grad():
+        dec = build_decoder(model, int(opset))
+    save_model(dec, path, external_data=_proto_bytes(dec) > external_data_bytes)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data_files.append(data)
+    files["decoder"] = path
+    specs["decoder"] = {"file": path.name, "data": data.name if data.exists() else None,
+                        "inputs": _proto_io(dec.graph.input), "outputs": _proto_io(dec.graph.output),
+                        "export_seconds": round(time.perf_counter() - t0, 2)}
 
     manifest = {
         "format": FORMAT,
@@ -523,9 +384,8 @@ def export_stages(model, out_dir: str | Path, opset: int = MIN_OPSET, progress: 
         "tlm": {"enabled": tlm, "max_anchors": s if tlm else 0, "vec_dim": cfg.tlm.vec_dim,
                 "sigma": cfg.tlm.sigma, "eps": cfg.tlm.eps},
         "grasp": {"enabled": grasp, "blocks": model.grasp.num_blocks if grasp else 0, "prompt_len": plen},
-        "decoder": {"num_layers": n_layers, "num_kv_heads": kv, "head_dim": head_dim,
-                    "vocab_size": text.vocab_size},
-        "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+        "decoder": decoder_spec(model),
+        "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}; decoder: export/decoder_graph.py",
         "seconds": round(time.perf_counter() - started, 2),
         "stages": specs,
         "files": {p.name: file_record(p) for p in sorted([*files.values(), *data_files])},
@@ -538,58 +398,6 @@ def export_stages(model, out_dir: str | Path, opset: int = MIN_OPSET, progress: 
     if data_files:
         result["data"] = data_files
     return result
-
-
-def _name_linears(irm, names: dict[str, str]) -> None:
-    """Give the decoder's linear layers their backbone names (see the module docstring)."""
-    graph = irm.graph
-    taken: set[str] = set()
-    for key, module in names.items():
-        for suffix in ("weight_t", "bias"):
-            value = graph.initializers.get(f"linears.{key}.{suffix}")
-            if value is None:
-                continue
-            target = f"{module}.{suffix}"
-            value.name = target
-            taken.add(target)
-    # Name the MatMul / bias Add nodes after their weights, and give every linear its own
-    # initializer (the optimizer deduplicates equal constants, e.g. all-zero biases).
-    for node in list(graph):
-        if node.op_type not in ("MatMul", "Add") or len(node.inputs) != 2:
-            continue
-        w = node.inputs[1]
-        if w is None or not w.is_initializer() or w.name not in taken:
-            continue
-        suffix = ".weight_t" if node.op_type == "MatMul" else ".bias"
-        if not w.name.endswith(suffix):
-            continue
-        module = _module_of(node) or w.name[: -len(suffix)]
-        want = module + suffix
-        if want != w.name:
-            own = graph.initializers.get(want)
-            if own is None:
-                import onnx_ir as ir
-
-                own = ir.Value(name=want, shape=w.shape, type=w.type, const_value=w.const_value)
-                graph.register_initializer(own)
-            node.replace_input_with(1, own)
-        node.name = f"{module}/{node.op_type}"
-
-
-def _module_of(node) -> str | None:
-    """The backbone name of the ``_MatMulLinear`` a node came from (exporter's name-scope metadata)."""
-    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-    if not scopes:
-        return None
-    try:
-        parts = ast.literal_eval(scopes)
-    except (ValueError, SyntaxError):
-        return None
-    for part in reversed(parts):
-        if part.startswith("linears."):
-            key = part[len("linears."):]
-            return "lm_head" if key == "lm_head" else key.replace("__", ".")
-    return None
 
 
 def _check_graph(irm, name: str, opset: int) -> None:
@@ -623,6 +431,23 @@ def _save(irm, path: Path, threshold: int) -> Path | None:
 
 _DTYPES = {"FLOAT": "float32", "FLOAT16": "float16", "BFLOAT16": "bfloat16", "INT64": "int64", "INT32": "int32",
            "BOOL": "bool", "DOUBLE": "float64"}
+
+
+def _proto_io(values) -> list[dict]:
+    """``_io`` for an ``onnx`` (protobuf) graph's inputs or outputs."""
+    from onnx import TensorProto
+
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+        name = TensorProto.DataType.Name(t.elem_type)
+        out.append({"name": v.name, "dtype": _DTYPES.get(name, name.lower()), "shape": dims})
+    return out
+
+
+def _proto_bytes(model) -> int:
+    return sum(len(t.raw_data) for t in model.graph.initializer)
 
 
 def _io(values) -> list[dict]:
@@ -676,7 +501,9 @@ def parity_report(model, tokenizer, onnx_dir: str | Path, n_prompts: int = 3, *,
     bundle's chip size) x ``questions`` (cycled); every other prompt carries a synthetic
     anchor set (some anchors masked), the rest none. Relative errors ``||a - b|| / ||b||``
     (worst over the prompts) for the visual tokens, the fused input embeddings, GRASP's
-    block weights, the prefill logits and the first decode step's logits; then
+    block weights, the prefill's last-position logits and the first decode step's logits (when
+    both sides feed it the same token: a near-tie that the prefill breaks differently on the
+    two sides shows in the greedy agreement, not as a logits error); then
     ``new_tokens`` greedy tokens on each side (stop tokens not honoured, so the whole
     length is compared). ``ok``: every error below ``tolerance`` (1e-4 fp32, 2e-2 half) and
     identical greedy tokens.
@@ -696,7 +523,8 @@ def parity_report(model, tokenizer, onnx_dir: str | Path, n_prompts: int = 3, *,
     if images is None:
         images = [synthetic_chip(cfg.chip_size, seed + i) for i in range(n_prompts)]
     vocab = tokenizer.vocab_size
-    worst = {k: 0.0 for k in ("vision", "fusion", "grasp_weights", "prefill_logits", "decode_logits")}
+    # decode_logits is reported only when some prompt's first decode step could be compared
+    worst = {k: 0.0 for k in ("vision", "fusion", "grasp_weights", "prefill_logits")}
     prompts, identical, agree, total = [], 0, 0, 0
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -722,16 +550,16 @@ def parity_report(model, tokenizer, onnx_dir: str | Path, n_prompts: int = 3, *,
             errs["fusion"] = _rel(ort_side.to_numpy(e_o), e_t.float())
             if w_t is not None:
                 errs["grasp_weights"] = _rel(w_o, w_t.float())
-            logits_t, state_t = torch_side.prefill(e_t, positions, full=True)
-            logits_o, state_o = ort_side.prefill(e_o, positions, full=True)
+            logits_t, state_t = torch_side.prefill(e_t, positions)
+            logits_o, state_o = ort_side.prefill(e_o, positions)
             errs["prefill_logits"] = _rel(logits_o, logits_t)
-            tok_t = [int(logits_t[0, -1, :vocab].argmax())]
-            tok_o = [int(np.asarray(logits_o)[0, -1, :vocab].argmax())]
+            tok_t = [int(logits_t[:vocab].argmax())]
+            tok_o = [int(np.asarray(logits_o)[:vocab].argmax())]
             pos = next_pos
             for step in range(new_tokens - 1):
                 lt, state_t = torch_side.step(tok_t[-1], pos, state_t)
                 lo, state_o = ort_side.step(tok_o[-1], pos, state_o)
-                if step == 0:
+                if step == 0 and tok_t[-1] == tok_o[-1]:  # after different tokens the logits differ anyway
                     errs["decode_logits"] = _rel(lo, lt)
                 pos += 1
                 tok_t.append(int(lt[:vocab].argmax()))
@@ -741,7 +569,7 @@ def parity_report(model, tokenizer, onnx_dir: str | Path, n_prompts: int = 3, *,
             agree += sum(a == b for a, b in zip(tok_t, tok_o))
             total += len(tok_t)
             for k, v in errs.items():
-                worst[k] = max(worst[k], v)
+                worst[k] = max(worst.get(k, 0.0), v)
             prompts.append({"question": question, "anchors": anchors is not None,
                             "rel_err": {k: float(f"{v:.3e}") for k, v in errs.items()},
                             "tokens_identical": same, "torch_tokens": tok_t, "onnx_tokens": tok_o})

@@ -11,7 +11,7 @@ from pathlib import Path
 from fusar_edge.errors import BundleError
 from fusar_edge.fsutil import read_json
 
-FORMAT = "fusar-edge-onnx-v1"
+FORMAT = "fusar-edge-onnx-v2"  # v2: decoder.onnx with ONNX Runtime's fused ops and an in-place KV cache
 STAGES_JSON = "stages.json"
 STAGE_FILES = {"vision": "vision.onnx", "embed": "embed.onnx", "fusion": "fusion.onnx", "decoder": "decoder.onnx"}
 
@@ -24,5 +24,6 @@ def read_stages(onnx_dir: str | Path) -> dict:
         raise BundleError(f"{path}: missing ({missing})")
     data = read_json(path, missing)
     if data.get("format") != FORMAT:
-        raise BundleError(f"{path}: format: expected {FORMAT!r}, got {data.get('format')!r}")
+        raise BundleError(f"{path}: format: expected {FORMAT!r}, got {data.get('format')!r} (an export by an "
+                          "older fusar-edge: export the bundle again)")
     return data

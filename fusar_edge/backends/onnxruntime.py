@@ -10,12 +10,11 @@ writes:
 - fusion: ``embed.onnx`` embeds the chat sequence; with GRASP the question goes through
   ``embed.onnx`` + ``decoder.onnx`` (no past) for its hidden states; ``fusion.onnx``
   splices the visual tokens and the global prompt;
-- decoder: prefill with an empty past, then one token per ``step``; the KV cache stays
-  in ONNX Runtime's memory between steps: ``present.*`` outputs are bound with
-  ``io_binding`` on the execution device and fed back as the next step's
-  ``past_key_values.*`` with ``bind_ortvalue_input`` (no host round trip), and so are
-  the embeddings between ``embed.onnx``, ``fusion.onnx`` and ``decoder.onnx``. Only the
-  last position's logits come back to the host.
+- decoder: prefill, then one token per ``step``; the KV cache (``kv_cache.DecoderState``) is
+  one buffer per layer and side on the execution device, bound as both ``past_key_values.*``
+  and ``present.*``, so ONNX Runtime writes each step's rows in place (no copy, no host
+  round trip); so do the embeddings between ``embed.onnx``, ``fusion.onnx`` and
+  ``decoder.onnx``. Only the last position's logits come back to the host.
 
 Providers: CUDA when ONNX Runtime has the CUDA execution provider and ``device`` allows
 it, else CPU; ``providers=[...]`` overrides (names or ``(name, options)`` pairs, as
@@ -32,6 +31,7 @@ import numpy as np
 
 from ..errors import AnchorError, FusarError, InputError
 from ..question_cache import QuestionCache
+from .kv_cache import MIN_CAPACITY, DecoderState
 from .tlm_host import tlm_weights_numpy
 
 STAGES = ("vision", "embed", "fusion", "decoder")
@@ -105,9 +105,9 @@ def resolve_providers(providers=None, device: str = "auto") -> list:
 class OnnxStages:
     """The exported stages of one bundle in ONNX Runtime sessions.
 
-    Stateless like ``TorchStages``: ``prefill*`` return the KV state (``(present values, length)``)
-    that the caller passes to ``step*``; ONNX Runtime's ``run`` is thread-safe, and each call
-    binds its own inputs and outputs, so threads can share one object.
+    Stateless like ``TorchStages``: ``prefill*`` return a fresh KV state (``DecoderState``, its
+    own buffers) that the caller passes to ``step*``; ONNX Runtime's ``run`` is thread-safe, and
+    each call binds its own inputs and outputs, so threads can share one object.
     """
 
     def __init__(self, onnx_dir: str | Path, providers=None, device: str = "auto", bundle=None,
@@ -145,8 +145,10 @@ class OnnxStages:
         self.has_tlm = bool(s["tlm"]["enabled"])
         self.has_grasp = bool(s["grasp"]["enabled"])
         self.max_anchors = int(s["tlm"]["max_anchors"])
-        self.num_layers = int(s["decoder"]["num_layers"])
-        self.kv_heads, self.head_dim = int(s["decoder"]["num_kv_heads"]), int(s["decoder"]["head_dim"])
+        dec = s["decoder"]
+        self.num_layers = int(dec["num_layers"])
+        self.kv_heads, self.head_dim = int(dec["num_kv_heads"]), int(dec["head_dim"])
+        self.rope = dec["rope"]  # the host computes each slot's M-RoPE rotation (kv_cache.DecoderState)
         dec_inputs = {i.name: i for i in self.sessions["decoder"].get_inputs()}
         self.kv_dtype = _NP.get(dec_inputs["past_key_values.0.key"].type, np.float32)
         self.questions = QuestionCache(question_cache)  # GRASP's question pass, by token ids
@@ -156,11 +158,13 @@ class OnnxStages:
         ort = _ort()
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, self.device_id)
 
-    def _run(self, stage: str, feeds: dict[str, Any], outputs: list[str], host: tuple[str, ...] = ()) -> list:
+    def _run(self, stage: str, feeds: dict[str, Any], outputs: list[str], host: tuple[str, ...] = (),
+             into: dict[str, Any] | None = None) -> list:
         """Run one stage through IO binding; inputs: numpy arrays or OrtValues.
 
-        -> OrtValues, on the execution device except the outputs named in ``host`` (bound to CPU
-        memory: what the host reads anyway, such as logits).
+        -> OrtValues of ``outputs``, on the execution device except those named in ``host``
+        (bound to CPU memory: what the host reads anyway, such as logits). ``into``: outputs
+        written into these OrtValues (the decoder's KV buffers, also bound as inputs).
         """
         ort = _ort()
         sess = self.sessions[stage]
@@ -176,8 +180,10 @@ class OnnxStages:
                 io.bind_output(name, "cpu")
             else:
                 io.bind_output(name, self.device_type, self.device_id)
+        for name, value in (into or {}).items():
+            io.bind_ortvalue_output(name, value)
         sess.run_with_iobinding(io)
-        return io.get_outputs()
+        return io.get_outputs()[:len(outputs)]
 
     @staticmethod
     def to_numpy(value) -> np.ndarray:
@@ -232,19 +238,27 @@ class OnnxStages:
         ids = ids.reshape(1, -1) if ids.ndim == 1 else ids  # [L] or [B, L]
         return self._run("embed", {"input_ids": ids}, ["inputs_embeds"])[0]
 
-    def _empty_past(self, batch: int = 1) -> list:
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), self.kv_dtype)
-        return [self._value(empty) for _ in range(2 * self.num_layers)]
+    def new_state(self, batch: int, capacity: int) -> DecoderState:
+        """An empty KV cache for ``batch`` sequences, room for ``capacity`` tokens (it grows)."""
+        return DecoderState(_ort(), batch=batch, layers=self.num_layers, kv_heads=self.kv_heads,
+                            head_dim=self.head_dim, capacity=capacity, dtype=self.kv_dtype, rope=self.rope,
+                            device=(self.device_type, self.device_id))
 
-    def _decoder(self, embeds, positions: np.ndarray, past: list, total: int, outputs: list[str]) -> list:
-        """One decoder run; ``logits`` come back in host memory, everything else stays on the device."""
-        batch = int(positions.shape[1])
-        feeds: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": np.ones((batch, total), np.int64),
-                                 "position_ids": np.ascontiguousarray(positions, dtype=np.int64)}
+    def _decoder(self, embeds, positions: np.ndarray, state: DecoderState, outputs: list[str]) -> list:
+        """One decoder call adding ``embeds``' tokens to ``state``'s cache (in place).
+
+        ``logits`` come back in host memory, ``last_hidden_state`` stays on the device.
+        """
+        feeds: dict[str, Any] = {"inputs_embeds": embeds, **state.feeds(positions)}
+        into = {}
         for i in range(self.num_layers):
-            feeds[f"past_key_values.{i}.key"] = past[2 * i]
-            feeds[f"past_key_values.{i}.value"] = past[2 * i + 1]
-        return self._run("decoder", feeds, outputs, host=("logits",))
+            for j, side in enumerate(("key", "value")):
+                buf = state.buffers[2 * i + j]
+                feeds[f"past_key_values.{i}.{side}"] = buf
+                into[f"present.{i}.{side}"] = buf
+        outs = self._run("decoder", feeds, outputs, host=("logits",), into=into)
+        state.advance(int(np.asarray(positions).shape[-1]))
+        return outs
 
     def question_hidden(self, question_ids):
         """The decoder's final hidden states over the question alone (GRASP's text-only pass)."""
@@ -252,7 +266,7 @@ class OnnxStages:
                          dtype=np.int64).reshape(1, -1)
         n = ids.shape[1]
         pos = np.broadcast_to(np.arange(n, dtype=np.int64), (3, 1, n))
-        return self._decoder(self.embed(ids), pos, self._empty_past(), n, ["last_hidden_state"])[0]
+        return self._decoder(self.embed(ids), pos, self.new_state(1, n), ["last_hidden_state"])[0]
 
     def fusion(self, input_ids, layout, visual_tokens, question_ids=None):
         """-> ``(inputs_embeds [1, L, C] OrtValue, GRASP block weights [N] numpy or None)``."""
@@ -283,42 +297,35 @@ class OnnxStages:
             return embeds[0]
         return self._value(np.concatenate([self.to_numpy(e) for e in embeds], axis=0))
 
-    def prefill_batch(self, embeds, positions) -> tuple[np.ndarray, tuple]:
-        """Run B sequences of one length; -> (the last position's logits ``[B, V]``, KV state)."""
+    def prefill_batch(self, embeds, positions) -> tuple[np.ndarray, DecoderState]:
+        """Run B sequences of one length (one layout); -> (the last position's logits ``[B, V]``, KV state)."""
         pos = np.asarray(positions.numpy() if hasattr(positions, "numpy") else positions, dtype=np.int64)
         if isinstance(embeds, np.ndarray) or not hasattr(embeds, "numpy"):
             embeds = np.asarray(embeds)
         batch = int(embeds.shape()[0] if callable(getattr(embeds, "shape", None)) else embeds.shape[0])
         pos = np.ascontiguousarray(np.broadcast_to(pos, (3, batch, pos.shape[-1])))
-        length = pos.shape[-1]
-        outs = self._decoder(embeds, pos, self._empty_past(batch), length, self._outputs())
-        return outs[0].numpy()[:, -1], (outs[1:], length)
+        state = self.new_state(batch, pos.shape[-1] + MIN_CAPACITY)
+        logits = self._decoder(embeds, pos, state, ["logits"])[0]
+        return logits.numpy()[:, -1], state
 
-    def step_batch(self, tokens: list[int], position: int, state) -> tuple[np.ndarray, tuple]:
-        """One decode step per sequence at M-RoPE text position ``position``; -> (logits ``[B, V]``, state)."""
+    def step_batch(self, tokens: list[int], position: int, state) -> tuple[np.ndarray, DecoderState]:
+        """One decode step per sequence at M-RoPE text position ``position``; -> (logits ``[B, V]``, state).
+
+        The state's cache grows in place: the returned state is the one passed in.
+        """
         if state is None:
             raise FusarError("decode step before prefill")
-        past, total = state
         embeds = self.embed(np.asarray(tokens, np.int64).reshape(-1, 1))
         pos = np.full((3, len(tokens), 1), position, np.int64)
-        outs = self._decoder(embeds, pos, past, total + 1, self._outputs())
-        return outs[0].numpy()[:, -1], (outs[1:], total + 1)
+        logits = self._decoder(embeds, pos, state, ["logits"])[0]
+        return logits.numpy()[:, -1], state
 
-    def prefill(self, embeds, positions, full: bool = False) -> tuple[np.ndarray, tuple]:
-        """Run the whole sequence; -> (the last position's logits ``[V]`` (``full``: ``[1, L, V]``), state)."""
-        if not full:
-            logits, state = self.prefill_batch(embeds, positions)
-            return logits[0], state
-        pos = np.asarray(positions.numpy() if hasattr(positions, "numpy") else positions, dtype=np.int64)
-        if isinstance(embeds, np.ndarray) or not hasattr(embeds, "numpy"):
-            embeds = np.asarray(embeds)
-        outs = self._decoder(embeds, pos, self._empty_past(), pos.shape[-1], self._outputs())
-        return outs[0].numpy(), (outs[1:], pos.shape[-1])
+    def prefill(self, embeds, positions) -> tuple[np.ndarray, DecoderState]:
+        """Run the whole sequence; -> (the last position's logits ``[V]``, KV state)."""
+        logits, state = self.prefill_batch(embeds, positions)
+        return logits[0], state
 
-    def step(self, token: int, position: int, state) -> tuple[np.ndarray, tuple]:
+    def step(self, token: int, position: int, state) -> tuple[np.ndarray, DecoderState]:
         """One decode step at M-RoPE text position ``position``; -> (logits ``[V]``, state)."""
         logits, state = self.step_batch([token], position, state)
         return logits[0], state
-
-    def _outputs(self) -> list[str]:
-        return ["logits", *(f"present.{i}.{w}" for i in range(self.num_layers) for w in ("key", "value"))]

@@ -38,3 +38,21 @@ def mrope_positions(seq_len: int, image_start: int, token_grid: tuple[int, int])
 def text_positions(start: int, length: int) -> np.ndarray:
     """Positions int64 ``[3, 1, length]`` for text tokens continuing at ``start`` (decode steps)."""
     return np.ascontiguousarray(np.broadcast_to(np.arange(start, start + length, dtype=np.int64), (3, 1, length)))
+
+
+def rotary_rows(positions: np.ndarray, inv_freq: np.ndarray, mrope_section, scaling: float = 1.0,
+                dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """M-RoPE ``cos, sin`` ``[L, d/2]`` for positions ``[3, L]`` (one sequence).
+
+    Frequency ``f`` turns with the t, h or w position by ``mrope_section`` (consecutive
+    blocks of frequencies), as transformers' Qwen2.5-VL rotary embedding; the decoder
+    graph's attention op applies the rows rotate-half style to both halves of a head.
+    """
+    pos = np.asarray(positions, dtype=np.float64).reshape(3, -1)
+    inv = np.asarray(inv_freq, dtype=np.float64)
+    axis = np.repeat(np.arange(3), np.asarray(mrope_section, dtype=np.int64))
+    if axis.size != inv.size:
+        raise ValueError(f"mrope_section {list(mrope_section)} does not cover {inv.size} frequencies")
+    # float32 angles, as transformers computes them (position * inv_freq in float32)
+    angles = pos[axis].T.astype(np.float32) * inv.astype(np.float32)  # [L, d/2]
+    return ((np.cos(angles) * scaling).astype(dtype), (np.sin(angles) * scaling).astype(dtype))
