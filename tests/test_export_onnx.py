@@ -250,3 +250,29 @@ def test_wrappers_match_the_model_for_other_settings(tiny_tokenizer, tmp_path):
         assert rel_err(torch.from_numpy(logits[:, -1]), ref[:, -1]) < 1e-5
         length = embeds.shape[1]
         assert rel_err(torch.from_numpy(dec.state.buffers[0].numpy()[:, :, :length]), cache.layers[0].keys) < 1e-5
+
+
+def test_onnx_stages_decode_past_the_cache_capacity(exported, tiny_model, monkeypatch):
+    """OnnxStages' cache grows mid-decode (its IO binding follows the new buffers) and every step's
+    logits stay the torch model's; a batch of two steps like each sequence alone."""
+    from fusar_edge.backends import onnxruntime as ort_backend
+    from fusar_edge.backends.torch_stages import TorchStages
+    from fusar_edge.model.rope import mrope_positions
+
+    monkeypatch.setattr(ort_backend, "MIN_CAPACITY", 3)
+    stages, ref = ort_backend.OnnxStages(exported["onnx"], device="cpu"), TorchStages(tiny_model)
+    embeds = torch.randn(2, 70, tiny_model.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 0.5
+    pos, nxt = mrope_positions(70, 2, tiny_model.config.token_grid)
+    lo, state_o = stages.prefill_batch(embeds.numpy(), pos)
+    lt, state_t = ref.prefill_batch(embeds, pos)
+    assert state_o.capacity == 73
+    toks = [int(t) for t in lt.argmax(-1)]
+    for step in range(8):
+        assert rel_err(torch.from_numpy(lo), lt) < 1e-5, step
+        lo, state_o = stages.step_batch(toks, nxt + step, state_o)
+        lt, state_t = ref.step_batch(toks, nxt + step, state_t)
+        toks = [int(t) for t in lt.argmax(-1)]
+    assert state_o.capacity > 73 and state_o.length == 78
+    alone, _ = stages.prefill(embeds[1:].numpy(), pos)
+    batch, _ = stages.prefill_batch(embeds.numpy(), pos)
+    assert np.abs(alone - batch[1]).max() <= 1e-5 * np.abs(batch[1]).max()

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..model.rope import rotary_rows
 
+
 MIN_CAPACITY = 256  # slots first allocated beyond the prompt: most answers fit without growing
 
 
@@ -34,6 +35,15 @@ class DecoderState:
         self.buffers: list = []
         self.cos = np.zeros((0, head_dim // 2), self.dtype)
         self.sin = np.zeros((0, head_dim // 2), self.dtype)
+        self.binding = None  # the caller's IO binding of the buffers; dropped when they are replaced
+        # A decode step's small inputs live in host arrays wrapped once: ONNX Runtime reads numpy
+        # memory in place, so a step rewrites a few numbers instead of building new values.
+        self._seqlens = np.zeros(batch, np.int32)
+        self._total = np.zeros((), np.int32)
+        self._step_slots = np.zeros((batch, 1), np.int64)
+        self._fixed = {name: ort.OrtValue.ortvalue_from_numpy(a) for name, a in
+                       (("seqlens_k", self._seqlens), ("total_sequence_length", self._total))}
+        self._step_ids = ort.OrtValue.ortvalue_from_numpy(self._step_slots)
         self._grow(capacity)
 
     # -- storage ------------------------------------------------------------------------------
@@ -51,18 +61,23 @@ class DecoderState:
                 rows[:, :, :self.length] = old.numpy()[:, :, :self.length]
                 new.update_inplace(rows)
         self.buffers = fresh
+        self.binding = None
         for name in ("cos", "sin"):
             table = np.zeros((capacity, self.head_dim // 2), self.dtype)
             table[:self.length] = getattr(self, name)[:self.length]
             setattr(self, name, table)
+        # the whole table is bound: the op needs rows >= total length and reads by slot
+        self._tables = {"cos_cache": self._ort.OrtValue.ortvalue_from_numpy(self.cos),
+                        "sin_cache": self._ort.OrtValue.ortvalue_from_numpy(self.sin)}
         self.capacity = capacity
 
     # -- one decoder call -----------------------------------------------------------------------
     def feeds(self, positions: np.ndarray) -> dict:
-        """Inputs for a call that adds ``S`` tokens at M-RoPE ``positions`` ``[3, B, S]`` (or ``[3, S]``).
+        """Inputs (OrtValues) for a call that adds ``S`` tokens at M-RoPE ``positions`` ``[3, B, S]``
+        (or ``[3, S]``).
 
         Every sequence of the batch must share the positions (same layout, same step): the
-        rotation table is one per state.
+        rotation table is one per state. The values stay valid until the next ``feeds``.
         """
         pos = np.asarray(positions, dtype=np.int64)
         if pos.ndim == 3:
@@ -73,14 +88,18 @@ class DecoderState:
         total = self.length + s
         if total > self.capacity:
             self._grow(max(2 * self.capacity, total + MIN_CAPACITY))
-        cos, sin = rotary_rows(pos, self.rope["inv_freq"], self.rope["mrope_section"],
-                               self.rope.get("attention_scaling", 1.0), self.dtype)
-        self.cos[self.length:total], self.sin[self.length:total] = cos, sin
-        slots = np.arange(self.length, total, dtype=np.int64)
-        return {"seqlens_k": np.full(self.batch, total - 1, np.int32),
-                "total_sequence_length": np.array(total, np.int32),
-                "position_ids": np.ascontiguousarray(np.broadcast_to(slots, (self.batch, s))),
-                "cos_cache": self.cos[:total], "sin_cache": self.sin[:total]}
+        self.cos[self.length:total], self.sin[self.length:total] = rotary_rows(
+            pos, self.rope["inv_freq"], self.rope["mrope_section"], self.rope.get("attention_scaling", 1.0),
+            self.dtype)
+        self._seqlens[:] = total - 1
+        self._total[()] = total
+        if s == 1:
+            self._step_slots[:] = self.length
+            ids = self._step_ids
+        else:
+            slots = np.ascontiguousarray(np.broadcast_to(np.arange(self.length, total, dtype=np.int64), (self.batch, s)))
+            ids = self._ort.OrtValue.ortvalue_from_numpy(slots)
+        return {**self._fixed, "position_ids": ids, **self._tables}
 
     def advance(self, tokens: int) -> None:
         """The call that ``feeds`` prepared has run: its tokens are cached."""

@@ -247,18 +247,32 @@ class OnnxStages:
     def _decoder(self, embeds, positions: np.ndarray, state: DecoderState, outputs: list[str]) -> list:
         """One decoder call adding ``embeds``' tokens to ``state``'s cache (in place).
 
-        ``logits`` come back in host memory, ``last_hidden_state`` stays on the device.
+        ``logits`` come back in host memory, ``last_hidden_state`` stays on the device. The
+        state keeps its IO binding: the cache buffers are bound once (as past and present) and
+        a decode step rebinds only its embeddings, not 2 x layers buffers.
         """
-        feeds: dict[str, Any] = {"inputs_embeds": embeds, **state.feeds(positions)}
-        into = {}
+        feeds = state.feeds(positions)
+        io = state.binding
+        if io is None:  # a new state, or one whose buffers grew
+            io = state.binding = self.sessions["decoder"].io_binding()
+            for i in range(self.num_layers):
+                for j, side in enumerate(("key", "value")):
+                    io.bind_ortvalue_input(f"past_key_values.{i}.{side}", state.buffers[2 * i + j])
+                    io.bind_ortvalue_output(f"present.{i}.{side}", state.buffers[2 * i + j])
+        if not isinstance(embeds, _ort().OrtValue):
+            embeds = self._value(np.asarray(embeds))
+        io.bind_ortvalue_input("inputs_embeds", embeds)
+        for name, value in feeds.items():
+            io.bind_ortvalue_input(name, value)
+        io.clear_binding_outputs()
+        for name in outputs:
+            io.bind_output(name, "cpu" if name == "logits" else self.device_type, self.device_id)
         for i in range(self.num_layers):
             for j, side in enumerate(("key", "value")):
-                buf = state.buffers[2 * i + j]
-                feeds[f"past_key_values.{i}.{side}"] = buf
-                into[f"present.{i}.{side}"] = buf
-        outs = self._run("decoder", feeds, outputs, host=("logits",), into=into)
+                io.bind_ortvalue_output(f"present.{i}.{side}", state.buffers[2 * i + j])
+        self.sessions["decoder"].run_with_iobinding(io)
         state.advance(int(np.asarray(positions).shape[-1]))
-        return outs
+        return io.get_outputs()[:len(outputs)]
 
     def question_hidden(self, question_ids):
         """The decoder's final hidden states over the question alone (GRASP's text-only pass)."""

@@ -48,11 +48,14 @@ def rotary_rows(positions: np.ndarray, inv_freq: np.ndarray, mrope_section, scal
     blocks of frequencies), as transformers' Qwen2.5-VL rotary embedding; the decoder
     graph's attention op applies the rows rotate-half style to both halves of a head.
     """
-    pos = np.asarray(positions, dtype=np.float64).reshape(3, -1)
-    inv = np.asarray(inv_freq, dtype=np.float64)
+    pos = np.asarray(positions).reshape(3, -1)
+    inv = np.asarray(inv_freq, dtype=np.float32)
     axis = np.repeat(np.arange(3), np.asarray(mrope_section, dtype=np.int64))
     if axis.size != inv.size:
         raise ValueError(f"mrope_section {list(mrope_section)} does not cover {inv.size} frequencies")
     # float32 angles, as transformers computes them (position * inv_freq in float32)
-    angles = pos[axis].T.astype(np.float32) * inv.astype(np.float32)  # [L, d/2]
-    return ((np.cos(angles) * scaling).astype(dtype), (np.sin(angles) * scaling).astype(dtype))
+    angles = pos[axis].T.astype(np.float32) * inv  # [L, d/2]
+    cos, sin = np.cos(angles), np.sin(angles)
+    if scaling != 1.0:
+        cos, sin = cos * scaling, sin * scaling
+    return cos.astype(dtype, copy=False), sin.astype(dtype, copy=False)
