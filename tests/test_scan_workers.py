@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from fusar_edge.cli import main
+from fusar_edge.config import PRESETS
 from fusar_edge.data.synth import sample_scene
 from fusar_edge.scan.run import OUTPUTS
 
@@ -82,7 +83,7 @@ def test_a_ray_worker_that_cannot_open_the_model_is_one_line(scene, local_ray, t
                  "--bundle", str(tmp_path / "no-bundle"), "--ray", "--ray-workers", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"fusar-edge: error: Ray workers could not open the model: {tmp_path / 'no-bundle'}: not a "
-                   "directory (expected a bundle directory or one of: tiny, small, demo, qwen2.5-vl-3b, qwen2.5-vl-7b)"]
+                   f"directory (expected a bundle directory or one of: {', '.join(PRESETS)})"]
 
 
 def test_more_ray_workers_than_the_cluster_has_cpus_is_refused(scene, local_ray, tmp_path, capsys):
