@@ -75,3 +75,28 @@ def set_torch_threads(n: int) -> None:
     except ImportError:
         return
     torch.set_num_threads(n)
+
+
+LOADAVG = Path("/proc/loadavg")
+
+
+def others_running(samples: int = 5, interval_s: float = 0.01, loadavg: Path = LOADAVG) -> bool | None:
+    """Is other work running on this machine now? -> True / False, None when unknown (not Linux).
+
+    ``/proc/loadavg``'s fourth field counts the threads runnable at this instant, the reader
+    included; more than one in most of ``samples`` readings means someone else wants the CPU.
+    Used to decide whether ONNX Runtime's decoder workers may spin (``backends.onnxruntime``):
+    spinning wins on idle cores and loses badly on shared ones.
+    """
+    import time
+
+    busy = 0
+    for i in range(samples):
+        try:
+            running = int(loadavg.read_text().split()[3].split("/")[0])
+        except (OSError, IndexError, ValueError):
+            return None
+        busy += running > 1
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    return busy * 2 > samples

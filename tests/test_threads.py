@@ -57,3 +57,41 @@ def test_threads_must_be_a_positive_integer_everywhere(argv, bad, capsys, tmp_pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--threads: expected a positive integer, got '{bad}'" in err[0]
     assert not any(tmp_path.iterdir())
+
+
+def test_others_running_reads_the_runnable_count(tmp_path):
+    from fusar_edge.threads import others_running
+
+    f = tmp_path / "loadavg"
+    f.write_text("0.52 0.40 0.31 1/211 4242\n")  # only the reader runs
+    assert others_running(samples=3, interval_s=0, loadavg=f) is False
+    f.write_text("1.90 1.20 0.80 3/211 4242\n")  # two more threads want a CPU
+    assert others_running(samples=3, interval_s=0, loadavg=f) is True
+    f.write_text("garbage\n")
+    assert others_running(samples=3, interval_s=0, loadavg=f) is None
+    assert others_running(samples=1, interval_s=0, loadavg=tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize("setting,busy,decoder,others", [
+    ("auto", False, True, False), ("auto", True, False, False), ("auto", None, False, False),
+    ("0", False, False, False), ("decoder", True, True, False), ("1", True, True, True)])
+def test_spin_policy_follows_the_setting_and_the_load(monkeypatch, setting, busy, decoder, others):
+    """auto (the default): the decoder's workers spin only when nobody else is running; an unknown
+    answer (None: not Linux) counts as busy."""
+    pytest.importorskip("onnxruntime")
+    from fusar_edge.backends import onnxruntime as backend
+
+    monkeypatch.setattr(backend, "others_running", lambda: busy)
+    policy = backend.spin_policy(setting)
+    assert set(policy) == set(backend.STAGES)
+    assert policy["decoder"] is decoder
+    assert all(policy[s] is others for s in backend.STAGES if s != "decoder")
+
+
+def test_bad_spin_setting_is_one_line():
+    pytest.importorskip("onnxruntime")
+    from fusar_edge.backends.onnxruntime import spin_policy
+    from fusar_edge.errors import InputError
+
+    with pytest.raises(InputError, match="FUSAR_ORT_SPIN: expected auto, 0, 1 or decoder, got 'sometimes'"):
+        spin_policy("sometimes")

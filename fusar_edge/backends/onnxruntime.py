@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import AnchorError, FusarError, InputError
 from ..question_cache import QuestionCache
+from ..threads import others_running
 from .kv_cache import MIN_CAPACITY, DecoderState
 from .tlm_host import tlm_weights_numpy
 
@@ -102,6 +103,17 @@ def resolve_providers(providers=None, device: str = "auto") -> list:
     raise InputError(f"device: expected auto, cpu, cuda or cuda:N, got {dev!r}")
 
 
+def spin_policy(setting: str) -> dict[str, bool]:
+    """Which stages' ONNX Runtime workers spin while idle, from ``FUSAR_ORT_SPIN``: ``auto`` (the
+    decoder, when ``threads.others_running()`` says no other work runs now), ``decoder``, ``0``
+    (none) or ``1`` (every stage)."""
+    if setting not in ("auto", "0", "1", "decoder"):
+        raise InputError(f"FUSAR_ORT_SPIN: expected auto, 0, 1 or decoder, got {setting!r}")
+    if setting == "auto":
+        setting = "decoder" if others_running() is False else "0"
+    return {name: setting == "1" or (setting == "decoder" and name == "decoder") for name in STAGES}
+
+
 class OnnxStages:
     """The exported stages of one bundle in ONNX Runtime sessions.
 
@@ -116,23 +128,33 @@ class OnnxStages:
         self.dir = Path(onnx_dir)
         self.spec = check_export(self.dir, bundle)
         chosen = resolve_providers(providers, device)
-        opts = session_options
-        if opts is None:
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            if threads:
-                opts.intra_op_num_threads = int(threads)
-            # Four sessions run in turn, with host torch work between them; by default each
-            # one's idle thread pool spins and starves the next on a small CPU (measured with
-            # `fusar-edge bench` on 2 cores: vision 77 -> 4 ms, decode unchanged). FUSAR_ORT_SPIN=1
-            # brings spinning back.
-            opts.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("FUSAR_ORT_SPIN", "0"))
-        self.intra_op_threads = opts.intra_op_num_threads  # 0: ONNX Runtime's default, one per physical core
+        spinning = spin_policy(os.environ.get("FUSAR_ORT_SPIN", "auto"))
+        self.decoder_spins = session_options is None and spinning["decoder"]
+        per_stage = {}
+        for name in STAGES:
+            opts = session_options
+            if opts is None:
+                opts = ort.SessionOptions()
+                opts.log_severity_level = 3
+                if threads:
+                    opts.intra_op_num_threads = int(threads)
+                # Idle ONNX Runtime workers spin before they sleep. The stages run in turn with host
+                # work between them: spinning pools of the vision, embed and fusion sessions starved
+                # the next stage on a small CPU (`fusar-edge bench`, 2 cores: vision 77 -> 4 ms without).
+                # The decoder is the exception on idle cores: its steps follow each other closely,
+                # and waking a sleeping worker for each of a step's ~50 ops cost 1.3x in decode
+                # speed (small, 2 cores, quiet). With one busy neighbour process, spinning made it
+                # 1.7x slower instead, so by default (auto) the decoder spins only when no other
+                # work was running at open (threads.others_running). FUSAR_ORT_SPIN=decoder / 0 / 1:
+                # the decoder always / no session / every session.
+                opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning[name] else "0")
+            per_stage[name] = opts
+        self.intra_op_threads = per_stage["decoder"].intra_op_num_threads  # 0: ONNX Runtime's default
         self.sessions = {}
         for name in STAGES:
             path = self.dir / self.spec["stages"][name]["file"]
             try:
-                self.sessions[name] = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+                self.sessions[name] = ort.InferenceSession(str(path), sess_options=per_stage[name], providers=chosen)
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise FusarError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
         self.providers = self.sessions["decoder"].get_providers()

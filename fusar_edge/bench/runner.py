@@ -153,10 +153,14 @@ def _argmax(logits, banned: list[int]) -> list[int]:
 
 # -- one request --------------------------------------------------------------------------------
 @torch.inference_mode()  # as Runtime.ask: no autograd graph (it would hold every activation)
-def run_request(rt, settings: BenchSettings, clock: StageClock) -> dict:
-    """One batch of requests through ``rt``'s stages, marking ``clock`` at every boundary."""
+def run_request(rt, settings: BenchSettings, clock: StageClock, cold_question: bool = True) -> dict:
+    """One batch of requests through ``rt``'s stages, marking ``clock`` at every boundary.
+
+    ``cold_question``: the question is new to the runtime (GRASP's question cache emptied first:
+    the cold time to first token); False asks it as a repeated question."""
     stages, b = rt.stages, settings.batch
-    stages.questions.clear()  # every request's question is a new one (the cold time to first token)
+    if cold_question:
+        stages.questions.clear()
     clock.start()
     reqs = [rt.prepare(settings.image, settings.question) for _ in range(b)]
     clock.mark("preprocess")
