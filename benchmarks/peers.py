@@ -14,8 +14,8 @@ writes) runs a prompt of `--prompt` token ids, then exactly `--new-tokens` greed
   `--llama-src`, for `convert_hf_to_gguf.py`): the checkpoint in GGUF, quantised to Q4_0.
 
 Engines that are not installed are skipped with a note. Each round runs every engine once
-(prefill + decode), rounds are interleaved so that load from other work falls on all engines
-alike, and the medians over rounds are reported with achieved read bandwidth (weight bytes
+(prefill + decode) after an idle gap (`--gap`: pools that spin after a run must not slow the
+next engine), rounds are interleaved so that load from other work falls on all engines alike, and the medians over rounds are reported with achieved read bandwidth (weight bytes
 read per token x tokens/s) against this machine's measured read ceiling.
 
     python benchmarks/peers.py --bundle EXPORTED_BUNDLE [--preset small] [--rounds 40] [--threads 2]
@@ -152,7 +152,7 @@ class FusarOrtEngine:
 class GenaiEngine:
     name = "onnxruntime-genai int4"
 
-    def __init__(self, ckpt: Path, threads: int, work: Path, block: int = 128):
+    def __init__(self, ckpt: Path, threads: int, work: Path, block: int = 128, spin: bool = False):
         import onnxruntime_genai as og
 
         out = work / "genai-int4"
@@ -164,7 +164,7 @@ class GenaiEngine:
         cfg = json.loads(cfg_path.read_text())
         so = cfg["model"]["decoder"].setdefault("session_options", {})
         so["intra_op_num_threads"] = threads
-        so["session.intra_op.allow_spinning"] = "0"  # as ours: no idle spinning between calls
+        so["session.intra_op.allow_spinning"] = "1" if spin else "0"  # as our decoder's session
         cfg_path.write_text(json.dumps(cfg, indent=2))
         self.og, self.model = og, og.Model(str(out))
         self.weight_bytes = sum(p.stat().st_size for p in out.glob("model.onnx*"))
@@ -240,6 +240,7 @@ def main() -> None:
     p.add_argument("--prompt", type=int, default=141, help="prompt tokens (small: 64 image + 77 text in the issue)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--gap", type=float, default=0.3, help="idle seconds before each engine's run (default 0.3)")
     p.add_argument("--llama-src", type=Path, help="llama.cpp source tree (convert_hf_to_gguf.py, gguf-py)")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
@@ -253,10 +254,11 @@ def main() -> None:
         ckpt = work / "hf"
         info = save_text_checkpoint(a.preset, ckpt)
         engines.append(TransformersEngine(ckpt, a.threads))
-        engines.append(FusarOrtEngine(a.bundle, a.threads))
+        ours = FusarOrtEngine(a.bundle, a.threads)
+        engines.append(ours)
         if importlib.util.find_spec("onnxruntime_genai"):
             try:
-                engines.append(GenaiEngine(ckpt, a.threads, work))
+                engines.append(GenaiEngine(ckpt, a.threads, work, spin=ours.stages.decoder_spins))
             except subprocess.CalledProcessError as exc:
                 notes.append(f"onnxruntime-genai skipped: its builder failed ({exc.stderr.strip().splitlines()[-1]})")
         else:
@@ -280,6 +282,9 @@ def main() -> None:
         tokens = {}
         for r in range(a.rounds):
             for e in engines:
+                # an idle gap first: worker pools that spin after a run (OpenMP, ONNX Runtime's
+                # decoder) must not take the CPU from the engine after them
+                time.sleep(a.gap)
                 pf, steps, toks = e.run(prompt, a.new_tokens)
                 prefill[e.name].append(pf)
                 decode[e.name].append(statistics.median(steps))
@@ -300,6 +305,7 @@ def main() -> None:
             row["decode_vs_baseline"] = round(row["decode_tok_s"] / base, 2)
         same = {k: v == tokens[engines[0].name] for k, v in tokens.items()}
         result = {"preset": a.preset, "prompt_tokens": a.prompt, "new_tokens": a.new_tokens, "threads": a.threads,
+                  "onnxruntime_decoder_spins": ours.stages.decoder_spins, "gap_s": a.gap,
                   "rounds": a.rounds, "read_ceiling_gb_s": round(ceiling, 2), "machine": machine_info(),
                   "load_avg_1m_at_end": os.getloadavg()[0], "engines": rows, "notes": notes,
                   "greedy_tokens_equal_to_baseline": same,

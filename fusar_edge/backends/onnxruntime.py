@@ -141,13 +141,16 @@ class OnnxStages:
                 # Idle ONNX Runtime workers spin before they sleep. The stages run in turn with host
                 # work between them: spinning pools of the vision, embed and fusion sessions starved
                 # the next stage on a small CPU (`fusar-edge bench`, 2 cores: vision 77 -> 4 ms without).
-                # The decoder is the exception on idle cores: its steps follow each other closely,
-                # and waking a sleeping worker for each of a step's ~50 ops cost 1.3x in decode
-                # speed (small, 2 cores, quiet). With one busy neighbour process, spinning made it
+                # The decoder is the exception on idle cores: waking a sleeping worker for each of a
+                # decode step's ~50 ops cost 1.2x in decode speed (small, 2 cores, quiet: 321 vs
+                # 268 tok/s spinning within each run, 358 also spinning ~50 ms after it). With one busy neighbour process, spinning made it
                 # 1.7x slower instead, so by default (auto) the decoder spins only when no other
                 # work was running at open (threads.others_running). FUSAR_ORT_SPIN=decoder / 0 / 1:
                 # the decoder always / no session / every session.
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning[name] else "0")
+                if spinning[name]:  # between the ops of a run only: after it the workers sleep at once,
+                    # not ~50 ms more on the CPU the next stage (or request) needs
+                    opts.add_session_config_entry("session.force_spinning_stop", "1")
             per_stage[name] = opts
         self.intra_op_threads = per_stage["decoder"].intra_op_num_threads  # 0: ONNX Runtime's default
         self.sessions = {}
