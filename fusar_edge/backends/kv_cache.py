@@ -18,7 +18,6 @@ import numpy as np
 
 from ..model.rope import rotary_rows
 
-
 MIN_CAPACITY = 256  # slots first allocated beyond the prompt: most answers fit without growing
 
 
@@ -97,8 +96,8 @@ class DecoderState:
             self._step_slots[:] = self.length
             ids = self._step_ids
         else:
-            slots = np.ascontiguousarray(np.broadcast_to(np.arange(self.length, total, dtype=np.int64), (self.batch, s)))
-            ids = self._ort.OrtValue.ortvalue_from_numpy(slots)
+            slots = np.arange(self.length, total, dtype=np.int64)
+            ids = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.broadcast_to(slots, (self.batch, s))))
         return {**self._fixed, "position_ids": ids, **self._tables}
 
     def advance(self, tokens: int) -> None:

@@ -142,11 +142,11 @@ class OnnxStages:
                 # work between them: spinning pools of the vision, embed and fusion sessions starved
                 # the next stage on a small CPU (`fusar-edge bench`, 2 cores: vision 77 -> 4 ms without).
                 # The decoder is the exception on idle cores: waking a sleeping worker for each of a
-                # decode step's ~50 ops cost 1.2x in decode speed (small, 2 cores, quiet: 321 vs
-                # 268 tok/s spinning within each run, 358 also spinning ~50 ms after it). With one busy neighbour process, spinning made it
-                # 1.7x slower instead, so by default (auto) the decoder spins only when no other
-                # work was running at open (threads.others_running). FUSAR_ORT_SPIN=decoder / 0 / 1:
-                # the decoder always / no session / every session.
+                # decode step's ~50 ops cost 1.2-1.4x in decode speed (small, 2 cores, quiet; README).
+                # With one busy neighbour process spinning made it 1.7x slower instead, so by default
+                # (auto) the decoder spins only when no other work was running at open
+                # (threads.others_running). FUSAR_ORT_SPIN=decoder / 0 / 1: the decoder always / no
+                # session / every session.
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning[name] else "0")
                 if spinning[name]:  # between the ops of a run only: after it the workers sleep at once,
                     # not ~50 ms more on the CPU the next stage (or request) needs
@@ -183,13 +183,11 @@ class OnnxStages:
         ort = _ort()
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device_type, self.device_id)
 
-    def _run(self, stage: str, feeds: dict[str, Any], outputs: list[str], host: tuple[str, ...] = (),
-             into: dict[str, Any] | None = None) -> list:
+    def _run(self, stage: str, feeds: dict[str, Any], outputs: list[str], host: tuple[str, ...] = ()) -> list:
         """Run one stage through IO binding; inputs: numpy arrays or OrtValues.
 
-        -> OrtValues of ``outputs``, on the execution device except those named in ``host``
-        (bound to CPU memory: what the host reads anyway, such as logits). ``into``: outputs
-        written into these OrtValues (the decoder's KV buffers, also bound as inputs).
+        -> OrtValues, on the execution device except the outputs named in ``host`` (bound to CPU
+        memory: what the host reads anyway, such as logits).
         """
         ort = _ort()
         sess = self.sessions[stage]
@@ -205,10 +203,8 @@ class OnnxStages:
                 io.bind_output(name, "cpu")
             else:
                 io.bind_output(name, self.device_type, self.device_id)
-        for name, value in (into or {}).items():
-            io.bind_ortvalue_output(name, value)
         sess.run_with_iobinding(io)
-        return io.get_outputs()[:len(outputs)]
+        return io.get_outputs()
 
     @staticmethod
     def to_numpy(value) -> np.ndarray:
@@ -273,8 +269,8 @@ class OnnxStages:
         """One decoder call adding ``embeds``' tokens to ``state``'s cache (in place).
 
         ``logits`` come back in host memory, ``last_hidden_state`` stays on the device. The
-        state keeps its IO binding: the cache buffers are bound once (as past and present) and
-        a decode step rebinds only its embeddings, not 2 x layers buffers.
+        state keeps its IO binding: the cache buffers are bound as inputs once, and a decode step
+        rebinds its embeddings and the outputs (the same buffers as ``present.*``).
         """
         feeds = state.feeds(positions)
         io = state.binding
@@ -283,7 +279,6 @@ class OnnxStages:
             for i in range(self.num_layers):
                 for j, side in enumerate(("key", "value")):
                     io.bind_ortvalue_input(f"past_key_values.{i}.{side}", state.buffers[2 * i + j])
-                    io.bind_ortvalue_output(f"present.{i}.{side}", state.buffers[2 * i + j])
         if not isinstance(embeds, _ort().OrtValue):
             embeds = self._value(np.asarray(embeds))
         io.bind_ortvalue_input("inputs_embeds", embeds)
