@@ -39,7 +39,6 @@ I/O (``B`` batch, ``S`` new tokens, ``M`` cache capacity, ``C`` hidden, ``d`` he
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -48,7 +47,7 @@ MS_DOMAIN = "com.microsoft"
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 RMS_NORM_OPSET = 23  # ONNX's RMSNormalization
-GRAPH_KIND = "gqa-shared-kv"  # stages.json decoder.graph: what the runtime must feed
+GRAPH_KIND = "gqa-shared-kv"  # stages.json decoder.graph: this graph's I/O contract
 
 _ONNX_DTYPE = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16}
 
@@ -58,13 +57,12 @@ def _np(t) -> np.ndarray:
 
 
 class _Graph:
-    """Nodes, initializers and unique names for one graph."""
+    """The nodes and initializers of one graph, named after the modules they come from."""
 
     def __init__(self, dtype: np.dtype):
         self.dtype = np.dtype(dtype)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[TensorProto] = []
-        self._n = 0
 
     def init(self, name: str, array: np.ndarray, dtype=None) -> str:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=dtype or self.dtype), name))
