@@ -202,15 +202,20 @@ def _module_of(initializer: str) -> str | None:
 
 
 def _pack_decoder(src: Path, target: Path, weights: dict, form: str, group_size: int, level: int,
-                  link: bool = False):
-    """``src``'s stages with the decoder's linears in 4-bit ``form`` -> ``target``; -> the packing result."""
-    from .int4_onnx import quantize_onnx_model
+                  link: bool = False, int8_head: bool = False):
+    """``src``'s stages with the decoder's linears in 4-bit ``form`` (and, with ``int8_head``, the LM
+    head in 8 bits) -> ``target``; -> the packing result."""
+    from .int4_onnx import quantize_onnx_model, save_model
+    from .int8_head import quantize_head_int8
 
     _copy_stages(src, target, link=link)
     result = quantize_onnx_model(src / "decoder.onnx", weights, form=form, block_size=group_size,
-                                 out_path=target / "decoder.onnx", name_map=_module_of, missing="skip",
-                                 accuracy_level=level, fuse_parallel=True)
-    _restamp_stages(target, form, group_size)
+                                 name_map=_module_of, missing="skip", accuracy_level=level, fuse_parallel=True)
+    head = int8_head and quantize_head_int8(result.model, block_size=group_size, accuracy_level=level)
+    if head:
+        result.skipped = [s for s in result.skipped if not s.startswith("lm_head/")]
+    result.path = save_model(result.model, target / "decoder.onnx")
+    _restamp_stages(target, form, group_size, head)
     return result
 
 
@@ -295,11 +300,13 @@ def _export_gptq4(model, tokenizer, stage: Path, scratch: Path, weights: dict, c
         packing = parity_report(model, tokenizer, check_dir, n_prompts=prompts)
         gate.require("4-bit packing check (MatMulNBits at accuracy level 0 vs the dequantised torch model)",
                      packing)
-        progress("packing the decoder as MatMulNBits into onnx-int4/")
-        result = _pack_decoder(stage / "onnx", stage / "onnx-int4", weights, "matmulnbits", group_size, 4)
+        progress("packing the decoder as MatMulNBits into onnx-int4/ (LM head: 8-bit)")
+        result = _pack_decoder(stage / "onnx", stage / "onnx-int4", weights, "matmulnbits", group_size, 4,
+                               int8_head=True)
         out["onnx-int4"] = {"dir": "onnx-int4", "form": "matmulnbits", "quantized_layers": len(result.quantized),
                             "kept_float": [str(s) for s in result.skipped]}
-        progress("measuring accuracy level 4 (int8 activations) against the dequantised torch model")
+        progress("measuring accuracy level 4 (int8 activations) and the 8-bit LM head against the dequantised "
+                 "torch model")
         level4 = parity_report(model, tokenizer, stage / "onnx-int4", n_prompts=prompts)
     finally:
         restore_weights(model, originals)
@@ -311,8 +318,9 @@ def _export_gptq4(model, tokenizer, stage: Path, scratch: Path, weights: dict, c
                                   "the torch model holding them dequantised; fails the export unless --force",
                           "accuracy_level": 0, "gates_export": True, **packing},
         "accuracy_level_4_vs_dequantised": _measurement(
-            level4, "this graph (MatMulNBits accuracy level 4: int8 activations inside ONNX Runtime) vs the "
-                    "torch model holding the same dequantised 4-bit weights: the error level 4 adds"),
+            level4, "this graph (MatMulNBits accuracy level 4: int8 activations inside ONNX Runtime; the LM "
+                    "head 8-bit, export/int8_head.py) vs the torch model holding the same dequantised 4-bit "
+                    "weights and an fp32 head: the error level 4 and the 8-bit head add"),
         "quantisation_vs_fp32": _measurement(
             quantisation, "the 4-bit weights alone (MatMulNBits at accuracy level 0) vs the fp32 torch model: "
                           "the error GPTQ's quantisation adds"),
@@ -337,8 +345,9 @@ def describe(report: dict) -> list[str]:
         if "packing_check" in art:
             lines.append(f"{name}: packing check (accuracy level 0 vs dequantised torch) "
                          f"{_verdict(art['packing_check'])}")
-        for key, label in (("accuracy_level_4_vs_dequantised", "accuracy level 4 vs dequantised torch"),
-                           ("quantisation_vs_fp32", "4-bit quantisation vs fp32 torch")):
+        for key, label in (
+                ("accuracy_level_4_vs_dequantised", "accuracy level 4 + 8-bit LM head vs dequantised torch"),
+                ("quantisation_vs_fp32", "4-bit quantisation vs fp32 torch")):
             if key in art:
                 lines.append(f"{name}: {label} (measured only): {_parity_summary(art[key])}")
     for failure in report.get("failed_checks", []):
@@ -390,11 +399,13 @@ def _copy_stages(src: Path, dst: Path, link: bool = False) -> None:
             shutil.copy2(p, dst / p.name)
 
 
-def _restamp_stages(folder: Path, form: str, group_size: int) -> None:
+def _restamp_stages(folder: Path, form: str, group_size: int, int8_head: bool = False) -> None:
     """stages.json of a 4-bit folder: say what its decoder holds and refresh file hashes/sizes."""
     path = folder / "stages.json"
     spec = json.loads(path.read_text(encoding="utf-8"))
-    spec["weights"] = {"decoder": f"int4 {form}, symmetric, block {group_size} (GPTQ)"}
+    spec["weights"] = {"decoder": f"int4 {form}, symmetric, block {group_size} (GPTQ)"
+                                  + (f"; lm_head int8, symmetric, block {group_size} (round to nearest)"
+                                     if int8_head else "")}
     files = spec.get("files")
     if isinstance(files, dict):
         for name in list(files):

@@ -78,7 +78,7 @@ def test_correct_packing_passes_and_each_error_is_reported(tmp_path, reuse_stage
     assert quant["max_rel_err"]["prefill_logits"] > 100 * packing["max_rel_err"]["prefill_logits"]
     assert "onnx: parity ok: worst relative error" in said
     assert "onnx-int4: packing check (accuracy level 0 vs dequantised torch) ok: " in said
-    assert "onnx-int4: accuracy level 4 vs dequantised torch (measured only): worst relative error" in said
+    assert "onnx-int4: accuracy level 4 + 8-bit LM head vs dequantised torch (measured only): worst relative error" in said
     assert "onnx-int4: 4-bit quantisation vs fp32 torch (measured only): worst relative error" in said
     assert "--force" not in said
     assert not (out / "onnx-int4-qdq").exists()  # the TensorRT QDQ form is retired (Edge-LLM builds the LLM)
