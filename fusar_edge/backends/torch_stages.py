@@ -43,7 +43,8 @@ class TorchStages:
     ``vision`` / ``fusion`` are the model's stages (one image); ``prefill_batch`` runs the
     decoder over B fused sequences of one length (``stack`` joins them), ``step_batch`` feeds
     one token per sequence; both return the last position's logits ``[B, V]`` and the KV state
-    to pass to the next step. ``prefill`` / ``step`` are the one-sequence forms (``[V]``). Inputs may be numpy arrays (what the host side makes) or tensors.
+    to pass to the next step. ``prefill`` / ``step`` are the one-sequence forms (``[V]``).
+    Inputs may be numpy arrays (what the host side makes) or tensors.
 
     Stateless: the KV cache belongs to the caller (one per request), so one object serves
     any number of threads; the model's weights are only read. Every call runs under
