@@ -15,8 +15,9 @@ writes) runs a prompt of `--prompt` token ids, then exactly `--new-tokens` greed
 
 Engines that are not installed are skipped with a note. Each round runs every engine once
 (prefill + decode) after an idle gap (`--gap`: pools that spin after a run must not slow the
-next engine), rounds are interleaved so that load from other work falls on all engines alike, and the medians over rounds are reported with achieved read bandwidth (weight bytes
-read per token x tokens/s) against this machine's measured read ceiling.
+next engine), rounds are interleaved so that load from other work falls on all engines alike,
+and the medians over rounds are reported with achieved read bandwidth (weight bytes read per
+token x tokens/s) against this machine's measured read ceiling.
 
     python benchmarks/peers.py --bundle EXPORTED_BUNDLE [--preset small] [--rounds 40] [--threads 2]
         [--llama-src DIR/vendor/llama.cpp]

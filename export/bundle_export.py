@@ -211,11 +211,11 @@ def _pack_decoder(src: Path, target: Path, weights: dict, form: str, group_size:
     _copy_stages(src, target, link=link)
     result = quantize_onnx_model(src / "decoder.onnx", weights, form=form, block_size=group_size,
                                  name_map=_module_of, missing="skip", accuracy_level=level, fuse_parallel=True)
-    head = int8_head and quantize_head_int8(result.model, block_size=group_size, accuracy_level=level)
-    if head:
+    head_block = quantize_head_int8(result.model, block_size=group_size, accuracy_level=level) if int8_head else None
+    if head_block:
         result.skipped = [s for s in result.skipped if not s.startswith("lm_head/")]
     result.path = save_model(result.model, target / "decoder.onnx")
-    _restamp_stages(target, form, group_size, head)
+    _restamp_stages(target, form, group_size, head_block)
     return result
 
 
@@ -399,13 +399,14 @@ def _copy_stages(src: Path, dst: Path, link: bool = False) -> None:
             shutil.copy2(p, dst / p.name)
 
 
-def _restamp_stages(folder: Path, form: str, group_size: int, int8_head: bool = False) -> None:
-    """stages.json of a 4-bit folder: say what its decoder holds and refresh file hashes/sizes."""
+def _restamp_stages(folder: Path, form: str, group_size: int, head_block: int | None = None) -> None:
+    """stages.json of a 4-bit folder: say what its decoder holds (``head_block``: the 8-bit LM head's
+    block size) and refresh file hashes/sizes."""
     path = folder / "stages.json"
     spec = json.loads(path.read_text(encoding="utf-8"))
     spec["weights"] = {"decoder": f"int4 {form}, symmetric, block {group_size} (GPTQ)"
-                                  + (f"; lm_head int8, symmetric, block {group_size} (round to nearest)"
-                                     if int8_head else "")}
+                                  + (f"; lm_head int8, symmetric, block {head_block} (round to nearest)"
+                                     if head_block else "")}
     files = spec.get("files")
     if isinstance(files, dict):
         for name in list(files):

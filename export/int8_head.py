@@ -36,10 +36,11 @@ def dequantize(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 def quantize_head_int8(model: onnx.ModelProto, module: str = "lm_head", block_size: int = 128,
-                       accuracy_level: int = 4) -> bool:
+                       accuracy_level: int = 4) -> int | None:
     """Replace, in place, ``<module>/MatMul`` over the initializer ``<module>.weight_t`` (``W^T``)
     by an 8-bit ``MatMulNBits`` (blocks of ``block_size`` inputs, or the largest power of two
-    below it that divides them); -> False when the graph has no such fp32 node (left as it is)."""
+    below it that divides them); -> the block size used, None when the graph has no such fp32 node
+    (left as it is)."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     for index, node in enumerate(g.node):
@@ -50,7 +51,7 @@ def quantize_head_int8(model: onnx.ModelProto, module: str = "lm_head", block_si
         while block >= 16 and w_t.shape[0] % block:
             block //= 2
         if w_t.ndim != 2 or block < 16:
-            return False
+            return None
         codes, scales = int8_blocks(w_t.T, block)
         n, k = codes.shape[0], w_t.shape[0]
         dtype = w_t.dtype if w_t.dtype in (np.float16, np.float32) else np.float32
@@ -65,5 +66,5 @@ def quantize_head_int8(model: onnx.ModelProto, module: str = "lm_head", block_si
             g.initializer.remove(inits[node.input[1]])
         if not any(o.domain == MS_DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-        return True
-    return False
+        return block
+    return None

@@ -44,7 +44,7 @@ def one_line(exc_info, *words):
 
 class DecoderGraphRunner:
     """``decoder_graph.build_decoder(model)`` (or ``graph``) in an ONNX Runtime session over one
-    growing KV state, fed as ``OnnxStages`` feeds it: the cache buffers bound as past and present."""
+    growing KV state, run by ``OnnxStages``' own ``run_decoder``."""
 
     def __init__(self, model, tmp_path, graph=None, batch: int = 1, capacity: int = 8):
         import onnx
@@ -56,9 +56,8 @@ class DecoderGraphRunner:
         path = tmp_path / "decoder.onnx"
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(graph if graph is not None else build_decoder(model), str(path))
-        self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.ort, self.sess = ort, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         spec = decoder_spec(model)
-        self.layers = spec["num_layers"]
         self.new_state = lambda: DecoderState(ort, batch=batch, layers=spec["num_layers"],
                                               kv_heads=spec["num_kv_heads"], head_dim=spec["head_dim"],
                                               capacity=capacity, dtype=np.float32, rope=spec["rope"])
@@ -66,20 +65,10 @@ class DecoderGraphRunner:
 
     def __call__(self, embeds, positions, fresh: bool = True):
         """-> (last_hidden_state, logits) as numpy; the cache starts empty unless ``fresh`` is False."""
+        from fusar_edge.backends.onnxruntime import run_decoder
+
         if fresh or self.state is None:
             self.state = self.new_state()
-        st = self.state
-        feeds = {"inputs_embeds": np.ascontiguousarray(np.asarray(embeds, np.float32)), **st.feeds(positions)}
-        io = self.sess.io_binding()
-        for name, value in feeds.items():
-            io.bind_cpu_input(name, np.ascontiguousarray(value))
-        io.bind_output("last_hidden_state")
-        io.bind_output("logits")
-        for i in range(self.layers):
-            for j, side in enumerate(("key", "value")):
-                io.bind_ortvalue_input(f"past_key_values.{i}.{side}", st.buffers[2 * i + j])
-                io.bind_ortvalue_output(f"present.{i}.{side}", st.buffers[2 * i + j])
-        self.sess.run_with_iobinding(io)
-        st.advance(np.asarray(positions).shape[-1])
-        hidden, logits = io.get_outputs()[:2]
+        embeds = self.ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(np.asarray(embeds, np.float32)))
+        hidden, logits = run_decoder(self.sess, self.state, embeds, positions, ["last_hidden_state", "logits"])
         return hidden.numpy(), logits.numpy()

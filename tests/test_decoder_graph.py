@@ -86,10 +86,10 @@ def test_a_batch_of_sequences_matches_each_alone(tiny_model, tmp_path):
 def test_int4_rewrite_packs_qkv_into_attention(tiny_model, tmp_path):
     """The 4-bit rewrite fuses q/k/v and hands attention the packed tensor: no Split before it,
     and the same numbers as the graph that keeps the Split."""
+    from fusar_edge.export.bundle_export import _module_of as name_map  # decoder.onnx's W^T names
     from fusar_edge.export.int4_fuse import pack_attention_inputs
     from fusar_edge.export.int4_onnx import quantize_onnx_model
 
-    name_map = lambda n: n[:-len(".weight_t")] if n.endswith(".weight_t") else None  # noqa: E731
     fp32 = build_decoder(tiny_model)
     packed = quantize_onnx_model(fp32, None, block_size=32, name_map=name_map, fuse_parallel=True).model
     ops = [n.op_type for n in packed.graph.node]

@@ -33,7 +33,7 @@ def test_int8_head_computes_its_dequantised_weights(k, n, block):
     assert "lm_head.weight_t" not in {t.name for t in model.graph.initializer}
     node = model.graph.node[0]
     used = {a.name: helper.get_attribute_value(a) for a in node.attribute}["block_size"]
-    assert used <= block and k % used == 0  # 192 inputs: blocks of 64
+    assert used == exact and used <= block and k % used == 0  # 192 inputs: blocks of 64
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     ref_w = dequantize(inits["lm_head_q8"], inits["lm_head_q8_scales"])
     got = _run(model, h)
@@ -57,5 +57,5 @@ def test_int8_blocks_round_trip_and_zero_blocks():
 def test_no_fp32_head_is_left_alone():
     model, _ = _head_graph(20, 8, seed=0)  # 20 inputs: no power-of-two block >= 16 divides them
     before = model.SerializeToString()
-    assert not quantize_head_int8(model)
+    assert quantize_head_int8(model) is None
     assert model.SerializeToString() == before

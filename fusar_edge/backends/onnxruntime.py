@@ -114,6 +114,36 @@ def spin_policy(setting: str) -> dict[str, bool]:
     return {name: setting == "1" or (setting == "decoder" and name == "decoder") for name in STAGES}
 
 
+def run_decoder(session, state: DecoderState, embeds, positions: np.ndarray, outputs: list[str],
+                device: tuple[str, int] = ("cpu", 0)) -> list:
+    """One call of ``decoder.onnx``: ``embeds`` (an OrtValue) at M-RoPE ``positions`` added to
+    ``state``'s cache, in place; -> the OrtValues of ``outputs``.
+
+    ``logits`` come back in host memory, other outputs stay on ``device``. The state keeps its
+    IO binding: the cache buffers are bound as inputs once, and a call rebinds its embeddings
+    and the outputs (the same buffers as ``present.*``).
+    """
+    feeds = state.feeds(positions)
+    io = state.binding
+    if io is None:  # a new state, or one whose buffers grew
+        io = state.binding = session.io_binding()
+        for i in range(state.layers):
+            for j, side in enumerate(("key", "value")):
+                io.bind_ortvalue_input(f"past_key_values.{i}.{side}", state.buffers[2 * i + j])
+    io.bind_ortvalue_input("inputs_embeds", embeds)
+    for name, value in feeds.items():
+        io.bind_ortvalue_input(name, value)
+    io.clear_binding_outputs()
+    for name in outputs:
+        io.bind_output(name, "cpu" if name == "logits" else device[0], device[1])
+    for i in range(state.layers):
+        for j, side in enumerate(("key", "value")):
+            io.bind_ortvalue_output(f"present.{i}.{side}", state.buffers[2 * i + j])
+    session.run_with_iobinding(io)
+    state.advance(int(np.asarray(positions).shape[-1]))
+    return io.get_outputs()[:len(outputs)]
+
+
 class OnnxStages:
     """The exported stages of one bundle in ONNX Runtime sessions.
 
@@ -128,8 +158,10 @@ class OnnxStages:
         self.dir = Path(onnx_dir)
         self.spec = check_export(self.dir, bundle)
         chosen = resolve_providers(providers, device)
-        spinning = spin_policy(os.environ.get("FUSAR_ORT_SPIN", "auto"))
-        self.decoder_spins = session_options is None and spinning["decoder"]
+        # the caller's session options are used as they are; only ours get a spinning policy (and
+        # only then is the CPU sampled for other work, ~40 ms)
+        spinning = spin_policy(os.environ.get("FUSAR_ORT_SPIN", "auto")) if session_options is None else None
+        self.decoder_spins = bool(spinning and spinning["decoder"])
         per_stage = {}
         for name in STAGES:
             opts = session_options
@@ -266,33 +298,11 @@ class OnnxStages:
                             device=(self.device_type, self.device_id))
 
     def _decoder(self, embeds, positions: np.ndarray, state: DecoderState, outputs: list[str]) -> list:
-        """One decoder call adding ``embeds``' tokens to ``state``'s cache (in place).
-
-        ``logits`` come back in host memory, ``last_hidden_state`` stays on the device. The
-        state keeps its IO binding: the cache buffers are bound as inputs once, and a decode step
-        rebinds its embeddings and the outputs (the same buffers as ``present.*``).
-        """
-        feeds = state.feeds(positions)
-        io = state.binding
-        if io is None:  # a new state, or one whose buffers grew
-            io = state.binding = self.sessions["decoder"].io_binding()
-            for i in range(self.num_layers):
-                for j, side in enumerate(("key", "value")):
-                    io.bind_ortvalue_input(f"past_key_values.{i}.{side}", state.buffers[2 * i + j])
+        """One decoder call adding ``embeds``' tokens to ``state``'s cache (``run_decoder``)."""
         if not isinstance(embeds, _ort().OrtValue):
             embeds = self._value(np.asarray(embeds))
-        io.bind_ortvalue_input("inputs_embeds", embeds)
-        for name, value in feeds.items():
-            io.bind_ortvalue_input(name, value)
-        io.clear_binding_outputs()
-        for name in outputs:
-            io.bind_output(name, "cpu" if name == "logits" else self.device_type, self.device_id)
-        for i in range(self.num_layers):
-            for j, side in enumerate(("key", "value")):
-                io.bind_ortvalue_output(f"present.{i}.{side}", state.buffers[2 * i + j])
-        self.sessions["decoder"].run_with_iobinding(io)
-        state.advance(int(np.asarray(positions).shape[-1]))
-        return io.get_outputs()[:len(outputs)]
+        return run_decoder(self.sessions["decoder"], state, embeds, positions, outputs,
+                           (self.device_type, self.device_id))
 
     def question_hidden(self, question_ids):
         """The decoder's final hidden states over the question alone (GRASP's text-only pass)."""
