@@ -2,7 +2,7 @@
 
     git worktree add /tmp/before 5508cd6      # e.g. the commit before a decoder change
     python benchmarks/decoder_ab.py --a /tmp/before BUNDLE_EXPORTED_THERE --b . BUNDLE_EXPORTED_HERE \\
-        [--env-b FUSAR_ORT_SPIN=0] [--sets 4] [--rounds 8]
+        [--env-b FUSAR_ORT_SPIN=0] [--threads-b 1] [--sets 4] [--rounds 8]
 
 Each set runs A, then B, in a fresh process (`--worker`): a 141-token prompt through the
 bundle's `onnx-int4/` embed + decoder (`OnnxStages.prefill`), then 31 greedy decode steps,
@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--sets", type=int, default=4)
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads-b", type=int, help="B's threads, when they differ from A's")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
@@ -65,17 +66,19 @@ def main() -> None:
     if not (a.a and a.b):
         p.error("--a TREE BUNDLE and --b TREE BUNDLE are required")
     sides = {"A": (a.a, a.env_a), "B": (a.b, a.env_b)}
+    threads = {"A": a.threads, "B": a.threads_b or a.threads}
     runs: dict[str, list[dict]] = {k: [] for k in sides}
     for _ in range(a.sets):
         for name, ((tree, bundle), env) in sides.items():
             extra = dict(e.split("=", 1) for e in env)
             out = subprocess.run([sys.executable, __file__, "--worker", str(Path(tree).resolve()), bundle,
-                                  "--rounds", str(a.rounds), "--threads", str(a.threads)],
+                                  "--rounds", str(a.rounds), "--threads", str(threads[name])],
                                  env={**os.environ, **extra}, capture_output=True, text=True, check=True)
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
     result = {}
     for name, rs in runs.items():
         result[name] = {"tree": sides[name][0][0], "bundle": sides[name][0][1], "env": sides[name][1],
+                        "threads": threads[name],
                         "decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in rs), 1),
                         "prefill_ms": round(statistics.median(r["prefill_ms"] for r in rs), 1),
                         "sets": [{k: round(v, 1) for k, v in r.items()} for r in rs]}

@@ -175,10 +175,10 @@ class OnnxStages:
                 # the next stage on a small CPU (`fusar-edge bench`, 2 cores: vision 77 -> 4 ms without).
                 # The decoder is the exception on idle cores: waking a sleeping worker for each of a
                 # decode step's ~50 ops cost 1.2-1.4x in decode speed (small, 2 cores, quiet; README).
-                # With one busy neighbour process spinning made it 1.7x slower instead, so by default
-                # (auto) the decoder spins only when no other work was running at open
-                # (threads.others_running). FUSAR_ORT_SPIN=decoder / 0 / 1: the decoder always / no
-                # session / every session.
+                # With both cores taken by other processes spinning made it 1.6x slower instead (one
+                # busy neighbour: 1.02-1.12x faster still), so by default (auto) the decoder spins
+                # only when no other work was running at open (threads.others_running).
+                # FUSAR_ORT_SPIN=decoder / 0 / 1: the decoder always / no session / every session.
                 opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning[name] else "0")
                 if spinning[name]:  # between the ops of a run only: after it the workers sleep at once,
                     # not ~50 ms more on the CPU the next stage (or request) needs
