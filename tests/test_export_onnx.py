@@ -276,3 +276,30 @@ def test_onnx_stages_decode_past_the_cache_capacity(exported, tiny_model, monkey
     alone, _ = stages.prefill(embeds[1:].numpy(), pos)
     batch, _ = stages.prefill_batch(embeds.numpy(), pos)
     assert np.abs(alone - batch[1]).max() <= 1e-5 * np.abs(batch[1]).max()
+
+
+def test_an_older_export_and_a_bad_spin_setting_are_one_line(exported, demo, tmp_path, capsys, monkeypatch):
+    """ask --backend onnxruntime: a v1 export (before decoder_graph) and FUSAR_ORT_SPIN=sometimes each
+    exit 2 with one line, and the export is left as it was."""
+    from fusar_edge.cli import main
+
+    old = tmp_path / "old"
+    shutil.copytree(exported["bundle"], old)
+    spec_path = old / "onnx" / "stages.json"
+    spec = json.loads(spec_path.read_text())
+    spec["format"] = "fusar-edge-onnx-v1"
+    spec_path.write_text(json.dumps(spec))
+    write_manifest(old)  # a consistent bundle: what is wrong is the export's age
+    before = spec_path.read_bytes()
+    args = ["ask", str(demo["scene_tif"]), "How many ships?", "--bundle", str(old),
+            "--backend", "onnxruntime", "--no-anchors"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fusar-edge-onnx-v1" in err[0] and "export the bundle again" in err[0], err
+    assert spec_path.read_bytes() == before
+
+    monkeypatch.setenv("FUSAR_ORT_SPIN", "sometimes")
+    args[4] = str(exported["bundle"])
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "FUSAR_ORT_SPIN: expected auto, 0, 1 or decoder, got 'sometimes'" in err[0], err
