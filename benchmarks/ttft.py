@@ -12,6 +12,10 @@ three alike), one request with one new token through:
   cache emptied first, so the question pass over the language model runs;
 - `repeated question`: the same with the question's encoding cached (`fusar_edge.question_cache`).
 
+In both fusar-edge cases the prompt's head before the image (system prompt) has its KV rows
+cached after the first round (`OnnxStages.prefill_batch(prefix_len=)`), as in any running
+`serve` or `scan`: every request shares that head; the image and the question run every time.
+
 TTFT = preprocess + anchors + vision + fusion + prefill (to the first token's argmax), the
 same sum `fusar-edge bench` reports. Medians over rounds (the first two dropped as warm-up),
 with each stage's median. Writes `benchmarks/results/ttft-<preset>-<host>.json`.
@@ -36,6 +40,7 @@ from fusar_edge.bench.machine import machine_info  # noqa: E402
 from fusar_edge.bench.runner import BenchSettings, run_baseline_request, run_request  # noqa: E402
 from fusar_edge.geo.synthetic import write_demo_scene  # noqa: E402
 from fusar_edge.runtime import Runtime  # noqa: E402
+from fusar_edge.threads import set_torch_threads  # noqa: E402
 
 TTFT_STAGES = ("preprocess", "anchors", "vision", "fusion", "prefill")
 
@@ -48,6 +53,7 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     a = p.parse_args()
 
+    set_torch_threads(a.threads)  # the baseline's torch, as `fusar-edge bench --threads` sets it
     scene = write_demo_scene(Path(tempfile.mkdtemp(prefix="ttft-")) / "scene")  # bench's built-in scene
     settings = BenchSettings(model=str(a.bundle), image=scene["scene_tif"], tiles=scene["tiles"], new_tokens=1,
                              threads=a.threads)

@@ -114,6 +114,7 @@ class DecodeJob:
     next_position: int
     limit: int
     picker: object  # GreedyPicker
+    prefix_len: int = 0  # the shared text head (layout.image_start): its KV rows may be reused
     done: threading.Event = field(default_factory=threading.Event)
     ids: list = field(default_factory=list)
     decode_ms: list = field(default_factory=list)
@@ -125,9 +126,9 @@ class DecodeJob:
 class DecodeBatcher(_Batcher):
     name = "fusar-decode"
 
-    def generate(self, embeds, positions, next_position: int, limit: int, picker) -> DecodeJob:
+    def generate(self, embeds, positions, next_position: int, limit: int, picker, prefix_len: int = 0) -> DecodeJob:
         """Decode one sequence with whatever else is waiting; blocks until it is done."""
-        return self._submit(DecodeJob(embeds, positions, next_position, limit, picker))
+        return self._submit(DecodeJob(embeds, positions, next_position, limit, picker, prefix_len))
 
     def _groups(self, jobs: list[DecodeJob]) -> list[list[DecodeJob]]:
         groups: list[list[DecodeJob]] = []
@@ -145,7 +146,8 @@ class DecodeBatcher(_Batcher):
         for job in group:
             job.batch_size = len(group)
         t0 = time.perf_counter()
-        logits, state = stages.prefill_batch(stages.stack([j.embeds for j in group]), group[0].positions)
+        logits, state = stages.prefill_batch(stages.stack([j.embeds for j in group]), group[0].positions,
+                                             min(j.prefix_len for j in group))
         prefill_ms = (time.perf_counter() - t0) * 1e3
         tokens = [job.picker(logits[i]) for i, job in enumerate(group)]
         active = [True] * len(group)

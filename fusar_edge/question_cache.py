@@ -9,45 +9,17 @@ unchanged. ``maxsize`` bounds memory (one ``[C]`` or ``[1, n, C]`` tensor per en
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from typing import Any, Callable
 
 import numpy as np
 
+from .lru import BoundedCache
 
-class QuestionCache:
+
+class QuestionCache(BoundedCache):
     def __init__(self, maxsize: int = 256):
-        if maxsize < 0:
-            raise ValueError(f"QuestionCache: maxsize must be >= 0, got {maxsize}")
-        self.maxsize = maxsize
-        self._items: OrderedDict[tuple[int, ...], Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
+        super().__init__(maxsize)
 
     def get(self, question_ids, compute: Callable[[], Any]) -> Any:
-        """The cached encoding of ``question_ids``, or ``compute()`` (then kept)."""
-        if self.maxsize == 0:
-            return compute()
-        key = tuple(np.asarray(question_ids).reshape(-1).tolist())  # a tensor, array or list of ids
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                self.hits += 1
-                return self._items[key]
-        value = compute()  # outside the lock: two threads may both compute a new question once
-        with self._lock:
-            self.misses += 1
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.maxsize:
-                self._items.popitem(last=False)
-        return value
-
+        """The cached encoding of ``question_ids`` (a tensor, array or list of ids), or ``compute()``."""
+        return self.lookup(tuple(np.asarray(question_ids).reshape(-1).tolist()), compute)

@@ -399,7 +399,8 @@ class Runtime:
         with timer.stage("fusion"):
             embeds, grasp_w = stages.fusion(seq.input_ids, seq.layout, visual, seq.question_ids)
         picker = GreedyPicker(generation, seq.input_ids.tolist(), self.tokenizer.stop_ids)
-        ids, decode_ms = self._generate(embeds, req.positions, req.next_position, limit, timer, picker)
+        ids, decode_ms = self._generate(embeds, req.positions, req.next_position, limit, timer, picker,
+                                         prefix_len=req.sequence.layout.image_start)
         text = self.tokenizer.decode(ids).strip()
         with timer.stage("parse"):
             parsed = tasks.parse_answer(task, text, chip_size=cfg.chip_size, image_size=(img.height, img.width),
@@ -436,18 +437,19 @@ class Runtime:
         return self
 
     def _generate(self, embeds, positions: np.ndarray, next_pos: int, limit: int,
-                  timer: _Timer, picker: GreedyPicker) -> tuple[list[int], list[float]]:
+                  timer: _Timer, picker: GreedyPicker, prefix_len: int = 0) -> tuple[list[int], list[float]]:
         """Greedy decoding over the KV cache, each step through ``picker`` (the bundle's logits
-        settings, then argmax)."""
+        settings, then argmax). ``prefix_len``: the prompt's shared text head (its KV rows may be
+        reused, ``OnnxStages.prefill_batch``)."""
         if self.batcher is not None:
-            job = self.batcher.generate(embeds, positions, next_pos, limit, picker)
+            job = self.batcher.generate(embeds, positions, next_pos, limit, picker, prefix_len)
             timer.ms["prefill"] = round(job.prefill_ms, 3)
             timer.ms["decode"] = round(sum(job.decode_ms), 3)
             timer.batch = job.batch_size  # how many sequences shared this request's steps
             return job.ids, job.decode_ms
         stages = self.stages
         with timer.stage("prefill"):
-            logits, state = stages.prefill(embeds, positions)  # this request's own KV cache
+            logits, state = stages.prefill(embeds, positions, prefix_len)  # this request's own KV cache
             token = picker(logits)
         ids, decode_ms = [], []
         while not picker.is_stop(token):

@@ -156,6 +156,22 @@ def test_no_anchors_is_the_plain_tower_and_padding_is_masking(exported, tiny_mod
     one_line(e, "300", "256")
 
 
+@pytest.mark.parametrize("tokens, anchors", [(64, 256), (64, 7), (1, 300)])
+def test_tlm_fields_reassociated_equal_the_reference_order(tiny_model, tokens, anchors):
+    """``(A @ H) W2^T + rowsum(A) b2`` (vision.onnx when T < S) = ``A @ film(F)`` (the torch model),
+    for any A: rows that sum to anything, zero rows, masked (zero) columns."""
+    gen = torch.Generator().manual_seed(tokens + anchors)
+    a = torch.rand(tokens, anchors, generator=gen) * 3
+    a[0] = 0
+    a[:, ::5] = 0
+    features = torch.randn(anchors, tiny_model.tlm.vec_dim, generator=gen)
+    with torch.no_grad():
+        gamma, beta = tiny_model.tlm.film(features)
+        g, b = VisionStage(tiny_model)._anchor_fields_reassociated(a, features)
+    assert rel_err(g, a @ gamma) < 1e-5 and rel_err(b, a @ beta) < 1e-5
+    assert not g[0].any() and not b[0].any()
+
+
 def test_runtime_onnxruntime_answers_like_torch(exported, demo):
     from fusar_edge.runtime import Runtime
 
@@ -276,6 +292,40 @@ def test_onnx_stages_decode_past_the_cache_capacity(exported, tiny_model, monkey
     alone, _ = stages.prefill(embeds[1:].numpy(), pos)
     batch, _ = stages.prefill_batch(embeds.numpy(), pos)
     assert np.abs(alone - batch[1]).max() <= 1e-5 * np.abs(batch[1]).max()
+
+
+def test_a_reused_prompt_head_gives_the_full_prefill(exported, tiny_model, monkeypatch):
+    """prefill(prefix_len=P): a miss computes the head once, a hit copies its rows; the logits and
+    the following steps equal a full prefill's (and torch's), also once the cache grows past the
+    head; a batch of two runs whole (GroupQueryAttention continues one sequence at a time)."""
+    from fusar_edge.backends import onnxruntime as ort_backend
+    from fusar_edge.backends.torch_stages import TorchStages
+    from fusar_edge.model.rope import mrope_positions
+
+    monkeypatch.setattr(ort_backend, "MIN_CAPACITY", 2)
+    stages, ref = ort_backend.OnnxStages(exported["onnx"], device="cpu"), TorchStages(tiny_model)
+    gen = torch.Generator().manual_seed(4)
+    embeds = torch.randn(2, 90, tiny_model.config.hidden_size, generator=gen) * 0.5
+    embeds[1, :11] = embeds[0, :11]  # both sequences share an 11-token head
+    pos, nxt = mrope_positions(90, 11, tiny_model.config.token_grid)
+    for i in range(2):  # each sequence: sequence 0 misses, sequence 1 (same head) hits
+        full, _ = stages.prefill(embeds[i:i + 1].numpy(), pos)
+        lo, state_o = stages.prefill(embeds[i:i + 1].numpy(), pos, prefix_len=11)
+        assert (stages.prefixes.misses, stages.prefixes.hits) == (1, i)
+        assert np.abs(lo - full).max() <= 1e-5 * np.abs(full).max() and state_o.length == 90
+    lt, state_t = ref.prefill(embeds[1:], pos)
+    for step in range(4):  # past the first capacity (MIN_CAPACITY 2): the head's rows move along
+        assert rel_err(torch.from_numpy(lo), lt) < 1e-5, step
+        token = int(lt.argmax())
+        lo, state_o = stages.step(token, nxt + step, state_o)
+        lt, state_t = ref.step(token, nxt + step, state_t)
+    assert state_o.capacity > 92
+    other = torch.randn(1, 90, tiny_model.config.hidden_size, generator=gen) * 0.5  # another head: a miss
+    lo, _ = stages.prefill(other.numpy(), pos, prefix_len=11)
+    assert rel_err(torch.from_numpy(lo), ref.prefill(other, pos)[0]) < 1e-5 and stages.prefixes.misses == 2
+    both, _ = stages.prefill_batch(embeds.numpy(), pos, prefix_len=11)
+    assert rel_err(torch.from_numpy(both), ref.prefill_batch(embeds, pos)[0]) < 1e-5
+    assert (stages.prefixes.misses, stages.prefixes.hits) == (2, 1)
 
 
 def test_an_older_export_and_a_bad_spin_setting_are_one_line(exported, demo, tmp_path, capsys, monkeypatch):

@@ -31,7 +31,8 @@ class DecoderState:
         self.dtype, self.rope = np.dtype(dtype), rope
         self.length = 0
         self.capacity = 0
-        self.buffers: list = []
+        self.buffers: list = []  # OrtValues bound as past and present
+        self._host: list = []  # on CPU their numpy memory (None per buffer elsewhere)
         self.cos = np.zeros((0, head_dim // 2), self.dtype)
         self.sin = np.zeros((0, head_dim // 2), self.dtype)
         self.binding = None  # the caller's IO binding of the buffers; dropped when they are replaced
@@ -48,18 +49,30 @@ class DecoderState:
     # -- storage ------------------------------------------------------------------------------
     def _buffer(self, shape):
         kind, index = self.device
-        return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.dtype, kind, index)
+        if kind == "cpu":  # numpy memory that ONNX Runtime reads and writes in place: rows copy in by numpy
+            host = np.empty(shape, self.dtype)
+            return host, self._ort.OrtValue.ortvalue_from_numpy(host)
+        return None, self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), self.dtype, kind, index)
+
+    def _write_rows(self, index: int, rows: np.ndarray) -> None:
+        """``rows [B or 1, kv_heads, n, head_dim]`` into slots ``0..n`` of buffer ``index`` (every sequence)."""
+        n = rows.shape[2]
+        host = self._host[index]
+        if host is not None:
+            host[:, :, :n] = rows
+            return
+        full = self.buffers[index].numpy()  # a device buffer: through host memory, whole
+        full[:, :, :n] = rows
+        self.buffers[index].update_inplace(np.ascontiguousarray(full))
 
     def _grow(self, capacity: int) -> None:
         """Room for ``capacity`` tokens; cached rows are copied into the new buffers."""
         shape = (self.batch, self.kv_heads, capacity, self.head_dim)
-        fresh = [self._buffer(shape) for _ in range(2 * self.layers)]
-        if self.length:
-            for old, new in zip(self.buffers, fresh):
-                rows = np.zeros(shape, self.dtype)
-                rows[:, :, :self.length] = old.numpy()[:, :, :self.length]
-                new.update_inplace(rows)
-        self.buffers = fresh
+        old = self.cached_rows() if self.length else None
+        self._host, self.buffers = map(list, zip(*(self._buffer(shape) for _ in range(2 * self.layers))))
+        if old is not None:
+            for index, rows in enumerate(old):
+                self._write_rows(index, rows)
         self.binding = None
         for name in ("cos", "sin"):
             table = np.zeros((capacity, self.head_dim // 2), self.dtype)
@@ -103,3 +116,23 @@ class DecoderState:
     def advance(self, tokens: int) -> None:
         """The call that ``feeds`` prepared has run: its tokens are cached."""
         self.length += int(tokens)
+
+    # -- a cached prompt prefix -------------------------------------------------------------------
+    def cached_rows(self) -> list[np.ndarray]:
+        """Copies of every buffer's cached rows ``[B, kv_heads, length, head_dim]`` (layer-major,
+        key then value)."""
+        views = self._host if self._host and self._host[0] is not None else [b.numpy() for b in self.buffers]
+        return [np.array(v[:, :, :self.length]) for v in views]
+
+    def load_prefix(self, rows: list[np.ndarray], cos: np.ndarray, sin: np.ndarray) -> None:
+        """Start an empty state with a prefix computed before (``cached_rows`` of a batch-1 state,
+        its rotation rows): every sequence gets the same rows, the next call writes after them."""
+        n = rows[0].shape[2]
+        if self.length or len(rows) != len(self.buffers):
+            raise ValueError("load_prefix: an empty state and one row block per buffer are needed")
+        if n > self.capacity:
+            self._grow(n + MIN_CAPACITY)
+        for index, block in enumerate(rows):
+            self._write_rows(index, block)
+        self.cos[:n], self.sin[:n] = cos, sin
+        self.length = n

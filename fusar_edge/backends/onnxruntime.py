@@ -14,7 +14,9 @@ writes:
   one buffer per layer and side on the execution device, bound as both ``past_key_values.*``
   and ``present.*``, so ONNX Runtime writes each step's rows in place (no copy, no host
   round trip); so do the embeddings between ``embed.onnx``, ``fusion.onnx`` and
-  ``decoder.onnx``. Only the last position's logits come back to the host.
+  ``decoder.onnx``. Only the last position's logits come back to the host. The prompt's
+  head before the image (system prompt, ``<|vision_start|>``) is the same for every request:
+  its KV rows are computed once and copied into each new state (``prefill_batch(prefix_len=)``).
 
 Providers: CUDA when ONNX Runtime has the CUDA execution provider and ``device`` allows
 it, else CPU; ``providers=[...]`` overrides (names or ``(name, options)`` pairs, as
@@ -23,6 +25,7 @@ it, else CPU; ``providers=[...]`` overrides (names or ``(name, options)`` pairs,
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -30,12 +33,14 @@ from typing import Any
 import numpy as np
 
 from ..errors import AnchorError, FusarError, InputError
+from ..lru import BoundedCache
 from ..question_cache import QuestionCache
 from ..threads import others_running
 from .kv_cache import MIN_CAPACITY, DecoderState
 from .tlm_host import tlm_weights_numpy
 
 STAGES = ("vision", "embed", "fusion", "decoder")
+PREFIX_CACHE_SIZE = 8  # distinct prompt heads kept (one per system prompt in practice)
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
        "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -209,6 +214,7 @@ class OnnxStages:
         dec_inputs = {i.name: i for i in self.sessions["decoder"].get_inputs()}
         self.kv_dtype = _NP.get(dec_inputs["past_key_values.0.key"].type, np.float32)
         self.questions = QuestionCache(question_cache)  # GRASP's question pass, by token ids
+        self.prefixes = BoundedCache(PREFIX_CACHE_SIZE)  # KV rows of prompt heads, by their content
 
     # -- plumbing -----------------------------------------------------------------------------
     def _value(self, array: np.ndarray):
@@ -341,16 +347,42 @@ class OnnxStages:
             return embeds[0]
         return self._value(np.concatenate([self.to_numpy(e) for e in embeds], axis=0))
 
-    def prefill_batch(self, embeds, positions) -> tuple[np.ndarray, DecoderState]:
-        """Run B sequences of one length (one layout); -> (the last position's logits ``[B, V]``, KV state)."""
+    def prefill_batch(self, embeds, positions, prefix_len: int = 0) -> tuple[np.ndarray, DecoderState]:
+        """Run B sequences of one length (one layout); -> (the last position's logits ``[B, V]``, KV state).
+
+        ``prefix_len``: the leading positions that are plain text shared by many requests (the
+        layout's ``image_start``). Their KV rows are kept by content (the embeddings and
+        positions, hashed) and copied into the state, so only the rest runs; causal attention
+        makes the rows independent of what follows, so the logits equal a full prefill's. A batch
+        of several sequences (``serve``'s micro-batches) runs whole.
+        """
         pos = np.asarray(positions.numpy() if hasattr(positions, "numpy") else positions, dtype=np.int64)
         if isinstance(embeds, np.ndarray) or not hasattr(embeds, "numpy"):
             embeds = np.asarray(embeds)
         batch = int(embeds.shape()[0] if callable(getattr(embeds, "shape", None)) else embeds.shape[0])
-        pos = np.ascontiguousarray(np.broadcast_to(pos, (3, batch, pos.shape[-1])))
-        state = self.new_state(batch, pos.shape[-1] + MIN_CAPACITY)
+        length = pos.shape[-1]
+        pos = np.ascontiguousarray(np.broadcast_to(pos, (3, batch, length)))
+        state = self.new_state(batch, length + MIN_CAPACITY)
+        # batch 1 only: GroupQueryAttention takes new tokens after a past for one sequence at a time
+        if batch == 1 and 0 < prefix_len < length and self._load_prefix(embeds, pos, int(prefix_len), state):
+            embeds = self._value(self.to_numpy(embeds)[:, prefix_len:])
+            pos = np.ascontiguousarray(pos[:, :, prefix_len:])
         logits = self._decoder(embeds, pos, state, ["logits"])[0]
         return logits.numpy()[:, -1], state
+
+    def _load_prefix(self, embeds, pos: np.ndarray, n: int, state: DecoderState) -> bool:
+        """Copy the KV rows of one sequence's first ``n`` positions into ``state`` (computed on a miss)."""
+        head = np.ascontiguousarray(self.to_numpy(embeds)[:1, :n])
+        head_pos = np.ascontiguousarray(pos[:, :1, :n])
+        key = (n, hashlib.sha256(head.tobytes()).hexdigest(), hashlib.sha256(head_pos.tobytes()).hexdigest())
+
+        def compute():
+            alone = self.new_state(1, n)
+            self._decoder(self._value(head), head_pos, alone, ["logits"])
+            return alone.cached_rows(), alone.cos[:n].copy(), alone.sin[:n].copy()
+
+        state.load_prefix(*self.prefixes.lookup(key, compute))
+        return True
 
     def step_batch(self, tokens: list[int], position: int, state) -> tuple[np.ndarray, DecoderState]:
         """One decode step per sequence at M-RoPE text position ``position``; -> (logits ``[B, V]``, state).
@@ -364,9 +396,9 @@ class OnnxStages:
         logits = self._decoder(embeds, pos, state, ["logits"])[0]
         return logits.numpy()[:, -1], state
 
-    def prefill(self, embeds, positions) -> tuple[np.ndarray, DecoderState]:
+    def prefill(self, embeds, positions, prefix_len: int = 0) -> tuple[np.ndarray, DecoderState]:
         """Run the whole sequence; -> (the last position's logits ``[V]``, KV state)."""
-        logits, state = self.prefill_batch(embeds, positions)
+        logits, state = self.prefill_batch(embeds, positions, prefix_len)
         return logits[0], state
 
     def step(self, token: int, position: int, state) -> tuple[np.ndarray, DecoderState]:

@@ -78,7 +78,9 @@ class TorchStages:
         return embeds[0] if len(embeds) == 1 else torch.cat(embeds, dim=0)
 
     @torch.inference_mode()
-    def prefill_batch(self, embeds, positions):
+    def prefill_batch(self, embeds, positions, prefix_len: int = 0):
+        """``prefix_len`` is accepted for the ONNX backend's interface: this reference path computes
+        every position (``OnnxStages`` reuses a shared prompt head's KV rows)."""
         b = embeds.shape[0]
         logits, cache = self.model.decoder(embeds, as_tensor(positions).expand(3, b, -1), last_only=True)
         return logits[:, -1], cache
@@ -93,8 +95,8 @@ class TorchStages:
         return logits[:, -1], cache
 
     @torch.inference_mode()
-    def prefill(self, embeds, positions):
-        logits, state = self.prefill_batch(embeds, positions)
+    def prefill(self, embeds, positions, prefix_len: int = 0):
+        logits, state = self.prefill_batch(embeds, positions, prefix_len)
         return logits[0], state
 
     def step(self, token: int, position: int, state):

@@ -172,7 +172,7 @@ def run_request(rt, settings: BenchSettings, clock: StageClock, cold_question: b
                            for r, v in zip(reqs, visual)])
     clock.mark("fusion")
     stop = rt.tokenizer.stop_ids
-    logits, state = stages.prefill_batch(embeds, reqs[0].positions)
+    logits, state = stages.prefill_batch(embeds, reqs[0].positions, reqs[0].sequence.layout.image_start)
     tokens = _argmax(logits, stop)
     clock.mark("prefill")
     generated = [tokens]
