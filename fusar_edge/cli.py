@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="weights/activations dtype (default: bfloat16 on GPU, float32 on CPU)")
     a.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads for torch and ONNX Runtime (default: the physical cores this process may "
-                        "use, within any container CPU quota; on a shared or loaded box fewer is often much faster)")
+                        "use, within any container CPU quota, less the cores other work keeps busy at start)")
     a.add_argument("--max-new-tokens", type=int, metavar="N", help="bound on generated tokens (default: the bundle's)")
     a.add_argument("--max-image-side", type=int, default=20000, metavar="PX",
                    help="refuse images with a side above this (default: 20000)")

@@ -61,7 +61,7 @@ def add_parser(sub) -> None:
                    help="torch weights dtype (default: bfloat16 on GPU, float32 on CPU)")
     b.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch and onnxruntime (default: the "
                                                             "physical cores this process may use, within any "
-                                                            "container CPU quota)")
+                                                            "container CPU quota, less those busy at start)")
     b.add_argument("--json", metavar="FILE", help="write the full result (machine, settings, every backend) here")
     b.add_argument("--plot", metavar="FILE.png", help="write a PNG of the stage breakdown per backend (matplotlib)")
     b.add_argument("--quiet", action="store_true", help="no progress on stderr")

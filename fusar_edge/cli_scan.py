@@ -62,7 +62,8 @@ def add_parser(sub) -> None:
     s.add_argument("--ray-workers", type=positive_int, metavar="N",
                    help="Ray workers (default: the cluster's CPUs / --threads)")
     s.add_argument("--threads", type=positive_int, metavar="N",
-                   help="CPU threads (default: the physical cores we may use; with --ray: per worker, default 1)")
+                   help="CPU threads (default: the physical cores we may use, less those busy at start; "
+                        "with --ray: per worker, default 1)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

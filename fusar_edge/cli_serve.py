@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
                    help="a directory whose files the `path` field may name (repeatable; default: none, uploads only)")
     s.add_argument("--workers", type=int, default=2, help="questions answered at once (default 2)")
     s.add_argument("--threads", type=positive_int, help="backend threads per question (default: the physical cores this process "
-                                                    "may use, within any container CPU quota, / workers)")
+                                                    "may use, within any container CPU quota, less those busy at start, / workers)")
     s.add_argument("--batch", type=int, default=1, metavar="N",
                    help="run up to N concurrent questions' images in one ViT call and decode those of one prompt "
                         "length together (default 1: off; more throughput, but a batched greedy answer can "

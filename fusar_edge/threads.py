@@ -4,7 +4,7 @@ torch and ONNX Runtime size their pools from the machine's cores, which oversubs
 a container limited by a CPU quota (``docker --cpus 2`` on a 64-core host) or a CPU affinity
 mask (``taskset``), and on hyper-threaded machines a GEMM thread per logical CPU fights its
 sibling. So the default is the physical cores among the CPUs this process may run on, capped
-by the cgroup CPU quota. Measured on the 2-core VM (``benchmarks/results/threads-vm.json``):
+by the cgroup CPU quota, less the cores other work keeps busy when we start. Measured on the 2-core VM (``benchmarks/results/threads-vm.json``):
 the small preset's 4-bit export answers in 306 ms with 2 threads against 454 ms with 1; the
 demo model is too small to care (57 vs 55 ms on ONNX Runtime).
 """
@@ -55,11 +55,18 @@ def cgroup_cpu_limit(root: Path = CGROUP) -> float | None:
 
 
 def default_threads(share: int = 1) -> int:
-    """Threads for one of ``share`` concurrent workers: physical cores we may use, within the quota."""
+    """Threads for one of ``share`` concurrent workers: physical cores we may use, within the quota,
+    less the cores other work is using right now (``runnable_others``).
+
+    A thread on a core that another process keeps busy makes every parallel op wait for it: beside
+    one busy neighbour on the 2-core VM, the small 4-bit decoder ran 241 tok/s with one thread
+    against 214 with two, prefill 157 against 182 ms (``benchmarks/decoder_ab.py --threads-b 1``,
+    ``benchmarks/results/decoder-ab-vm.json``)."""
     n = physical_cores(allowed_cpus())
     limit = cgroup_cpu_limit()
     if limit is not None:
         n = min(n, max(1, math.ceil(limit)))
+    n -= min(n - 1, runnable_others() or 0)
     return max(1, n // max(1, share))
 
 
@@ -80,23 +87,28 @@ def set_torch_threads(n: int) -> None:
 LOADAVG = Path("/proc/loadavg")
 
 
+def runnable_others(samples: int = 5, interval_s: float = 0.01, loadavg: Path = LOADAVG) -> int | None:
+    """How many threads of other work want a CPU now: the median over ``samples`` readings of
+    ``/proc/loadavg``'s fourth field (threads runnable at that instant, the reader included) less
+    one; None when unknown (not Linux)."""
+    import time
+
+    counts = []
+    for i in range(samples):
+        try:
+            counts.append(int(loadavg.read_text().split()[3].split("/")[0]) - 1)
+        except (OSError, IndexError, ValueError):
+            return None
+        if i + 1 < samples:
+            time.sleep(interval_s)
+    return max(0, sorted(counts)[len(counts) // 2])
+
+
 def others_running(samples: int = 5, interval_s: float = 0.01, loadavg: Path = LOADAVG) -> bool | None:
     """Is other work running on this machine now? -> True / False, None when unknown (not Linux).
 
-    ``/proc/loadavg``'s fourth field counts the threads runnable at this instant, the reader
-    included; more than one in most of ``samples`` readings means someone else wants the CPU.
     Used to decide whether ONNX Runtime's decoder workers may spin (``backends.onnxruntime``):
     spinning wins on idle cores and loses badly on shared ones.
     """
-    import time
-
-    busy = 0
-    for i in range(samples):
-        try:
-            running = int(loadavg.read_text().split()[3].split("/")[0])
-        except (OSError, IndexError, ValueError):
-            return None
-        busy += running > 1
-        if i + 1 < samples:
-            time.sleep(interval_s)
-    return busy * 2 > samples
+    others = runnable_others(samples, interval_s, loadavg)
+    return None if others is None else others > 0

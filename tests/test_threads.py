@@ -32,14 +32,22 @@ def test_cgroup_quota_v2_and_v1(tmp_path):
     assert T.cgroup_cpu_limit(v1) is None
 
 
-def test_default_threads_respects_quota_and_share(monkeypatch):
+def test_default_threads_respects_quota_share_and_load(monkeypatch):
     monkeypatch.setattr(T, "allowed_cpus", lambda: list(range(16)))
     monkeypatch.setattr(T, "physical_cores", lambda cpus: 8)
     monkeypatch.setattr(T, "cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr(T, "runnable_others", lambda: 0)
     assert T.default_threads() == 8 and T.default_threads(share=3) == 2 and T.default_threads(share=20) == 1
     monkeypatch.setattr(T, "cgroup_cpu_limit", lambda: 2.5)
     assert T.default_threads() == 3  # a 2.5-CPU quota runs 3 threads, not 8
     assert T.resolve_threads(5) == 5 and T.resolve_threads(None) == 3
+    monkeypatch.setattr(T, "runnable_others", lambda: 1)  # one core kept busy by other work
+    assert T.default_threads() == 2 and T.resolve_threads(4) == 4
+    for busy in (3, 50):  # never below one thread
+        monkeypatch.setattr(T, "runnable_others", lambda: busy)
+        assert T.default_threads() == 1
+    monkeypatch.setattr(T, "runnable_others", lambda: None)  # unknown (not Linux): the cores we may use
+    assert T.default_threads() == 3
 
 
 import pytest  # noqa: E402
@@ -67,8 +75,10 @@ def test_others_running_reads_the_runnable_count(tmp_path):
     assert others_running(samples=3, interval_s=0, loadavg=f) is False
     f.write_text("1.90 1.20 0.80 3/211 4242\n")  # two more threads want a CPU
     assert others_running(samples=3, interval_s=0, loadavg=f) is True
+    assert T.runnable_others(samples=3, interval_s=0, loadavg=f) == 2
     f.write_text("garbage\n")
     assert others_running(samples=3, interval_s=0, loadavg=f) is None
+    assert T.runnable_others(samples=3, interval_s=0, loadavg=f) is None
     assert others_running(samples=1, interval_s=0, loadavg=tmp_path / "missing") is None
 
 
