@@ -326,6 +326,9 @@ def test_a_reused_prompt_head_gives_the_full_prefill(exported, tiny_model, monke
     both, _ = stages.prefill_batch(embeds.numpy(), pos, prefix_len=11)
     assert rel_err(torch.from_numpy(both), ref.prefill_batch(embeds, pos)[0]) < 1e-5
     assert (stages.prefixes.misses, stages.prefixes.hits) == (2, 1)
+    monkeypatch.setattr(ort_backend, "PREFIX_MAX_BYTES", 1024)  # a head too long to keep: runs whole
+    stages.prefill(embeds[:1].numpy(), pos, prefix_len=11)
+    assert (stages.prefixes.misses, stages.prefixes.hits) == (2, 1)
 
 
 def test_an_older_export_and_a_bad_spin_setting_are_one_line(exported, demo, tmp_path, capsys, monkeypatch):

@@ -41,6 +41,7 @@ from .tlm_host import tlm_weights_numpy
 
 STAGES = ("vision", "embed", "fusion", "decoder")
 PREFIX_CACHE_SIZE = 8  # distinct prompt heads kept (one per system prompt in practice)
+PREFIX_MAX_BYTES = 32 << 20  # a longer head's rows are not kept: the cache stays under 8 x 32 MB
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
        "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -354,7 +355,8 @@ class OnnxStages:
         layout's ``image_start``). Their KV rows are kept by content (the embeddings and
         positions, hashed) and copied into the state, so only the rest runs; causal attention
         makes the rows independent of what follows, so the logits equal a full prefill's. A batch
-        of several sequences (``serve``'s micro-batches) runs whole.
+        of several sequences (``serve``'s micro-batches), or a head whose rows would pass
+        ``PREFIX_MAX_BYTES``, runs whole.
         """
         pos = np.asarray(positions.numpy() if hasattr(positions, "numpy") else positions, dtype=np.int64)
         if isinstance(embeds, np.ndarray) or not hasattr(embeds, "numpy"):
@@ -364,13 +366,15 @@ class OnnxStages:
         pos = np.ascontiguousarray(np.broadcast_to(pos, (3, batch, length)))
         state = self.new_state(batch, length + MIN_CAPACITY)
         # batch 1 only: GroupQueryAttention takes new tokens after a past for one sequence at a time
-        if batch == 1 and 0 < prefix_len < length and self._load_prefix(embeds, pos, int(prefix_len), state):
+        row_bytes = 2 * self.num_layers * self.kv_heads * self.head_dim * np.dtype(self.kv_dtype).itemsize
+        if batch == 1 and 0 < prefix_len < length and prefix_len * row_bytes <= PREFIX_MAX_BYTES:
+            self._load_prefix(embeds, pos, int(prefix_len), state)
             embeds = self._value(self.to_numpy(embeds)[:, prefix_len:])
             pos = np.ascontiguousarray(pos[:, :, prefix_len:])
         logits = self._decoder(embeds, pos, state, ["logits"])[0]
         return logits.numpy()[:, -1], state
 
-    def _load_prefix(self, embeds, pos: np.ndarray, n: int, state: DecoderState) -> bool:
+    def _load_prefix(self, embeds, pos: np.ndarray, n: int, state: DecoderState) -> None:
         """Copy the KV rows of one sequence's first ``n`` positions into ``state`` (computed on a miss)."""
         head = np.ascontiguousarray(self.to_numpy(embeds)[:1, :n])
         head_pos = np.ascontiguousarray(pos[:, :1, :n])
@@ -382,7 +386,6 @@ class OnnxStages:
             return alone.cached_rows(), alone.cos[:n].copy(), alone.sin[:n].copy()
 
         state.load_prefix(*self.prefixes.lookup(key, compute))
-        return True
 
     def step_batch(self, tokens: list[int], position: int, state) -> tuple[np.ndarray, DecoderState]:
         """One decode step per sequence at M-RoPE text position ``position``; -> (logits ``[B, V]``, state).
