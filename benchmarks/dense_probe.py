@@ -2,13 +2,17 @@
 
     python benchmarks/dense_probe.py --run runs/demo/s0 --data data/synth2k
     python benchmarks/dense_probe.py --run runs/demo-noaef/s0 --data data/synth2k --no-aef
+    python benchmarks/dense_probe.py --run runs/demo/s0 --data data/synth2k --split val --after-stage0
 
 Loads the vision tower, TLM and training-only dense head saved by ``train --stage 0
---dense-warmup-epochs`` (``OUT/dense-warmup.pt``), runs every test scene of the dataset, and
+--dense-warmup-epochs`` (``OUT/dense-warmup.pt``; with ``--after-stage0`` the same modules at the
+end of stage 0's main loop, from ``OUT/checkpoint/state.pt``), runs every scene of the split, and
 counts each label as the sum over the 64 tokens of the head's per-cell class (0, 1, 2-or-more:
 a cell with three centres counts two, so this slightly under-counts crowded scenes). Prints the
-exact-count rate per label and scene group: what the language model could read at best from a
-linear view of the tokens.
+exact-count rate per label and scene group, and the same reading scored on the split's stage-2
+count rows (exact, MAE: comparable with ``fusar-edge eval``'s counting metrics): what the language
+model could read at best from a linear view of the tokens. ``ceiling`` is the same reading of the
+true cell classes (what the 2-or-more clamp alone loses).
 """
 
 from __future__ import annotations
@@ -25,41 +29,79 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fusar_edge.config import preset  # noqa: E402
 from fusar_edge.model.bundle import build_random  # noqa: E402
 from fusar_edge.tokenizer import TextTokenizer  # noqa: E402
-from fusar_edge.train.dense import COUNT_CLASSES, LABELS, DenseHead, load_truth  # noqa: E402
+from fusar_edge.train.dense import COUNT_CLASSES, LABELS, DenseHead, cell_labels, load_truth  # noqa: E402
 from fusar_edge.train.samples import SampleBuilder, read_manifest  # noqa: E402
+
+
+def _load(model, head, run: Path, after_stage0: bool) -> None:
+    if not after_stage0:
+        saved = torch.load(run / "dense-warmup.pt", weights_only=True)
+        model.visual.load_state_dict(saved["visual"])
+        head.load_state_dict(saved["head"])
+        if model.tlm is not None:
+            model.tlm.load_state_dict(saved["tlm"])
+        return
+    params = torch.load(run / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)["params"]
+    for prefix, module in (("backbone.model.visual.", model.visual), ("dense_head.", head),
+                           ("tlm.", model.tlm)):
+        if module is None:
+            continue
+        state = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+        module.load_state_dict(state, strict=prefix != "tlm.")  # TLM's Gaussian buffers are not parameters
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="a stage-0 OUT holding dense-warmup.pt")
-    p.add_argument("--data", type=Path, required=True, help="the dataset (stage1-test.jsonl, scenes.jsonl)")
+    p.add_argument("--data", type=Path, required=True, help="the dataset (stage1-SPLIT.jsonl, scenes.jsonl)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="scenes to read (default test)")
+    p.add_argument("--preset", default="demo", help="the run's architecture preset (default demo)")
+    p.add_argument("--after-stage0", action="store_true",
+                   help="read the modules at the end of stage 0's main loop (OUT/checkpoint/state.pt)")
+    p.add_argument("--limit", type=int, help="at most this many scenes")
     p.add_argument("--no-aef", action="store_true", help="the run was trained with --no-aef")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = preset("demo")
+    cfg = preset(a.preset)
     cfg.tlm.enabled = not a.no_aef
     model = build_random(cfg, seed=0).eval()
     head = DenseHead(cfg.hidden_size)
-    saved = torch.load(a.run / "dense-warmup.pt", weights_only=True)
-    model.visual.load_state_dict(saved["visual"])
-    head.load_state_dict(saved["head"])
-    if model.tlm is not None:
-        model.tlm.load_state_dict(saved["tlm"])
+    _load(model, head, a.run, a.after_stage0)
     builder = SampleBuilder(cfg, TextTokenizer.demo(), use_anchors=not a.no_aef)
     truth = load_truth(a.data / "scenes.jsonl")
     hits: dict[str, list[int]] = {}
+    ceiling: dict[str, list[int]] = {}
+    got_by_scene: dict[str, dict[str, int]] = {}
+    rows = list(read_manifest(a.data / f"stage1-{a.split}.jsonl"))[:a.limit]  # one row per scene
     with torch.no_grad():
-        for row in read_manifest(a.data / "stage1-test.jsonl"):  # one row per test scene
+        for row in rows:
             tokens = model.vision_many([builder.image_inputs(row)])[0]
             n = len(LABELS) * COUNT_CLASSES
-            cls = head.proj(tokens)[:, :n].reshape(-1, len(LABELS), COUNT_CLASSES).argmax(-1)
+            cls = head.proj(tokens.float())[:, :n].reshape(-1, len(LABELS), COUNT_CLASSES).argmax(-1)
+            true_cls = cell_labels(truth[row["scene"]], cfg.chip_size, cfg.token_grid)[0]
+            got_by_scene[row["scene"]] = {}
             for i, label in enumerate(LABELS[:3]):
                 got = int(cls[:, i].sum())
+                got_by_scene[row["scene"]][label] = got
                 want = sum(t["label"] == label for t in truth[row["scene"]])
                 hits.setdefault(f"{label} / {row['group']}", []).append(int(got == want))
-    print(json.dumps({k: {"scenes": len(v), "exact": round(sum(v) / len(v), 3)} for k, v in sorted(hits.items())},
-                     indent=2))
+                ceiling.setdefault(label, []).append(int(int(true_cls[:, i].sum()) == want))
+    report = {k: {"scenes": len(v), "exact": round(sum(v) / len(v), 3)} for k, v in sorted(hits.items())}
+    report["ceiling (true cell classes)"] = {k: round(sum(v) / len(v), 3) for k, v in ceiling.items()}
+    # the stage-2 count rows of the same scenes, scored as `fusar-edge eval` scores counting
+    label_of = {lab.replace(" ", "_"): lab for lab in LABELS[:3]}
+    errs: dict[str, list[int]] = {}
+    for row in read_manifest(a.data / f"stage2-{a.split}.jsonl"):
+        if row.get("task") != "count" or row["scene"] not in got_by_scene:
+            continue
+        label = label_of[row["id"].rsplit("count-", 1)[1]]
+        err = abs(got_by_scene[row["scene"]][label] - int(row["answer"]))
+        for key in ("all", row["group"], label):
+            errs.setdefault(key, []).append(err)
+    report["count rows"] = {k: {"n": len(v), "exact": round(sum(e == 0 for e in v) / len(v), 3),
+                                "mae": round(sum(v) / len(v), 3)} for k, v in errs.items()}
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

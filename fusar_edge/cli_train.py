@@ -54,6 +54,12 @@ def add_parser(sub) -> None:
                    help="stage 0: passes over the images training the vision tower (+TLM) on the dense loss "
                         "alone before the main loop (default 0; cheap: no language model)")
     t.add_argument("--dense-warmup-lr", type=float, default=2e-3, help="stage 0: warm-up learning rate (default 2e-3)")
+    t.add_argument("--dense-pos-weight", type=float, default=1.0,
+                   help="stage 0: weight of the cells that hold an object in the dense count loss (default 1: "
+                        "plain cross-entropy; empty cells are ~97 %% of them)")
+    t.add_argument("--dense-augment", action="store_true",
+                   help="stage 0: flip each warm-up image at random (left-right, up-down), with its anchors and "
+                        "truth (default off; the main loop's answers are never flipped)")
     t.add_argument("--no-aef", action="store_true", help="train without anchors or TLM (the paper's ablation)")
     t.add_argument("--epochs", type=float, help="default: stage 0 10, stage 1 30, stage 2 5 (the reference's)")
     t.add_argument("--lr", type=float, help="default: stage 0 1e-3, stage 1 1e-4, stage 2 1e-5 (the reference's)")
@@ -83,7 +89,8 @@ def run(args) -> int:
     if args.dense_truth:
         from .train.dense import DenseSettings
 
-        dense = DenseSettings(Path(args.dense_truth), args.dense_weight, args.dense_warmup_epochs, args.dense_warmup_lr)
+        dense = DenseSettings(Path(args.dense_truth), args.dense_weight, args.dense_warmup_epochs, args.dense_warmup_lr,
+                              augment=args.dense_augment, pos_weight=args.dense_pos_weight)
     settings = TrainSettings(epochs=args.epochs if args.epochs is not None else d["epochs"],
                              lr=args.lr if args.lr is not None else d["lr"], grad_accum=args.grad_accum,
                              seed=args.seed, save_every=args.save_every,

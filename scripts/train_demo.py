@@ -36,6 +36,15 @@ def step(argv: list[str], done: Path | None = None) -> None:
     subprocess.run([sys.executable, "-m", "fusar_edge.cli", *argv], check=True)
 
 
+def _override(argv: list[str], values: dict[str, str | None]) -> list[str]:
+    """``argv`` with the value after each flag in ``values`` replaced (None: kept)."""
+    out = list(argv)
+    for flag, value in values.items():
+        if value is not None:
+            out[out.index(flag) + 1] = value
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)
@@ -43,14 +52,23 @@ def main() -> None:
     p.add_argument("--no-aef", action="store_true")
     p.add_argument("--preset", default="demo", help="architecture preset of stage 0 (default: demo, the shipped one)")
     p.add_argument("--threads", default="2")
+    p.add_argument("--dense-warmup-epochs", help="stage 0's dense warm-up epochs (default: the recipe's 12)")
+    p.add_argument("--dense-weight", help="stage 0's dense term beside the answers (default: the recipe's 1)")
+    p.add_argument("--dense-augment", action="store_true", help="stage 0: random flips in the dense warm-up")
+    p.add_argument("--dense-pos-weight", help="stage 0: weight of occupied cells in the dense loss (default 1)")
+    p.add_argument("--stage0-epochs", help="stage 0's answer epochs (default: the recipe's 2)")
     a = p.parse_args()
     d, o = a.data, a.out
     aef = ["--no-aef"] if a.no_aef else []
     common = ["--threads", a.threads, "--seed", "0"]
     step(["data", "synth", "--out", str(d), *SYNTH],
          done=d / "dataset.json")
+    stage0 = _override(STAGE0, {"--dense-warmup-epochs": a.dense_warmup_epochs, "--epochs": a.stage0_epochs})
+    stage0 += ["--dense-weight", a.dense_weight] if a.dense_weight else []
+    stage0 += ["--dense-augment"] if a.dense_augment else []
+    stage0 += ["--dense-pos-weight", a.dense_pos_weight] if a.dense_pos_weight else []
     step(["train", "--stage", "0", "--preset", a.preset, "--data", str(d / "stage1-train.jsonl"),
-          str(d / "stage2-train.jsonl"), "--out", str(o / "s0"), *STAGE0, "--dense-truth", str(d / "scenes.jsonl"),
+          str(d / "stage2-train.jsonl"), "--out", str(o / "s0"), *stage0, "--dense-truth", str(d / "scenes.jsonl"),
           *aef, *common], done=o / "s0" / "train.json")
     step(["train", "--stage", "1", "--base", str(o / "s0" / "base"), *([] if a.no_aef else ["--init-tlm", str(o / "s0")]),
           "--data", str(d / "stage1-train.jsonl"), "--out", str(o / "s1"), *STAGE1, *aef, *common],

@@ -1,6 +1,7 @@
 """Stage 0's dense supervision: cell labels from the ground truth, the warm-up, resume, bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,6 +107,8 @@ def test_dense_bad_input_is_one_line_and_writes_nothing(data, tmp_path, capsys):
         (["--stage", "0", "--dense-truth", str(ds / "scenes.jsonl"), "--dense-warmup-epochs", "-1"],
          "--dense-warmup-epochs"),
         (["--stage", "1", "--base", str(tmp_path), "--dense-truth", str(ds / "scenes.jsonl")], "stage 0"),
+        (["--stage", "0", "--dense-truth", str(ds / "scenes.jsonl"), "--dense-pos-weight", "0"],
+         "--dense-pos-weight"),
     ]
     for i, (argv, words) in enumerate(cases):
         out = tmp_path / f"out{i}"
@@ -133,3 +136,106 @@ def test_warmup_batches_many_images_in_one_vit_call(data):
         for (px, grid, anchors), tokens in zip(inputs, together):
             alone = model.vision(px, grid, anchors)
             assert torch.allclose(tokens, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_flip_image_moves_chip_anchors_and_truth_together():
+    import numpy as np
+
+    from fusar_edge.config import preset
+    from fusar_edge.model.preprocess import chip_to_patches
+    from fusar_edge.train.dense import flip_image
+
+    cfg = preset("demo")
+    chip = np.zeros((224, 224, 3), dtype=np.uint8)
+    chip[10:20, 30:50] = 255  # a bright target, box [30, 10, 50, 20]: centre (40, 15), cell row 0, col 1
+    targets = [{"label": "ship", "box": [30, 10, 50, 20]}]
+    anchors = (torch.zeros(2, 64), torch.tensor([[0.1, 0.2], [0.5, 0.75]]), torch.ones(2, dtype=torch.bool))
+    ship = LABELS.index("ship")
+    # flip -> (flipped chip, expected cell of the ship, expected anchor positions)
+    cases = {0: (chip, 0 * 8 + 1, [[0.1, 0.2], [0.5, 0.75]]),
+             1: (chip[:, ::-1], 0 * 8 + 6, [[0.1, 0.8], [0.5, 0.25]]),
+             2: (chip[::-1], 7 * 8 + 1, [[0.9, 0.2], [0.5, 0.75]]),
+             3: (chip[::-1, ::-1], 7 * 8 + 6, [[0.9, 0.8], [0.5, 0.25]])}
+    for flip, (want_chip, cell, positions) in cases.items():
+        pixels, grid, got_anchors, (counts, boxes, has_box) = flip_image(chip, anchors, targets, flip, cfg)
+        want_pixels, want_grid = chip_to_patches(np.ascontiguousarray(want_chip))
+        assert torch.equal(pixels, torch.from_numpy(want_pixels)) and torch.equal(grid, torch.from_numpy(want_grid))
+        assert torch.allclose(got_anchors[1], torch.tensor(positions)), flip
+        assert got_anchors[0] is anchors[0] and got_anchors[2] is anchors[2]
+        assert int(counts[:, ship].sum()) == 1 and counts[cell, ship] == 1 and has_box[cell], flip
+        assert torch.allclose(boxes[cell, 2:], torch.tensor([20 / 28, 10 / 28]))  # the size is kept
+    assert torch.allclose(anchors[1], torch.tensor([[0.1, 0.2], [0.5, 0.75]]))  # the input is not changed
+
+
+def test_dense_augment_flag_trains_on_flips_and_is_its_own_warmup(data, tmp_path, monkeypatch, capsys):
+    import fusar_edge.train.recipe as recipe
+
+    ds, small = data
+    seen = []
+    real_flip = recipe.flip_image
+
+    def counting_flip(*a, **k):
+        seen.append(a[3])
+        return real_flip(*a, **k)
+
+    monkeypatch.setattr(recipe, "flip_image", counting_flip)
+    out = tmp_path / "s0"
+    argv = ["train", "--stage", "0", "--data", str(small), "--out", str(out), "--epochs", "0.5", "--grad-accum", "1",
+            "--dense-truth", str(ds / "scenes.jsonl"), "--dense-warmup-epochs", "4", "--json", "--seed", "1"]
+    assert main([*argv, "--dense-augment"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["dense"]["augment"] is True and summary["dense"]["warmup"]["steps"] > 0
+    assert seen and set(seen) <= {1, 2, 3}  # flip 0 reuses the cached image
+    # the same run without flips is another warm-up: refused on that folder, not mixed in
+    assert main(argv) == 2
+    assert "different run" in capsys.readouterr().err
+
+
+def test_train_demo_script_passes_its_recipe_overrides(tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "train_demo.py"
+    spec = importlib.util.spec_from_file_location("train_demo_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    calls = []
+    monkeypatch.setattr(mod, "step", lambda argv, done=None: calls.append(argv))
+
+    def stage0(extra):
+        calls.clear()
+        monkeypatch.setattr(sys, "argv", ["train_demo.py", "--out", str(tmp_path / "o"), *extra])
+        mod.main()
+        return next(c for c in calls if c[:3] == ["train", "--stage", "0"])
+
+    default = stage0([])
+    assert "--dense-augment" not in default and "--dense-weight" not in default
+    assert default[default.index("--dense-warmup-epochs") + 1] == "12" and default[default.index("--epochs") + 1] == "2"
+    assert "--dense-pos-weight" not in default
+    changed = stage0(["--dense-augment", "--dense-warmup-epochs", "20", "--dense-weight", "3", "--stage0-epochs", "3",
+                      "--dense-pos-weight", "5"])
+    assert "--dense-augment" in changed and changed[changed.index("--dense-weight") + 1] == "3"
+    assert changed[changed.index("--dense-pos-weight") + 1] == "5"
+    assert changed[changed.index("--dense-warmup-epochs") + 1] == "20" and changed[changed.index("--epochs") + 1] == "3"
+    assert mod.STAGE0[mod.STAGE0.index("--dense-warmup-epochs") + 1] == "12"  # the recipe itself is unchanged
+
+
+def test_pos_weight_counts_the_occupied_cells_more_and_one_is_the_plain_loss():
+    torch.manual_seed(0)
+    visual = torch.randn(64, 32)
+    labels = cell_labels([{"label": "ship", "box": [30, 30, 40, 36]}, {"label": "rock", "box": [100, 0, 120, 8]}],
+                         224, (8, 8))
+    plain, one, five = DenseHead(32), DenseHead(32, pos_weight=1.0), DenseHead(32, pos_weight=5.0)
+    one.load_state_dict(plain.state_dict())
+    five.load_state_dict(plain.state_dict())
+    assert torch.equal(plain.loss(visual, labels), one.loss(visual, labels))
+    # the count term: a mean over the 64 x 5 cell-label pairs, the 2 occupied ones counted 5 times
+    counts = labels[0].reshape(-1)
+    out = plain.proj(visual)
+    per = torch.nn.functional.cross_entropy(out[:, :len(LABELS) * 3].reshape(-1, 3), counts, reduction="none")
+    box = plain.loss(visual, labels) - per.mean()
+    want = (per.sum() + 4 * per[counts > 0].sum()) / per.numel() + box
+    assert torch.allclose(five.loss(visual, labels), want, atol=1e-6)
+    with pytest.raises(InputError, match="--dense-pos-weight"):
+        DenseSettings(Path("x"), pos_weight=0).check()

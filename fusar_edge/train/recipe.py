@@ -38,12 +38,14 @@ import torch
 
 from ..config import DEMO_VOCAB_SIZE, FusarConfig, GRASPConfig, TLMConfig, load_backbone_json, preset
 from ..errors import InputError
+from ..geo.chip import to_chip
+from ..geo.sar import read_sar
 from ..model.bundle import build_random, load_backbone
 from ..model.fusar import FusarModel
 from ..model.grasp_checkpoint import save_grasp
 from ..model.import_fusar_gpt import TLM_FORMAT, read_film_state, read_tlm_config
 from ..tokenizer import TextTokenizer
-from .dense import DenseHead, DenseSettings, DenseTargets, load_truth, warmup
+from .dense import DenseHead, DenseSettings, DenseTargets, flip_image, load_truth, warmup
 from .loop import TrainSettings, train
 from .samples import SampleBuilder, read_manifest
 
@@ -154,7 +156,7 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
     builder = SampleBuilder(cfg, tok, max_length=args.max_length, use_anchors=not args.no_aef)
     dense = None
     if args.dense is not None:
-        dense = DenseHead(cfg.hidden_size)
+        dense = DenseHead(cfg.hidden_size, args.dense.pos_weight)
         targets = DenseTargets(load_truth(args.dense.truth), chip, cfg.token_grid)
         params.update({f"dense_head.{n}": p for n, p in dense.named_parameters()})
     for row in rows:  # every row is checked (length, files, truth) before the first step, not hours later
@@ -198,7 +200,9 @@ def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, see
             seen.add(key)
             first_rows.append(row)
     run_id = json.dumps({"images": sorted(map(str, seen)), "epochs": dense.warmup_epochs, "lr": dense.warmup_lr,
-                         "batch": dense.batch, "seed": seed, "modules": sorted(modules)})
+                         "batch": dense.batch, "seed": seed, "modules": sorted(modules)}
+                        | ({"augment": "flips"} if dense.augment else {})  # old warm-ups keep their id
+                        | ({"pos_weight": dense.pos_weight} if dense.pos_weight != 1.0 else {}))
     if done.is_file():
         saved = torch.load(done, map_location="cpu", weights_only=True)
         if saved.get("run_id") != run_id:
@@ -209,7 +213,19 @@ def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, see
         return {k: saved[k].tolist() for k in ("steps", "seconds", "first_loss", "final_loss") if k in saved}
     t0 = time.perf_counter()
     images = [(*builder.image_inputs(row), targets(row)) for row in first_rows]
-    losses = warmup(model, head, images, dense.warmup_epochs, dense.warmup_lr, dense.batch, seed, show_progress)
+    augment = None
+    if dense.augment:
+        cfg = model.config
+        chips = [to_chip(read_sar(Path(row["_root"]) / row["image"]), cfg.chip_size) for row in first_rows]
+
+        def augment(i: int, flip: int) -> tuple:
+            if flip == 0:
+                return images[i]
+            row = first_rows[i]
+            return flip_image(chips[i], images[i][2], targets.truth[str(row["scene"])], flip, cfg)
+
+    losses = warmup(model, head, images, dense.warmup_epochs, dense.warmup_lr, dense.batch, seed, show_progress,
+                    augment=augment)
     report = {"steps": len(losses), "seconds": round(time.perf_counter() - t0, 1), "first_loss": losses[0],
               "final_loss": losses[-1]}
     tmp = out / "dense-warmup.pt.tmp"
