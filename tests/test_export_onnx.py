@@ -331,6 +331,32 @@ def test_a_reused_prompt_head_gives_the_full_prefill(exported, tiny_model, monke
     assert (stages.prefixes.misses, stages.prefixes.hits) == (2, 1)
 
 
+def test_a_bound_decode_step_equals_the_general_call(exported, monkeypatch):
+    """decode_step (everything bound once per state, CPU) against embed + run_decoder rebinding each
+    call, from one prefill, across a cache growth; a wrong token count is refused."""
+    from fusar_edge.backends import onnxruntime as ort_backend
+    from fusar_edge.model.rope import mrope_positions
+
+    monkeypatch.setattr(ort_backend, "MIN_CAPACITY", 3)
+    stages = ort_backend.OnnxStages(exported["onnx"], device="cpu")
+    embeds = np.random.default_rng(5).standard_normal((2, 70, 64)).astype(np.float32) * 0.5
+    pos, nxt = mrope_positions(70, 2, (8, 8))
+    first, bound = stages.prefill_batch(embeds, pos)
+    _, general = stages.prefill_batch(embeds, pos)
+    assert bound.on_host
+    tokens = [int(t) for t in first.argmax(-1)]
+    for step in range(7):
+        fast = ort_backend.decode_step(stages.sessions, bound, tokens, nxt + step)
+        ids = stages.embed(np.asarray(tokens, np.int64).reshape(-1, 1))
+        want = ort_backend.run_decoder(stages.sessions["decoder"], general, ids,
+                                       np.full((3, 2, 1), nxt + step, np.int64), ["logits"])[0].numpy()[:, -1]
+        assert np.abs(fast - want).max() <= 1e-6 * np.abs(want).max(), step
+        tokens = [int(t) for t in want.argmax(-1)]
+    assert bound.capacity > 73 and bound.length == general.length == 77
+    with pytest.raises(ValueError, match="1 token"):
+        ort_backend.decode_step(stages.sessions, bound, [tokens[0]], nxt + 7)
+
+
 def test_an_older_export_and_a_bad_spin_setting_are_one_line(exported, demo, tmp_path, capsys, monkeypatch):
     """ask --backend onnxruntime: a v1 export (before decoder_graph) and FUSAR_ORT_SPIN=sometimes each
     exit 2 with one line, and the export is left as it was."""

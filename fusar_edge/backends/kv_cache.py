@@ -36,6 +36,7 @@ class DecoderState:
         self.cos = np.zeros((0, head_dim // 2), self.dtype)
         self.sin = np.zeros((0, head_dim // 2), self.dtype)
         self.binding = None  # the caller's IO binding of the buffers; dropped when they are replaced
+        self.step_io = None  # a decode step's bindings, made once (onnxruntime.StepBinding); dropped likewise
         # A decode step's small inputs live in host arrays wrapped once: ONNX Runtime reads numpy
         # memory in place, so a step rewrites a few numbers instead of building new values.
         self._seqlens = np.zeros(batch, np.int32)
@@ -70,10 +71,10 @@ class DecoderState:
         shape = (self.batch, self.kv_heads, capacity, self.head_dim)
         old = self.cached_rows() if self.length else None
         self._host, self.buffers = map(list, zip(*(self._buffer(shape) for _ in range(2 * self.layers))))
+        self.binding = self.step_io = None
         if old is not None:
             for index, rows in enumerate(old):
                 self._write_rows(index, rows)
-        self.binding = None
         for name in ("cos", "sin"):
             table = np.zeros((capacity, self.head_dim // 2), self.dtype)
             table[:self.length] = getattr(self, name)[:self.length]
@@ -116,6 +117,11 @@ class DecoderState:
     def advance(self, tokens: int) -> None:
         """The call that ``feeds`` prepared has run: its tokens are cached."""
         self.length += int(tokens)
+
+    @property
+    def on_host(self) -> bool:
+        """The buffers are numpy memory (CPU): a decode step can keep everything bound."""
+        return bool(self._host) and self._host[0] is not None
 
     # -- a cached prompt prefix -------------------------------------------------------------------
     def cached_rows(self) -> list[np.ndarray]:
