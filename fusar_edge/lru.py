@@ -1,7 +1,8 @@
-"""A bounded, thread-safe LRU: ``get(key, compute)`` returns the kept value or computes and keeps it.
+"""A bounded, thread-safe LRU: ``lookup(key, compute)`` returns the kept value or computes and keeps it.
 
 Shared by GRASP's question cache (``question_cache``) and the decoder's prompt-prefix cache
-(``backends.prefix_cache``). ``maxsize`` bounds the entries; 0 turns caching off.
+(``OnnxStages.prefixes`` in ``backends.onnxruntime``). ``maxsize`` bounds the entries; 0 turns
+caching off.
 """
 
 from __future__ import annotations

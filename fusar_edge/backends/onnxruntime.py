@@ -155,7 +155,7 @@ class StepBinding:
     ``embed.onnx`` and ``decoder.onnx``, and the logits live in numpy arrays that ONNX Runtime reads
     and writes in place, beside the state's cache buffers and small inputs (``DecoderState``). A
     step then writes its token ids and runs two sessions: no per-step binding, allocation or copy
-    (rebinding ~25 values a step cost ~5 % of decode on ``small``). Made per state, on its first
+    (rebinding ~25 values a step cost ~10 % of decode on ``small``: ``benchmarks/decoder_ab.py``). Made per state, on its first
     step; a state whose buffers grow drops it (``DecoderState.step_io``)."""
 
     def __init__(self, sessions: dict, state: DecoderState, feeds: dict):
