@@ -4,9 +4,10 @@ torch and ONNX Runtime size their pools from the machine's cores, which oversubs
 a container limited by a CPU quota (``docker --cpus 2`` on a 64-core host) or a CPU affinity
 mask (``taskset``), and on hyper-threaded machines a GEMM thread per logical CPU fights its
 sibling. So the default is the physical cores among the CPUs this process may run on, capped
-by the cgroup CPU quota, less the cores other work keeps busy when we start. Measured on the 2-core VM (``benchmarks/results/threads-vm.json``):
-the small preset's 4-bit export answers in 306 ms with 2 threads against 454 ms with 1; the
-demo model is too small to care (57 vs 55 ms on ONNX Runtime).
+by the cgroup CPU quota, less the cores other work keeps busy when we start. Measured on the
+2-core VM (``benchmarks/results/threads-vm.json``): the small preset's 4-bit export answers in
+306 ms with 2 threads against 454 ms with 1; the demo model is too small to care (57 vs 55 ms on
+ONNX Runtime).
 """
 
 from __future__ import annotations
@@ -87,10 +88,30 @@ def set_torch_threads(n: int) -> None:
 LOADAVG = Path("/proc/loadavg")
 
 
+_LAST_READING: tuple[float, int | None] | None = None  # (monotonic time, runnable_others() of this machine)
+READING_VALID_S = 1.0
+
+
 def runnable_others(samples: int = 5, interval_s: float = 0.01, loadavg: Path = LOADAVG) -> int | None:
     """How many threads of other work want a CPU now: the median over ``samples`` readings of
     ``/proc/loadavg``'s fourth field (threads runnable at that instant, the reader included) less
-    one; None when unknown (not Linux)."""
+    one; None when unknown (not Linux).
+
+    A start-up asks twice (default threads, then ONNX Runtime's spin policy): a reading of this
+    machine's file is reused for ``READING_VALID_S`` instead of sampling ~40 ms again."""
+    import time
+
+    global _LAST_READING
+    if loadavg == LOADAVG:
+        if _LAST_READING is not None and time.monotonic() - _LAST_READING[0] < READING_VALID_S:
+            return _LAST_READING[1]
+        others = _sample_runnable(samples, interval_s, loadavg)
+        _LAST_READING = (time.monotonic(), others)
+        return others
+    return _sample_runnable(samples, interval_s, loadavg)
+
+
+def _sample_runnable(samples: int, interval_s: float, loadavg: Path) -> int | None:
     import time
 
     counts = []

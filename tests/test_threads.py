@@ -105,3 +105,18 @@ def test_bad_spin_setting_is_one_line():
 
     with pytest.raises(InputError, match="FUSAR_ORT_SPIN: expected auto, 0, 1 or decoder, got 'sometimes'"):
         spin_policy("sometimes")
+
+
+def test_a_machine_reading_is_reused_for_a_second(tmp_path, monkeypatch):
+    """Default threads and the spin policy both ask at start: this machine's /proc/loadavg is sampled
+    once per READING_VALID_S; another file (tests, other readers) is always read afresh."""
+    f = tmp_path / "loadavg"
+    f.write_text("0.5 0.4 0.3 3/211 4242\n")
+    monkeypatch.setattr(T, "LOADAVG", f)
+    monkeypatch.setattr(T, "_LAST_READING", None)
+    assert T.runnable_others(samples=1, interval_s=0, loadavg=f) == 2
+    f.write_text("0.5 0.4 0.3 1/211 4242\n")
+    assert T.runnable_others(samples=1, interval_s=0, loadavg=f) == 2  # within the second: reused
+    assert T.runnable_others(samples=1, interval_s=0, loadavg=tmp_path / "loadavg2") is None  # other file
+    monkeypatch.setattr(T, "READING_VALID_S", 0.0)
+    assert T.runnable_others(samples=1, interval_s=0, loadavg=f) == 0  # expired: sampled again

@@ -127,7 +127,7 @@ class DecoderState:
     def cached_rows(self) -> list[np.ndarray]:
         """Copies of every buffer's cached rows ``[B, kv_heads, length, head_dim]`` (layer-major,
         key then value)."""
-        views = self._host if self._host and self._host[0] is not None else [b.numpy() for b in self.buffers]
+        views = self._host if self.on_host else [b.numpy() for b in self.buffers]
         return [np.array(v[:, :, :self.length]) for v in views]
 
     def load_prefix(self, rows: list[np.ndarray], cos: np.ndarray, sin: np.ndarray) -> None:

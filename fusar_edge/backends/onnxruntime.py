@@ -120,6 +120,13 @@ def spin_policy(setting: str) -> dict[str, bool]:
     return {name: setting == "1" or (setting == "decoder" and name == "decoder") for name in STAGES}
 
 
+def cache_bindings(state: DecoderState):
+    """``(past input name, present output name, buffer)`` per layer and side: one buffer is both."""
+    for i in range(state.layers):
+        for j, side in enumerate(("key", "value")):
+            yield f"past_key_values.{i}.{side}", f"present.{i}.{side}", state.buffers[2 * i + j]
+
+
 def run_decoder(session, state: DecoderState, embeds, positions: np.ndarray, outputs: list[str],
                 device: tuple[str, int] = ("cpu", 0)) -> list:
     """One call of ``decoder.onnx``: ``embeds`` (an OrtValue) at M-RoPE ``positions`` added to
@@ -133,18 +140,16 @@ def run_decoder(session, state: DecoderState, embeds, positions: np.ndarray, out
     io = state.binding
     if io is None:  # a new state, or one whose buffers grew
         io = state.binding = session.io_binding()
-        for i in range(state.layers):
-            for j, side in enumerate(("key", "value")):
-                io.bind_ortvalue_input(f"past_key_values.{i}.{side}", state.buffers[2 * i + j])
+        for past, _, buffer in cache_bindings(state):
+            io.bind_ortvalue_input(past, buffer)
     io.bind_ortvalue_input("inputs_embeds", embeds)
     for name, value in feeds.items():
         io.bind_ortvalue_input(name, value)
     io.clear_binding_outputs()
     for name in outputs:
         io.bind_output(name, "cpu" if name == "logits" else device[0], device[1])
-    for i in range(state.layers):
-        for j, side in enumerate(("key", "value")):
-            io.bind_ortvalue_output(f"present.{i}.{side}", state.buffers[2 * i + j])
+    for _, present, buffer in cache_bindings(state):
+        io.bind_ortvalue_output(present, buffer)
     session.run_with_iobinding(io)
     state.advance(int(np.asarray(positions).shape[-1]))
     return io.get_outputs()[:len(outputs)]
@@ -155,8 +160,8 @@ class StepBinding:
     ``embed.onnx`` and ``decoder.onnx``, and the logits live in numpy arrays that ONNX Runtime reads
     and writes in place, beside the state's cache buffers and small inputs (``DecoderState``). A
     step then writes its token ids and runs two sessions: no per-step binding, allocation or copy
-    (rebinding ~25 values a step cost ~10 % of decode on ``small``: ``benchmarks/decoder_ab.py``). Made per state, on its first
-    step; a state whose buffers grow drops it (``DecoderState.step_io``)."""
+    (rebinding ~25 values a step cost ~10 % of decode on ``small``: ``benchmarks/decoder_ab.py``).
+    Made per state, on its first step; a state whose buffers grow drops it (``DecoderState.step_io``)."""
 
     def __init__(self, sessions: dict, state: DecoderState, feeds: dict):
         ort = _ort()
@@ -174,10 +179,9 @@ class StepBinding:
         io.bind_ortvalue_input("inputs_embeds", self._values[1])
         for name, value in feeds.items():  # a one-token call's feeds: host arrays rewritten in place
             io.bind_ortvalue_input(name, value)
-        for i in range(state.layers):
-            for j, side in enumerate(("key", "value")):
-                io.bind_ortvalue_input(f"past_key_values.{i}.{side}", state.buffers[2 * i + j])
-                io.bind_ortvalue_output(f"present.{i}.{side}", state.buffers[2 * i + j])
+        for past, present, buffer in cache_bindings(state):
+            io.bind_ortvalue_input(past, buffer)
+            io.bind_ortvalue_output(present, buffer)
         io.bind_ortvalue_output("logits", self._values[2])
 
 
@@ -415,15 +419,17 @@ class OnnxStages:
         # batch 1 only: GroupQueryAttention takes new tokens after a past for one sequence at a time
         row_bytes = 2 * self.num_layers * self.kv_heads * self.head_dim * np.dtype(self.kv_dtype).itemsize
         if batch == 1 and 0 < prefix_len < length and prefix_len * row_bytes <= PREFIX_MAX_BYTES:
-            self._load_prefix(embeds, pos, int(prefix_len), state)
-            embeds = self._value(self.to_numpy(embeds)[:, prefix_len:])
+            host = self.to_numpy(embeds)
+            self._load_prefix(host, pos, int(prefix_len), state)
+            embeds = self._value(host[:, prefix_len:])
             pos = np.ascontiguousarray(pos[:, :, prefix_len:])
         logits = self._decoder(embeds, pos, state, ["logits"])[0]
         return logits.numpy()[:, -1], state
 
-    def _load_prefix(self, embeds, pos: np.ndarray, n: int, state: DecoderState) -> None:
-        """Copy the KV rows of one sequence's first ``n`` positions into ``state`` (computed on a miss)."""
-        head = np.ascontiguousarray(self.to_numpy(embeds)[:1, :n])
+    def _load_prefix(self, embeds: np.ndarray, pos: np.ndarray, n: int, state: DecoderState) -> None:
+        """Copy the KV rows of one sequence's first ``n`` positions (``embeds``: host ``[B, L, C]``)
+        into ``state`` (computed on a miss)."""
+        head = np.ascontiguousarray(embeds[:1, :n])
         head_pos = np.ascontiguousarray(pos[:, :1, :n])
         key = (n, hashlib.sha256(head.tobytes()).hexdigest(), hashlib.sha256(head_pos.tobytes()).hexdigest())
 
