@@ -57,11 +57,15 @@ def main() -> None:
     p.add_argument("--dense-augment", action="store_true", help="stage 0: random flips in the dense warm-up")
     p.add_argument("--dense-pos-weight", help="stage 0: weight of occupied cells in the dense loss (default 1)")
     p.add_argument("--stage0-epochs", help="stage 0's answer epochs (default: the recipe's 2)")
+    p.add_argument("--stage1-epochs", help="stage 1's epochs (default: the recipe's)")
+    p.add_argument("--stage2-epochs", help="stage 2's epochs (default: the recipe's)")
+    p.add_argument("--n", help="scenes of the dataset made when --data is missing (default: the recipe's)")
+    p.add_argument("--per-region", help="scenes per region of that dataset (default: the recipe's)")
     a = p.parse_args()
     d, o = a.data, a.out
     aef = ["--no-aef"] if a.no_aef else []
     common = ["--threads", a.threads, "--seed", "0"]
-    step(["data", "synth", "--out", str(d), *SYNTH],
+    step(["data", "synth", "--out", str(d), *_override(SYNTH, {"--n": a.n, "--per-region": a.per_region})],
          done=d / "dataset.json")
     stage0 = _override(STAGE0, {"--dense-warmup-epochs": a.dense_warmup_epochs, "--epochs": a.stage0_epochs})
     stage0 += ["--dense-weight", a.dense_weight] if a.dense_weight else []
@@ -71,10 +75,10 @@ def main() -> None:
           str(d / "stage2-train.jsonl"), "--out", str(o / "s0"), *stage0, "--dense-truth", str(d / "scenes.jsonl"),
           *aef, *common], done=o / "s0" / "train.json")
     step(["train", "--stage", "1", "--base", str(o / "s0" / "base"), *([] if a.no_aef else ["--init-tlm", str(o / "s0")]),
-          "--data", str(d / "stage1-train.jsonl"), "--out", str(o / "s1"), *STAGE1, *aef, *common],
+          "--data", str(d / "stage1-train.jsonl"), "--out", str(o / "s1"), *_override(STAGE1, {"--epochs": a.stage1_epochs}), *aef, *common],
          done=o / "s1" / "train.json")
     step(["train", "--stage", "2", "--base", str(o / "s0" / "base"), "--init-adapter", str(o / "s1"),
-          "--data", str(d / "stage2-train.jsonl"), "--out", str(o / "s2"), *STAGE2, *aef, *common],
+          "--data", str(d / "stage2-train.jsonl"), "--out", str(o / "s2"), *_override(STAGE2, {"--epochs": a.stage2_epochs}), *aef, *common],
          done=o / "s2" / "train.json")
     tlm = ["--no-tlm", "--chip", "224"] if a.no_aef else [str(o / "s2")]
     step(["import-fusar-gpt", str(o / "s0" / "base"), str(o / "s2"), *tlm, "--out", str(o / "bundle")],

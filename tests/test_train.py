@@ -251,3 +251,24 @@ def test_bad_grasp_flags_are_one_line(data, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and all(w in err[0] for w in words), (extra, err)
         assert not (tmp_path / "o").exists()
+
+
+def test_sample_builder_keeps_a_bounded_number_of_images(data):
+    """Memory does not grow with the dataset: only the most recent images stay decoded, and an image
+    read again after it was dropped gives the same patches and anchors."""
+    from fusar_edge.config import preset
+    from fusar_edge.tokenizer import TextTokenizer
+    from fusar_edge.train.samples import SampleBuilder, read_manifest
+
+    ds, _ = data
+    rows = [r for split in ("train", "val", "test") for r in read_manifest(ds / f"stage1-{split}.jsonl")]
+    assert len({r["image"] for r in rows}) >= 3
+    build = SampleBuilder(preset("demo"), TextTokenizer.demo(), cached_images=2)
+    first = build.image_inputs(rows[0])
+    for row in rows:
+        build(row)
+    assert len(build._images) == 2 and len(build._anchors) == 2
+    again = build.image_inputs(rows[0])
+    assert again[0] is not first[0]  # read anew, not kept
+    assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    assert all(torch.equal(a, b) for a, b in zip(again[2], first[2]))

@@ -212,17 +212,17 @@ def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, see
             module.load_state_dict(saved[name])
         return {k: saved[k].tolist() for k in ("steps", "seconds", "first_loss", "final_loss") if k in saved}
     t0 = time.perf_counter()
-    images = [(*builder.image_inputs(row), targets(row)) for row in first_rows]
+    images = _WarmupImages(first_rows, builder, targets)  # read as drawn: memory does not grow with the data
     augment = None
     if dense.augment:
         cfg = model.config
-        chips = [to_chip(read_sar(Path(row["_root"]) / row["image"]), cfg.chip_size) for row in first_rows]
 
         def augment(i: int, flip: int) -> tuple:
             if flip == 0:
                 return images[i]
             row = first_rows[i]
-            return flip_image(chips[i], images[i][2], targets.truth[str(row["scene"])], flip, cfg)
+            chip = to_chip(read_sar(Path(row["_root"]) / row["image"]), cfg.chip_size)
+            return flip_image(chip, images[i][2], targets.truth[str(row["scene"])], flip, cfg)
 
     losses = warmup(model, head, images, dense.warmup_epochs, dense.warmup_lr, dense.batch, seed, show_progress,
                     augment=augment)
@@ -233,6 +233,21 @@ def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, see
                | {k: torch.tensor(v) for k, v in report.items()} | {"run_id": run_id}, tmp)
     tmp.replace(done)
     return report
+
+
+class _WarmupImages:
+    """The warm-up's images as a sequence: ``(pixels, grid_thw, anchors or None, cell labels)`` of
+    the i-th distinct image, read when asked (the builder keeps the recent ones)."""
+
+    def __init__(self, rows: list[dict], builder: SampleBuilder, targets: DenseTargets):
+        self.rows, self.builder, self.targets = rows, builder, targets
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple:
+        row = self.rows[i]
+        return (*self.builder.image_inputs(row), self.targets(row))
 
 
 def _save(args: StageArgs, model: FusarModel, tok: TextTokenizer, peft_model, out: Path) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import InputError
 from ..geo.anchors import AnchorSet
+from ..lru import BoundedCache
 from ..geo.chip import to_chip
 from ..geo.sar import read_sar
 from ..model.preprocess import chip_to_patches
@@ -41,34 +42,39 @@ class Sample:
     question_ids: torch.Tensor
 
 
-class SampleBuilder:
-    """Builds samples for one model config and tokenizer; caches each image's patches and anchors."""
+# Images (and anchor sets) kept decoded. A 224-px chip's patches are ~1.2 MB of float32, so a
+# dataset of 12,800 scenes would need 15 GB to keep them all; a miss costs one PNG read (~ms).
+# Rows of one image come together in the manifests, so the few most recent serve them.
+CACHED_IMAGES = 256
 
-    def __init__(self, config, tokenizer, max_length: int = 2048, use_anchors: bool = True):
+
+class SampleBuilder:
+    """Builds samples for one model config and tokenizer; keeps the most recent images' patches and
+    anchors (``CACHED_IMAGES``), so memory stays bounded whatever the dataset's size."""
+
+    def __init__(self, config, tokenizer, max_length: int = 2048, use_anchors: bool = True,
+                 cached_images: int = CACHED_IMAGES):
         self.config, self.tok = config, tokenizer
         self.max_length, self.use_anchors = max_length, use_anchors
-        self._images: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._anchors: dict[str, tuple] = {}
+        self._images = BoundedCache(cached_images)
+        self._anchors = BoundedCache(cached_images)
 
     def _image(self, path: Path):
-        key = str(path)
-        if key not in self._images:
+        def load():
             cfg = self.config
             chip = to_chip(read_sar(path), cfg.chip_size)
             pixels, grid = chip_to_patches(chip, int(cfg.vision.get("patch_size", 14)),
                                            int(cfg.vision.get("spatial_merge_size", 2)),
                                            int(cfg.vision.get("temporal_patch_size", 2)))
-            self._images[key] = torch.from_numpy(pixels), torch.from_numpy(grid)
-        return self._images[key]
+            return torch.from_numpy(pixels), torch.from_numpy(grid)
+
+        return self._images.lookup(str(path), load)
 
     def _anchor(self, path: Path):
-        key = str(path)
-        if key not in self._anchors:
-            self._anchors[key] = AnchorSet.load(path).to_torch()
-        return self._anchors[key]
+        return self._anchors.lookup(str(path), lambda: AnchorSet.load(path).to_torch())
 
     def image_inputs(self, row: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
-        """``(pixels, grid_thw, anchors or None)`` of a row's image (cached)."""
+        """``(pixels, grid_thw, anchors or None)`` of a row's image (the recent ones cached)."""
         root = Path(row["_root"])
         pixels, grid = self._image(root / row["image"])
         return pixels, grid, self._anchor(root / row["aef"]) if self.use_anchors else None
