@@ -75,10 +75,12 @@ def main() -> None:
           str(d / "stage2-train.jsonl"), "--out", str(o / "s0"), *stage0, "--dense-truth", str(d / "scenes.jsonl"),
           *aef, *common], done=o / "s0" / "train.json")
     step(["train", "--stage", "1", "--base", str(o / "s0" / "base"), *([] if a.no_aef else ["--init-tlm", str(o / "s0")]),
-          "--data", str(d / "stage1-train.jsonl"), "--out", str(o / "s1"), *_override(STAGE1, {"--epochs": a.stage1_epochs}), *aef, *common],
+          "--data", str(d / "stage1-train.jsonl"), "--out", str(o / "s1"),
+          *_override(STAGE1, {"--epochs": a.stage1_epochs}), *aef, *common],
          done=o / "s1" / "train.json")
     step(["train", "--stage", "2", "--base", str(o / "s0" / "base"), "--init-adapter", str(o / "s1"),
-          "--data", str(d / "stage2-train.jsonl"), "--out", str(o / "s2"), *_override(STAGE2, {"--epochs": a.stage2_epochs}), *aef, *common],
+          "--data", str(d / "stage2-train.jsonl"), "--out", str(o / "s2"),
+          *_override(STAGE2, {"--epochs": a.stage2_epochs}), *aef, *common],
          done=o / "s2" / "train.json")
     tlm = ["--no-tlm", "--chip", "224"] if a.no_aef else [str(o / "s2")]
     step(["import-fusar-gpt", str(o / "s0" / "base"), str(o / "s2"), *tlm, "--out", str(o / "bundle")],

@@ -222,7 +222,7 @@ def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, see
                 return images[i]
             row = first_rows[i]
             chip = to_chip(read_sar(Path(row["_root"]) / row["image"]), cfg.chip_size)
-            return flip_image(chip, images[i][2], targets.truth[str(row["scene"])], flip, cfg)
+            return flip_image(chip, builder.anchors(row), targets.truth[str(row["scene"])], flip, cfg)
 
     losses = warmup(model, head, images, dense.warmup_epochs, dense.warmup_lr, dense.batch, seed, show_progress,
                     augment=augment)

@@ -20,9 +20,9 @@ import torch
 
 from ..errors import InputError
 from ..geo.anchors import AnchorSet
-from ..lru import BoundedCache
 from ..geo.chip import to_chip
 from ..geo.sar import read_sar
+from ..lru import BoundedCache
 from ..model.preprocess import chip_to_patches
 from ..model.rope import mrope_positions
 from ..tasks import reference_question
@@ -75,9 +75,12 @@ class SampleBuilder:
 
     def image_inputs(self, row: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
         """``(pixels, grid_thw, anchors or None)`` of a row's image (the recent ones cached)."""
-        root = Path(row["_root"])
-        pixels, grid = self._image(root / row["image"])
-        return pixels, grid, self._anchor(root / row["aef"]) if self.use_anchors else None
+        pixels, grid = self._image(Path(row["_root"]) / row["image"])
+        return pixels, grid, self.anchors(row)
+
+    def anchors(self, row: dict[str, Any]) -> tuple | None:
+        """A row's anchor set (the recent ones cached), or None when training without anchors."""
+        return self._anchor(Path(row["_root"]) / row["aef"]) if self.use_anchors else None
 
     def __call__(self, row: dict[str, Any], with_answer: bool = True) -> Sample:
         cfg = self.config
