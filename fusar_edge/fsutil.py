@@ -7,8 +7,9 @@ import os
 import re
 import secrets
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 from .errors import BundleError
 
@@ -84,19 +85,32 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """``path`` holds the old bytes or the new, never part of either: a temp file beside it,
-    flushed to disk, then renamed over it."""
+@contextmanager
+def atomic_writer(path: str | Path) -> Iterator[IO[bytes]]:
+    """A binary file whose content replaces ``path`` when the ``with`` block ends without an error.
+
+    It is a temp file beside ``path`` (unique per process and call, so threads never share one),
+    made with the permissions a plain ``open`` gives (0666 less the umask, not ``mkstemp``'s
+    0600), flushed to disk, then renamed over ``path``: ``path`` holds the old bytes or the new,
+    never part of either; on an error the temp file is removed and ``path`` is as it was.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, "wb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """``path`` holds the old bytes or the new, never part of either (``atomic_writer``)."""
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

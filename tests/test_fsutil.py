@@ -49,3 +49,21 @@ def test_work_folders_get_mkdir_permissions_not_mkdtemps(tmp_path):
         assert a.stat().st_mode & 0o777 == 0o755 and b.stat().st_mode & 0o777 == 0o755
     finally:
         os.umask(umask)
+
+
+def test_atomic_writer_replaces_only_on_success_with_ordinary_permissions(tmp_path):
+    path = tmp_path / "result.json"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with fsutil.atomic_writer(path) as f:
+            f.write(b"half of the new")
+            raise RuntimeError("killed mid-write")
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+    umask = os.umask(0o022)
+    try:
+        with fsutil.atomic_writer(path) as f:
+            f.write(b"new")
+    finally:
+        os.umask(umask)
+    assert path.read_bytes() == b"new" and path.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]

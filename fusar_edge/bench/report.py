@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from ..fsutil import write_text_atomic
 
 ROWS = [  # (key in stages, label)
     ("preprocess", "preprocess"),
@@ -105,22 +105,11 @@ def format_table(result: dict) -> str:
 
 
 def write_json(result: dict, path: str | Path) -> Path:
-    """Write atomically (temp file + rename): an interrupted run never leaves half a file."""
+    """Write atomically (``fsutil.atomic_writer``): an interrupted run never leaves half a file."""
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path.parent}: no such directory")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a result file is for everyone
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(result, indent=2) + "\n")
     return path
 
 

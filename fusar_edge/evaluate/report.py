@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
+
+from ..fsutil import atomic_writer
 
 TASK_METRIC = {"count": "count exact", "locate": "locate top-1", "classify": "classify exact",
                "detect": "detect F1@0.5"}
@@ -59,8 +60,9 @@ def plot(reports: list[dict], path: str | Path) -> Path | None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_writer(path) as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return path

@@ -33,9 +33,7 @@ from typing import TYPE_CHECKING
 
 import datetime as dt
 import math
-import os
 import re
-import secrets
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -48,6 +46,7 @@ if TYPE_CHECKING:
     import torch
 
 from ..errors import AnchorError, InputError
+from ..fsutil import atomic_writer
 from .sar import SarImage, open_raster, parse_date, raster_date, raster_georef
 
 VEC_DIM = 64
@@ -405,28 +404,14 @@ def _minmax(a) -> np.ndarray:
 
 
 def _atomic_write(path: str | Path, suffix: str, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write through a temp file in the target directory, fsync, then ``os.replace`` it into place.
-
-    A crash leaves either the old file or the new one, never half of one; the temp file is
-    created with the usual permissions (0666 less the umask), unlike ``mkstemp``'s 0600.
-    """
+    """``write`` the file through ``fsutil.atomic_writer``: a crash leaves either the old file or
+    the new one, never half of one; a failure is one line naming the file."""
     p = Path(path)
     if p.suffix.lower() != suffix:
         raise InputError(f"anchors {p}: expected a {suffix} file name (the reader dispatches on it)")
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    except OSError as exc:
-        raise InputError(f"anchors {p}: cannot write there ({exc.strerror or exc})") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with atomic_writer(p) as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise InputError(f"anchors {p}: writing failed ({exc.strerror or exc}); the old file is unchanged") from exc
-        raise
+    except OSError as exc:
+        raise InputError(f"anchors {p}: cannot write ({exc.strerror or exc}); the old file is unchanged") from exc
     return p

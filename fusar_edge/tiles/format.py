@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..fsutil import atomic_writer, write_text_atomic
 from .utm import parse_utm_epsg
 
 VEC_DIM = 64
@@ -214,19 +215,12 @@ def write_tile_file(store: Path, rel_path: str, data: np.ndarray) -> str:
         raise StoreError(f"tile {rel_path}: expected int8 [H, W, {VEC_DIM}], got {data.dtype} {list(data.shape)}")
     target = Path(store) / rel_path
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
     h = hashlib.sha256()
-    try:
-        with open(tmp, "wb") as f:
-            for row in range(0, data.shape[0], 256):  # bounded memory for 8192-row tiles
-                block = np.ascontiguousarray(data[row:row + 256]).tobytes()
-                h.update(block)
-                f.write(block)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_writer(target) as f:
+        for row in range(0, data.shape[0], 256):  # bounded memory for 8192-row tiles
+            block = np.ascontiguousarray(data[row:row + 256]).tobytes()
+            h.update(block)
+            f.write(block)
     return h.hexdigest()
 
 
@@ -267,10 +261,7 @@ def commit(store: Path, records: list[TileRecord], info: dict | None = None) -> 
             _fsync_path(f)
         os.rename(tmp_gen, store / name)
         _fsync_path(store)
-        pointer_tmp = store / f".{CURRENT}.{secrets.token_hex(4)}.tmp"
-        pointer_tmp.write_text(name + "\n", encoding="ascii")
-        _fsync_path(pointer_tmp)
-        os.replace(pointer_tmp, store / CURRENT)  # <- the commit
+        write_text_atomic(store / CURRENT, name + "\n")  # <- the commit
         _fsync_path(store)
     finally:
         if tmp_gen.exists():
