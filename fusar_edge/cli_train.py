@@ -57,6 +57,9 @@ def add_parser(sub) -> None:
     t.add_argument("--dense-pos-weight", type=float, default=1.0,
                    help="stage 0: weight of the cells that hold an object in the dense count loss (default 1: "
                         "plain cross-entropy; empty cells are ~97 %% of them)")
+    t.add_argument("--dense-position", action="store_true",
+                   help="stage 0: the dense head also predicts each visual token's row and column, so the tokens "
+                        "carry where they lie (for locating and boxes; default off)")
     t.add_argument("--dense-augment", action="store_true",
                    help="stage 0: flip each warm-up image at random (left-right, up-down), with its anchors and "
                         "truth (default off; the main loop's answers are never flipped)")
@@ -90,7 +93,8 @@ def run(args) -> int:
         from .train.dense import DenseSettings
 
         dense = DenseSettings(Path(args.dense_truth), args.dense_weight, args.dense_warmup_epochs, args.dense_warmup_lr,
-                              augment=args.dense_augment, pos_weight=args.dense_pos_weight)
+                              augment=args.dense_augment, pos_weight=args.dense_pos_weight,
+                              position=args.dense_position)
     settings = TrainSettings(epochs=args.epochs if args.epochs is not None else d["epochs"],
                              lr=args.lr if args.lr is not None else d["lr"], grad_accum=args.grad_accum,
                              seed=args.seed, save_every=args.save_every,

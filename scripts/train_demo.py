@@ -56,6 +56,7 @@ def main() -> None:
     p.add_argument("--dense-weight", help="stage 0's dense term beside the answers (default: the recipe's 1)")
     p.add_argument("--dense-augment", action="store_true", help="stage 0: random flips in the dense warm-up")
     p.add_argument("--dense-pos-weight", help="stage 0: weight of occupied cells in the dense loss (default 1)")
+    p.add_argument("--dense-position", action="store_true", help="stage 0: tokens also learn their row and column")
     p.add_argument("--stage0-epochs", help="stage 0's answer epochs (default: the recipe's 2)")
     p.add_argument("--stage1-epochs", help="stage 1's epochs (default: the recipe's)")
     p.add_argument("--stage2-epochs", help="stage 2's epochs (default: the recipe's)")
@@ -71,6 +72,7 @@ def main() -> None:
     stage0 += ["--dense-weight", a.dense_weight] if a.dense_weight else []
     stage0 += ["--dense-augment"] if a.dense_augment else []
     stage0 += ["--dense-pos-weight", a.dense_pos_weight] if a.dense_pos_weight else []
+    stage0 += ["--dense-position"] if a.dense_position else []
     step(["train", "--stage", "0", "--preset", a.preset, "--data", str(d / "stage1-train.jsonl"),
           str(d / "stage2-train.jsonl"), "--out", str(o / "s0"), *stage0, "--dense-truth", str(d / "scenes.jsonl"),
           *aef, *common], done=o / "s0" / "train.json")

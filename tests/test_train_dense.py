@@ -239,3 +239,27 @@ def test_pos_weight_counts_the_occupied_cells_more_and_one_is_the_plain_loss():
     assert torch.allclose(five.loss(visual, labels), want, atol=1e-6)
     with pytest.raises(InputError, match="--dense-pos-weight"):
         DenseSettings(Path("x"), pos_weight=0).check()
+
+
+def test_position_term_teaches_each_token_its_row_and_column_and_is_off_by_default():
+    torch.manual_seed(0)
+    labels = cell_labels([{"label": "ship", "box": [30, 30, 40, 36]}], 224, (8, 8))
+    plain, where = DenseHead(32), DenseHead(32, position_grid=(8, 8))
+    where.proj.load_state_dict(plain.proj.state_dict())
+    assert plain.position is None and "position.weight" not in plain.state_dict()
+    # tokens that are exactly their one-hot (row, column): a head reading them perfectly has ~0 position loss
+    idx = torch.arange(64)
+    visual = torch.cat([torch.nn.functional.one_hot(idx // 8, 8), torch.nn.functional.one_hot(idx % 8, 8),
+                        torch.zeros(64, 16)], dim=1).float()
+    with torch.no_grad():
+        where.position.weight.zero_()
+        where.position.bias.zero_()
+        where.position.weight[:16, :16] = 50 * torch.eye(16)
+    assert float(where.position_loss(visual)) < 1e-6
+    assert torch.allclose(where.loss(visual, labels), plain.loss(visual, labels), atol=1e-5)
+    # with the columns' weights swapped for the rows' the loss is large: it is the token's own place that counts
+    with torch.no_grad():
+        where.position.weight[8:16, :16] = 50 * torch.eye(16)[:8]
+    assert float(where.position_loss(visual)) > 10
+    with pytest.raises(ValueError, match="8x8 grid"):
+        where.position_loss(visual[:60])

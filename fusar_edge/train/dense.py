@@ -11,6 +11,14 @@ take part) and is trained to predict:
 - for a cell holding exactly one object centre: where that centre lies in the cell and the
   box's width and height, in cell units (an L1 loss).
 
+With ``--dense-position`` it also predicts each token's own row and column in the token grid.
+The ViT has no absolute position embedding (Qwen2.5-VL's rotary encodings are relative), and
+the language model reads a token's place only through M-RoPE, which a small language model
+trained from scratch on a few hundred locate and detect rows never learned to do (localisation
+at chance, detection F1 0: benchmarks/results/eval-demo-recipes-vm.md). Told to, the ViT can put
+where a token lies into the token itself (a window or the image border looks different from
+each place), and the language model can then read a box's cell as it reads its content.
+
 The head exists only while training: it is not part of the saved model, and the runtime never
 sees it. Real FUSAR-GPT training has no such labels and no such stage; a real Qwen2.5-VL vision
 tower was pretrained by its authors on far more data. This is how the 2-core demo gets a vision
@@ -90,12 +98,15 @@ def cell_labels(targets: list[dict], chip: int, token_grid: tuple[int, int]) -> 
 class DenseHead(nn.Module):
     """Per-token logits for the per-label counts and the one-object box (training only)."""
 
-    def __init__(self, channels: int, pos_weight: float = 1.0):
+    def __init__(self, channels: int, pos_weight: float = 1.0, position_grid: tuple[int, int] | None = None):
         super().__init__()
         self.proj = nn.Linear(channels, len(LABELS) * COUNT_CLASSES + 4)
         # weight of a cell-label pair that holds an object (count class 1 or 2+) in the count term;
         # 1: plain cross-entropy. Empty pairs are ~97 % of them, so the head learns "0" first.
         self.pos_weight = float(pos_weight)
+        # --dense-position: the token grid (rows, columns) whose row and column each token predicts
+        self.position_grid = tuple(position_grid) if position_grid else None
+        self.position = nn.Linear(channels, sum(self.position_grid)) if self.position_grid else None
 
     def loss(self, visual: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         counts, boxes, has_box = (x.to(visual.device) for x in labels)
@@ -108,7 +119,18 @@ class DenseHead(nn.Module):
             loss = (per * torch.where(counts.reshape(-1) > 0, self.pos_weight, 1.0)).mean()
         if bool(has_box.any()):
             loss = loss + F.smooth_l1_loss(out[has_box, -4:], boxes[has_box], beta=0.1)
+        if self.position is not None:
+            loss = loss + self.position_loss(visual)
         return loss
+
+    def position_loss(self, visual: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each token's row plus that of its column (tokens in raster order)."""
+        gh, gw = self.position_grid
+        if visual.shape[0] != gh * gw:
+            raise ValueError(f"dense head: {visual.shape[0]} visual tokens, expected the {gh}x{gw} grid")
+        idx = torch.arange(gh * gw, device=visual.device)
+        out = self.position(visual.float())
+        return F.cross_entropy(out[:, :gh], idx // gw) + F.cross_entropy(out[:, gh:], idx % gw)
 
 
 class DenseTargets:
@@ -234,6 +256,7 @@ class DenseSettings:
     batch: int = 16  # images per warm-up step
     augment: bool = False  # random flips of each warm-up image (with its anchors and truth)
     pos_weight: float = 1.0  # weight of the cells holding an object in the count term (1: plain)
+    position: bool = False  # also predict each token's row and column (where it lies)
 
     def check(self) -> None:
         if not self.weight >= 0:

@@ -156,7 +156,8 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
     builder = SampleBuilder(cfg, tok, max_length=args.max_length, use_anchors=not args.no_aef)
     dense = None
     if args.dense is not None:
-        dense = DenseHead(cfg.hidden_size, args.dense.pos_weight)
+        dense = DenseHead(cfg.hidden_size, args.dense.pos_weight,
+                          position_grid=cfg.token_grid if args.dense.position else None)
         targets = DenseTargets(load_truth(args.dense.truth), chip, cfg.token_grid)
         params.update({f"dense_head.{n}": p for n, p in dense.named_parameters()})
     for row in rows:  # every row is checked (length, files, truth) before the first step, not hours later
@@ -202,7 +203,8 @@ def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, see
     run_id = json.dumps({"images": sorted(map(str, seen)), "epochs": dense.warmup_epochs, "lr": dense.warmup_lr,
                          "batch": dense.batch, "seed": seed, "modules": sorted(modules)}
                         | ({"augment": "flips"} if dense.augment else {})  # old warm-ups keep their id
-                        | ({"pos_weight": dense.pos_weight} if dense.pos_weight != 1.0 else {}))
+                        | ({"pos_weight": dense.pos_weight} if dense.pos_weight != 1.0 else {})
+                        | ({"position": True} if dense.position else {}))
     if done.is_file():
         saved = torch.load(done, map_location="cpu", weights_only=True)
         if saved.get("run_id") != run_id:
