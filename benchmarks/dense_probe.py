@@ -37,7 +37,8 @@ def _load(model, head, run: Path, after_stage0: bool) -> None:
     if not after_stage0:
         saved = torch.load(run / "dense-warmup.pt", weights_only=True)
         model.visual.load_state_dict(saved["visual"])
-        head.load_state_dict(saved["head"])
+        # a --dense-position head's position layer is not read here; the count layer must be there
+        assert not head.load_state_dict(saved["head"], strict=False).missing_keys
         if model.tlm is not None:
             model.tlm.load_state_dict(saved["tlm"])
         return
@@ -47,7 +48,8 @@ def _load(model, head, run: Path, after_stage0: bool) -> None:
         if module is None:
             continue
         state = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
-        module.load_state_dict(state, strict=prefix != "tlm.")  # TLM's Gaussian buffers are not parameters
+        # not strict: a --dense-position head has a layer more than the probe reads
+        assert not module.load_state_dict(state, strict=False).missing_keys
 
 
 def main() -> None:
