@@ -17,7 +17,10 @@ the language model reads a token's place only through M-RoPE, which a small lang
 trained from scratch on a few hundred locate and detect rows never learned to do (localisation
 at chance, detection F1 0: benchmarks/results/eval-demo-recipes-vm.md). Told to, the ViT can put
 where a token lies into the token itself (a window or the image border looks different from
-each place), and the language model can then read a box's cell as it reads its content.
+each place), and the language model could then read a box's cell as it reads its content.
+Measured: the tokens do learn it (a linear probe reads their row and column at 1.0), but within the
+demo's budget the language model does not learn to read it, and counting loses a few points, so
+the shipped recipe leaves it off (benchmarks/results/eval-demo-recipes-vm.md).
 
 The head exists only while training: it is not part of the saved model, and the runtime never
 sees it. Real FUSAR-GPT training has no such labels and no such stage; a real Qwen2.5-VL vision
