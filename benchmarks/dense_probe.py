@@ -33,7 +33,8 @@ from fusar_edge.config import preset  # noqa: E402
 from fusar_edge.evaluate.metrics import gt_boxes, match, prf  # noqa: E402
 from fusar_edge.model.bundle import build_random  # noqa: E402
 from fusar_edge.tokenizer import TextTokenizer  # noqa: E402
-from fusar_edge.train.dense import COUNT_CLASSES, LABELS, DenseHead, cell_labels, load_truth  # noqa: E402
+from fusar_edge.train.dense import (COUNT_CLASSES, LABELS, DenseHead, cell_boxes, cell_labels,  # noqa: E402
+                                     load_truth)
 from fusar_edge.train.samples import SampleBuilder, read_manifest  # noqa: E402
 
 
@@ -54,20 +55,6 @@ def _load(model, head, run: Path, after_stage0: bool) -> None:
         state = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
         # not strict: a --dense-position head has a layer more than the probe reads
         assert not module.load_state_dict(state, strict=False).missing_keys
-
-
-def _ship_boxes(ship_cls: torch.Tensor, box_out: torch.Tensor, cfg) -> list[dict]:
-    """One box per cell the head says holds a ship, decoded from its (centre in the cell, size) in
-    cell units (``dense.cell_labels``' layout) to ``[x1, y1, x2, y2]`` chip pixels."""
-    gh, gw = cfg.token_grid
-    ch, cw = cfg.chip_size / gh, cfg.chip_size / gw
-    boxes = []
-    for cell in torch.nonzero(ship_cls > 0).flatten().tolist():
-        gy, gx = divmod(cell, gw)
-        ox, oy, w, h = (float(v) for v in box_out[cell])
-        cx, cy = (gx + ox) * cw, (gy + oy) * ch
-        boxes.append({"bbox_2d": [cx - w * cw / 2, cy - h * ch / 2, cx + w * cw / 2, cy + h * ch / 2], "label": "ship"})
-    return boxes
 
 
 def main() -> None:
@@ -101,7 +88,8 @@ def main() -> None:
             n = len(LABELS) * COUNT_CLASSES
             out = head.proj(tokens.float())
             cls = out[:, :n].reshape(-1, len(LABELS), COUNT_CLASSES).argmax(-1)
-            boxes_by_scene[row["scene"]] = _ship_boxes(cls[:, LABELS.index("ship")], out[:, -4:], cfg)
+            boxes_by_scene[row["scene"]] = [{"bbox_2d": b, "label": "ship"} for b in cell_boxes(
+                cls[:, LABELS.index("ship")] > 0, out[:, -4:], cfg.chip_size, cfg.token_grid)]
             true_cls = cell_labels(truth[row["scene"]], cfg.chip_size, cfg.token_grid)[0]
             got_by_scene[row["scene"]] = {}
             for i, label in enumerate(LABELS[:3]):

@@ -9,7 +9,7 @@ import torch
 from fusar_edge.cli import main
 from fusar_edge.data.synth import synth
 from fusar_edge.errors import InputError
-from fusar_edge.train.dense import LABELS, DenseHead, DenseSettings, cell_labels, load_truth
+from fusar_edge.train.dense import LABELS, DenseHead, DenseSettings, cell_boxes, cell_labels, load_truth
 from fusar_edge.train.loop import TrainSettings
 from fusar_edge.train.recipe import StageArgs, run_stage
 
@@ -263,3 +263,12 @@ def test_position_term_teaches_each_token_its_row_and_column_and_is_off_by_defau
     assert float(where.position_loss(visual)) > 10
     with pytest.raises(ValueError, match="8x8 grid"):
         where.position_loss(visual[:60])
+
+
+def test_cell_boxes_decodes_what_cell_labels_encodes():
+    ships = [{"label": "ship", "box": [30, 30, 40, 36]}, {"label": "ship", "box": [150.5, 200, 171, 209]}]
+    counts, boxes, has_box = cell_labels(ships + [{"label": "rock", "box": [100, 0, 120, 8]}], 224, (8, 8))
+    decoded = cell_boxes(counts[:, LABELS.index("ship")] > 0, boxes, 224, (8, 8))
+    assert len(decoded) == 2 and bool(has_box.sum() == 3)
+    for got, want in zip(decoded, ships):  # raster order = reading order here
+        assert got == pytest.approx(want["box"], abs=1e-4)

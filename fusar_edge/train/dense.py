@@ -100,6 +100,21 @@ def cell_labels(targets: list[dict], chip: int, token_grid: tuple[int, int]) -> 
     return counts.clamp_(max=COUNT_CLASSES - 1), boxes, centres == 1
 
 
+def cell_boxes(occupied: torch.Tensor, box_out: torch.Tensor, chip: int, token_grid: tuple[int, int]) -> list[list[float]]:
+    """The inverse of ``cell_labels``' box encoding: one ``[x1, y1, x2, y2]`` (chip pixels) per cell
+    where ``occupied [T]`` is true, from that cell's (centre in the cell, width, height) in cell units
+    ``box_out [T, 4]``. Cells in raster order."""
+    gh, gw = token_grid
+    cell_h, cell_w = chip / gh, chip / gw
+    boxes = []
+    for cell in torch.nonzero(occupied).flatten().tolist():
+        gy, gx = divmod(cell, gw)
+        ox, oy, w, h = (float(v) for v in box_out[cell])
+        cx, cy = (gx + ox) * cell_w, (gy + oy) * cell_h
+        boxes.append([cx - w * cell_w / 2, cy - h * cell_h / 2, cx + w * cell_w / 2, cy + h * cell_h / 2])
+    return boxes
+
+
 class DenseHead(nn.Module):
     """Per-token logits for the per-label counts and the one-object box (training only)."""
 
