@@ -38,16 +38,19 @@ ids = s.input_ids[:first].clone(); pos = s.positions[..., :first]
 words = ["top-left", "top", "top-right", "left", "center", "right", "bottom-left", "bottom", "bottom-right"]
 first_tok = {w: tok.encode(w)[0] for w in words}
 C = cfg.hidden_size
-P = torch.randn(64, C) * (18 / C ** 0.5)     # the place component of each token (norm ~18, as measured)
+gh, gw = cfg.token_grid
+cell_h, cell_w = cfg.chip_size / gh, cfg.chip_size / gw
+P = torch.randn(n, C) * (18 / C ** 0.5)     # the place component of each token (norm ~18, as measured)
 T = torch.randn(C) * (10 / C ** 0.5)         # "a ship is here"
 lm, head = model.language_model, model.lm_head
 params = list(lm.parameters()) + list(head.parameters())
 opt = torch.optim.AdamW(params, lr=1e-3)
 def batch(k):
-    cells = torch.randint(0, 64, (k,))
-    X = torch.randn(k, 64, C) * (20 / C ** 0.5) + (P if use_place else 0)
+    cells = torch.randint(0, n, (k,))
+    X = torch.randn(k, n, C) * (20 / C ** 0.5) + (P if use_place else 0)
     X[torch.arange(k), cells] += T
-    y = torch.tensor([first_tok[cell_of([(c % 8) * 28, (c // 8) * 28, (c % 8) * 28 + 28, (c // 8) * 28 + 28], 224)] for c in cells.tolist()])
+    boxes = [[(c % gw) * cell_w, (c // gw) * cell_h, (c % gw + 1) * cell_w, (c // gw + 1) * cell_h] for c in cells.tolist()]
+    y = torch.tensor([first_tok[cell_of(box, cfg.chip_size)] for box in boxes])
     return X, y
 def forward(X):
     e = lm.embed_tokens(ids.view(1, -1)).repeat(X.shape[0], 1, 1).clone()
