@@ -57,6 +57,8 @@ def main() -> None:
     p.add_argument("--dense-augment", action="store_true", help="stage 0: random flips in the dense warm-up")
     p.add_argument("--dense-pos-weight", help="stage 0: weight of occupied cells in the dense loss (default 1)")
     p.add_argument("--dense-position", action="store_true", help="stage 0: tokens also learn their row and column")
+    p.add_argument("--grid", action="store_true",
+                   help="stage 0 also trains on the grid rows (what lies in each 3x3 cell; stage0-grid-train.jsonl)")
     p.add_argument("--stage0-epochs", help="stage 0's answer epochs (default: the recipe's 2)")
     p.add_argument("--stage1-epochs", help="stage 1's epochs (default: the recipe's)")
     p.add_argument("--stage2-epochs", help="stage 2's epochs (default: the recipe's)")
@@ -73,8 +75,9 @@ def main() -> None:
     stage0 += ["--dense-augment"] if a.dense_augment else []
     stage0 += ["--dense-pos-weight", a.dense_pos_weight] if a.dense_pos_weight else []
     stage0 += ["--dense-position"] if a.dense_position else []
+    grid = [str(d / "stage0-grid-train.jsonl")] if a.grid else []
     step(["train", "--stage", "0", "--preset", a.preset, "--data", str(d / "stage1-train.jsonl"),
-          str(d / "stage2-train.jsonl"), "--out", str(o / "s0"), *stage0, "--dense-truth", str(d / "scenes.jsonl"),
+          str(d / "stage2-train.jsonl"), *grid, "--out", str(o / "s0"), *stage0, "--dense-truth", str(d / "scenes.jsonl"),
           *aef, *common], done=o / "s0" / "train.json")
     step(["train", "--stage", "1", "--base", str(o / "s0" / "base"), *([] if a.no_aef else ["--init-tlm", str(o / "s0")]),
           "--data", str(d / "stage1-train.jsonl"), "--out", str(o / "s1"),

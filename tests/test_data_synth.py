@@ -12,7 +12,7 @@ from fusar_edge.cli import main
 from fusar_edge.data.synth import prototypes, synth
 from fusar_edge.errors import InputError
 from fusar_edge.tiles.store import TileStore
-from fusar_edge.tasks import DETECT_PROMPT
+from fusar_edge.tasks import DETECT_PROMPT, GRID_CELLS
 
 CHIP = 112
 
@@ -121,11 +121,42 @@ def test_answers_agree_with_the_ground_truth(ds):
         assert r["group"] == t["group"]
 
 
+def test_grid_rows_name_what_lies_in_each_cell(ds):
+    """Stage 0's grid rows, one per scene, agree with the truth: each target named in its box centre's cell."""
+    out, _ = ds
+    truth = {t["id"]: t for t in read_jsonl(out / "scenes.jsonl")}
+    for split in ("train", "val", "test"):
+        rows = read_jsonl(out / f"stage0-grid-{split}.jsonl")
+        assert sorted(r["scene"] for r in rows) == sorted(k for k, t in truth.items() if t["split"] == split)
+        for r in rows:
+            cells = dict(part.split(": ") for part in r["answer"].split("; "))
+            assert list(cells) == [c for row in GRID_CELLS for c in row]
+            named = 0
+            for content in cells.values():
+                for name in content.split(", "):
+                    if name != "nothing":
+                        n, _, label = name.partition(" ")
+                        named += int(n) if n.isdigit() else 1
+            assert named == len(truth[r["scene"]]["targets"]) and r["task"] == "grid"
+
+
+def test_grid_answer_on_hand_made_targets():
+    from fusar_edge.data.questions import grid_answer
+    from fusar_edge.data.scene import Target
+
+    ts = [Target("ship", (10, 10, 20, 14), "water"), Target("ship", (30, 5, 36, 9), "water"),
+          Target("rock", (200, 100, 210, 110), "land"), Target("building", (150, 150, 160, 158), "urban")]
+    assert grid_answer(ts, 224, 1.0) == ("top-left: 2 ships; top: nothing; top-right: nothing; left: nothing; "
+                                         "center: nothing; right: rock; bottom-left: nothing; bottom: nothing; "
+                                         "bottom-right: building")
+    assert grid_answer(ts, 112, 0.5).startswith("top-left: 2 ships;")  # boxes scaled into the chip first
+
+
 def test_rows_load_as_the_reference_reads_them(ds):
     """data.TripletDataset / load_aef semantics: required keys, coordinate_size, relative paths, NPZ anchors."""
     out, info = ds
     for split in ("train", "val", "test"):
-        for stage in (1, 2):
+        for stage in ("1", "2", "0-grid"):
             for r in read_jsonl(out / f"stage{stage}-{split}.jsonl"):
                 assert all(k in r for k in ("image", "aef", "question", "answer"))
                 assert r["coordinate_size"] == CHIP and isinstance(r["answer"], str)

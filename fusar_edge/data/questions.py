@@ -6,6 +6,11 @@ caption, for evaluation), ``group`` (``distractors`` when the scene has ship-lik
 land, else ``clean``) and ``scene``; the reference ignores keys it does not use.
 
 - **stage 1 (captions)**: what the terrain is, how it is laid out, what lies where (3x3 cells).
+- **grid rows (stage 0 only, ours)**: "What lies in each cell of a 3x3 grid?" ->
+  "top-left: nothing; top: 2 ships; ...; bottom-right: rock". Nine readouts of "what is at this
+  place" per row, for a language model trained from scratch: it answers the prior until it has
+  seen many thousands of such readouts (benchmarks/position_readout_toy.py), far more than the
+  locate rows alone give it. Not a reference task; never in the evaluation manifests.
 - **stage 2 (tasks)**: counting ("How many ships ...?" -> "3"), 3x3-grid localisation of a
   single target ("top-left"), classification of the object in a given box ("ship", "aircraft",
   "oil tank", "building", "rock"), and detection with the reference's detection prompt
@@ -31,6 +36,8 @@ COUNT_QUESTIONS = ("How many {p} are there in this image?", "How many {p} are in
 LOCATE_QUESTIONS = ("Where is the {l} in this image? Answer with a cell of a 3x3 grid.",
                     "Which part of the image contains the {l}?")
 CLASSIFY_QUESTIONS = ("What is the object in the box {box}?", "Classify the target at {box}.")
+GRID_QUESTION = "What lies in each cell of a 3x3 grid?"
+GRID_LABELS = TARGET_LABELS + ("building", "rock")  # the order objects are named within a cell
 CAPTION_QUESTIONS = ("Describe this SAR image.", "Describe the scene.", "What does this image show?")
 
 
@@ -65,6 +72,27 @@ def caption(cover: np.ndarray, targets: list[Target], size: int, scale: float) -
     if not any(t.label in TARGET_LABELS for t in targets):
         text.append("No ships, aircraft or oil tanks.")
     return " ".join(text)
+
+
+def grid_answer(targets: list[Target], size: int, scale: float) -> str:
+    """Every cell of the 3x3 grid in reading order with what lies in it (by box centre), or "nothing"."""
+    where = [(cell_of(chip_box(t, scale), size), t.label) for t in targets]
+    parts = []
+    for cell in (c for row in GRID_CELLS for c in row):
+        names = []
+        for label in GRID_LABELS:
+            n = sum(1 for c, lab in where if c == cell and lab == label)
+            if n:
+                names.append(label if n == 1 else f"{n} {PLURAL.get(label, label + 's')}")
+        parts.append(f"{cell}: {', '.join(names) if names else 'nothing'}")
+    return "; ".join(parts)
+
+
+def grid_row(scene_id: str, image: str, aef: str, targets: list[Target], size: int, scale: float,
+             group: str) -> dict[str, Any]:
+    """The scene's grid row (stage 0 only; see the module's docstring)."""
+    return {"id": f"{scene_id}-grid", "image": image, "aef": aef, "coordinate_size": size, "scene": scene_id,
+            "group": group, "task": "grid", "question": GRID_QUESTION, "answer": grid_answer(targets, size, scale)}
 
 
 def scene_rows(rng: np.random.Generator, scene_id: str, image: str, aef: str, cover: np.ndarray,

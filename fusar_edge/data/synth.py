@@ -12,6 +12,7 @@ leaves nothing under ``OUT``)::
     anchors/<id>.npz                   its 16 x 16 anchor set looked up in tiles/ (reference NPZ)
     stage1-{train,val,test}.jsonl      caption rows (reference manifest format)
     stage2-{train,val,test}.jsonl      count / locate / classify / detect rows
+    stage0-grid-{train,val,test}.jsonl what lies in each 3x3 cell: the demo's stage 0 only (ours)
     scenes.jsonl                       ground truth per scene (split, region, date, bounds, targets)
     dataset.json                       what made it: seed, counts, chip size, generator version
 
@@ -43,7 +44,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..fsutil import publish_dir, publishable_mkdtemp, remove_stale_work_dirs, work_dir
-from .questions import scene_rows
+from .questions import grid_row, scene_rows
 from .scene import COVER, TARGET_LABELS, make_region, make_scene, smooth_field
 
 GENERATOR_VERSION = "fusar-edge-synth-v1"
@@ -169,7 +170,8 @@ def synth(out: str | Path, n: int, seed: int = 0, chip: int = 504, per_region: i
         store = TileStore.open(tmp / "tiles")
         (tmp / "scenes").mkdir()
         (tmp / "anchors").mkdir()
-        manifests: dict[str, list[dict]] = {f"stage{s}-{sp}": [] for s in (1, 2) for sp in ("train", "val", "test")}
+        manifests: dict[str, list[dict]] = {f"stage{s}-{sp}": [] for s in ("1", "2", "0-grid")
+                                            for sp in ("train", "val", "test")}
         truth = []
         for i in range(n):
             r = i % n_regions
@@ -191,6 +193,8 @@ def synth(out: str | Path, n: int, seed: int = 0, chip: int = 504, per_region: i
                                          scene.targets, chip, group)
             manifests[f"stage1-{split}"] += captions
             manifests[f"stage2-{split}"] += tasks
+            manifests[f"stage0-grid-{split}"].append(grid_row(sid, f"scenes/{sid}.png", f"anchors/{sid}.npz",
+                                                              scene.targets, chip, chip / cover.shape[0], group))
             frac = np.bincount(cover.ravel(), minlength=4) / cover.size
             truth.append({"id": sid, "split": split, "region": r, "date": date.isoformat(),
                           "bounds": list(img.bounds_lonlat), "tif": f"scenes/{sid}.tif",
