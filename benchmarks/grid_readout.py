@@ -18,27 +18,18 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fusar_edge.data.questions import grid_cells  # noqa: E402
 from fusar_edge.data.task_rows import read_manifest  # noqa: E402
 from fusar_edge.tasks import GRID_CELLS  # noqa: E402
 
 CELLS = [c for row in GRID_CELLS for c in row]
 
 
-def cell_contents(text: str) -> dict[str, str]:
-    """``{"top-left": "nothing", ...}`` from a grid answer; cells the text lacks are absent."""
-    out = {}
-    for part in text.split(";"):
-        cell, sep, what = part.partition(":")
-        if sep and cell.strip().lower() in CELLS:
-            out[cell.strip().lower()] = what.strip().lower()
-    return out
-
-
 def score(pairs: list[tuple[str, str]]) -> dict:
     """``pairs`` of (truth, prediction) grid answers -> cell accuracy, overall and on occupied cells."""
     right = total = occ_right = occ_total = prior = 0
     for truth, pred in pairs:
-        t, p = cell_contents(truth), cell_contents(pred)
+        t, p = grid_cells(truth), grid_cells(pred)
         for cell in CELLS:
             total += 1
             right += p.get(cell) == t[cell]

@@ -141,7 +141,7 @@ def test_grid_rows_name_what_lies_in_each_cell(ds):
 
 
 def test_grid_answer_on_hand_made_targets():
-    from fusar_edge.data.questions import grid_answer
+    from fusar_edge.data.questions import grid_answer, grid_cells
     from fusar_edge.data.scene import Target
 
     ts = [Target("ship", (10, 10, 20, 14), "water"), Target("ship", (30, 5, 36, 9), "water"),
@@ -150,6 +150,9 @@ def test_grid_answer_on_hand_made_targets():
                                          "center: nothing; right: rock; bottom-left: nothing; bottom: nothing; "
                                          "bottom-right: building")
     assert grid_answer(ts, 112, 0.5).startswith("top-left: 2 ships;")  # boxes scaled into the chip first
+    cells = grid_cells(grid_answer(ts, 224, 1.0))
+    assert len(cells) == 9 and cells["top-left"] == "2 ships" and cells["bottom-right"] == "building"
+    assert grid_cells("Top-Left: Ship; middle: rock; garbage") == {"top-left": "ship"}  # unknown cells dropped
 
 
 def test_rows_load_as_the_reference_reads_them(ds):

@@ -88,6 +88,18 @@ def grid_answer(targets: list[Target], size: int, scale: float) -> str:
     return "; ".join(parts)
 
 
+def grid_cells(text: str) -> dict[str, str]:
+    """``grid_answer``'s inverse: ``{"top-left": "nothing", "top": "2 ships", ...}`` (lower-cased);
+    cells a (model's) text lacks are absent."""
+    names = {c for row in GRID_CELLS for c in row}
+    out = {}
+    for part in text.split(";"):
+        cell, sep, what = part.partition(":")
+        if sep and cell.strip().lower() in names:
+            out[cell.strip().lower()] = what.strip().lower()
+    return out
+
+
 def grid_row(scene_id: str, image: str, aef: str, targets: list[Target], size: int, scale: float,
              group: str) -> dict[str, Any]:
     """The scene's grid row (stage 0 only; see the module's docstring)."""
