@@ -8,9 +8,10 @@ land, else ``clean``) and ``scene``; the reference ignores keys it does not use.
 - **stage 1 (captions)**: what the terrain is, how it is laid out, what lies where (3x3 cells).
 - **grid rows (stage 0 only, ours)**: "What lies in each cell of a 3x3 grid?" ->
   "top-left: nothing; top: 2 ships; ...; bottom-right: rock". Nine readouts of "what is at this
-  place" per row, for a language model trained from scratch: it answers the prior until it has
-  seen many thousands of such readouts (benchmarks/position_readout_toy.py), far more than the
-  locate rows alone give it. Not a reference task; never in the evaluation manifests.
+  place" per row, for a language model trained from scratch, which needs many thousands of them
+  (benchmarks/position_readout_toy.py) where the locate rows give it ~1,300. Measured: within the
+  demo's budget they do not yet move it off its prior (benchmarks/results/eval-demo-recipes-vm.md).
+  Not a reference task; never in the evaluation manifests.
 - **stage 2 (tasks)**: counting ("How many ships ...?" -> "3"), 3x3-grid localisation of a
   single target ("top-left"), classification of the object in a given box ("ship", "aircraft",
   "oil tank", "building", "rock"), and detection with the reference's detection prompt
