@@ -13,8 +13,9 @@ EPILOG = """examples:
 Writes scenes (GeoTIFF + PNG), an AEF tile store of the same ground (official COG layout,
 ingested with `tiles ingest`), per-scene anchors (reference NPZ), and JSONL manifests in
 the FUSAR-GPT reference format: stage1-{train,val,test}.jsonl (captions) and
-stage2-{train,val,test}.jsonl (count / locate / classify / detect). Splits never share a
-scene or an area. See fusar_edge/data/synth.py for every choice.
+stage2-{train,val,test}.jsonl (count / locate / classify / detect), plus
+stage0-grid-{train,val,test}.jsonl (what lies in each 3x3 cell; ours, for a stage 0 from
+scratch, not a reference task). Splits never share a scene or an area. See fusar_edge/data/synth.py for every choice.
 """
 
 
