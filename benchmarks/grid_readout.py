@@ -18,11 +18,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fusar_edge.data.questions import grid_cells  # noqa: E402
+from fusar_edge.data.questions import GRID_ORDER, grid_cells  # noqa: E402
 from fusar_edge.data.task_rows import read_manifest  # noqa: E402
-from fusar_edge.tasks import GRID_CELLS  # noqa: E402
-
-CELLS = [c for row in GRID_CELLS for c in row]
 
 
 def score(pairs: list[tuple[str, str]]) -> dict:
@@ -30,7 +27,7 @@ def score(pairs: list[tuple[str, str]]) -> dict:
     right = total = occ_right = occ_total = prior = 0
     for truth, pred in pairs:
         t, p = grid_cells(truth), grid_cells(pred)
-        for cell in CELLS:
+        for cell in GRID_ORDER:
             total += 1
             right += p.get(cell) == t[cell]
             prior += t[cell] == "nothing"

@@ -60,7 +60,7 @@ def add_parser(sub) -> None:
     t.add_argument("--dense-position", action="store_true",
                    help="stage 0: the dense head also predicts each visual token's row and column, so the tokens "
                         "carry where they lie (default off: within the demo's budget the language model did not learn to "
-                        "read it; benchmarks/results/eval-demo-recipes-vm.md)")
+                        "read it; with many more unique scenes it does, slowly: benchmarks/results/eval-demo-recipes-vm.md)")
     t.add_argument("--dense-augment", action="store_true",
                    help="stage 0: flip each warm-up image at random (left-right, up-down), with its anchors and "
                         "truth (default off; the main loop's answers are never flipped)")

@@ -130,7 +130,7 @@ def test_grid_rows_name_what_lies_in_each_cell(ds):
         assert sorted(r["scene"] for r in rows) == sorted(k for k, t in truth.items() if t["split"] == split)
         for r in rows:
             cells = dict(part.split(": ") for part in r["answer"].split("; "))
-            assert list(cells) == [c for row in GRID_CELLS for c in row]
+            assert list(cells) == [c for row in GRID_CELLS for c in row]  # every cell, in reading order
             named = 0
             for content in cells.values():
                 for name in content.split(", "):

@@ -38,6 +38,7 @@ LOCATE_QUESTIONS = ("Where is the {l} in this image? Answer with a cell of a 3x3
                     "Which part of the image contains the {l}?")
 CLASSIFY_QUESTIONS = ("What is the object in the box {box}?", "Classify the target at {box}.")
 GRID_QUESTION = "What lies in each cell of a 3x3 grid?"
+GRID_ORDER = tuple(c for row in GRID_CELLS for c in row)  # the cells of a grid answer, in reading order
 GRID_LABELS = TARGET_LABELS + ("building", "rock")  # the order objects are named within a cell
 CAPTION_QUESTIONS = ("Describe this SAR image.", "Describe the scene.", "What does this image show?")
 
@@ -79,7 +80,7 @@ def grid_answer(targets: list[Target], size: int, scale: float) -> str:
     """Every cell of the 3x3 grid in reading order with what lies in it (by box centre), or "nothing"."""
     where = [(cell_of(chip_box(t, scale), size), t.label) for t in targets]
     parts = []
-    for cell in (c for row in GRID_CELLS for c in row):
+    for cell in GRID_ORDER:
         names = []
         for label in GRID_LABELS:
             n = sum(1 for c, lab in where if c == cell and lab == label)
@@ -92,11 +93,10 @@ def grid_answer(targets: list[Target], size: int, scale: float) -> str:
 def grid_cells(text: str) -> dict[str, str]:
     """``grid_answer``'s inverse: ``{"top-left": "nothing", "top": "2 ships", ...}`` (lower-cased);
     cells a (model's) text lacks are absent."""
-    names = {c for row in GRID_CELLS for c in row}
     out = {}
     for part in text.split(";"):
         cell, sep, what = part.partition(":")
-        if sep and cell.strip().lower() in names:
+        if sep and cell.strip().lower() in GRID_ORDER:
             out[cell.strip().lower()] = what.strip().lower()
     return out
 
