@@ -16,6 +16,9 @@ true cell classes (what the 2-or-more clamp alone loses). It also decodes one sh
 head says holds a ship (the head's centre and size) and scores them on the split's detection rows
 as ``fusar-edge eval`` does (precision / recall / F1 at IoU 0.25 and 0.5; the true cell labels
 decoded the same way score F1@0.5 0.99 on synth2k's validation split: cells with two ships lose one).
+A ``--dense-density`` head's density layer is read too (each label's per-token densities summed over
+the tokens and rounded), and a ``--dense-image-count`` head's image-count layer (its logits averaged
+over the tokens), each scored on the same count rows.
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ from fusar_edge.tokenizer import TextTokenizer  # noqa: E402
 from fusar_edge.train.dense import (COUNT_CLASSES, LABELS, DenseHead, cell_boxes, cell_labels,  # noqa: E402
                                      load_truth)
 from fusar_edge.train.samples import SampleBuilder, read_manifest  # noqa: E402
+
+
+def _saved_head_state(run: Path, after_stage0: bool) -> dict:
+    if not after_stage0:
+        return torch.load(run / "dense-warmup.pt", weights_only=True)["head"]
+    params = torch.load(run / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)["params"]
+    return {k[len("dense_head."):]: v for k, v in params.items() if k.startswith("dense_head.")}
 
 
 def _load(model, head, run: Path, after_stage0: bool) -> None:
@@ -73,8 +83,14 @@ def main() -> None:
     cfg = preset(a.preset)
     cfg.tlm.enabled = not a.no_aef
     model = build_random(cfg, seed=0).eval()
-    head = DenseHead(cfg.hidden_size)
+    # a --dense-density head has a density layer, a --dense-image-count head an image-count layer:
+    # read them too (the density's sum over the tokens is a count; the image-count layer reads one)
+    saved_head = _saved_head_state(a.run, a.after_stage0)
+    head = DenseHead(cfg.hidden_size, density_weight=float("density.weight" in saved_head),
+                     image_count_weight=float("image_count.weight" in saved_head))
     _load(model, head, a.run, a.after_stage0)
+    density_by_scene: dict[str, dict[str, int]] = {}
+    image_count_by_scene: dict[str, dict[str, int]] = {}
     builder = SampleBuilder(cfg, TextTokenizer.demo(), use_anchors=not a.no_aef)
     truth = load_truth(a.data / "scenes.jsonl")
     hits: dict[str, list[int]] = {}
@@ -92,6 +108,12 @@ def main() -> None:
                 cls[:, LABELS.index("ship")] > 0, out[:, -4:], cfg.chip_size, cfg.token_grid)]
             true_cls = cell_labels(truth[row["scene"]], cfg.chip_size, cfg.token_grid)[0]
             got_by_scene[row["scene"]] = {}
+            if head.density is not None:
+                sums = head.density(tokens.float()).sum(0)
+                density_by_scene[row["scene"]] = {lab: max(0, round(float(sums[i]))) for i, lab in enumerate(LABELS[:3])}
+            if head.image_count is not None:
+                read = head.read_image_counts(tokens)
+                image_count_by_scene[row["scene"]] = {lab: int(read[i]) for i, lab in enumerate(LABELS[:3])}
             for i, label in enumerate(LABELS[:3]):
                 got = int(cls[:, i].sum())
                 got_by_scene[row["scene"]][label] = got
@@ -103,6 +125,8 @@ def main() -> None:
     # the stage-2 count rows of the same scenes, scored as `fusar-edge eval` scores counting
     label_of = {lab.replace(" ", "_"): lab for lab in LABELS[:3]}
     errs: dict[str, list[int]] = {}
+    density_errs: dict[str, list[int]] = {}
+    image_count_errs: dict[str, list[int]] = {}
     for row in read_manifest(a.data / f"stage2-{a.split}.jsonl"):
         if row.get("task") != "count" or row["scene"] not in got_by_scene:
             continue
@@ -110,6 +134,9 @@ def main() -> None:
         err = abs(got_by_scene[row["scene"]][label] - int(row["answer"]))
         for key in ("all", row["group"], label):
             errs.setdefault(key, []).append(err)
+            for by_scene, table in ((density_by_scene, density_errs), (image_count_by_scene, image_count_errs)):
+                if row["scene"] in by_scene:
+                    table.setdefault(key, []).append(abs(by_scene[row["scene"]][label] - int(row["answer"])))
     # the split's detection rows, scored as `fusar-edge eval` scores them (raw chip coordinates)
     det = {t: [0, 0, 0] for t in (0.25, 0.5)}
     for row in read_manifest(a.data / f"stage2-{a.split}.jsonl"):
@@ -119,8 +146,11 @@ def main() -> None:
                 det[t] = [det[t][0] + match(preds, gts, t), det[t][1] + len(preds), det[t][2] + len(gts)]
     report["detect rows (ship boxes from the head)"] = {f"iou{t}": {k: round(v, 3) for k, v in prf(*det[t]).items()}
                                                          for t in det}
-    report["count rows"] = {k: {"n": len(v), "exact": round(sum(e == 0 for e in v) / len(v), 3),
-                                "mae": round(sum(v) / len(v), 3)} for k, v in errs.items()}
+    for name, table in (("count rows", errs), ("count rows (density sum, rounded)", density_errs),
+                        ("count rows (image-count layer)", image_count_errs)):
+        if table:
+            report[name] = {k: {"n": len(v), "exact": round(sum(e == 0 for e in v) / len(v), 3),
+                                "mae": round(sum(v) / len(v), 3)} for k, v in table.items()}
     print(json.dumps(report, indent=2))
 
 

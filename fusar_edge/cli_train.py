@@ -61,6 +61,14 @@ def add_parser(sub) -> None:
                    help="stage 0: the dense head also predicts each visual token's row and column, so the tokens "
                         "carry where they lie (default off: within the demo's budget the language model did not learn to "
                         "read it; with many more unique scenes it does, slowly: benchmarks/results/eval-demo-recipes-vm.md)")
+    t.add_argument("--dense-density", type=float, default=0.0, metavar="WEIGHT",
+                   help="stage 0: weight of a per-token density term: each visual token also learns the share of "
+                        "every object's box that lies in its cell, so the tokens' sum is the count and an object "
+                        "across a cell border is not counted twice (default 0: off)")
+    t.add_argument("--dense-image-count", type=float, default=0.0, metavar="WEIGHT",
+                   help="stage 0: weight of a whole-image count term: every visual token also learns how many "
+                        "objects of each label the image holds, so the language model can read a count from any "
+                        "one token rather than sum 64 of them (default 0: off)")
     t.add_argument("--dense-augment", action="store_true",
                    help="stage 0: flip each warm-up image at random (left-right, up-down), with its anchors and "
                         "truth (default off; the main loop's answers are never flipped)")
@@ -95,7 +103,8 @@ def run(args) -> int:
 
         dense = DenseSettings(Path(args.dense_truth), args.dense_weight, args.dense_warmup_epochs, args.dense_warmup_lr,
                               augment=args.dense_augment, pos_weight=args.dense_pos_weight,
-                              position=args.dense_position)
+                              position=args.dense_position, density=args.dense_density,
+                              image_count=args.dense_image_count)
     settings = TrainSettings(epochs=args.epochs if args.epochs is not None else d["epochs"],
                              lr=args.lr if args.lr is not None else d["lr"], grad_accum=args.grad_accum,
                              seed=args.seed, save_every=args.save_every,

@@ -33,7 +33,11 @@ def step(argv: list[str], done: Path | None = None) -> None:
         print(f"# skipped (done): fusar-edge {shlex.join(argv)}", flush=True)
         return
     print(f"$ fusar-edge {shlex.join(argv)}", flush=True)
-    subprocess.run([sys.executable, "-m", "fusar_edge.cli", *argv], check=True)
+    code = subprocess.run([sys.executable, "-m", "fusar_edge.cli", *argv]).returncode
+    if code != 0:  # the step printed its own error; stop here with its exit code, no traceback of ours
+        print(f"train_demo: step `fusar-edge {argv[0]}` failed (exit {code}); fix it and rerun: finished steps "
+              "are skipped", file=sys.stderr)
+        raise SystemExit(code)
 
 
 def _override(argv: list[str], values: dict[str, str | None]) -> list[str]:
@@ -57,6 +61,8 @@ def main() -> None:
     p.add_argument("--dense-augment", action="store_true", help="stage 0: random flips in the dense warm-up")
     p.add_argument("--dense-pos-weight", help="stage 0: weight of occupied cells in the dense loss (default 1)")
     p.add_argument("--dense-position", action="store_true", help="stage 0: tokens also learn their row and column")
+    p.add_argument("--dense-density", help="stage 0: weight of the per-token density term (default: off)")
+    p.add_argument("--dense-image-count", help="stage 0: weight of the whole-image count term (default: off)")
     p.add_argument("--grid", action="store_true",
                    help="stage 0 also trains on the grid rows (what lies in each 3x3 cell; stage0-grid-train.jsonl)")
     p.add_argument("--stage0-epochs", help="stage 0's answer epochs (default: the recipe's 2)")
@@ -75,6 +81,8 @@ def main() -> None:
     stage0 += ["--dense-augment"] if a.dense_augment else []
     stage0 += ["--dense-pos-weight", a.dense_pos_weight] if a.dense_pos_weight else []
     stage0 += ["--dense-position"] if a.dense_position else []
+    stage0 += ["--dense-density", a.dense_density] if a.dense_density else []
+    stage0 += ["--dense-image-count", a.dense_image_count] if a.dense_image_count else []
     grid = [str(d / "stage0-grid-train.jsonl")] if a.grid else []
     step(["train", "--stage", "0", "--preset", a.preset, "--data", str(d / "stage1-train.jsonl"),
           str(d / "stage2-train.jsonl"), *grid, "--out", str(o / "s0"), *stage0, "--dense-truth", str(d / "scenes.jsonl"),

@@ -1,6 +1,7 @@
 """Stage 0's dense supervision: cell labels from the ground truth, the warm-up, resume, bad input."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 from fusar_edge.cli import main
 from fusar_edge.data.synth import synth
 from fusar_edge.errors import InputError
-from fusar_edge.train.dense import LABELS, DenseHead, DenseSettings, cell_boxes, cell_labels, load_truth
+from fusar_edge.train.dense import (LABELS, DenseHead, DenseSettings, cell_boxes, cell_density, cell_labels,
+                                     load_truth)
 from fusar_edge.train.loop import TrainSettings
 from fusar_edge.train.recipe import StageArgs, run_stage
 
@@ -157,12 +159,13 @@ def test_flip_image_moves_chip_anchors_and_truth_together():
              2: (chip[::-1], 7 * 8 + 1, [[0.9, 0.2], [0.5, 0.75]]),
              3: (chip[::-1, ::-1], 7 * 8 + 6, [[0.9, 0.8], [0.5, 0.25]])}
     for flip, (want_chip, cell, positions) in cases.items():
-        pixels, grid, got_anchors, (counts, boxes, has_box) = flip_image(chip, anchors, targets, flip, cfg)
+        pixels, grid, got_anchors, (counts, boxes, has_box, density) = flip_image(chip, anchors, targets, flip, cfg)
         want_pixels, want_grid = chip_to_patches(np.ascontiguousarray(want_chip))
         assert torch.equal(pixels, torch.from_numpy(want_pixels)) and torch.equal(grid, torch.from_numpy(want_grid))
         assert torch.allclose(got_anchors[1], torch.tensor(positions)), flip
         assert got_anchors[0] is anchors[0] and got_anchors[2] is anchors[2]
         assert int(counts[:, ship].sum()) == 1 and counts[cell, ship] == 1 and has_box[cell], flip
+        assert density[cell, ship] == 1 and float(density.sum()) == 1, flip  # the box lies in that one cell
         assert torch.allclose(boxes[cell, 2:], torch.tensor([20 / 28, 10 / 28]))  # the size is kept
     assert torch.allclose(anchors[1], torch.tensor([[0.1, 0.2], [0.5, 0.75]]))  # the input is not changed
 
@@ -191,6 +194,22 @@ def test_dense_augment_flag_trains_on_flips_and_is_its_own_warmup(data, tmp_path
     assert "different run" in capsys.readouterr().err
 
 
+def test_train_demo_script_stops_at_a_failed_step_with_its_exit_code_and_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_demo.py"
+    data = tmp_path / "not-a-dataset"
+    data.mkdir()
+    (data / "dataset.json").write_text("{}")  # looks made, so the data step is skipped and stage 0 fails
+    proc = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "o"), "--data", str(data)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "stage1-train.jsonl" in proc.stderr  # the step's own one-line error names the missing file
+    assert "train_demo: step `fusar-edge train` failed (exit 2)" in proc.stderr
+
+
 def test_train_demo_script_passes_its_recipe_overrides(tmp_path, monkeypatch):
     import importlib.util
     import sys
@@ -214,8 +233,9 @@ def test_train_demo_script_passes_its_recipe_overrides(tmp_path, monkeypatch):
     assert default[default.index("--dense-warmup-epochs") + 1] == "12" and default[default.index("--epochs") + 1] == "2"
     assert "--dense-pos-weight" not in default
     changed = stage0(["--dense-augment", "--dense-warmup-epochs", "20", "--dense-weight", "3", "--stage0-epochs", "3",
-                      "--dense-pos-weight", "5"])
+                      "--dense-pos-weight", "5", "--dense-density", "0.5"])
     assert "--dense-augment" in changed and changed[changed.index("--dense-weight") + 1] == "3"
+    assert "--dense-density" not in default and changed[changed.index("--dense-density") + 1] == "0.5"
     assert changed[changed.index("--dense-pos-weight") + 1] == "5"
     assert changed[changed.index("--dense-warmup-epochs") + 1] == "20" and changed[changed.index("--epochs") + 1] == "3"
     assert mod.STAGE0[mod.STAGE0.index("--dense-warmup-epochs") + 1] == "12"  # the recipe itself is unchanged
@@ -272,3 +292,78 @@ def test_cell_boxes_decodes_what_cell_labels_encodes():
     assert len(decoded) == 2 and bool(has_box.sum() == 3)
     for got, want in zip(decoded, ships):  # raster order = reading order here
         assert got == pytest.approx(want["box"], abs=1e-4)
+
+
+def test_cell_density_splits_each_object_by_area_and_sums_to_the_count():
+    ship, rock = LABELS.index("ship"), LABELS.index("rock")
+    targets = [
+        {"label": "ship", "box": [0, 0, 10, 6]},  # inside cell (0, 0)
+        {"label": "ship", "box": [18, 0, 38, 10]},  # across the border x = 28: 10 px left, 10 px right
+        {"label": "ship", "box": [20, 20, 36, 36]},  # across four cells: 8x8 px in each
+        {"label": "rock", "box": [210, 210, 230, 230]},  # past the chip's edge: the part inside counts as a whole
+        {"label": "unknown thing", "box": [100, 100, 110, 110]},  # not a label the head knows: ignored
+    ]
+    d = cell_density(targets, 224, (8, 8))
+    assert d.shape == (64, len(LABELS))
+    assert torch.allclose(d.sum(0), torch.tensor([3.0, 0, 0, 0, 1.0]))
+    assert d[0, ship] == pytest.approx(1 + 0.5 + 0.25) and d[1, ship] == pytest.approx(0.5 + 0.25)
+    assert d[8, ship] == pytest.approx(0.25) and d[9, ship] == pytest.approx(0.25)
+    assert d[63, rock] == pytest.approx(1.0) and float(d[:, rock].sum()) == pytest.approx(1.0)
+    assert cell_density([], 224, (8, 8)).abs().sum() == 0
+
+
+def test_density_term_is_off_by_default_and_fits_the_counts_when_on():
+    torch.manual_seed(0)
+    targets = [{"label": "ship", "box": [18, 0, 38, 10]}, {"label": "rock", "box": [100, 0, 120, 8]}]
+    labels = (*cell_labels(targets, 224, (8, 8)), cell_density(targets, 224, (8, 8)))
+    plain, dense = DenseHead(32), DenseHead(32, density_weight=2.0)
+    dense.proj.load_state_dict(plain.proj.state_dict())
+    assert plain.density is None and "density.weight" not in plain.state_dict()
+    visual = torch.randn(64, 32)
+    extra = dense.loss(visual, labels) - plain.loss(visual, labels)
+    assert torch.allclose(extra, 2.0 * dense.density_loss(visual, labels[3]), atol=1e-5)
+    # the term is a squared error: zero exactly when the head predicts the densities
+    with torch.no_grad():
+        dense.density.weight.zero_()
+        dense.density.bias.zero_()
+    # all-zero densities: per token (0.5^2 + 0.5^2 for the ship, 0.6^2 + 0.4^2 for the rock) / 5 labels,
+    # plus the counts' (1^2 + 1^2) / 5
+    assert float(dense.density_loss(visual, labels[3]).detach()) == pytest.approx((0.5 + 0.52) / 5 + 2 / 5)
+    opt = torch.optim.Adam(dense.density.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        dense.density_loss(visual, labels[3]).backward()
+        opt.step()
+    sums = dense.density(visual).sum(0)
+    assert torch.allclose(sums, labels[3].sum(0), atol=0.05)  # the tokens' sum reads the counts
+    with pytest.raises(InputError, match="--dense-density"):
+        DenseSettings(Path("x"), density=-1).check()
+
+
+def test_image_count_term_teaches_every_token_the_whole_image_counts():
+    torch.manual_seed(0)
+    targets = [{"label": "ship", "box": [18, 0, 38, 10]}, {"label": "ship", "box": [150, 150, 160, 160]},
+               {"label": "rock", "box": [100, 0, 120, 8]}]
+    labels = (*cell_labels(targets, 224, (8, 8)), cell_density(targets, 224, (8, 8)))
+    plain, counted = DenseHead(32), DenseHead(32, image_count_weight=0.5)
+    counted.proj.load_state_dict(plain.proj.state_dict())
+    assert plain.image_count is None and "image_count.weight" not in plain.state_dict()
+    visual = torch.randn(64, 32)
+    extra = counted.loss(visual, labels) - plain.loss(visual, labels)
+    assert torch.allclose(extra, 0.5 * counted.image_count_loss(visual, labels[3]), atol=1e-5)
+    # a head at zero guesses uniformly over the 8 count classes: cross-entropy ln 8 for every token and label
+    with torch.no_grad():
+        counted.image_count.weight.zero_()
+        counted.image_count.bias.zero_()
+    assert float(counted.image_count_loss(visual, labels[3]).detach()) == pytest.approx(math.log(8), rel=1e-5)
+    opt = torch.optim.Adam(counted.image_count.parameters(), lr=0.05)
+    for _ in range(100):
+        opt.zero_grad()
+        counted.image_count_loss(visual, labels[3]).backward()
+        opt.step()
+    # the counts are the image's, whichever token reads them: 2 ships, 1 rock, none of the rest
+    assert counted.read_image_counts(visual).tolist() == [2, 0, 0, 0, 1]
+    many = [{"label": "ship", "box": [20 * i, 100, 20 * i + 8, 108]} for i in range(9)]  # 9 ships: the 7+ class
+    assert counted.image_count_loss(visual, cell_density(many, 224, (8, 8))).isfinite()
+    with pytest.raises(InputError, match="--dense-image-count"):
+        DenseSettings(Path("x"), image_count=-1).check()

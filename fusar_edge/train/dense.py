@@ -25,6 +25,17 @@ vision frozen) the language model does learn to read it, slowly (locate 0.14 -> 
 examples), and without it does not (0.13 -> 0.15): on real tokens this place is what the language
 model reads, M-RoPE alone is not enough (benchmarks/results/eval-demo-recipes-vm.md).
 
+Two count terms read the counts off the tokens differently (both off by default; results in
+benchmarks/results/eval-demo-recipes-vm.md):
+
+- ``--dense-density``: each token regresses, per label, the share of every object's box that lies
+  in its cell (``cell_density``), so the tokens' sum is the count. The centre-cell classes above
+  over-count: a ship across a cell border lights up both cells (most false cells of a warmed-up
+  head are next to a true one).
+- ``--dense-image-count``: every token also classifies the whole image's count of each label
+  (0..7+). The ViT's full-attention blocks then gather the count into each token, and the language
+  model can read it from any one token as it reads a class, instead of summing 64 tokens.
+
 The head exists only while training: it is not part of the saved model, and the runtime never
 sees it. Real FUSAR-GPT training has no such labels and no such stage; a real Qwen2.5-VL vision
 tower was pretrained by its authors on far more data. This is how the 2-core demo gets a vision
@@ -58,6 +69,7 @@ from .loop import _lr_factor
 
 LABELS = TARGET_LABELS + DISTRACTOR_LABELS
 COUNT_CLASSES = 3  # 0, 1, 2-or-more object centres of a label in one cell
+IMAGE_COUNT_CLASSES = 8  # 0..6, 7-or-more objects of a label in the whole image (--dense-image-count)
 
 
 def load_truth(path: str | Path) -> dict[str, list[dict]]:
@@ -101,6 +113,30 @@ def cell_labels(targets: list[dict], chip: int, token_grid: tuple[int, int]) -> 
     return counts.clamp_(max=COUNT_CLASSES - 1), boxes, centres == 1
 
 
+def cell_density(targets: list[dict], chip: int, token_grid: tuple[int, int]) -> torch.Tensor:
+    """-> ``[T, L]`` float, raster order: for each label, the share of each object's box (clipped to
+    the chip) that lies in each token's cell, summed over the objects. Every object adds exactly 1
+    over the grid, so a label's column sums to its count; a ship across a cell border is split
+    between the cells rather than given to the one holding its centre."""
+    gh, gw = token_grid
+    cell_h, cell_w = chip / gh, chip / gw
+    density = torch.zeros(gh * gw, len(LABELS))
+    for t in targets:
+        if t["label"] not in LABELS:
+            continue
+        x1, y1, x2, y2 = (float(v) for v in t["box"])
+        x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(chip)), min(y2, float(chip))
+        if x2 <= x1 or y2 <= y1:
+            continue
+        # overlap of the box with every cell: the product of its row and column overlaps
+        rows = (torch.minimum(torch.arange(1, gh + 1) * cell_h, torch.tensor(y2))
+                - torch.maximum(torch.arange(gh) * cell_h, torch.tensor(y1))).clamp(min=0)
+        cols = (torch.minimum(torch.arange(1, gw + 1) * cell_w, torch.tensor(x2))
+                - torch.maximum(torch.arange(gw) * cell_w, torch.tensor(x1))).clamp(min=0)
+        density[:, LABELS.index(t["label"])] += (rows[:, None] * cols[None, :]).reshape(-1) / ((x2 - x1) * (y2 - y1))
+    return density
+
+
 def cell_boxes(occupied: torch.Tensor, box_out: torch.Tensor, chip: int, token_grid: tuple[int, int]) -> list[list[float]]:
     """The inverse of ``cell_labels``' box encoding: one ``[x1, y1, x2, y2]`` (chip pixels) per cell
     where ``occupied [T]`` is true, from that cell's (centre in the cell, width, height) in cell units
@@ -119,7 +155,8 @@ def cell_boxes(occupied: torch.Tensor, box_out: torch.Tensor, chip: int, token_g
 class DenseHead(nn.Module):
     """Per-token logits for the per-label counts and the one-object box (training only)."""
 
-    def __init__(self, channels: int, pos_weight: float = 1.0, position_grid: tuple[int, int] | None = None):
+    def __init__(self, channels: int, pos_weight: float = 1.0, position_grid: tuple[int, int] | None = None,
+                 density_weight: float = 0.0, image_count_weight: float = 0.0):
         super().__init__()
         self.proj = nn.Linear(channels, len(LABELS) * COUNT_CLASSES + 4)
         # weight of a cell-label pair that holds an object (count class 1 or 2+) in the count term;
@@ -128,9 +165,16 @@ class DenseHead(nn.Module):
         # --dense-position: the token grid (rows, columns) whose row and column each token predicts
         self.position_grid = tuple(position_grid) if position_grid else None
         self.position = nn.Linear(channels, sum(self.position_grid)) if self.position_grid else None
+        # --dense-density: weight of the per-token density term (0: off); see density_loss
+        self.density_weight = float(density_weight)
+        self.density = nn.Linear(channels, len(LABELS)) if self.density_weight > 0 else None
+        # --dense-image-count: weight of the whole-image count term (0: off); see image_count_loss
+        self.image_count_weight = float(image_count_weight)
+        self.image_count = (nn.Linear(channels, len(LABELS) * IMAGE_COUNT_CLASSES) if self.image_count_weight > 0
+                            else None)
 
     def loss(self, visual: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        counts, boxes, has_box = (x.to(visual.device) for x in labels)
+        counts, boxes, has_box = (x.to(visual.device) for x in labels[:3])
         out = self.proj(visual.float())
         count_logits = out[:, :len(LABELS) * COUNT_CLASSES].reshape(-1, COUNT_CLASSES)
         if self.pos_weight == 1.0:
@@ -142,7 +186,31 @@ class DenseHead(nn.Module):
             loss = loss + F.smooth_l1_loss(out[has_box, -4:], boxes[has_box], beta=0.1)
         if self.position is not None:
             loss = loss + self.position_loss(visual)
+        if self.density is not None:
+            loss = loss + self.density_weight * self.density_loss(visual, labels[3].to(visual.device))
+        if self.image_count is not None:
+            loss = loss + self.image_count_weight * self.image_count_loss(visual, labels[3].to(visual.device))
         return loss
+
+    def image_count_loss(self, visual: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of every token's guess at the whole image's count of each label (a class
+        0..7+; the counts are ``density``'s column sums, each object adding exactly 1). The ViT's
+        full-attention blocks must then gather the count into each token, so the language model
+        reads it from any one token instead of summing 64 of them."""
+        want = density.sum(0).round().long().clamp(max=IMAGE_COUNT_CLASSES - 1)  # [L]
+        logits = self.image_count(visual.float()).reshape(-1, IMAGE_COUNT_CLASSES)  # [T * L, C]
+        return F.cross_entropy(logits, want.repeat(visual.shape[0]))
+
+    def read_image_counts(self, visual: torch.Tensor) -> torch.Tensor:
+        """``[L]`` long: the image-count head's reading (its logits averaged over the tokens)."""
+        logits = self.image_count(visual.float()).reshape(visual.shape[0], len(LABELS), IMAGE_COUNT_CLASSES)
+        return logits.mean(0).argmax(-1)
+
+    def density_loss(self, visual: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
+        """Squared error of each token's per-label density (``cell_density``), summed over the
+        tokens, plus that of the image's count (the tokens' sum), both averaged over the labels."""
+        pred = self.density(visual.float())
+        return ((pred - density) ** 2).sum(0).mean() + ((pred.sum(0) - density.sum(0)) ** 2).mean()
 
     def position_loss(self, visual: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of each token's row plus that of its column (tokens in raster order)."""
@@ -155,7 +223,7 @@ class DenseHead(nn.Module):
 
 
 class DenseTargets:
-    """Row -> cell labels of its scene (cached), for one chip size and token grid."""
+    """Row -> ``(*cell_labels, cell_density)`` of its scene (cached), for one chip size and token grid."""
 
     def __init__(self, truth: dict[str, list[dict]], chip: int, token_grid: tuple[int, int]):
         self.truth, self.chip, self.grid = truth, chip, token_grid
@@ -167,7 +235,9 @@ class DenseTargets:
             raise InputError(f"row {row.get('id', '?')}: scene {sid!r} is not in --dense-truth (use the scenes.jsonl "
                              "of the dataset the manifests came from)")
         if sid not in self._cache:
-            self._cache[sid] = cell_labels(self.truth[sid], self.chip, self.grid)
+            targets = self.truth[sid]
+            self._cache[sid] = (*cell_labels(targets, self.chip, self.grid),
+                                cell_density(targets, self.chip, self.grid))
         return self._cache[sid]
 
 
@@ -208,7 +278,8 @@ def flip_image(chip, anchors, targets: list[dict], flip: int, config) -> tuple:
             y1, y2 = h - y2, h - y1
         flipped.append({**t, "box": [x1, y1, x2, y2]})
     return (torch.from_numpy(pixels), torch.from_numpy(grid), anchors,
-            cell_labels(flipped, config.chip_size, config.token_grid))
+            (*cell_labels(flipped, config.chip_size, config.token_grid),
+             cell_density(flipped, config.chip_size, config.token_grid)))
 
 
 def warmup(model, head: DenseHead, images: list[tuple], epochs: float, lr: float, batch: int = 16, seed: int = 0,
@@ -278,6 +349,8 @@ class DenseSettings:
     augment: bool = False  # random flips of each warm-up image (with its anchors and truth)
     pos_weight: float = 1.0  # weight of the cells holding an object in the count term (1: plain)
     position: bool = False  # also predict each token's row and column (where it lies)
+    density: float = 0.0  # weight of the per-token density term (each token's share of each object; 0: off)
+    image_count: float = 0.0  # weight of the whole-image count term (every token guesses the counts; 0: off)
 
     def check(self) -> None:
         if not self.weight >= 0:
@@ -286,5 +359,9 @@ class DenseSettings:
             raise InputError(f"--dense-warmup-epochs: expected a number >= 0, got {self.warmup_epochs}")
         if not self.warmup_lr > 0:
             raise InputError(f"--dense-warmup-lr: expected a positive number, got {self.warmup_lr}")
+        if not self.image_count >= 0:
+            raise InputError(f"--dense-image-count: expected a number >= 0, got {self.image_count}")
+        if not self.density >= 0:
+            raise InputError(f"--dense-density: expected a number >= 0, got {self.density}")
         if not self.pos_weight > 0:
             raise InputError(f"--dense-pos-weight: expected a positive number, got {self.pos_weight}")

@@ -157,7 +157,8 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
     dense = None
     if args.dense is not None:
         dense = DenseHead(cfg.hidden_size, args.dense.pos_weight,
-                          position_grid=cfg.token_grid if args.dense.position else None)
+                          position_grid=cfg.token_grid if args.dense.position else None,
+                          density_weight=args.dense.density, image_count_weight=args.dense.image_count)
         targets = DenseTargets(load_truth(args.dense.truth), chip, cfg.token_grid)
         params.update({f"dense_head.{n}": p for n, p in dense.named_parameters()})
     for row in rows:  # every row is checked (length, files, truth) before the first step, not hours later
@@ -204,7 +205,9 @@ def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, see
                          "batch": dense.batch, "seed": seed, "modules": sorted(modules)}
                         | ({"augment": "flips"} if dense.augment else {})  # old warm-ups keep their id
                         | ({"pos_weight": dense.pos_weight} if dense.pos_weight != 1.0 else {})
-                        | ({"position": True} if dense.position else {}))
+                        | ({"position": True} if dense.position else {})
+                        | ({"density": dense.density} if dense.density else {})
+                        | ({"image_count": dense.image_count} if dense.image_count else {}))
     if done.is_file():
         saved = torch.load(done, map_location="cpu", weights_only=True)
         if saved.get("run_id") != run_id:
