@@ -18,7 +18,9 @@ as ``fusar-edge eval`` does (precision / recall / F1 at IoU 0.25 and 0.5; the tr
 decoded the same way score F1@0.5 0.99 on synth2k's validation split: cells with two ships lose one).
 A ``--dense-density`` head's density layer is read too (each label's per-token densities summed over
 the tokens and rounded), and a ``--dense-image-count`` head's image-count layer (its logits averaged
-over the tokens), each scored on the same count rows.
+over the tokens), each scored on the same count rows. ``ship cells`` says where the ship count goes
+wrong: scenes over- or under-counted, and the head's false ship cells next to a true one (one ship
+lit in two cells) or not.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from fusar_edge.tokenizer import TextTokenizer  # noqa: E402
 from fusar_edge.train.dense import (COUNT_CLASSES, LABELS, DenseHead, cell_boxes, cell_labels,  # noqa: E402
                                      load_truth)
 from fusar_edge.train.samples import SampleBuilder, read_manifest  # noqa: E402
+from vision_warmup import widen_vision  # noqa: E402
 
 
 def _saved_head_state(run: Path, after_stage0: bool) -> dict:
@@ -67,6 +70,22 @@ def _load(model, head, run: Path, after_stage0: bool) -> None:
         assert not module.load_state_dict(state, strict=False).missing_keys
 
 
+def _tally_ship_cells(tally: dict[str, int], got: torch.Tensor, want: torch.Tensor, grid: tuple[int, int]) -> None:
+    """Where the ship count goes wrong: scenes over / under counted, and the cells the head marks
+    with no ship centre, split by whether a true ship cell is one of their eight neighbours (a ship
+    across a cell border lit twice) or not (a false alarm)."""
+    got_n, want_n = int(got.sum()), int(want.sum())
+    tally["scenes over"] += int(got_n > want_n)
+    tally["scenes under"] += int(got_n < want_n)
+    marked, true = (got > 0).view(*grid), (want > 0).view(*grid)
+    near_true = torch.nn.functional.max_pool2d(true.float()[None, None], 3, 1, 1)[0, 0] > 0
+    false = marked & ~true
+    tally["false cells"] += int(false.sum())
+    tally["false cells next to a true one"] += int((false & near_true).sum())
+    tally["missed cells"] += int((true & ~marked).sum())
+    tally["true cells found"] += int((true & marked).sum())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", type=Path, required=True, help="a stage-0 OUT holding dense-warmup.pt")
@@ -77,10 +96,11 @@ def main() -> None:
                    help="read the modules at the end of stage 0's main loop (OUT/checkpoint/state.pt)")
     p.add_argument("--limit", type=int, help="at most this many scenes")
     p.add_argument("--no-aef", action="store_true", help="the run was trained with --no-aef")
+    p.add_argument("--vision-width", type=int, help="the run's widened ViT (benchmarks/vision_warmup.py --vision-width)")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = preset(a.preset)
+    cfg = widen_vision(preset(a.preset), a.vision_width)
     cfg.tlm.enabled = not a.no_aef
     model = build_random(cfg, seed=0).eval()
     # a --dense-density head has a density layer, a --dense-image-count head an image-count layer:
@@ -97,6 +117,8 @@ def main() -> None:
     ceiling: dict[str, list[int]] = {}
     got_by_scene: dict[str, dict[str, int]] = {}
     boxes_by_scene: dict[str, list[dict]] = {}
+    ship_cells = {"scenes over": 0, "scenes under": 0, "false cells": 0, "false cells next to a true one": 0,
+                  "missed cells": 0, "true cells found": 0}
     rows = list(read_manifest(a.data / f"stage1-{a.split}.jsonl"))[:a.limit]  # one row per scene
     with torch.no_grad():
         for row in rows:
@@ -107,6 +129,8 @@ def main() -> None:
             boxes_by_scene[row["scene"]] = [{"bbox_2d": b, "label": "ship"} for b in cell_boxes(
                 cls[:, LABELS.index("ship")] > 0, out[:, -4:], cfg.chip_size, cfg.token_grid)]
             true_cls = cell_labels(truth[row["scene"]], cfg.chip_size, cfg.token_grid)[0]
+            _tally_ship_cells(ship_cells, cls[:, LABELS.index("ship")], true_cls[:, LABELS.index("ship")],
+                              cfg.token_grid)
             got_by_scene[row["scene"]] = {}
             if head.density is not None:
                 sums = head.density(tokens.float()).sum(0)
@@ -122,6 +146,7 @@ def main() -> None:
                 ceiling.setdefault(label, []).append(int(int(true_cls[:, i].sum()) == want))
     report = {k: {"scenes": len(v), "exact": round(sum(v) / len(v), 3)} for k, v in sorted(hits.items())}
     report["ceiling (true cell classes)"] = {k: round(sum(v) / len(v), 3) for k, v in ceiling.items()}
+    report["ship cells (scenes; cells the head marks or misses)"] = ship_cells
     # the stage-2 count rows of the same scenes, scored as `fusar-edge eval` scores counting
     label_of = {lab.replace(" ", "_"): lab for lab in LABELS[:3]}
     errs: dict[str, list[int]] = {}
