@@ -64,11 +64,13 @@ def add_parser(sub) -> None:
     t.add_argument("--dense-density", type=float, default=0.0, metavar="WEIGHT",
                    help="stage 0: weight of a per-token density term: each visual token also learns the share of "
                         "every object's box that lies in its cell, so the tokens' sum is the count and an object "
-                        "across a cell border is not counted twice (default 0: off)")
+                        "across a cell border is not counted twice (default 0: off; measured: the sum counts worse than a "
+                        "warm-up without the term, and the ship boxes suffer: benchmarks/results/eval-demo-recipes-vm.md)")
     t.add_argument("--dense-image-count", type=float, default=0.0, metavar="WEIGHT",
                    help="stage 0: weight of a whole-image count term: every visual token also learns how many "
                         "objects of each label the image holds, so the language model can read a count from any "
-                        "one token rather than sum 64 of them (default 0: off)")
+                        "one token rather than sum 64 of them (default 0: off; measured: the demo's ViT does not learn to gather "
+                        "a count in its warm-up, even supervised: benchmarks/results/eval-demo-recipes-vm.md)")
     t.add_argument("--dense-augment", action="store_true",
                    help="stage 0: flip each warm-up image at random (left-right, up-down), with its anchors and "
                         "truth (default off; the main loop's answers are never flipped)")

@@ -36,6 +36,10 @@ benchmarks/results/eval-demo-recipes-vm.md):
   (0..7+). The ViT's full-attention blocks then gather the count into each token, and the language
   model can read it from any one token as it reads a class, instead of summing 64 tokens.
 
+Measured on the warm-up alone (benchmarks/vision_warmup.py): neither counts better than a warm-up
+without it (a 96-wide ViT shares its width among the terms; the density term costs the ship boxes,
+and the image-count layer is the worst count reader), so the shipped recipe uses neither.
+
 The head exists only while training: it is not part of the saved model, and the runtime never
 sees it. Real FUSAR-GPT training has no such labels and no such stage; a real Qwen2.5-VL vision
 tower was pretrained by its authors on far more data. This is how the 2-core demo gets a vision
