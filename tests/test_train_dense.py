@@ -312,28 +312,40 @@ def test_cell_density_splits_each_object_by_area_and_sums_to_the_count():
     assert cell_density([], 224, (8, 8)).abs().sum() == 0
 
 
-def test_density_term_is_off_by_default_and_fits_the_counts_when_on():
+def _head_with_term(targets: list[dict], layer: str, **term) -> tuple:
+    """-> (labels with densities, a plain head, a head with ``term`` on and the same count layer, tokens),
+    after checking that the plain head has no ``layer`` (the term is off by default)."""
     torch.manual_seed(0)
-    targets = [{"label": "ship", "box": [18, 0, 38, 10]}, {"label": "rock", "box": [100, 0, 120, 8]}]
     labels = (*cell_labels(targets, 224, (8, 8)), cell_density(targets, 224, (8, 8)))
-    plain, dense = DenseHead(32), DenseHead(32, density_weight=2.0)
-    dense.proj.load_state_dict(plain.proj.state_dict())
-    assert plain.density is None and "density.weight" not in plain.state_dict()
-    visual = torch.randn(64, 32)
+    plain, head = DenseHead(32), DenseHead(32, **term)
+    head.proj.load_state_dict(plain.proj.state_dict())
+    assert getattr(plain, layer) is None and f"{layer}.weight" not in plain.state_dict()
+    return labels, plain, head, torch.randn(64, 32)
+
+
+def _zero_then_fit(layer: torch.nn.Linear, loss, steps: int) -> float:
+    """Zero ``layer``, return ``loss()`` there, then fit ``layer`` alone to it with Adam."""
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
+    at_zero = float(loss().detach())
+    opt = torch.optim.Adam(layer.parameters(), lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    return at_zero
+
+
+def test_density_term_is_off_by_default_and_fits_the_counts_when_on():
+    targets = [{"label": "ship", "box": [18, 0, 38, 10]}, {"label": "rock", "box": [100, 0, 120, 8]}]
+    labels, plain, dense, visual = _head_with_term(targets, "density", density_weight=2.0)
     extra = dense.loss(visual, labels) - plain.loss(visual, labels)
     assert torch.allclose(extra, 2.0 * dense.density_loss(visual, labels[3]), atol=1e-5)
-    # the term is a squared error: zero exactly when the head predicts the densities
-    with torch.no_grad():
-        dense.density.weight.zero_()
-        dense.density.bias.zero_()
-    # all-zero densities: per token (0.5^2 + 0.5^2 for the ship, 0.6^2 + 0.4^2 for the rock) / 5 labels,
-    # plus the counts' (1^2 + 1^2) / 5
-    assert float(dense.density_loss(visual, labels[3]).detach()) == pytest.approx((0.5 + 0.52) / 5 + 2 / 5)
-    opt = torch.optim.Adam(dense.density.parameters(), lr=0.05)
-    for _ in range(200):
-        opt.zero_grad()
-        dense.density_loss(visual, labels[3]).backward()
-        opt.step()
+    # a squared error; at all-zero densities: per token (0.5^2 + 0.5^2 for the ship, 0.6^2 + 0.4^2 for
+    # the rock) / 5 labels, plus the counts' (1^2 + 1^2) / 5
+    at_zero = _zero_then_fit(dense.density, lambda: dense.density_loss(visual, labels[3]), 200)
+    assert at_zero == pytest.approx((0.5 + 0.52) / 5 + 2 / 5)
     sums = dense.density(visual).sum(0)
     assert torch.allclose(sums, labels[3].sum(0), atol=0.05)  # the tokens' sum reads the counts
     with pytest.raises(InputError, match="--dense-density"):
@@ -341,26 +353,14 @@ def test_density_term_is_off_by_default_and_fits_the_counts_when_on():
 
 
 def test_image_count_term_teaches_every_token_the_whole_image_counts():
-    torch.manual_seed(0)
     targets = [{"label": "ship", "box": [18, 0, 38, 10]}, {"label": "ship", "box": [150, 150, 160, 160]},
                {"label": "rock", "box": [100, 0, 120, 8]}]
-    labels = (*cell_labels(targets, 224, (8, 8)), cell_density(targets, 224, (8, 8)))
-    plain, counted = DenseHead(32), DenseHead(32, image_count_weight=0.5)
-    counted.proj.load_state_dict(plain.proj.state_dict())
-    assert plain.image_count is None and "image_count.weight" not in plain.state_dict()
-    visual = torch.randn(64, 32)
+    labels, plain, counted, visual = _head_with_term(targets, "image_count", image_count_weight=0.5)
     extra = counted.loss(visual, labels) - plain.loss(visual, labels)
     assert torch.allclose(extra, 0.5 * counted.image_count_loss(visual, labels[3]), atol=1e-5)
     # a head at zero guesses uniformly over the 8 count classes: cross-entropy ln 8 for every token and label
-    with torch.no_grad():
-        counted.image_count.weight.zero_()
-        counted.image_count.bias.zero_()
-    assert float(counted.image_count_loss(visual, labels[3]).detach()) == pytest.approx(math.log(8), rel=1e-5)
-    opt = torch.optim.Adam(counted.image_count.parameters(), lr=0.05)
-    for _ in range(100):
-        opt.zero_grad()
-        counted.image_count_loss(visual, labels[3]).backward()
-        opt.step()
+    at_zero = _zero_then_fit(counted.image_count, lambda: counted.image_count_loss(visual, labels[3]), 100)
+    assert at_zero == pytest.approx(math.log(8), rel=1e-5)
     # the counts are the image's, whichever token reads them: 2 ships, 1 rock, none of the rest
     assert counted.read_image_counts(visual).tolist() == [2, 0, 0, 0, 1]
     many = [{"label": "ship", "box": [20 * i, 100, 20 * i + 8, 108]} for i in range(9)]  # 9 ships: the 7+ class
