@@ -177,7 +177,9 @@ class DenseHead(nn.Module):
         self.image_count = (nn.Linear(channels, len(LABELS) * IMAGE_COUNT_CLASSES) if self.image_count_weight > 0
                             else None)
 
-    def loss(self, visual: torch.Tensor, labels: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def loss(self, visual: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``labels``: ``cell_labels``' three tensors, then ``cell_density``'s (needed by the density and
+        image-count terms), as ``DenseTargets`` gives them."""
         counts, boxes, has_box = (x.to(visual.device) for x in labels[:3])
         out = self.proj(visual.float())
         count_logits = out[:, :len(LABELS) * COUNT_CLASSES].reshape(-1, COUNT_CLASSES)
