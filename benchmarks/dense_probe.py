@@ -44,30 +44,22 @@ from fusar_edge.train.samples import SampleBuilder, read_manifest  # noqa: E402
 from vision_warmup import widen_vision  # noqa: E402
 
 
-def _saved_head_state(run: Path, after_stage0: bool) -> dict:
-    if not after_stage0:
-        return torch.load(run / "dense-warmup.pt", weights_only=True)["head"]
-    params = torch.load(run / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)["params"]
-    return {k[len("dense_head."):]: v for k, v in params.items() if k.startswith("dense_head.")}
-
-
-def _load(model, head, run: Path, after_stage0: bool) -> None:
+def _saved_modules(run: Path, after_stage0: bool) -> dict[str, dict]:
+    """``{"visual": state, "head": state, "tlm": state}`` from the warm-up's file or, with
+    ``after_stage0``, from the end of stage 0's main loop (read once; "tlm" empty without TLM)."""
     if not after_stage0:
         saved = torch.load(run / "dense-warmup.pt", weights_only=True)
-        model.visual.load_state_dict(saved["visual"])
-        # a --dense-position head's position layer is not read here; the count layer must be there
-        assert not head.load_state_dict(saved["head"], strict=False).missing_keys
-        if model.tlm is not None:
-            model.tlm.load_state_dict(saved["tlm"])
-        return
+        return {name: saved.get(name, {}) for name in ("visual", "head", "tlm")}
     params = torch.load(run / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)["params"]
-    for prefix, module in (("backbone.model.visual.", model.visual), ("dense_head.", head),
-                           ("tlm.", model.tlm)):
-        if module is None:
-            continue
-        state = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
-        # not strict: a --dense-position head has a layer more than the probe reads
-        assert not module.load_state_dict(state, strict=False).missing_keys
+    return {name: {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+            for name, prefix in (("visual", "backbone.model.visual."), ("head", "dense_head."), ("tlm", "tlm."))}
+
+
+def _load(model, head, saved: dict[str, dict]) -> None:
+    for name, module in (("visual", model.visual), ("head", head), ("tlm", model.tlm)):
+        if module is not None:
+            # not strict: a --dense-position head has a layer more than the probe reads; what it reads must be there
+            assert not module.load_state_dict(saved[name], strict=False).missing_keys
 
 
 def _tally_ship_cells(tally: dict[str, int], got: torch.Tensor, want: torch.Tensor, grid: tuple[int, int]) -> None:
@@ -105,10 +97,10 @@ def main() -> None:
     model = build_random(cfg, seed=0).eval()
     # a --dense-density head has a density layer, a --dense-image-count head an image-count layer:
     # read them too (the density's sum over the tokens is a count; the image-count layer reads one)
-    saved_head = _saved_head_state(a.run, a.after_stage0)
-    head = DenseHead(cfg.hidden_size, density_weight=float("density.weight" in saved_head),
-                     image_count_weight=float("image_count.weight" in saved_head))
-    _load(model, head, a.run, a.after_stage0)
+    saved = _saved_modules(a.run, a.after_stage0)
+    head = DenseHead(cfg.hidden_size, density_weight=float("density.weight" in saved["head"]),
+                     image_count_weight=float("image_count.weight" in saved["head"]))
+    _load(model, head, saved)
     density_by_scene: dict[str, dict[str, int]] = {}
     image_count_by_scene: dict[str, dict[str, int]] = {}
     builder = SampleBuilder(cfg, TextTokenizer.demo(), use_anchors=not a.no_aef)

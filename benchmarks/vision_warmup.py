@@ -28,7 +28,7 @@ from fusar_edge.config import preset  # noqa: E402
 from fusar_edge.model.bundle import build_random  # noqa: E402
 from fusar_edge.tokenizer import TextTokenizer  # noqa: E402
 from fusar_edge.train.dense import DenseHead, DenseTargets, load_truth, warmup  # noqa: E402
-from fusar_edge.train.recipe import _WarmupImages  # noqa: E402
+from fusar_edge.train.recipe import _WarmupImages, first_row_per_image  # noqa: E402
 from fusar_edge.train.samples import SampleBuilder, read_manifest  # noqa: E402
 
 
@@ -57,12 +57,7 @@ def main() -> None:
     cfg = widen_vision(preset(a.preset), a.vision_width)
     model = build_random(cfg, seed=0)
     builder = SampleBuilder(cfg, TextTokenizer.demo(), use_anchors=True)
-    seen, first_rows = set(), []  # one row per training image, in manifest order (as stage 0's warm-up)
-    for row in read_manifest(a.data / "stage1-train.jsonl"):
-        key = (row["_root"], row["image"], row.get("aef"))
-        if key not in seen:
-            seen.add(key)
-            first_rows.append(row)
+    first_rows = first_row_per_image(read_manifest(a.data / "stage1-train.jsonl"))  # as stage 0's warm-up
     head = DenseHead(cfg.hidden_size, a.pos_weight, density_weight=a.density, image_count_weight=a.image_count)
     images = _WarmupImages(first_rows, builder, DenseTargets(load_truth(a.data / "scenes.jsonl"), cfg.chip_size,
                                                              cfg.token_grid))

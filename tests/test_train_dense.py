@@ -213,6 +213,8 @@ def test_density_and_image_count_terms_train_through_stage0_and_are_their_own_wa
     assert "different run" in capsys.readouterr().err
     assert main([*argv, "--dense-density", "-1"]) == 2
     assert "--dense-density: expected a number >= 0, got -1.0" in capsys.readouterr().err
+    assert main([*argv, "--dense-image-count", "-2"]) == 2
+    assert "--dense-image-count: expected a number >= 0, got -2.0" in capsys.readouterr().err
 
 
 def test_train_demo_script_stops_at_a_failed_step_with_its_exit_code_and_one_line(tmp_path):

@@ -195,12 +195,8 @@ def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, see
         return None
     done = out / "dense-warmup.pt"
     modules = {"visual": model.visual, "head": head, **({"tlm": model.tlm} if model.tlm is not None else {})}
-    seen, first_rows = set(), []  # one row per image (and anchor set)
-    for row in rows:
-        key = (row["_root"], row["image"], row.get("aef"))
-        if key not in seen:
-            seen.add(key)
-            first_rows.append(row)
+    first_rows = first_row_per_image(rows)
+    seen = {_image_key(row) for row in first_rows}
     run_id = json.dumps({"images": sorted(map(str, seen)), "epochs": dense.warmup_epochs, "lr": dense.warmup_lr,
                          "batch": dense.batch, "seed": seed, "modules": sorted(modules)}
                         | ({"augment": "flips"} if dense.augment else {})  # old warm-ups keep their id
@@ -238,6 +234,20 @@ def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, see
                | {k: torch.tensor(v) for k, v in report.items()} | {"run_id": run_id}, tmp)
     tmp.replace(done)
     return report
+
+
+def _image_key(row: dict) -> tuple:
+    return (row["_root"], row["image"], row.get("aef"))
+
+
+def first_row_per_image(rows: list[dict]) -> list[dict]:
+    """The first row of each distinct image (and anchor set), in order: the warm-up's images."""
+    seen, first = set(), []
+    for row in rows:
+        if _image_key(row) not in seen:
+            seen.add(_image_key(row))
+            first.append(row)
+    return first
 
 
 class _WarmupImages:
