@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
+import socket
 import sys
 from pathlib import Path
 
@@ -25,7 +27,8 @@ POST /v1/ask takes a multipart form (image or path, question, task, label, bbox 
 the JSON of `ask --json`. POST /v1/chat/completions takes OpenAI's chat format with the image as a
 data: URL. Errors are JSON naming the field: 401 (token), 403 (path outside --allow-dir), 413
 (body too large), 422 (bad field), 503 + Retry-After (queue full), 504 (timeout).
-Ctrl-C / SIGTERM stops taking requests and finishes the ones admitted.
+Ctrl-C / SIGTERM stops taking requests and finishes the ones admitted, waiting up to --timeout
+(a request still sending its body then is cut off, and the log says so).
 """
 
 
@@ -70,9 +73,9 @@ def settings_from_args(args):
     if args.batch > args.workers:
         raise InputError(f"--batch {args.batch}: needs at least as many --workers (got {args.workers}); each worker "
                          "brings one question to the batch")
-    if not args.timeout > 0:
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):
         raise InputError(f"--timeout: expected a positive number of seconds, got {args.timeout}")
-    if not args.max_upload_mb > 0:
+    if not (args.max_upload_mb > 0 and math.isfinite(args.max_upload_mb)):
         raise InputError(f"--max-upload-mb: expected a positive number, got {args.max_upload_mb}")
     token = None
     if args.token_file:
@@ -87,8 +90,26 @@ def settings_from_args(args):
         if not Path(d).is_dir():
             raise InputError(f"--allow-dir {d}: not a directory")
         dirs.append(Path(d))
+    _check_port_free(args.host, args.port)
     return ServeSettings(token=token, allow_dirs=dirs, workers=args.workers, max_queue=args.max_queue,
                          timeout_s=args.timeout, max_upload_bytes=int(args.max_upload_mb * (1 << 20)))
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Bind the address once before the model loads: a busy port or a host that is not ours is
+    one line now, not a uvicorn error after the load. (Another process can still take the port
+    in between; uvicorn then reports it.)"""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise InputError(f"--host {host}: cannot be resolved ({exc.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise InputError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
 
 
 def _is_loopback(host: str) -> bool:
@@ -128,7 +149,8 @@ def run(args) -> int:
     server = _quiet_stop_server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                              timeout_graceful_shutdown=args.timeout))
     server.run()
-    print("fusar-edge: stopped (requests in flight were answered)", file=sys.stderr)
+    # uvicorn has waited up to --timeout for the requests in flight (and logged any it cut off)
+    print("fusar-edge: stopped", file=sys.stderr)
     return 0
 
 

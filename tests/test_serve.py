@@ -2,6 +2,7 @@
 
 import base64
 import json
+import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -82,13 +83,14 @@ def test_ask_answers_as_the_runtime_does(served, runtime, scene):
                        data={"path": "scene.tif", "question": "How many ships are there in this image?"})
         assert r.status_code == 200, r.text
         assert r.json()["text"] == want.text
+        assert r.json()["anchor"]["source"] == "file:anchors.npz"  # the client's name, not the server's copy
 
 
 def test_chat_completions_is_openai_shaped(served, runtime, scene):
     s, _ = scene
     want = runtime.ask(s["scene_tif"], "Where is the ship in this image?")
     url = "data:image/tiff;base64," + base64.b64encode(open(s["scene_tif"], "rb").read()).decode()
-    body = {"model": "demo", "temperature": 0.7, "messages": [
+    body = {"model": "demo", "temperature": 0.7, "n": None, "messages": [
         {"role": "system", "content": "You are helpful."},
         {"role": "user", "content": [{"type": "text", "text": "Where is the ship in this image?"},
                                      {"type": "image_url", "image_url": {"url": url}}]}]}
@@ -116,7 +118,17 @@ def test_bad_requests_are_json_naming_the_field(served, scene):
             (c.post("/v1/ask", files={"image": ("x.tif", b"not a tiff")}, data={"question": "q"}), 422, None),
             (c.post("/v1/ask", files={"image": ("x.tif", tif)}, data={"question": "q", "max_new_tokens": "100000"}),
              422, "max_new_tokens"),
-            (c.post("/v1/ask", files={"image": ("x.tif", tif)}, data={"question": "q", "task": "dance"}), 422, None),
+            (c.post("/v1/ask", files={"image": ("x.tif", tif)}, data={"question": "q", "task": "dance"}), 422, "task"),
+            (c.post("/v1/ask", data={"question": "q", "path": "scene\x00.tif"}), 422, "path"),
+            (c.post("/v1/ask", data={"question": "q", "path": "a" * 5000}), 422, "path"),
+            (c.post("/v1/ask", data={"question": "q", "image": "not a file"}), 422, "image"),
+            (c.post("/v1/ask", json={"question": "q", "path": "scene.tif"}), 422, None),
+            (c.post("/v1/ask", content=b"garbage", headers={"content-type": "multipart/form-data; boundary=xyz"}),
+             400, None),
+            (c.get("/v1/ask"), 405, None),
+            (c.post("/v1/chat/completions", json={"no_anchors": "false", "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "q"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]}),
+             422, "no_anchors"),
             (c.post("/v1/chat/completions", content=b"{oops"), 400, None),
             (c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}), 422,
              "messages[0].content"),
@@ -133,6 +145,12 @@ def test_bad_requests_are_json_naming_the_field(served, scene):
             if param:
                 assert err["param"] == param and err["message"].startswith(param.split("[")[0]), err
         assert "secret" not in json.dumps([r.json() for r, _, _ in cases]).replace("secret.txt", "")
+        assert "multipart/form-data" in cases[[r.request.method == "POST" and r.request.headers.get(
+            "content-type") == "application/json" and r.request.url.path == "/v1/ask" for r, _, _ in cases].index(True)][0].text
+        for i in range(3):  # made-up routes all count as one series, never one each
+            c.get(f"/random-{i}")
+        text = c.get("/metrics").text
+        assert "/random-" not in text and "/v2/nothing" not in text and 'route="other"' in text
     with client(served, token=None) as c:
         r = c.post("/v1/ask", data={"question": "q", "path": "scene.tif"})
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
@@ -205,16 +223,23 @@ def test_shutdown_finishes_the_question_in_flight():
 def test_serve_checks_its_flags_before_loading_a_model(tmp_path, capsys):
     short = tmp_path / "token"
     short.write_text("abc\n")
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
     for argv, words in [(["--port", "70000"], ["--port", "65535"]),
                         (["--token-file", str(tmp_path / "none")], ["--token-file"]),
                         (["--token-file", str(short)], ["at least 16"]),
                         (["--allow-dir", str(tmp_path / "nodir")], ["--allow-dir", "not a directory"]),
                         (["--workers", "0"], ["--workers"]),
                         (["--max-queue", "-1"], ["--max-queue", "0 or more"]),
-                        (["--batch", "4", "--workers", "2"], ["--batch 4", "--workers"])]:
+                        (["--batch", "4", "--workers", "2"], ["--batch 4", "--workers"]),
+                        (["--max-upload-mb", "inf"], ["--max-upload-mb"]),
+                        (["--timeout", "nan"], ["--timeout"]),
+                        (["--port", str(busy.getsockname()[1])], ["--port", "cannot listen"])]:
         assert main(["serve", *argv]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and all(w in err[0] for w in words), (argv, err)
+    busy.close()
 
 
 def test_a_chunked_body_over_the_limit_is_413():

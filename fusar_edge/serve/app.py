@@ -37,6 +37,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import FusarError, InputError
 from .metrics import ServerMetrics
@@ -153,9 +154,15 @@ def _resolve_allowed(path: str, allow_dirs: list[Path]) -> Path:
         raise ApiError(403, "path: this server reads no paths (start it with --allow-dir DIR, or upload the image)",
                        "path", "permission_error")
     for root in allow_dirs:
-        candidate = (root / path).resolve()  # an absolute `path` replaces root; symlinks are followed
-        if candidate.is_relative_to(root):
-            if not candidate.is_file():
+        try:
+            candidate = (root / path).resolve()  # an absolute `path` replaces root; symlinks are followed
+            inside = candidate.is_relative_to(root)
+            is_file = inside and candidate.is_file()
+        except (ValueError, OSError) as exc:  # a NUL byte, a name too long for the file system
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ApiError(422, f"path: not a usable file name ({reason})", "path") from None
+        if inside:
+            if not is_file:
                 raise ApiError(422, f"path: {path!r} is not a file under {root.name}/", "path")
             return candidate
     raise ApiError(403, f"path: {path!r} is outside the directories this server may read (--allow-dir)", "path",
@@ -186,7 +193,7 @@ def build_app(runtime, settings: ServeSettings) -> FastAPI:
                            "authentication_error", {"WWW-Authenticate": "Bearer"})
 
     def error_response(request: Request, exc: ApiError) -> JSONResponse:
-        route = request.url.path
+        route = _route_label(request)  # any path a client makes up must not add a metrics series
         metrics.errors.labels(route, exc.kind).inc()
         return JSONResponse(_error_body(exc.message, exc.kind, exc.param, exc.status), status_code=exc.status,
                             headers=exc.headers)
@@ -197,16 +204,19 @@ def build_app(runtime, settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(p) for p in first.get("loc", []) if p not in ("body", "query", "header")]
-        param = ".".join(loc) or None
-        return error_response(request, ApiError(422, f"{param or 'request'}: {first.get('msg', 'invalid')}", param))
+        return error_response(request, _validation_error(request, exc.errors()))
 
-    @app.exception_handler(404)
-    async def _not_found(request: Request, exc):
-        return error_response(request, ApiError(404, f"{request.url.path}: no such route (POST /v1/ask, POST "
-                                                     "/v1/chat/completions, GET /healthz, GET /metrics)",
-                                                kind="not_found"))
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        """Starlette's own refusals (no route, wrong method, an unparsable multipart body) in our shape."""
+        if exc.status_code == 404:
+            return error_response(request, ApiError(404, f"{request.url.path}: no such route ({ROUTES})",
+                                                    kind="not_found"))
+        if exc.status_code == 405:
+            return error_response(request, ApiError(405, f"{request.method} {request.url.path}: method not allowed "
+                                                         f"({ROUTES})", kind="invalid_request_error",
+                                                    headers=dict(exc.headers or {})))
+        return error_response(request, ApiError(exc.status_code, f"request body: {exc.detail}"))
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
@@ -218,14 +228,19 @@ def build_app(runtime, settings: ServeSettings) -> FastAPI:
     async def count_requests(request: Request, call_next):
         t0 = time.perf_counter()
         response = await call_next(request)
-        route = request.url.path if request.url.path in KNOWN_ROUTES else "other"
+        route = _route_label(request)
         metrics.requests.labels(route, str(response.status_code)).inc()
         metrics.latency.labels(route).observe(time.perf_counter() - t0)
         return response
 
-    async def answer(work_dir: Path, image: Path, shown: str, question: str, **kwargs) -> Any:
+    async def answer(work_dir: Path, image: Path, shown: str, question: str, anchor_name: str = "anchors",
+                     **kwargs) -> Any:
         """Run ``runtime.ask`` in the pool; the upload folder goes when the question is done.
-        Errors name the file as the client knows it (``shown``), not the server's temporary copy."""
+        Errors name the files as the client knows them (``shown``, ``anchor_name``), not the
+        server's temporary copies; so does the answer (``anchor.source``)."""
+        names = {str(image): shown, str(work_dir): "upload"}
+        if kwargs.get("anchors") is not None:
+            names = {str(kwargs["anchors"]): anchor_name, **names}
 
         def work():
             try:
@@ -244,11 +259,16 @@ def build_app(runtime, settings: ServeSettings) -> FastAPI:
             raise ApiError(504, f"timeout: no answer within {settings.timeout_s:g} s (--timeout)", None,
                            "timeout") from None
         except InputError as exc:
-            raise ApiError(422, str(exc).replace(str(image), shown).replace(str(work_dir), "upload")) from None
+            message = _client_names(str(exc), names)
+            raise ApiError(422, message, _param_of(message)) from None
         except FusarError as exc:
             raise ApiError(500, str(exc), None, "server_error") from None
         metrics.observe_answer(ans.timings_ms, int(ans.model.get("new_tokens", 0)))
-        return ans
+        out = ans.to_json()
+        anchor = out.get("anchor")
+        if isinstance(anchor, dict) and isinstance(anchor.get("source"), str):
+            anchor["source"] = _client_names(anchor["source"], names)
+        return ans, out
 
     def cap_tokens(value: int | None, param: str) -> int | None:
         if value is None:
@@ -292,9 +312,10 @@ def build_app(runtime, settings: ServeSettings) -> FastAPI:
         except BaseException:
             shutil.rmtree(work_dir, ignore_errors=True)
             raise
-        ans = await answer(work_dir, src, shown, question, anchors=anchor_path, task=task or None, label=label or None,
-                           bbox=box, date=date or None, max_new_tokens=tokens, no_anchors=no_anchors, band=band)
-        out = ans.to_json()
+        anchor_name = Path(anchors.filename or "anchors").name if anchors is not None else "anchors"
+        _, out = await answer(work_dir, src, shown, question, anchor_name, anchors=anchor_path, task=task or None,
+                              label=label or None, bbox=box, date=date or None, max_new_tokens=tokens,
+                              no_anchors=no_anchors, band=band)
         out["image"]["path"] = shown  # not the server's temporary file
         return out
 
@@ -308,23 +329,25 @@ def build_app(runtime, settings: ServeSettings) -> FastAPI:
             raise ApiError(400, "request body: expected a JSON object (OpenAI chat completion request)")
         if body.get("stream"):
             raise ApiError(422, "stream: streaming is not supported; send stream: false", "stream")
-        if body.get("n", 1) != 1:
+        if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):  # null: the default, as OpenAI's
             raise ApiError(422, "n: only one completion per request (decoding is greedy)", "n")
         question, data_url, param = _last_user_turn(body.get("messages"))
         tokens = body.get("max_completion_tokens", body.get("max_tokens"))
         if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int)):
             raise ApiError(422, f"max_tokens: expected an integer, got {tokens!r}", "max_tokens")
         tokens = cap_tokens(tokens, "max_tokens")
+        no_anchors = body.get("no_anchors", False)
+        if not isinstance(no_anchors, bool):  # "false" is a true string: refuse rather than guess
+            raise ApiError(422, f"no_anchors: expected true or false, got {no_anchors!r}", "no_anchors")
         work_dir = Path(tempfile.mkdtemp(prefix="fusar-serve-"))
         try:
             src = _save_data_url(data_url, work_dir, param)
         except BaseException:
             shutil.rmtree(work_dir, ignore_errors=True)
             raise
-        ans = await answer(work_dir, src, "the data: URL image", question, task=body.get("task"), label=body.get("label"),
-                           bbox=_parse_bbox(body.get("bbox")), date=body.get("date"), max_new_tokens=tokens,
-                           no_anchors=bool(body.get("no_anchors", False)))
-        out = ans.to_json()
+        ans, out = await answer(work_dir, src, "the data: URL image", question, task=body.get("task"),
+                                label=body.get("label"), bbox=_parse_bbox(body.get("bbox")), date=body.get("date"),
+                                max_new_tokens=tokens, no_anchors=no_anchors)
         out["image"]["path"] = "data-url"
         new, limit = int(ans.model["new_tokens"]), int(ans.model["max_new_tokens"])
         prompt = int(ans.model.get("prompt_tokens", 0))
@@ -339,6 +362,45 @@ def build_app(runtime, settings: ServeSettings) -> FastAPI:
 
 
 KNOWN_ROUTES = {"/v1/ask", "/v1/chat/completions", "/healthz", "/metrics"}
+ROUTES = "POST /v1/ask, POST /v1/chat/completions, GET /healthz, GET /metrics"
+# form fields of /v1/ask: a runtime error that starts with one of them names it as the error's param
+ASK_FIELDS = {"image", "path", "question", "task", "label", "bbox", "date", "anchors", "max_new_tokens", "no_anchors",
+              "band"}
+FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+
+def _route_label(request: Request) -> str:
+    return request.url.path if request.url.path in KNOWN_ROUTES else "other"
+
+
+def _client_names(text: str, names: dict[str, str]) -> str:
+    """``text`` with the server's temporary paths replaced by the names the client sent
+    (longest first: the upload folder is a prefix of the files in it)."""
+    for server_path in sorted(names, key=len, reverse=True):
+        text = text.replace(server_path, names[server_path])
+    return text
+
+
+def _param_of(message: str) -> str | None:
+    """The form field a runtime error starts with (``"date: ..."``, ``"band (--band): ..."``), if any."""
+    m = re.match(r"([a-z_]+)(?: \(--[a-z-]+\))?:", message)
+    return m.group(1) if m and m.group(1) in ASK_FIELDS else None
+
+
+def _validation_error(request: Request, errors: list) -> ApiError:
+    """FastAPI's first validation error as one line naming the field, in our words."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if request.url.path == "/v1/ask" and ctype not in FORM_TYPES:
+        return ApiError(422, f"request body: expected multipart/form-data (fields question, image or path, ...), "
+                             f"got {ctype or 'no content type'!r}")
+    first = errors[0] if errors else {}
+    loc = [str(p) for p in first.get("loc", []) if p not in ("body", "query", "header")]
+    param = ".".join(loc) or None
+    if first.get("type") == "missing":
+        return ApiError(422, f"{param or 'request'}: required, missing or empty", param)
+    if param in ("image", "anchors"):
+        return ApiError(422, f"{param}: expected a file part (curl -F {param}=@FILE), not a text field", param)
+    return ApiError(422, f"{param or 'request'}: {first.get('msg', 'invalid')}", param)
 
 
 def _last_user_turn(messages) -> tuple[str, str, str]:
