@@ -62,12 +62,13 @@ def _noop(message: str) -> None:
 
 
 def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = True, gptq4: bool = False,
-                  calib: int = 16, group_size: int = 128, edgellm: bool = False, force: bool = False,
+                  calib: int = 16, group_size: int | None = None, edgellm: bool = False, force: bool = False,
                   parity_prompts: int = 3, progress: Progress | None = None) -> dict:
     """Export ``source`` (bundle directory or preset name; None = the built-in demo) into ``out``; -> the report.
 
     A gating parity check that fails raises ``FusarError`` and publishes nothing; ``force``
     replaces an existing ``out`` and publishes despite such a failure (listed in ``failed_checks``).
+    ``group_size`` None: 128 when it divides every decoder input width (Edge-LLM's), else 64.
     ``edgellm`` takes the GPTQ weights of the source's ``gptq/`` (or ``edgellm/checkpoint/``) when
     they are group 128 and ``gptq4`` is not asked (GPTQ of a 7B model takes hours), else runs GPTQ.
     """
@@ -76,8 +77,9 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
     if out.exists() and not force:
         raise BundleError(f"{out}: already exists; pass --force to replace a previous export")
     if edgellm:
-        from .edgellm import check_group_size
+        from .edgellm import GROUP_SIZE, check_group_size
 
+        group_size = GROUP_SIZE if group_size is None else group_size
         check_group_size(group_size)
     if gptq4 and not onnx:
         onnx = True  # the 4-bit graphs are rewrites of the fp32 decoder graph
@@ -92,6 +94,10 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
 
         check_shapes(model)  # before any work: GPTQ of a model Edge-LLM cannot run is time lost
         reused = None if gptq4 else _source_gptq(source)
+    if gptq4 or edgellm:
+        from .gptq import choose_group_size
+
+        group_size = choose_group_size(model, group_size)
     parent = out.absolute().parent  # absolute: the report's paths are made relative to the stage
     parent.mkdir(parents=True, exist_ok=True)
     remove_stale_work_dirs(parent, "export")

@@ -79,6 +79,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fusar_edge.errors import InputError
+
 from .quant_types import Int4Weight
 
 QMIN, QMAX = -8, 7
@@ -260,6 +262,26 @@ def _select(model: nn.Module, layers: Iterable[str] | Callable[[str], bool] | No
         if missing:
             raise ValueError(f"layers: not linears of the decoder layers: {missing[:5]}")
     return per_layer
+
+
+GROUP_SIZES = (128, 64)  # the group sizes the export offers, largest (fewest scales) first
+
+
+def choose_group_size(model: nn.Module, requested: int | None) -> int:
+    """The 4-bit group size for ``model``'s decoder linears: ``requested`` when it divides every
+    in_features, else (``requested`` None) the largest of ``GROUP_SIZES`` that does. Checked
+    before any work, so a group that cannot fit costs a second, not an export."""
+    widths = sorted({m.in_features for lin in _select(model, None) for _, m in lin})
+    fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths)]
+    if requested is not None:
+        if any(w % requested for w in widths):
+            hint = f"use --group-size {fits[0]} (or omit it)" if fits else "no offered group size fits"
+            raise InputError(f"--group-size {requested}: does not divide the decoder's input widths "
+                             f"{widths}; {hint}")
+        return requested
+    if not fits:
+        raise InputError(f"4-bit export: no group size of {list(GROUP_SIZES)} divides the decoder's input widths {widths}")
+    return fits[0]
 
 
 def _check_divisible(per_layer, group_size: int, indivisible: str, progress) -> list[list[tuple[str, nn.Linear]]]:

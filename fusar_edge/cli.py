@@ -192,8 +192,9 @@ def _parser() -> argparse.ArgumentParser:
                         "grasp.onnx for trtexec, and fusar_edgellm.json saying how a runner joins them")
     x.add_argument("--calib", type=int, default=16, metavar="N",
                    help="calibration samples for GPTQ (--gptq4, --edgellm; default 16)")
-    x.add_argument("--group-size", type=int, default=128, choices=[64, 128],
-                   help="4-bit group size (default 128; --edgellm takes 128 only)")
+    x.add_argument("--group-size", type=int, default=None, choices=[64, 128],
+                   help="4-bit group size (default: 128 when it divides every decoder input width, else 64; "
+                        "--edgellm takes 128 only)")
     x.add_argument("--force", action="store_true", help="replace DIR if it exists, and write the export even "
                                                         "when a parity check fails (export.json records it)")
     x.add_argument("--json", action="store_true", help="print the export report as JSON")

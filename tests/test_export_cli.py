@@ -65,9 +65,15 @@ def test_export_gptq4_writes_every_form_and_runs_4bit(tmp_path, capsys):
     from fusar_edge.export.gptq_format import load_gptq_checkpoint
 
     out = tmp_path / "tiny-int4"
-    # tiny's layers are 64 wide, so group size 64
-    assert main(["export", "tiny", "--out", str(out), "--gptq4", "--calib", "4", "--group-size", "64", "--json"]) == 0
+    # tiny's layers are 64 wide: a group of 128 is refused before any work, and with no
+    # --group-size the export picks 64
+    assert main(["export", "tiny", "--out", str(out), "--gptq4", "--group-size", "128"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "--group-size 128" in err[0] and "use --group-size 64" in err[0], err
+    assert not out.exists()
+    assert main(["export", "tiny", "--out", str(out), "--gptq4", "--calib", "4", "--json"]) == 0
     arts = json.loads(capsys.readouterr().out)["artifacts"]
+    assert arts["gptq"]["group_size"] == 64
     assert set(arts) == {"onnx", "gptq", "onnx-int4"}  # no TensorRT QDQ decoder any more
     assert arts["onnx-int4"]["quantized_layers"] == arts["gptq"]["summary"]["linears"] > 0
     assert arts["onnx-int4"]["packing_check"]["ok"]  # fp32 compute: the packing matches the dequantised model
