@@ -54,6 +54,8 @@ from fusar_edge.config import resolve_model
 from fusar_edge.fsutil import publish_dir, remove_stale_work_dirs, work_dir
 from fusar_edge.model.bundle import open_model, save_bundle, write_manifest
 
+from .report_json import write_report
+
 Progress = Callable[[str], None]
 
 
@@ -132,7 +134,7 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
                                                              progress, out)
         report["failed_checks"] = gate.failed
         report["seconds"] = round(time.perf_counter() - started, 1)
-        (stage / "export.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_report(stage / "export.json", report)  # hashed into the weights id: no timings (report_json)
         progress("hashing")
         write_manifest(stage)
         publish_dir(stage, out)
@@ -427,4 +429,4 @@ def _restamp_stages(folder: Path, form: str, group_size: int, head_block: int | 
     if isinstance(dec, dict):
         data = [p.name for p in folder.glob("decoder.onnx.*")]
         dec["data"] = data[0] if data else None
-    path.write_text(json.dumps(spec, indent=1) + "\n", encoding="utf-8")
+    write_report(path, spec, indent=1)

@@ -41,6 +41,7 @@ import torch
 from fusar_edge.errors import InputError
 
 from .edgellm_llm import DISTRIBUTION, EDGELLM_VERSION
+from .report_json import write_report
 
 FORMAT = "fusar-edgellm-v1"
 MANIFEST_NAME = "fusar_edgellm.json"
@@ -263,6 +264,6 @@ def export_edgellm(model, tokenizer, weights: dict, out: Path, *, max_anchors: i
         report["llm"] = None
         report["llm_note"] = (f"{DISTRIBUTION} is not installed, so llm/ was not written; on a machine with it: "
                               f"{command(bundle)}")
-    (out / MANIFEST_NAME).write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+    write_report(out / MANIFEST_NAME, spec)  # hashed into the weights id: no timings (report_json)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     return report

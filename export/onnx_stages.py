@@ -72,7 +72,6 @@ the nodes a 4-bit rewrite replaces.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -89,6 +88,7 @@ from fusar_edge.hashing import file_record
 
 from .decoder_graph import build_decoder, decoder_spec
 from .int4_onnx import save_model
+from .report_json import write_report
 from .stages_format import FORMAT, STAGE_FILES, STAGES_JSON, read_stages  # noqa: F401  (the layout, torch-free)
 
 DEFAULT_MAX_ANCHORS = 256  # the tile store's default 16 x 16 grid
@@ -413,7 +413,7 @@ def export_stages(model, out_dir: str | Path, opset: int = MIN_OPSET, progress: 
         "files": {p.name: file_record(p) for p in sorted([*files.values(), *data_files])},
     }
     cfg_path = out / STAGES_JSON
-    cfg_path.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_report(cfg_path, manifest)  # hashed into the weights id: no timings (report_json)
     progress(f"wrote {len(files)} ONNX stages to {out} in {manifest['seconds']:.1f} s")
     result: dict[str, Any] = dict(files)
     result["config"] = cfg_path

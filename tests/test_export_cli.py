@@ -57,6 +57,12 @@ def test_export_tiny_end_to_end(tmp_path, capfd):
     for rel, entry in manifest.items():  # every file hashed, sub-folders included
         assert sha256(out / rel) == entry["sha256"]
     assert json.loads((out / "export.json").read_text())["artifacts"]["onnx"]["parity"]["ok"]
+    # the same export again is the same model: no file records how long its run took
+    again = tmp_path / "tiny-onnx-again"
+    assert main(["export", "tiny", "--out", str(again)]) == 0
+    from fusar_edge.model.manifest import check_bundle
+
+    assert check_bundle(again) == check_bundle(out)
 
 
 def test_export_gptq4_writes_every_form_and_runs_4bit(tmp_path, capsys):
