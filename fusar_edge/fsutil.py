@@ -17,10 +17,15 @@ from .errors import BundleError
 def publish_dir(stage: Path, out: Path) -> None:
     """Move the finished directory ``stage`` to ``out``, atomically replacing an old one.
 
-    The old ``out`` is renamed aside first and deleted only once the new one is in place, so
-    a kill at any moment leaves the old directory or the new one under ``out`` (and at worst a
-    hidden ``.NAME.old-PID`` beside it), never neither and never half of each.
+    On Linux the two directories trade names in one ``renameat2(RENAME_EXCHANGE)``, so a kill at
+    any moment leaves the old directory or the new one under ``out``, never neither and never
+    half of each. Where that call is missing (other systems, file systems without it) the old
+    ``out`` is renamed aside first and deleted once the new one is in place: a kill between the
+    two renames then leaves only the hidden ``.NAME.old-PID`` beside ``out``.
     """
+    if out.exists() and _exchange(stage, out):
+        shutil.rmtree(stage, ignore_errors=True)  # ``stage`` holds the old directory now
+        return
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -33,6 +38,33 @@ def publish_dir(stage: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_RENAME_EXCHANGE, _AT_FDCWD = 2, -100  # <linux/fs.h>, <fcntl.h>
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names of ``a`` and ``b`` atomically (Linux ``renameat2``); False where it is not
+    available, the caller then renames in two steps. Through ctypes because ``os`` has no
+    renameat2."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2  # glibc 2.28+
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this kernel or file system cannot swap
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def publishable_mkdtemp(prefix: str, parent: Path) -> Path:

@@ -20,10 +20,23 @@ def test_replaces_and_cleans_up(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_the_swap_is_one_atomic_exchange_on_linux(tmp_path, monkeypatch):
+    """No moment without ``out``: the directories trade names in one call, no rename aside."""
+    if not os.uname().sysname == "Linux":
+        pytest.skip("renameat2 is Linux's")
+    monkeypatch.setattr(fsutil.os, "replace", lambda *a: pytest.fail("renamed in two steps"))
+    out = _dir(tmp_path / "out", "old")
+    fsutil.publish_dir(_dir(tmp_path / ".stage", "new"), out)
+    assert (out / "f").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_a_failed_swap_keeps_the_old_directory(tmp_path, monkeypatch):
-    """import-fusar-gpt --force / export --force / data synth --force killed mid-replace lose nothing."""
+    """import-fusar-gpt --force / export --force / data synth --force killed mid-replace lose nothing
+    (the two-rename fallback, where the atomic exchange is not available)."""
     out = _dir(tmp_path / "out", "old")
     stage = _dir(tmp_path / ".stage", "new")
+    monkeypatch.setattr(fsutil, "_exchange", lambda a, b: False)
     real, calls = os.replace, []
 
     def failing_second_replace(src, dst):
