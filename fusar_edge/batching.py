@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+_STOP = object()  # close(): the batch thread serves what it holds, then ends
+
+
 class _Batcher:
     """A daemon thread serving jobs from a bounded queue in gathered batches."""
 
@@ -40,34 +43,53 @@ class _Batcher:
         self._queue: queue.Queue = queue.Queue(max_waiting)
         self.largest_batch = 0  # for tests and metrics: did batches form?
         self.batches = 0
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
     def _submit(self, job):
         """Queue ``job`` and block until the batch thread has served it."""
+        if self._closed:
+            raise RuntimeError(f"{type(self).__name__}: closed")
         self._queue.put(job)
         job.done.wait()
         if job.error is not None:
             raise job.error
         return job
 
-    def _gather(self) -> list:
-        jobs = [self._queue.get()]
+    def close(self, timeout: float = 30.0) -> None:
+        """End the batch thread once the jobs queued before this call are served."""
+        self._closed = True
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+
+    def _gather(self) -> tuple[list, bool]:
+        """-> (jobs to serve now, whether close() asked the thread to end after them)."""
+        first = self._queue.get()
+        if first is _STOP:
+            return [], True
+        jobs = [first]
         deadline = time.monotonic() + self.window_s
         while len(jobs) < self.max_batch:
             left = deadline - time.monotonic()
             try:
-                jobs.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
+                job = self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
-        return jobs
+            if job is _STOP:
+                return jobs, True
+            jobs.append(job)
+        return jobs, False
 
     def _groups(self, jobs: list) -> list[list]:
         return [jobs]
 
     def _run(self) -> None:
-        while True:
-            for group in self._groups(self._gather()):
+        stop = False
+        while not stop:
+            jobs, stop = self._gather()
+            for group in self._groups(jobs) if jobs else []:
                 self.batches += 1
                 self.largest_batch = max(self.largest_batch, len(group))
                 try:

@@ -150,6 +150,26 @@ class Runtime:
         self.weights, self.source, self.backend = weights, source, backend
         self.max_image_side = max_image_side
         self.tiles, self.anchor_grid, self.allow_empty_anchors = tiles, anchor_grid, allow_empty_anchors
+        self.closed = False
+
+    def close(self) -> None:
+        """Release the runtime: batch threads end once their queued questions are answered, and the
+        model and its sessions are dropped. ``ask`` then refuses; closing twice is harmless. Also
+        what ``with Runtime.open(...) as rt:`` does on leaving the block."""
+        if self.closed:
+            return
+        self.closed = True
+        for batcher in (self.vision_batcher, self.batcher):
+            if batcher is not None:
+                batcher.close()
+        self.batcher = self.vision_batcher = None
+        self.model = self.stages = None
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def open(cls, bundle: str | Path | None = None, tiles: str | Path | None = None, backend: str = "torch",
@@ -175,6 +195,9 @@ class Runtime:
         """
         if backend not in BACKENDS:
             raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                    or threads < 1):
+            raise InputError(f"threads: expected a positive integer (or None for the default), got {threads!r}")
         store = TileStore.open(tiles) if tiles is not None else None  # cheap; fail before loading weights
         check_grid(anchor_grid)
         if backend == "onnxruntime":
@@ -233,6 +256,8 @@ class Runtime:
     def _image(self, image: str | Path | SarImage, scale: str, band: int | None = None) -> SarImage:
         if isinstance(image, SarImage):
             return image
+        if not isinstance(image, (str, Path)):
+            raise InputError(f"image: expected a file path (str or Path) or a SarImage, got {type(image).__name__}")
         return read_sar(image, scale=scale, band=band, max_side=self.max_image_side)
 
     def _anchors(self, anchors, img: SarImage, bbox, date,
@@ -360,8 +385,13 @@ class Runtime:
         ``max_new_tokens`` must fit the model's context after the prompt (the bundle's default is
         cut to fit).
         """
+        if self.closed:
+            raise FusarError("runtime: closed; open another with Runtime.open(...)")
         if not isinstance(question, str) or not question.strip():
             raise InputError("question: expected a non-empty string")
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool)
+                                           or not isinstance(max_new_tokens, (int, np.integer))):
+            raise InputError(f"max_new_tokens: expected an integer, got {max_new_tokens!r}")
         if task is not None and task not in tasks.TASKS:
             raise InputError(f"task: expected one of {', '.join(tasks.TASKS)}, got {task!r}")
         if label is not None and (not isinstance(label, str) or not label.strip()):
@@ -431,6 +461,8 @@ class Runtime:
         (last-bit rounding), so it is off by default."""
         from .batching import DecodeBatcher, VisionBatcher
 
+        if self.closed:
+            raise FusarError("runtime: closed; open another with Runtime.open(...)")
         if self.batcher is None:
             self.vision_batcher = VisionBatcher(self.stages, max_batch=max_batch, window_s=window_ms / 1e3)
             self.batcher = DecodeBatcher(self.stages, max_batch=max_batch, window_s=window_ms / 1e3)

@@ -62,3 +62,36 @@ def test_onnxruntime_runtime_is_safe_to_share(scenes, tmp_path):
     batched = Runtime.open(out, backend="onnxruntime", threads=1).enable_batching(max_batch=8, window_ms=100)
     _check_threads_match_sequential(batched, scenes)
     assert batched.batcher.largest_batch > 1
+
+
+def test_close_ends_the_batch_threads_and_refuses_later_questions(scenes):
+    import threading
+
+    from fusar_edge.errors import FusarError
+
+    s = scenes[0]
+    before = {t for t in threading.enumerate() if t.name.startswith("fusar-")}
+    with Runtime.open(threads=1).enable_batching(max_batch=2) as rt:
+        batch_threads = {t for t in threading.enumerate() if t.name.startswith("fusar-")} - before
+        assert len(batch_threads) == 2  # vision and decode
+        assert rt.ask(s["scene_tif"], QUESTIONS[0], anchors=s["anchors"]).token_ids
+    assert rt.closed and not any(t.is_alive() for t in batch_threads)
+    with pytest.raises(FusarError, match="closed"):
+        rt.ask(s["scene_tif"], QUESTIONS[0], anchors=s["anchors"])
+    rt.close()  # twice: harmless
+
+
+def test_bad_arguments_are_input_errors_naming_them(scenes):
+    from fusar_edge.errors import InputError
+
+    s = scenes[0]
+    for threads in (0, -1, "2", 1.5, True):
+        with pytest.raises(InputError, match="^threads: "):
+            Runtime.open(threads=threads)
+    rt = Runtime.open(threads=1)
+    for image in (None, 5, b"scene.tif"):
+        with pytest.raises(InputError, match="^image: "):
+            rt.ask(image, QUESTIONS[0], anchors=s["anchors"])
+    for tokens in ("abc", 2.7, True):
+        with pytest.raises(InputError, match="^max_new_tokens: "):
+            rt.ask(s["scene_tif"], QUESTIONS[0], anchors=s["anchors"], max_new_tokens=tokens)
