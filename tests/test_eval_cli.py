@@ -47,9 +47,35 @@ def test_eval_bad_input_is_one_line(ds, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     row = json.loads((ds / "stage2-val.jsonl").read_text().splitlines()[0])
     bad.write_text(json.dumps({**row, "image": "scenes/missing.png"}) + "\n")
+    count = json.loads(next(s for s in (ds / "stage2-val.jsonl").read_text().splitlines() if '"count"' in s))
+
+    def manifest(name, *rows):  # beside the real one, so the image paths resolve
+        path = ds / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    cases = [
+        (manifest("noanswer.jsonl", {k: v for k, v in row.items() if k != "answer"}), ["row 1", "missing 'answer'"]),
+        (manifest("nullq.jsonl", row, {**row, "question": None}), ["nullq.jsonl: row 2", "question"]),
+        (manifest("intimage.jsonl", {**row, "image": 123}), ["row 1", "image"]),
+        (manifest("size.jsonl", {**row, "coordinate_size": "abc"}), ["coordinate_size", "positive integer"]),
+        (manifest("many.jsonl", {**count, "answer": "many"}), ["many.jsonl: row 1", "answer", "integer"]),
+        (manifest("grid.jsonl", {**row, "task": "grid"}), ["row 1", "task", "'grid'"]),
+        (manifest("chip.jsonl", {**row, "coordinate_size": 504}), ["coordinate_size [504]", "224 px"]),
+    ]
+    broken = ds / "broken.jsonl"
+    broken.write_text(json.dumps(row) + "\n" * 3 + "{oops\n")
+    cases.append((str(broken), ["broken.jsonl: line 4", "not valid JSON"]))
     for argv, words in ((["--data", str(bad)], ["missing.png", "not found"]),
+                        *((["--data", path], words) for path, words in cases),
                         (["--data", str(tmp_path / "none.jsonl")], ["none.jsonl"]),
                         (["--data", str(ds / "stage2-val.jsonl"), "--limit", "0"], ["--limit"])):
         assert main(["eval", "tiny", *argv, "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and all(w in err[0] for w in words), err
+    # without anchors a row needs no aef
+    no_aef = ds / "noaef.jsonl"
+    no_aef.write_text(json.dumps({k: v for k, v in row.items() if k != "aef"}) + "\n")
+    assert main(["eval", "tiny", "--data", str(no_aef), "--out", str(tmp_path / "o"), "--no-anchors"]) == 0
+    assert main(["eval", "tiny", "--data", str(no_aef), "--out", str(tmp_path / "o2")]) == 2
+    assert "missing 'aef'" in capsys.readouterr().err

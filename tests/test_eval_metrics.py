@@ -1,6 +1,5 @@
 """The paper's metrics on hand-made prediction rows whose answers are known."""
 
-import math
 
 import pytest
 
@@ -73,7 +72,8 @@ def test_detection_micro_prf_with_parse_error_empty_list_and_box_outside_the_chi
 
 
 def test_prf_edge_cases():
-    assert prf(0, 0, 0) == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    # nothing to find and nothing found: nothing to measure (not a perfect score)
+    assert prf(0, 0, 0) == {"precision": None, "recall": None, "f1": None}
     assert prf(0, 0, 3) == {"precision": 0.0, "recall": 0.0, "f1": 0.0}
     assert prf(0, 2, 0)["precision"] == 0.0 and prf(0, 2, 0)["recall"] == 1.0
 
@@ -89,4 +89,11 @@ def test_ground_truth_forms_and_groups():
     assert m["exact"] == pytest.approx(2 / 3)
     assert m["groups"]["distractors"]["exact"] == 1.0 and m["groups"]["clean"]["exact"] == 0.5
     assert headline(score(rows)) == {"count": pytest.approx(2 / 3)}
-    assert math.isnan(score([row("count", "1", "unclear")])["count"]["mae"])
+    assert score([row("count", "1", "unclear")])["count"]["mae"] is None  # null in JSON, not NaN
+
+
+def test_every_detection_answer_unparsed_on_empty_scenes_is_not_a_perfect_score():
+    rows = [row("detect", "None", '[{"bbox_2d": [1, 2', parse_error="bad") for _ in range(4)]
+    m = score(rows)
+    assert m["detect"]["parse_errors"] == 4 and m["detect"]["iou0.5"]["f1"] is None
+    assert "detect" not in headline(m)

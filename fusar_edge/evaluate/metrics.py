@@ -7,7 +7,7 @@ separately). Predictions are parsed from ``prediction_text`` with ``fusar_edge.t
 
 - **count**: ``exact`` = share of rows whose parsed count equals the ground truth (a parse
   error is a wrong answer); ``mae`` = mean absolute error over the rows that parsed
-  (``unparsed`` says how many did not).
+  (``unparsed`` says how many did not; null when none did).
 - **classify**: ``exact`` = share of rows whose parsed class, lower-cased and trimmed, equals
   the ground truth lower-cased and trimmed.
 - **locate**: ``top1`` = share of rows whose 3x3 grid cell (``top-left`` ... ``bottom-right``)
@@ -18,15 +18,16 @@ separately). Predictions are parsed from ``prediction_text`` with ``fusar_edge.t
   negatives are summed over all rows (micro average). Boxes are compared in the raw chip
   coordinates on both sides (``coordinate_size``, e.g. 504; no clipping), so a box the model
   printed partly outside the chip is judged as printed. A parse error counts as no
-  predictions. With no predicted box precision is 0 (1 when there was nothing to find either);
-  with no ground-truth box recall is 1; F1 is 0 when precision + recall is 0.
+  predictions. With no predicted box precision is 0, with no ground-truth box recall is 1, and
+  F1 is 0 when precision + recall is 0; with neither (nothing to find and nothing found over
+  all rows) the three are null: there is nothing to measure, and a model whose every answer
+  failed to parse must not score 1.
 - **caption**: not scored (free text); rows are counted.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from typing import Any, Iterable
 
@@ -43,6 +44,14 @@ def gt_count(gt: Any) -> int:
     if isinstance(gt, str) and gt.strip().lstrip("-").isdigit():
         return int(gt.strip())
     raise ValueError(f"count ground truth: expected an integer, got {gt!r}")
+
+
+def check_ground_truth(task: str, gt: Any) -> None:
+    """Raise ``ValueError`` when the metrics cannot read ``gt`` for ``task``."""
+    if task == "count":
+        gt_count(gt)
+    elif task == "detect":
+        gt_boxes(gt)
 
 
 def gt_boxes(gt: Any) -> list[dict[str, Any]]:
@@ -87,8 +96,10 @@ def match(preds: list[dict[str, Any]], gts: list[dict[str, Any]], threshold: flo
     return tp
 
 
-def prf(tp: int, n_pred: int, n_gt: int) -> dict[str, float]:
-    precision = tp / n_pred if n_pred else (1.0 if n_gt == 0 else 0.0)
+def prf(tp: int, n_pred: int, n_gt: int) -> dict[str, float | None]:
+    if n_pred == 0 and n_gt == 0:
+        return {"precision": None, "recall": None, "f1": None}
+    precision = tp / n_pred if n_pred else 0.0
     recall = tp / n_gt if n_gt else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
     return {"precision": precision, "recall": recall, "f1": f1}
@@ -138,7 +149,7 @@ def _score_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
             truth = gt_count(r["gt"])
             right += value == truth
             errors.append(abs(value - truth))
-        res.update(exact=right / n, mae=(sum(errors) / len(errors)) if errors else math.nan, unparsed=unparsed)
+        res.update(exact=right / n, mae=(sum(errors) / len(errors)) if errors else None, unparsed=unparsed)
     elif task == "classify":
         right = sum(1 for r in rows if (_parsed("classify", r).value or "").strip().lower()
                     == str(r["gt"]).strip().lower())
@@ -162,7 +173,8 @@ def _score_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float]:
-    """One number per task for tables and plots (count exact, classify exact, locate top-1, detect F1@0.5)."""
+    """One number per task for tables and plots (count exact, classify exact, locate top-1, detect F1@0.5);
+    a task whose number is undefined (null) is left out."""
     keys = {"count": ("exact",), "classify": ("exact",), "locate": ("top1",), "detect": ("iou0.5", "f1")}
     out = {}
     for task, path in keys.items():
@@ -170,5 +182,6 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
             value: Any = metrics[task]
             for k in path:
                 value = value[k]
-            out[task] = float(value)
+            if value is not None:
+                out[task] = float(value)
     return out

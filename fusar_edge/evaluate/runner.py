@@ -45,12 +45,27 @@ def eval_rows(runtime, rows: list[dict], no_anchors: bool = False,
     return out
 
 
+def check_scoreable(data, rows: list[dict]) -> None:
+    """Every row has a task the metrics score and a ground truth they can read."""
+    from ..tasks import TASKS, infer_task
+
+    for i, row in enumerate(rows):
+        task = row.get("task") or infer_task(row["question"])
+        where = f"{data}: row {i + 1}"
+        if task not in TASKS:
+            raise InputError(f"{where}: task: expected one of {', '.join(TASKS)} (eval scores these), got {task!r}")
+        try:
+            M.check_ground_truth(task, row["answer"])
+        except ValueError as exc:
+            raise InputError(f"{where}: answer: {exc}") from None
+
+
 def evaluate(bundle, data: str | Path, out: str | Path, backend: str = "torch", no_anchors: bool = False,
              limit: int | None = None, threads: int | None = None,
              progress: Callable[[int, int], None] | None = None) -> dict:
     from ..runtime import Runtime
 
-    rows = read_manifest(data)
+    rows = read_manifest(data, need_aef=not no_anchors)
     if limit is not None:
         if limit < 1:
             raise InputError(f"--limit: expected a positive number of rows, got {limit}")
@@ -59,7 +74,12 @@ def evaluate(bundle, data: str | Path, out: str | Path, backend: str = "torch", 
         for key in ("image",) + (() if no_anchors else ("aef",)):
             if not (Path(row["_root"]) / row[key]).is_file():
                 raise InputError(f"{data}: row {row.get('id', '?')}: {key} {row[key]!r} not found")
+    check_scoreable(data, rows)  # a bad ground truth is named now, not after every row is answered
     rt = Runtime.open(bundle, backend=backend, threads=threads)
+    sizes = {int(r["coordinate_size"]) for r in rows if r.get("coordinate_size") is not None}
+    if sizes - {rt.config.chip_size}:
+        raise InputError(f"{data}: coordinate_size {sorted(sizes)} but the model's chip is {rt.config.chip_size} px: "
+                         "its boxes and the ground truth would be in different coordinates")
     t0 = time.perf_counter()
     preds = eval_rows(rt, rows, no_anchors, progress)
     seconds = time.perf_counter() - t0
@@ -71,7 +91,7 @@ def evaluate(bundle, data: str | Path, out: str | Path, backend: str = "torch", 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_text(out / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
-    _atomic_text(out / "metrics.json", json.dumps(report, indent=2) + "\n")
+    _atomic_text(out / "metrics.json", json.dumps(report, indent=2, allow_nan=False) + "\n")  # strict JSON
     from .report import markdown_table, plot
 
     _atomic_text(out / "metrics.md", markdown_table([report]))

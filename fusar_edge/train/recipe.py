@@ -85,10 +85,10 @@ def _config_for_base(base: Path, chip: int, tlm: bool, sigma: float, hidden_mult
                        grasp=GRASPConfig(enabled=False), prompt_style="reference")
 
 
-def _rows(data: list[str]) -> list[dict]:
+def _rows(data: list[str], need_aef: bool = True) -> list[dict]:
     rows = []
     for path in data:
-        rows += read_manifest(path)
+        rows += read_manifest(path, need_aef=need_aef)
     return rows
 
 
@@ -103,7 +103,7 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
     if args.dense is not None:
         args.dense.check()
     settings = args.settings or TrainSettings(**DEFAULTS[args.stage])
-    rows = _rows(args.data)
+    rows = _rows(args.data, need_aef=not args.no_aef)
     chip = rows[0].get("coordinate_size", 504)
     out = Path(args.out)
     peft_model = None
