@@ -60,6 +60,26 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -221,7 +241,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("out", help="directory to write scene.tif, scene.png, anchors.npz and tiles/ into")
     s.add_argument("--size", type=int, default=224, metavar="PX",
                    help="scene side in pixels at 10 m (default 224, the demo model's chip)")
-    s.add_argument("--seed", type=int, default=0, help="which scene (default 0); the same seed, the same scene")
+    s.add_argument("--seed", type=nonnegative_int, default=0, help="which scene (default 0); the same seed, the same scene")
     return p
 
 

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .cli import nonnegative_int
+
 EPILOG = """examples:
   fusar-edge data synth --out data/sar-synth --n 1200 --seed 0 --chip 224
   fusar-edge data synth --out /tmp/tiny-set --n 12 --chip 224 --per-region 3
@@ -31,10 +33,10 @@ def add_parser(sub) -> None:
                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--out", required=True, metavar="DIR", help="dataset directory to write (must not exist)")
     s.add_argument("--n", type=int, required=True, metavar="N", help="number of scenes (at least 3)")
-    s.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same bytes (default 0)")
+    s.add_argument("--seed", type=nonnegative_int, default=0, help="random seed: the same seed gives the same bytes (default 0)")
     s.add_argument("--chip", type=int, default=504, metavar="PX",
                    help="scene side in pixels = the model's chip and the manifests' coordinate_size "
-                        "(a multiple of 28; default 504, the reference's)")
+                        "(a multiple of 28 from 56 to 1008; default 504, the reference's)")
     s.add_argument("--per-region", type=int, default=8, metavar="K",
                    help="scenes cut from each region of ground (default 8); more = a smaller AEF store")
     s.add_argument("--force", action="store_true", help="replace DIR if it exists")

@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from .cli import nonnegative_int, positive_float, positive_int
+
 EPILOG = """the demo recipe (2 CPU cores; see README "The demo model"):
   fusar-edge data synth --out data/synth --n 2000 --chip 224 --per-region 10
   fusar-edge train --stage 0 --preset demo --data data/synth/stage1-train.jsonl data/synth/stage2-train.jsonl \\
@@ -75,17 +77,17 @@ def add_parser(sub) -> None:
                    help="stage 0: flip each warm-up image at random (left-right, up-down), with its anchors and "
                         "truth (default off; the main loop's answers are never flipped)")
     t.add_argument("--no-aef", action="store_true", help="train without anchors or TLM (the paper's ablation)")
-    t.add_argument("--epochs", type=float, help="default: stage 0 10, stage 1 30, stage 2 5 (the reference's)")
-    t.add_argument("--lr", type=float, help="default: stage 0 1e-3, stage 1 1e-4, stage 2 1e-5 (the reference's)")
-    t.add_argument("--grad-accum", type=int, default=4, help="samples per optimizer step (default 4, as the reference)")
+    t.add_argument("--epochs", type=positive_float, help="default: stage 0 10, stage 1 30, stage 2 5 (the reference's)")
+    t.add_argument("--lr", type=positive_float, help="default: stage 0 1e-3, stage 1 1e-4, stage 2 1e-5 (the reference's)")
+    t.add_argument("--grad-accum", type=positive_int, default=4, help="samples per optimizer step (default 4, as the reference)")
     t.add_argument("--group-by-image", action="store_true",
                    help="one sample = every row of one image, sharing one vision forward (ours; about twice as "
                         "fast when the ViT trains, as in stage 0; the reference trains row by row)")
-    t.add_argument("--seed", type=int, default=42, help="initialisation and data order (default 42)")
-    t.add_argument("--sigma", type=float, default=2.0, help="TLM Gaussian width for a new TLM (default 2.0)")
-    t.add_argument("--max-length", type=int, default=2048, help="longest sequence; longer rows are an error")
-    t.add_argument("--save-every", type=int, default=200, metavar="STEPS", help="checkpoint interval (default 200)")
-    t.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    t.add_argument("--seed", type=nonnegative_int, default=42, help="initialisation and data order (default 42)")
+    t.add_argument("--sigma", type=positive_float, default=2.0, help="TLM Gaussian width for a new TLM (default 2.0)")
+    t.add_argument("--max-length", type=positive_int, default=2048, help="longest sequence; longer rows are an error")
+    t.add_argument("--save-every", type=positive_int, default=200, metavar="STEPS", help="checkpoint interval (default 200)")
+    t.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     t.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
 
 

@@ -185,3 +185,31 @@ def test_bad_arguments_and_existing_output(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"fusar-edge: error: {tmp_path / 'b'}: already exists (pass --force to replace it)"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_seeds_and_chips_out_of_range_are_one_line(tmp_path, capsys):
+    for argv, words in ((["data", "synth", "--out", str(tmp_path / "c"), "--n", "3", "--seed", "-1"], ["--seed", ">= 0"]),
+                        (["data", "synth", "--out", str(tmp_path / "c"), "--n", "3", "--chip", "28000"],
+                         ["--chip", "1008"]),
+                        (["sample", str(tmp_path / "s"), "--seed", "-1"], ["--seed", ">= 0"])):
+        assert main(argv) == 2, argv
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(err) == 1 and all(w in err[0] for w in words), (argv, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_large_sample_gets_a_coarser_aef_layer_and_its_anchors(tmp_path):
+    """Past 1024 px the sample's AEF layer takes 2 scene pixels per AEF pixel (memory: a 4096 px
+    sample at full resolution needed ~30 GB); its anchors still cover the scene."""
+    import rasterio
+
+    from fusar_edge.data.synth import PIXEL_M, sample_scene
+    from fusar_edge.geo.anchors import AnchorSet
+
+    paths = sample_scene(tmp_path / "big", seed=1, size=1036)
+    tiles = sorted((tmp_path / "big" / "tiles").rglob("*.aef"))
+    assert tiles
+    anchors = AnchorSet.load(paths["anchors"])
+    assert anchors.size == 256 and anchors.coverage == 1.0
+    with rasterio.open(paths["scene_tif"]) as ds:
+        assert ds.width == 1036 and ds.res == (PIXEL_M, PIXEL_M)

@@ -139,6 +139,21 @@ def test_bad_input_stops_before_training(data, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("fusar-edge: error:")
     assert main(["train", "--stage", "2", "--data", str(small), "--out", str(tmp_path / "y")]) == 2
     assert "--base" in capsys.readouterr().err
+    # numbers argparse refuses, and folders that are not what the flag wants: one line each
+    base = tmp_path / "base"
+    base.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (base / name).write_text("{}")
+    for argv, words in ((["--stage", "0", "--seed", "-1"], ["--seed", ">= 0"]),
+                        (["--stage", "0", "--save-every", "0"], ["--save-every", "positive"]),
+                        (["--stage", "0", "--epochs", "inf"], ["--epochs", "finite"]),
+                        (["--stage", "0", "--threads", "0"], ["--threads"]),
+                        (["--stage", "2", "--base", str(tmp_path / "nope")], ["--base", "not a directory"]),
+                        (["--stage", "2", "--base", str(base), "--init-adapter", str(tmp_path)],
+                         ["--init-adapter", "adapter_config.json"])):
+        assert main(["train", *argv, "--data", str(small), "--out", str(tmp_path / "y")]) == 2, argv
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
+        assert len(err) == 1 and all(w in err[0] for w in words), (argv, err)
 
 
 def test_bad_manifests_are_one_line_and_write_nothing(data, tmp_path, capsys):

@@ -73,7 +73,17 @@ def smooth_field(rng: np.random.Generator, h: int, w: int, cells: int, channels:
         oy, ox = h // cells, w // cells
         layers.append(up[oy:oy + h, ox:ox + w])
     out = np.stack(layers, axis=-1) if channels else layers[0]
-    return (out - out.mean()) / (out.std() + 1e-6)
+    del layers
+    # the statistics of that array as it is (a one-channel field is a view into the larger
+    # upsampled grid, whose sum runs in another order than a copy's), then in place: the same
+    # arithmetic as (out - mean) / (std + 1e-6) without two more copies of a [H, W, 64] field
+    # (the synthetic AEF layer of a large sample)
+    mean, std = out.mean(), out.std()
+    if not channels:
+        out = out.copy()  # PIL's array is read-only
+    out -= mean
+    out /= std + 1e-6
+    return out
 
 
 def make_region(rng: np.random.Generator, size: int) -> Region:
@@ -110,11 +120,32 @@ def _add_runway(rng: np.random.Generator, cover: np.ndarray) -> bool:
     return False
 
 
+def _window(h: int, w: int, cx: float, cy: float, reach: float) -> tuple[slice, slice]:
+    """The rows and columns within ``reach`` px of ``(cx, cy)``, clipped to the image."""
+    r = int(np.ceil(reach)) + 2
+    return (slice(max(0, int(cy) - r), min(h, int(cy) + r + 1)), slice(max(0, int(cx) - r), min(w, int(cx) + r + 1)))
+
+
+def _grid(h: int, w: int, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates ``(yy, xx)`` float32 over a window: the values ``np.mgrid[0:h, 0:w]``
+    holds there, so a shape drawn on a window is the shape drawn on the whole image, without a
+    whole-image grid per try (a 4096 px sample made gigabytes of them)."""
+    yy, xx = np.mgrid[rows, cols]
+    return yy.astype(np.float32), xx.astype(np.float32)
+
+
+def _full(h: int, w: int, window: tuple[slice, slice], local: np.ndarray) -> np.ndarray:
+    mask = np.zeros((h, w), bool)
+    mask[window] = local
+    return mask
+
+
 def _rect_mask(h, w, cx, cy, length, width, angle) -> np.ndarray:
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    window = _window(h, w, cx, cy, np.hypot(length, width) / 2)
+    yy, xx = _grid(h, w, *window)
     u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
     v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
-    return (np.abs(u) <= length / 2) & (np.abs(v) <= width / 2)
+    return _full(h, w, window, (np.abs(u) <= length / 2) & (np.abs(v) <= width / 2))
 
 
 def _sigma0(rng: np.random.Generator, cover: np.ndarray, smooth_land: bool) -> np.ndarray:
@@ -195,10 +226,11 @@ def _building(rng, h, w, cx, cy):
 
 def _rock(rng, h, w, cx, cy):
     r = rng.uniform(4, 8)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    window = _window(h, w, cx, cy, r * 1.35 + 1.5)  # the largest radius the lobes reach
+    yy, xx = _grid(h, w, *window)
     ang = np.arctan2(yy - cy, xx - cx)
     radius = r * (1 + 0.35 * np.sin(3 * ang + rng.uniform(0, 6)) * rng.uniform(0.3, 1))
-    mask = np.hypot(xx - cx, yy - cy) <= radius * np.array([1.0, 0.5])[rng.integers(0, 2)] + 1.5
+    mask = _full(h, w, window, np.hypot(xx - cx, yy - cy) <= radius * np.array([1.0, 0.5])[rng.integers(0, 2)] + 1.5)
     level = rng.uniform(1.5, 4.0)
 
     def paint(sigma):
@@ -223,9 +255,10 @@ def _aircraft(rng, h, w, cx, cy):
 
 def _tank(rng, h, w, cx, cy):
     r = rng.uniform(4, 8)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    window = _window(h, w, cx, cy, r + 0.6)
+    yy, xx = _grid(h, w, *window)
     d = np.hypot(xx - cx, yy - cy)
-    ring, roof = (d >= r - 1.2) & (d <= r + 0.6), d < r - 1.2
+    ring, roof = _full(h, w, window, (d >= r - 1.2) & (d <= r + 0.6)), _full(h, w, window, d < r - 1.2)
     mask = ring | roof
     level = rng.uniform(3.0, 7.0)
 

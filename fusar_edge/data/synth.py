@@ -50,6 +50,7 @@ from .scene import COVER, TARGET_LABELS, make_region, make_scene, smooth_field
 GENERATOR_VERSION = "fusar-edge-synth-v1"
 PROTOTYPE_SEED = 20260201
 PIXEL_M = 10.0
+MAX_CHIP = 1008  # data synth --chip: twice the reference's 504 (a region's AEF layer then needs ~2 GB)
 EPSG = 32631
 ORIGIN_EN = (300000.0, 5800000.0)  # the regions' grid starts here (UTM 31N, North Sea)
 REGION_STEP_M = 12000.0
@@ -77,12 +78,20 @@ def aef_values(rng: np.random.Generator, cover: np.ndarray) -> np.ndarray:
 
     h, w = cover.shape
     noise = smooth_field(rng, h, w, max(2, h // 48), channels=64)
-    v = prototypes()[cover] + 0.35 * noise / math.sqrt(64)
-    v /= np.linalg.norm(v, axis=2, keepdims=True)
-    return quantise(v)
+    noise *= 0.35  # in place, the same arithmetic as prototype + 0.35 * noise / 8 with fewer copies
+    noise /= math.sqrt(64)
+    v = prototypes()[cover]
+    v += noise
+    del noise
+    out = np.empty(v.shape, np.int8)
+    for r0 in range(0, h, 64):  # rows at a time: a norm and a quantisation per pixel, bounded temporaries
+        block = v[r0:r0 + 64]
+        block /= np.linalg.norm(block, axis=2, keepdims=True)
+        out[r0:r0 + 64] = quantise(block)
+    return out
 
 
-def _write_cog(path: Path, values: np.ndarray, x0: float, y0: float) -> None:
+def _write_cog(path: Path, values: np.ndarray, x0: float, y0: float, pixel: float = PIXEL_M) -> None:
     import rasterio
     from rasterio.transform import Affine
 
@@ -90,7 +99,7 @@ def _write_cog(path: Path, values: np.ndarray, x0: float, y0: float) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # bottom-up (positive y resolution, row 0 = south), as the published files are stored
     profile = dict(driver="GTiff", width=w, height=h, count=64, dtype="int8", crs=f"EPSG:{EPSG}",
-                   transform=Affine(PIXEL_M, 0, x0, 0, PIXEL_M, y0 - h * PIXEL_M), nodata=-128, tiled=True,
+                   transform=Affine(pixel, 0, x0, 0, pixel, y0 - h * pixel), nodata=-128, tiled=True,
                    blockxsize=128, blockysize=128, compress="deflate", interleave="pixel")
     with rasterio.open(path, "w", **profile) as ds:
         ds.write(np.ascontiguousarray(np.moveaxis(values[::-1], -1, 0)))
@@ -111,11 +120,14 @@ def _write_scene(path: Path, amplitude: np.ndarray, x0: float, y0: float, date: 
 
 
 def _write_region_aef(path: Path, rng: np.random.Generator, cover: np.ndarray, x0: float, y0: float,
-                      margin: int = 8) -> None:
+                      margin: int = 8, step: int = 1) -> None:
     """The AEF COG of a region whose north-west corner is ``(x0, y0)``, a few pixels wider on
-    every side so that lookups at the region's edge still find data."""
-    _write_cog(path, aef_values(rng, np.pad(cover, margin, mode="edge")), x0 - margin * PIXEL_M,
-               y0 + margin * PIXEL_M)
+    every side so that lookups at the region's edge still find data. ``step``: AEF pixels of
+    ``step`` scene pixels (the cover sampled every ``step``), for scenes too large to hold a
+    64-channel layer at their own resolution."""
+    pixel = PIXEL_M * step
+    _write_cog(path, aef_values(rng, np.pad(cover[::step, ::step], margin, mode="edge")), x0 - margin * pixel,
+               y0 + margin * pixel, pixel)
 
 
 def _write_scene_files(tif: Path, png: Path, npz: Path, amplitude: np.ndarray, x0: float, y0: float,
@@ -144,8 +156,10 @@ def synth(out: str | Path, n: int, seed: int = 0, chip: int = 504, per_region: i
     for name, value, low in (("--n", n, 3), ("--chip", chip, 56), ("--per-region", per_region, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InputError(f"{name}: expected an integer >= {low}, got {value!r}")
-    if chip % 28:
-        raise InputError(f"--chip: expected a multiple of 28 (Qwen2.5-VL patch 14 x merge 2), got {chip}")
+    if chip % 28 or chip > MAX_CHIP:
+        # the bound: each region's 64-channel AEF layer is (1.5 chip)^2 x 64 values in memory
+        raise InputError(f"--chip: expected a multiple of 28 (Qwen2.5-VL patch 14 x merge 2) from 56 to {MAX_CHIP}, "
+                         f"got {chip}")
     out = Path(out)
     if out.exists() and not force:
         raise InputError(f"{out}: already exists (pass --force to replace it)")
@@ -223,6 +237,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
+SAMPLE_AEF_MAX_PX = 1024  # sample: the largest AEF layer side at the scene's own resolution
 SAMPLE_FILES = ("tiles", "anchors.npz", "scene.png", "scene.tif")  # moved in this order: scene.tif last
 
 
@@ -276,8 +291,10 @@ def sample_scene(out: str | Path, seed: int = 0, size: int = 224) -> dict:
     try:
         stage = tmp / "sample"  # made by mkdir, not mkdtemp: the usual permissions once published
         stage.mkdir()
+        # up to 1024 px the AEF layer has the scene's pixels; beyond, coarser, so that its 64
+        # channels stay within ~1 GB of memory (4096 px at full resolution needed ~30 GB)
         _write_region_aef(tmp / "aef" / str(year) / "31N" / "sample-0000000000-0000000000.tiff", rng, region.cover,
-                          x0, y0)
+                          x0, y0, step=-(-size // SAMPLE_AEF_MAX_PX))
         ingest([tmp / "aef"], stage / "tiles")
         img = _write_scene_files(stage / "scene.tif", stage / "scene.png", stage / "anchors.npz", scene.amplitude,
                                  x0, y0, date, TileStore.open(stage / "tiles"))

@@ -85,6 +85,15 @@ def _config_for_base(base: Path, chip: int, tlm: bool, sigma: float, hidden_mult
                        grasp=GRASPConfig(enabled=False), prompt_style="reference")
 
 
+def _require_files(flag: str, folder: Path, names: tuple[str, ...], what: str) -> None:
+    """One line, before anything loads, when ``folder`` is not the kind of folder ``flag`` wants."""
+    if not folder.is_dir():
+        raise InputError(f"{flag} {folder}: not a directory (expected {what})")
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise InputError(f"{flag} {folder}: no {missing[0]} (expected {what})")
+
+
 def _rows(data: list[str], need_aef: bool = True) -> list[dict]:
     rows = []
     for path in data:
@@ -124,6 +133,13 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
             raise InputError("--base: stages 1 and 2 need the base model folder (stage 0's OUT/base, or a "
                              "Qwen2.5-VL checkpoint)")
         base = Path(args.base)
+        _require_files("--base", base, ("config.json", "tokenizer.json"), "stage 0's OUT/base or a Qwen2.5-VL checkpoint")
+        if args.stage == 2:
+            if args.init_adapter is None:
+                raise InputError("--init-adapter: stage 2 continues stage 1's LoRA (its OUT directory)")
+            _require_files("--init-adapter", Path(args.init_adapter), ("adapter_config.json",), "stage 1's OUT directory")
+        if args.init_tlm is not None and args.stage == 1:
+            _require_files("--init-tlm", Path(args.init_tlm), ("vec64_film.pt",), "a stage's OUT directory")
         tok = TextTokenizer.from_file(base / "tokenizer.json")
         tlm_dir = args.init_adapter if args.stage == 2 else args.init_tlm
         tlm_cfg = None if args.no_aef or tlm_dir is None else read_tlm_config(Path(tlm_dir), None)
