@@ -49,7 +49,10 @@ def add_parser(sub) -> None:
     anchors.add_argument("--no-anchors", action="store_true", help="answer without AEF anchors (TLM skipped)")
     s.add_argument("--allow-no-coverage", action="store_true",
                    help="answer chips the tile store does not cover without anchors instead of stopping")
-    s.add_argument("--chip", type=positive_int, metavar="PX", help="chip side in scene pixels (default: the model's chip)")
+    s.add_argument("--chip", type=positive_int, metavar="PX",
+                   help="chip side in scene pixels, at least 28 (default: the model's chip)")
+    s.add_argument("--band", type=positive_int, default=1, metavar="N",
+                   help="the GeoTIFF band to scan (default 1; e.g. 2 for VH in a VV/VH scene)")
     s.add_argument("--overlap", type=int, default=64, metavar="PX",
                    help="overlap of neighbouring chips in scene pixels (default 64: a target cut by one chip's "
                         "border is whole in the next)")
@@ -69,7 +72,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from .errors import InputError
-    from .scan.run import scan_scene
+    from .scan.run import check_grid_settings, scan_scene
 
     scenes = [Path(p) for p in args.scenes]
     for p in scenes:
@@ -84,6 +87,9 @@ def run(args) -> int:
                          "write --ray=ADDRESS")
     if args.ray_workers and args.ray is None:
         raise InputError("--ray-workers: only with --ray")
+    check_grid_settings(args.chip, args.overlap)  # before a model loads: a typo costs a second
+    if args.task != "caption" and not args.label.strip():
+        raise InputError(f"--label: expected an object class such as 'ship', got {args.label!r}")
     if args.ray is not None and args.batch > 1:
         raise InputError("--batch applies to this process; with --ray each worker answers one chip at a time "
                          "(give the cluster more workers instead)")
@@ -96,7 +102,7 @@ def run(args) -> int:
             try:
                 results[scene.name] = scan_scene(answerer, scene, out, task=args.task, label=args.label,
                                                  chip=args.chip, overlap=args.overlap, no_anchors=args.no_anchors,
-                                                 progress=bar.update if bar else None)
+                                                 band=args.band, progress=bar.update if bar else None)
             except InputError as exc:
                 if len(scenes) == 1:
                     raise

@@ -19,5 +19,9 @@ class AnchorError(InputError):
     """A malformed or unusable anchor set."""
 
 
+class CoverageError(AnchorError):
+    """A footprint the tile store holds no AEF data for (``allow_empty_anchors`` answers it without)."""
+
+
 class BundleError(FusarError):
     """A missing, incomplete or inconsistent model bundle or checkpoint."""

@@ -262,6 +262,14 @@ class Runtime:
 
     def _anchors(self, anchors, img: SarImage, bbox, date,
                   no_anchors: bool = False) -> tuple[AnchorSet | None, dict[str, Any]]:
+        if no_anchors:  # before the footprint is built: its checks (e.g. across lon 180) are the anchors'
+            if anchors is not None:
+                raise InputError("anchors: given together with no_anchors (--no-anchors); pass one or the other")
+            bounds = bbox or img.bounds_lonlat
+            when = date if date is not None else img.acquisition_date
+            return None, {"source": "none", "crs": img.crs, "bounds": list(bounds) if bounds else None,
+                          "date": when.isoformat() if when else None, "year": None, "coverage": 0.0, "count": 0,
+                          "note": "no_anchors: TLM skipped on request"}
         footprint = Anchor.from_sar_image(img, date=date, bbox=bbox) if (img.bounds_lonlat or bbox) else None
         info: dict[str, Any] = {
             "source": "none", "crs": img.crs,
@@ -269,11 +277,6 @@ class Runtime:
             "date": footprint.date.isoformat() if footprint and footprint.date else (date.isoformat() if date else None),
             "year": None, "coverage": 0.0, "count": 0,
         }
-        if no_anchors:
-            if anchors is not None:
-                raise InputError("anchors: given together with no_anchors (--no-anchors); pass one or the other")
-            info["note"] = "no_anchors: TLM skipped on request"
-            return None, info
         if anchors is None and self.tiles is not None:
             if footprint is None:
                 raise AnchorError(f"image {img.path}: no georeference, so the tile store cannot be used; give the "

@@ -130,6 +130,42 @@ def test_a_folder_of_another_run_is_refused(scene, oracle, tmp_path):
         scan_scene(oracle(), Path(scene["scene_tif"]), tmp_path, chip=224, overlap=32, label="aircraft")
     with pytest.raises(InputError, match="overlap differs"):
         scan_scene(oracle(), Path(scene["scene_tif"]), tmp_path, chip=224, overlap=0)
+    # a damaged journal line is named, not a traceback
+    journal = tmp_path / "scene" / JOURNAL
+    lines = journal.read_text().splitlines()
+    journal.write_text("\n".join([*lines[:2], "garbage", *lines[2:]]) + "\n")
+    with pytest.raises(InputError, match="journal.jsonl: line 3 is not a chip record"):
+        scan_scene(oracle(), Path(scene["scene_tif"]), tmp_path, chip=224, overlap=32)
+
+
+def test_a_resume_with_another_tile_store_is_refused(scene, tmp_path, capsys):
+    """The chips answered so far had the first store's anchors: the rest must not get others'."""
+    import shutil
+
+    other = tmp_path / "other-tiles"
+    shutil.copytree(scene["tiles"], other)
+    args = ["scan", str(scene["scene_tif"]), "--out", str(tmp_path / "o"), "--task", "count", "--overlap", "0",
+            "--threads", "1", "--quiet"]
+    assert main(args + ["--tiles", str(scene["tiles"])]) == 0
+    capsys.readouterr()
+    assert main(args + ["--tiles", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "anchors differs" in err[0], err
+    assert main(args + ["--tiles", str(scene["tiles"]), "--allow-no-coverage"]) == 2
+
+
+def test_a_crs_with_no_way_to_lon_lat_is_one_line_and_the_batch_goes_on(scene, tmp_path, capsys):
+    local = _rewrite(scene["scene_tif"], tmp_path / "local.tif", crs=rasterio.crs.CRS.from_wkt(
+        'LOCAL_CS["arbitrary",UNIT["metre",1],AXIS["Easting",EAST],AXIS["Northing",NORTH]]'))
+    args = ["--out", str(tmp_path / "o"), "--no-anchors", "--task", "count", "--overlap", "0", "--threads", "1",
+            "--quiet"]
+    assert main(["scan", str(local), str(scene["scene_tif"]), *args]) == 2
+    captured = capsys.readouterr()
+    assert "local.tif: its CRS LOCAL_CS cannot be converted to lon/lat" in captured.err
+    assert "4 of 4 chips answered" in captured.out  # the other scene finished
+    assert main(["ask", str(local), "How many ships?", "--no-anchors", "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be converted to lon/lat" in err[0], err
 
 
 def test_nodata_chips_are_skipped(tmp_path, oracle, scene):
@@ -318,3 +354,7 @@ def test_a_run_killed_at_random_chips_over_and_over_ends_byte_identical(scene, o
             pass
         calls += rt.calls
     assert calls == 9 and _bytes(out / "scene") == _bytes(whole / "scene")
+    # --no-anchors needs no anchor footprint: a scene across lon 180 is answered
+    across = _rewrite(scene["scene_tif"], tmp_path / "across.tif", crs="EPSG:4326",
+                      transform=rasterio.transform.Affine(1e-4, 0, 179.98, 0, -1e-4, 54.0))
+    assert main(["ask", str(across), "How many ships?", "--no-anchors", "--threads", "1"]) == 0

@@ -186,8 +186,19 @@ def raster_georef(ds) -> tuple[str | None, tuple[float, ...] | None, tuple[float
             return None, None, None
         xs, ys = [g.x for g in gcps], [g.y for g in gcps]
         affine = None
-    bounds = transform_bounds(crs, "EPSG:4326", min(xs), min(ys), max(xs), max(ys), densify_pts=21)
+    try:
+        bounds = transform_bounds(crs, "EPSG:4326", min(xs), min(ys), max(xs), max(ys), densify_pts=21)
+    except Exception as exc:  # PROJ / GDAL raise their own types (rasterio._err.CPLE_*)
+        raise crs_error(ds.name, crs.to_string(), exc) from None
     return crs.to_string(), affine, tuple(float(v) for v in bounds)
+
+
+def crs_error(where: str, crs: str, exc: BaseException) -> InputError:
+    """One line for a CRS with no way to lon/lat (an engineering CRS, another planet's), naming
+    the file; PROJ's own message is cut before the CRS definition it quotes in full."""
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(" from '")[0]
+    name = re.sub(r"\[.*", "", crs) if len(crs) > 60 else crs  # LOCAL_CS["arbitrary",...] -> LOCAL_CS
+    return InputError(f"{where}: its CRS {name} cannot be converted to lon/lat ({reason[:120]})")
 
 
 def raster_date(ds) -> tuple[dt.date | None, str | None]:

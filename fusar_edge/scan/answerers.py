@@ -14,9 +14,10 @@ import collections
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
-from ..errors import AnchorError, InputError
+from ..errors import AnchorError, CoverageError, InputError
 from .grid import Chip
 
 
@@ -35,6 +36,15 @@ class ChipQuestion:
     no_anchors: bool
 
 
+def anchor_setting(tiles, allow_no_coverage: bool) -> dict | None:
+    """Where a scan's anchors come from, for its journal header: a resumed scan with another tile
+    store (or coverage rule) would mix two runs' answers, so it is refused like another model."""
+    if tiles is None:
+        return None
+    root = getattr(tiles, "root", tiles)
+    return {"tiles": str(Path(root).resolve()), "allow_no_coverage": bool(allow_no_coverage)}
+
+
 def nodata_record(chip: Chip) -> dict:
     return {"chip": chip.index, "window": [chip.x0, chip.y0, chip.width, chip.height], "status": "nodata"}
 
@@ -48,10 +58,13 @@ def answer_chip(rt, chip: Chip, img, q: ChipQuestion) -> dict:
         ans = rt.ask(img, q.question, task=q.task, label=q.label if q.task == "detect" else None,
                      no_anchors=q.no_anchors)
     except AnchorError as exc:
-        raise InputError(f"chip {chip.index} (window at x {chip.x0}, y {chip.y0}): {exc}; scan's "
-                         "--allow-no-coverage answers such chips without anchors, flagged in its outputs") from None
+        remedy = ("scan's --allow-no-coverage answers chips the store does not cover without anchors, flagged in its "
+                  "outputs" if isinstance(exc, CoverageError) else "scan --no-anchors answers without anchors (TLM "
+                  "skipped), into another --out")
+        raise InputError(f"chip {chip.index} (window at x {chip.x0}, y {chip.y0}): {exc}; {remedy}") from None
     return {**nodata_record(chip), "status": "done", "text": ans.text, "answer": ans.answer,
-            "parse_error": ans.parse_error, "anchor": {k: ans.anchor.get(k) for k in ("source", "coverage", "tlm")},
+            "parse_error": ans.parse_error,
+            "anchor": {k: ans.anchor.get(k) for k in ("source", "coverage", "tlm", "year", "notes") if k in ans.anchor},
             "timings": {k: v for k, v in ans.timings_ms.items() if k in STAGES}}
 
 
@@ -61,6 +74,7 @@ class LocalAnswerer:
     def __init__(self, rt):
         self.rt = rt
         self.weights, self.preset, self.chip_size = rt.weights, rt.config.name, int(rt.config.chip_size)
+        self.anchors = anchor_setting(getattr(rt, "tiles", None), getattr(rt, "allow_empty_anchors", False))
 
     def answer(self, jobs: Iterable[tuple[Chip, object]], q: ChipQuestion) -> Iterator[dict]:
         for chip, img in jobs:

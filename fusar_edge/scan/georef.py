@@ -20,6 +20,8 @@ import numpy as np
 from rasterio.transform import Affine, AffineTransformer, GCPTransformer, RPCTransformer
 from rasterio.warp import transform as warp_transform
 
+from ..geo.sar import crs_error
+
 LONLAT = "EPSG:4326"
 
 
@@ -46,6 +48,16 @@ class SceneGeoref:
         if ds.rpcs is not None:
             return cls("rpcs", LONLAT, rpcs=ds.rpcs)  # RPCs map to WGS84 lon/lat by definition
         return cls("none", None)
+
+    def check_lonlat(self, where: str) -> None:
+        """One line naming the scene when its CRS has no way to lon/lat (an engineering or another
+        body's CRS), before any chip is answered, not a projection library traceback at the first."""
+        if self.kind == "none":
+            return
+        try:
+            self.pixel_to_lonlat([0.0], [0.0])
+        except Exception as exc:  # PROJ / GDAL raise their own types (rasterio._err.CPLE_*)
+            raise crs_error(f"scene {where}", self.crs or "?", exc) from None
 
     def describe(self) -> dict:
         return {"kind": self.kind, "crs": self.crs}

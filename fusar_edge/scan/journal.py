@@ -57,9 +57,13 @@ class Journal:
 
     def records(self) -> dict[int, dict]:
         out = {}
-        for line in self._lines()[1:]:
-            r = json.loads(line)
-            out[int(r["chip"])] = r
+        for number, line in enumerate(self._lines()[1:], 2):
+            try:
+                r = json.loads(line)
+                out[int(r["chip"])] = r
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise InputError(f"{self.path}: line {number} is not a chip record (the journal was edited or "
+                                 "damaged); delete the folder to scan the scene again") from None
         return out
 
     def done(self) -> set[int]:

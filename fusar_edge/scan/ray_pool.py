@@ -19,7 +19,7 @@ import re
 from typing import Iterable, Iterator
 
 from ..errors import FusarError, InputError
-from .answerers import ChipQuestion, answer_chip, nodata_record
+from .answerers import ChipQuestion, anchor_setting, answer_chip, nodata_record
 from .grid import Chip
 
 INSTALL = "Ray is not installed: pip install 'fusar-edge[ray]' (on the driver and every worker)"
@@ -80,6 +80,7 @@ class RayAnswerer:
             raise FusarError(f"Ray workers opened different models: {sorted({s['weights'] for s in seen})}; give "
                              "every node the same bundle")
         self.weights, self.preset, self.chip_size = seen[0]["weights"], seen[0]["preset"], seen[0]["chip_size"]
+        self.anchors = anchor_setting(open_kwargs.get("tiles"), open_kwargs.get("allow_empty_anchors", False))
         self.workers = n
         self._pool = ActorPool(self.actors)
 

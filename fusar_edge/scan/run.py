@@ -40,7 +40,8 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def scan_scene(runner, scene: Path, out: Path, *, task: str = "detect", label: str = "ship", chip: int | None = None,
-               overlap: int = 64, no_anchors: bool = False, progress: Callable[[int, int], None] | None = None) -> dict:
+               overlap: int = 64, no_anchors: bool = False, band: int = 1,
+               progress: Callable[[int, int], None] | None = None) -> dict:
     """Scan one scene; -> the summary (also written to ``summary.json``) plus ``run`` (this run's
     chips, seconds and where they went, which is not written: it differs run to run).
 
@@ -50,15 +51,18 @@ def scan_scene(runner, scene: Path, out: Path, *, task: str = "detect", label: s
     if task not in TASKS:
         raise InputError(f"--task {task!r}: expected one of {', '.join(TASKS)}")
     size = int(chip or answerer.chip_size)
-    if overlap > size // 2:  # beyond it every pixel is read (and answered) more than 4 times; the grid would grow
-        raise InputError(f"--overlap {overlap}: at most half of the chip ({size // 2} px for --chip {size})")
+    check_grid_settings(size, overlap)
+    if task != "caption" and (not isinstance(label, str) or not label.strip()):
+        raise InputError(f"--label: expected an object class such as 'ship', got {label!r}")
     folder = out / scene.stem
     t0 = time.perf_counter()
-    with SceneReader(scene) as reader:
+    with SceneReader(scene, band=band) as reader:
         grid = chip_grid(reader.width, reader.height, size, overlap)
         header = {"identity": scene_identity(scene, reader), "weights": answerer.weights, "preset": answerer.preset,
                   "task": task, "label": label, "chip": size, "overlap": overlap, "chips": len(grid),
-                  "no_anchors": no_anchors}
+                  "no_anchors": no_anchors, "band": band,
+                  # a resume with another tile store or coverage rule would mix two runs' answers
+                  "anchors": None if no_anchors else getattr(answerer, "anchors", None)}
         folder.mkdir(parents=True, exist_ok=True)  # only once the scene and the settings are known good
         journal = _disk_guard(lambda: Journal(folder / JOURNAL, header), folder, 0, len(grid))
         done = journal.done()
@@ -68,14 +72,17 @@ def scan_scene(runner, scene: Path, out: Path, *, task: str = "detect", label: s
         read_ms: dict[int, float] = {}
         profile: dict[str, float] = {}
         jobs = timed(((c, reader.read(c)) for c in todo), read_ms)
-        for record in answerer.answer(jobs, q):
-            record.setdefault("timings", {})["read"] = round(read_ms.pop(record["chip"], 0.0), 3)
-            for k, v in record["timings"].items():
-                profile[k] = profile.get(k, 0.0) + v
-            _disk_guard(lambda: journal.append(record), folder, finished, len(grid))
-            finished += 1
-            if progress:
-                progress(finished, len(grid))
+        try:
+            for record in answerer.answer(jobs, q):
+                record.setdefault("timings", {})["read"] = round(read_ms.pop(record["chip"], 0.0), 3)
+                for k, v in record["timings"].items():
+                    profile[k] = profile.get(k, 0.0) + v
+                _disk_guard(lambda: journal.append(record), folder, finished, len(grid))
+                finished += 1
+                if progress:
+                    progress(finished, len(grid))
+        except InputError as exc:  # a chip's error: say which scene (a batch scans several)
+            raise InputError(f"scene {scene}: {exc}") from None
         t_write = time.perf_counter()
         summary = _disk_guard(lambda: _write_outputs(folder, reader, grid, journal.records(), header), folder,
                               finished, len(grid))
@@ -85,6 +92,20 @@ def scan_scene(runner, scene: Path, out: Path, *, task: str = "detect", label: s
                       "chips_per_s": round(len(todo) / seconds, 3) if seconds > 0 else None,
                       "profile_ms": {k: round(v, 1) for k, v in sorted(profile.items())}}
     return summary
+
+
+MIN_CHIP = 28  # one merged ViT token (patch 14 x merge 2): a smaller chip is all upsampling
+
+
+def check_grid_settings(chip: int | None, overlap: int) -> None:
+    """--chip and --overlap on their own (the CLI runs this before loading a model); the overlap's
+    bound against the model's own chip comes once the chip is known."""
+    if chip is not None and chip < MIN_CHIP:
+        raise InputError(f"--chip {chip}: at least {MIN_CHIP} scene pixels (one merged ViT token)")
+    if overlap < 0:
+        raise InputError(f"--overlap {overlap}: must be at least 0 pixels")
+    if chip is not None and overlap > chip // 2:  # beyond it every pixel is read (and answered) > 4 times
+        raise InputError(f"--overlap {overlap}: at most half of the chip ({chip // 2} px for --chip {chip})")
 
 
 def _disk_guard(step, folder: Path, finished: int, total: int):

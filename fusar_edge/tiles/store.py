@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import AnchorError, InputError
+from ..errors import AnchorError, CoverageError, InputError
 from ..geo.anchors import Anchor, AnchorSet
 from .format import (EPSG_LONLAT, NODATA, VEC_DIM, StoreError, TileRecord, lookup_points_arrays,
                      read_generation)
@@ -236,7 +236,7 @@ class TileStore:
             features, mask = self.lookup_points(lon, lat, year)
         if not mask.any() and not allow_empty:
             extent = self.describe()["per_year"][str(year)]["lonlat_extent"]
-            raise AnchorError(f"anchor bbox {_fmt_box(anchor.bbox)}: no AEF data for {year} in tile store "
+            raise CoverageError(f"anchor bbox {_fmt_box(anchor.bbox)}: no AEF data for {year} in tile store "
                               f"{self.root} (its {year} tiles cover {_fmt_box(extent)}); ingest tiles for "
                               "this area, or allow an empty anchor set (ask --allow-no-coverage; "
                               "Runtime.open(allow_empty_anchors=True))")
