@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -442,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    previous = _terminate_as_interrupt()
     try:
         if args.command in PRECHECKS:  # in milliseconds: importing transformers alone takes seconds
             PRECHECKS[args.command](args)
@@ -462,6 +464,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fusar-edge: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service stop, a job scheduler, ``kill``), raised where Ctrl-C would be."""
+
+
+def _terminate_as_interrupt():
+    """SIGTERM unwinds a command as Ctrl-C does, so its ``finally`` blocks remove work folders and
+    temporary files (the default action killed the process where it stood and left them).
+    -> the previous handler, restored when the command ends; None where no handler can be set
+    (not the main thread). ``serve``'s uvicorn installs its own while it runs."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def raise_interrupt(signum, frame):
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, raise_interrupt)
 
 
 def _quiet_transformers(debug: bool) -> None:

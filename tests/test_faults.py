@@ -202,3 +202,24 @@ def test_missing_inputs_fail_before_torch_is_imported(demo, tmp_path, flags, wor
         err = run.stderr.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("fusar-edge: error: ")
     assert word in err[0]
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_leaves_no_work_folder(tmp_path):
+    """A service stop or `kill` (SIGTERM) mid-way through `data synth`: exit 130 and nothing left
+    beside the output (the default action killed the process with its work folder in place)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "fusar_edge.cli", "data", "synth", "--out", str(tmp_path / "ds"),
+                             "--n", "2000", "--chip", "224", "--json"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".ds.synth-") for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, "data synth never started its work folder"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
