@@ -501,14 +501,31 @@ def _quiet_transformers(debug: bool) -> None:
     hf_logging.disable_progress_bar()
 
 
+# a command's hidden work folder (``fsutil.work_dir`` / ``publishable_mkdtemp``): .NAME.KIND-...
+_WORK_FOLDER = re.compile(r"^\.(?P<name>.+)\.(?:sample|synth|export|import|tmp|train|ingest)-[\w-]+$")
+
+
 def _os_error(exc: OSError, args) -> str:
-    """``<path>: <OS reason>``; a write that failed without a file name is blamed on the output."""
-    paths = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+    """``<path>: <OS reason>``; a write that failed without a file name is blamed on the output.
+    A path inside a command's hidden work folder is shown as the output it was becoming, and a
+    "file exists" on a path that is a file says that a directory was expected there."""
+    paths = [_shown_path(str(f)) for f in (exc.filename, exc.filename2) if f is not None]
     output = getattr(args, "out", None) or getattr(args, "store", None)
     if not paths and output:
         paths = [str(output)]
     reason = " ".join((exc.strerror or str(exc) or type(exc).__name__).split())
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and paths and Path(paths[0]).is_file():
+        reason = "is a file, where a directory was expected"
     return f"{' -> '.join(paths)}: {reason}" if paths else reason
+
+
+def _shown_path(path: str) -> str:
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        m = _WORK_FOLDER.match(part)
+        if m:
+            return str(Path(*parts[:i], m["name"]))
+    return path
 
 
 if __name__ == "__main__":

@@ -323,3 +323,16 @@ def test_bbox_takes_negative_numbers_and_refuses_non_finite(demo, capsys):
         assert main(["ask", demo["scene_tif"], "q", "--bbox", bad, "53.9", "3.0", "54.0"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--bbox" in err[0] and "finite" in err[0], err
+
+
+def test_os_errors_name_the_output_not_a_hidden_work_folder(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    assert main(["sample", str(afile / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"fusar-edge: error: {afile}: is a file, where a directory was expected", err
+    from fusar_edge.cli import _shown_path
+
+    assert _shown_path("/data/.scene.sample-123-abcd1234/tiles/x.aef") == "/data/scene"
+    assert _shown_path("/data/.ds.synth-0a1b2c3d") == "/data/ds"
+    assert _shown_path("/data/plain/file") == "/data/plain/file"
