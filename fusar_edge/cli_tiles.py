@@ -150,12 +150,13 @@ def _verify(args) -> int:
         for warning in getattr(report, "warnings", []):
             print(f"warning: {warning}")
         print(report.summary())
-    return 0 if report.ok else 1
+    return 0 if report.ok else 2  # as `fusar-edge verify BUNDLE`: a store that fails its check is bad input
 
 
 def _lookup(args) -> int:
+    from .errors import CoverageError
     from .geo.anchors import Anchor
-    from .tiles.store import TileStore
+    from .tiles.store import ALLOW_EMPTY_HINT, TileStore
 
     store = TileStore.open(args.store)
     if args.image:
@@ -165,7 +166,10 @@ def _lookup(args) -> int:
             raise InputError("tiles lookup: --date YYYY-MM-DD is required with --bbox (AEF is annual)")
         anchor = Anchor(tuple(args.bbox), args.date)
     t0 = time.perf_counter()
-    aset = store.lookup(anchor, grid=tuple(args.grid), allow_empty=args.allow_empty)
+    try:
+        aset = store.lookup(anchor, grid=tuple(args.grid), allow_empty=args.allow_empty)
+    except CoverageError as exc:  # the store's hint names ask's flag; this command's is --allow-empty
+        raise CoverageError(str(exc).replace(ALLOW_EMPTY_HINT, "tiles lookup --allow-empty")) from None
     ms = (time.perf_counter() - t0) * 1e3
     out = aset.save_npz(args.out)
     summary = {"out": str(out), "year": aset.year, "acquisition_date": anchor.date.isoformat() if anchor.date else None,
@@ -176,5 +180,6 @@ def _lookup(args) -> int:
     else:
         for note in aset.notes:
             print(f"note: {note}", file=sys.stderr)
-        print(f"wrote {out}: {aset.size} anchors, coverage {aset.coverage:.2f}, year {aset.year}, {aset.crs}")
+        print(f"wrote {out}: {aset.size} anchors, coverage {aset.coverage:.2f}, year {aset.year}, "
+              f"{aset.crs or 'no CRS (no tile covers the footprint)'}")
     return 0

@@ -68,7 +68,8 @@ def test_lookup_bad_input(demo, tmp_path, capsys):
     assert "none" in error_line(capsys)
     assert main(["tiles", "lookup", "--store", demo["tiles"], "--bbox", "10", "10", "10.1", "10.1", "--date",
                  "2023-01-01", "--out", str(tmp_path / "x.npz")]) == 2
-    assert "no AEF data" in error_line(capsys)
+    line = error_line(capsys)
+    assert "no AEF data" in line and "tiles lookup --allow-empty" in line and "--allow-no-coverage" not in line
     assert main(["tiles", "lookup", "--store", demo["tiles"], "--bbox", *b, "--date", "2015-01-01",
                  "--out", str(tmp_path / "x.npz")]) == 2
     assert "2017" in error_line(capsys)
@@ -131,3 +132,16 @@ def test_anchor_without_store_and_exclusive_flags(demo, capsys):
     assert main(["ask", demo["scene_tif"], "q", "--tiles", demo["tiles"], "--anchors", demo["anchors"]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fusar-edge: error: ") and "not allowed with" in err[0]
+
+
+def test_verify_of_a_damaged_store_exits_2(demo, tmp_path, capsys):
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(demo["tiles"], store)
+    tile = next(store.rglob("*.aef"))
+    data = bytearray(tile.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tile.write_bytes(bytes(data))
+    assert main(["tiles", "verify", "--store", str(store)]) == 2
+    assert "problem:" in capsys.readouterr().out

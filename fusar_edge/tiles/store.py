@@ -29,6 +29,7 @@ from .utm import central_meridian, lonlat_to_utm
 from .years import acquisition_year
 
 DEFAULT_GRID = (16, 16)
+ALLOW_EMPTY_HINT = "ask --allow-no-coverage; Runtime.open(allow_empty_anchors=True)"  # commands say their own
 BACKENDS = ("auto", "native", "numpy")
 
 
@@ -238,8 +239,7 @@ class TileStore:
             extent = self.describe()["per_year"][str(year)]["lonlat_extent"]
             raise CoverageError(f"anchor bbox {_fmt_box(anchor.bbox)}: no AEF data for {year} in tile store "
                               f"{self.root} (its {year} tiles cover {_fmt_box(extent)}); ingest tiles for "
-                              "this area, or allow an empty anchor set (ask --allow-no-coverage; "
-                              "Runtime.open(allow_empty_anchors=True))")
+                              f"this area, or allow an empty anchor set ({ALLOW_EMPTY_HINT})")
         used = sorted({f"EPSG:{t.record.epsg}" for t in self._tiles[year]
                        if _box_overlaps(t.record.lonlat_bounds, anchor.bbox)})
         # positions are valid by construction: skip AnchorSet's input checks (a third of the time)
