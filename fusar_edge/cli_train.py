@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from .cli import nonnegative_int, positive_float, positive_int
@@ -113,12 +114,20 @@ def run(args) -> int:
                              lr=args.lr if args.lr is not None else d["lr"], grad_accum=args.grad_accum,
                              seed=args.seed, save_every=args.save_every,
                              group_by_image=args.group_by_image)
-    summary = run_stage(StageArgs(stage=args.stage, data=args.data, out=Path(args.out), preset=args.preset,
-                                  base=Path(args.base) if args.base else None,
-                                  init_adapter=Path(args.init_adapter) if args.init_adapter else None,
-                                  init_tlm=Path(args.init_tlm) if args.init_tlm else None, no_aef=args.no_aef,
-                                  grasp=grasp, dense=dense, sigma=args.sigma, max_length=args.max_length, settings=settings),
-                        show_progress=not args.json)
+    stage_args = StageArgs(stage=args.stage, data=args.data, out=Path(args.out), preset=args.preset,
+                           base=Path(args.base) if args.base else None,
+                           init_adapter=Path(args.init_adapter) if args.init_adapter else None,
+                           init_tlm=Path(args.init_tlm) if args.init_tlm else None, no_aef=args.no_aef,
+                           grasp=grasp, dense=dense, sigma=args.sigma, max_length=args.max_length, settings=settings)
+    try:
+        summary = run_stage(stage_args, show_progress=not args.json)
+    except KeyboardInterrupt:
+        from .train.loop import CHECKPOINT
+
+        if (Path(args.out) / CHECKPOINT / "state.pt").is_file():  # say what is kept and how to go on
+            print(f"fusar-edge: {Path(args.out) / CHECKPOINT} holds the last checkpoint: the same command resumes "
+                  "from it", file=sys.stderr)
+        raise
     if args.json:
         print(json.dumps(summary))
     else:

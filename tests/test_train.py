@@ -98,7 +98,7 @@ def test_no_aef_variant_imports_without_tlm(data, tmp_path, capsys):
 
 def test_a_killed_run_resumes_to_the_same_weights(data, tmp_path, monkeypatch):
     ds, small = data
-    settings = TrainSettings(epochs=6, lr=3e-3, grad_accum=2, seed=2, save_every=2)
+    settings = TrainSettings(epochs=6, lr=3e-3, grad_accum=2, seed=2, save_every=3)
     whole = tmp_path / "whole"
     run_stage(StageArgs(stage=0, data=[str(small)], out=whole, settings=settings), show_progress=False)
 
@@ -115,11 +115,16 @@ def test_a_killed_run_resumes_to_the_same_weights(data, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_stage(StageArgs(stage=0, data=[str(small)], out=killed, settings=settings), show_progress=False)
     assert not (killed / "base").exists() and (killed / "checkpoint" / "state.pt").is_file()
+    with open(killed / "train_log.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a line cut by the kill
     monkeypatch.setattr(loop, "group_loss", real)
     summary = run_stage(StageArgs(stage=0, data=[str(small)], out=killed, settings=settings), show_progress=False)
     assert summary["steps"] == 6 and summary["samples"] == 12
     a, b = load_file(str(whole / "base" / "model.safetensors")), load_file(str(killed / "base" / "model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # the log holds each step once: the steps replayed after the checkpoint (step 3) are not repeated
+    logged = [json.loads(s) for s in (killed / "train_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in logged] == [1, 2, 3, 4, 5, 6]
     # a checkpoint of another run is refused, not mixed in
     with pytest.raises(InputError, match="different run"):
         run_stage(StageArgs(stage=0, data=[str(small)], out=killed,

@@ -38,6 +38,7 @@ import torch
 
 from ..config import DEMO_VOCAB_SIZE, FusarConfig, GRASPConfig, TLMConfig, load_backbone_json, preset
 from ..errors import InputError
+from ..fsutil import write_text_atomic
 from ..geo.chip import to_chip
 from ..geo.sar import read_sar
 from ..model.bundle import build_random, load_backbone
@@ -188,9 +189,16 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
         weight = args.dense.weight
         aux = (lambda visual, row: weight * dense.loss(visual, targets(row))) if weight > 0 else None
     log_path = out / "train_log.jsonl"
+    logged = _logged_steps(log_path)
+
+    def log_step(entry: dict, log) -> None:
+        # a resumed run replays the steps after its checkpoint, bit for bit: log each step once
+        if entry["step"] > logged:
+            log.write(json.dumps(entry) + "\n")
+
     with log_path.open("a", encoding="utf-8") as log:
         result = train(model, params, rows, builder, settings, out, show_progress,
-                       log=lambda e: log.write(json.dumps(e) + "\n"), aux=aux)
+                       log=lambda e: log_step(e, log), aux=aux)
     _save(args, model, tok, peft_model, out)
     summary = {"stage": args.stage, "rows": len(rows), "data": [str(d) for d in args.data],
                "grasp": (f"trained: grid {list(cfg.grasp.grid)}, k {cfg.grasp.k}, prompt_len {cfg.grasp.prompt_len}"
@@ -201,6 +209,23 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
                "final_loss": result["history"][-1]["loss"] if result["history"] else None}
     (out / "train.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
+
+
+def _logged_steps(path: Path) -> int:
+    """The last step ``train_log.jsonl`` holds (0 for none); a line cut by a kill is dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    whole = []
+    for line in lines:
+        try:
+            whole.append((json.loads(line)["step"], line))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # the torn last line of a killed run, and anything after it
+    if len(whole) != len(lines) or (lines and not lines[-1].endswith("\n")):
+        whole = [(s, ln) for s, ln in whole if ln.endswith("\n")]
+        write_text_atomic(path, "".join(ln for _, ln in whole))
+    return int(whole[-1][0]) if whole else 0
 
 
 def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, seed: int, out: Path,
