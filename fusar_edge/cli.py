@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -444,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     previous = _terminate_as_interrupt()
+    filters = warnings.filters[:]  # restored when the command ends (main() may run in a longer process)
+    if not args.debug:
+        _quiet_library_warnings()
     try:
         if args.command in PRECHECKS:  # in milliseconds: importing transformers alone takes seconds
             PRECHECKS[args.command](args)
@@ -467,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        warnings.filters[:] = filters
 
 
 class Terminated(KeyboardInterrupt):
@@ -487,6 +492,14 @@ def _terminate_as_interrupt():
         raise Terminated()
 
     return signal.signal(signal.SIGTERM, raise_interrupt)
+
+
+def _quiet_library_warnings() -> None:
+    """Library warnings that only repeat what our own line says, or that the user cannot act on:
+    rasterio on a file without georeference (our checks say what was expected of it) and a
+    deprecation inside transformers that PEFT calls. ``--debug`` shows them."""
+    warnings.filterwarnings("ignore", message="Dataset has no geotransform")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def _quiet_transformers(debug: bool) -> None:

@@ -80,7 +80,7 @@ def test_eval_onnxruntime_runs_without_torch(exported, scene, tmp_path):
     for key in ("scene_tif", "anchors"):
         shutil.copy(scene[key], tmp_path / Path(scene[key]).name)
     rows = [{"id": i, "image": Path(scene["scene_tif"]).name, "aef": Path(scene["anchors"]).name, "question": q, "answer": a,
-             "coordinate_size": 504} for i, (q, a) in enumerate([("How many ships are there?", "2"),
+             "coordinate_size": 224} for i, (q, a) in enumerate([("How many ships are there?", "2"),
                                                                    ("Where is the ship?", "top-left")])]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc, attempts = _ask_without_torch("eval", str(exported), "--data", str(tmp_path / "rows.jsonl"), "--backend",

@@ -330,3 +330,27 @@ def test_dumps_is_byte_stable():
     assert dumps({"b": [1, 2.5], "a": {"d": None, "c": "é"}}) == '{"a":{"c":"\\u00e9","d":null},"b":[1,2.5]}\n'
     with pytest.raises(ValueError):
         dumps({"a": float("nan")})  # never written as invalid JSON
+
+
+def test_a_box_across_the_antimeridian_is_cut_in_two():
+    """RFC 7946 3.1.9: drawn whole, a box from lon 179.99 to -179.99 would span the globe."""
+    import rasterio
+
+    from fusar_edge.scan.geojson import feature
+    from fusar_edge.scan.georef import SceneGeoref
+    from fusar_edge.scan.merge import Detection
+
+    georef = SceneGeoref("affine", "EPSG:4326", transform=rasterio.transform.Affine(1e-4, 0, 179.99, 0, -1e-4, 54.0))
+    across = Detection(box=(50.0, 10.0, 150.0, 30.0), label="ship", chip=0, chip_box=(50.0, 10.0, 150.0, 30.0))
+    geometry = feature(across, georef, {})["geometry"]
+    assert geometry["type"] == "MultiPolygon" and len(geometry["coordinates"]) == 2
+    west, east = (part[0] for part in geometry["coordinates"])
+    assert all(179.99 <= lon <= 180 for lon, _ in west) and max(lon for lon, _ in west) == 180
+    assert all(-180 <= lon <= -179.995 for lon, _ in east) and min(lon for lon, _ in east) == -180
+    for ring in (west, east):
+        assert ring[0] == ring[-1] and len(ring) == 5
+        area = sum(ring[i][0] * ring[i + 1][1] - ring[i + 1][0] * ring[i][1] for i in range(len(ring) - 1))
+        assert area > 0  # counterclockwise
+        assert all(53.997 <= lat <= 53.999 + 1e-9 for _, lat in ring)
+    inside = Detection(box=(10.0, 10.0, 40.0, 30.0), label="ship", chip=0, chip_box=(10.0, 10.0, 40.0, 30.0))
+    assert feature(inside, georef, {})["geometry"]["type"] == "Polygon"

@@ -12,20 +12,60 @@ from .merge import Detection
 DECIMALS = 7  # ~1 cm in latitude: far below a SAR pixel, and few enough digits to be byte-stable
 
 
-def _ring(det: Detection, georef: SceneGeoref) -> list[list[float]]:
+def _corners(det: Detection, georef: SceneGeoref) -> list[list[float]]:
+    """The box's four corners in lon/lat (pixel coordinates without a georeference: the
+    caller's metadata says so)."""
     x0, y0, x1, y1 = det.box
     xs = np.array([x0, x1, x1, x0], np.float64)
     ys = np.array([y0, y0, y1, y1], np.float64)
     lonlat = georef.pixel_to_lonlat(xs, ys)
-    # no georeference: pixel coordinates stay (the caller's metadata says so)
     us, vs = (xs, ys) if lonlat is None else lonlat
-    ring = [[round(float(u), DECIMALS), round(float(v), DECIMALS)] for u, v in zip(us, vs)]
-    # RFC 7946 3.1.6: exterior rings counterclockwise. Which way the four corners turn depends on
-    # the georeference (north-up, south-up, a flipped GCP grid; pixel y grows downwards), so the
-    # turn is measured, not assumed. Rounded values are measured: they are what is written.
+    return [[float(u), float(v)] for u, v in zip(us, vs)]
+
+
+def _closed_ccw(ring: list[list[float]]) -> list[list[float]]:
+    """Rounded, counterclockwise, closed. RFC 7946 3.1.6: exterior rings counterclockwise. Which
+    way the corners turn depends on the georeference (north-up, south-up, a flipped GCP grid;
+    pixel y grows downwards), so the turn is measured, not assumed; rounded values are measured:
+    they are what is written."""
+    ring = [[round(u, DECIMALS), round(v, DECIMALS)] for u, v in ring]
     if _signed_area(ring) < 0:
         ring.reverse()
     return ring + [list(ring[0])]  # closed: the last position repeats the first
+
+
+def _split_at_antimeridian(ring: list[list[float]]) -> list[list[list[float]]]:
+    """RFC 7946 3.1.9: a polygon across lon 180 is cut in two there, so that no part's ring
+    crosses it (drawn whole, a box from 179.99 to -179.99 spans the globe) and every longitude is
+    within [-180, 180] (a CRS may give 180.01). The ring is unrolled around its first corner,
+    then each side of the seam is clipped off the convex ring and wrapped back."""
+    ref = ring[0][0]
+    unrolled = [[u + 360.0 * round((ref - u) / 360.0), v] for u, v in ring]
+    lons = [u for u, _ in unrolled]
+    if min(lons) >= -180 and max(lons) <= 180:
+        return [unrolled]
+    seam = 180.0 if max(lons) > 180 else -180.0
+    west = _clip(unrolled, seam, keep_west=True)
+    east = _clip(unrolled, seam, keep_west=False)
+    if seam == 180.0:
+        east = [[u - 360.0, v] for u, v in east]
+    else:
+        west = [[u + 360.0, v] for u, v in west]
+    return [part for part in (west, east) if len(part) >= 3]
+
+
+def _clip(ring: list[list[float]], x: float, keep_west: bool) -> list[list[float]]:
+    """Sutherland-Hodgman: the part of a (convex) ring on one side of the meridian ``x``."""
+    inside = (lambda p: p[0] <= x) if keep_west else (lambda p: p[0] >= x)
+    out = []
+    for i, p in enumerate(ring):
+        q = ring[(i + 1) % len(ring)]
+        if inside(p):
+            out.append(p)
+        if inside(p) != inside(q):  # the edge crosses the meridian: add where
+            t = (x - p[0]) / (q[0] - p[0])
+            out.append([x, p[1] + t * (q[1] - p[1])])
+    return out
 
 
 def _signed_area(ring: list[list[float]]) -> float:
@@ -35,9 +75,15 @@ def _signed_area(ring: list[list[float]]) -> float:
 
 
 def feature(det: Detection, georef: SceneGeoref, properties: dict) -> dict:
-    """One detection as a GeoJSON Polygon Feature (the box's four corners, lon/lat)."""
-    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [_ring(det, georef)]},
-            "properties": dict(properties)}
+    """One detection as a GeoJSON Polygon Feature (the box's four corners, lon/lat); a box across
+    the antimeridian is a MultiPolygon of its two sides."""
+    corners = _corners(det, georef)
+    parts = _split_at_antimeridian(corners) if georef.kind != "none" else [corners]
+    if len(parts) == 1:
+        geometry = {"type": "Polygon", "coordinates": [_closed_ccw(parts[0])]}
+    else:
+        geometry = {"type": "MultiPolygon", "coordinates": [[_closed_ccw(p)] for p in parts]}
+    return {"type": "Feature", "geometry": geometry, "properties": dict(properties)}
 
 
 def feature_collection(features: list[dict], metadata: dict) -> dict:
