@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .cli import nonnegative_int, positive_float, positive_int
+from .errors import InputError
 
 EPILOG = """the demo recipe (2 CPU cores; see README "The demo model"):
   fusar-edge data synth --out data/synth --n 2000 --chip 224 --per-region 10
@@ -36,7 +37,7 @@ def add_parser(sub) -> None:
                    help="0: full training from scratch (demo); 1: LoRA + TLM on captions; 2: LoRA (+ GRASP) on tasks")
     t.add_argument("--data", nargs="+", required=True, metavar="MANIFEST", help="JSONL/JSON manifests (reference rows)")
     t.add_argument("--out", required=True, metavar="DIR", help="output directory (checkpoints live here while training)")
-    t.add_argument("--preset", default="demo", help="stage 0: the architecture to train from scratch (default demo)")
+    t.add_argument("--preset", help="stage 0: the architecture to train from scratch (default demo)")
     t.add_argument("--base", metavar="DIR", help="stages 1-2: the base model folder (stage 0's OUT/base)")
     t.add_argument("--init-tlm", metavar="DIR", help="stage 1: start the TLM MLP from this folder's vec64_film.pt")
     t.add_argument("--init-adapter", metavar="DIR", help="stage 2: stage 1's OUT (LoRA and TLM to continue)")
@@ -90,9 +91,42 @@ def add_parser(sub) -> None:
     t.add_argument("--save-every", type=positive_int, default=200, metavar="STEPS", help="checkpoint interval (default 200)")
     t.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     t.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
+    DEFAULT_VALUES.update({name: t.get_default(name) for name in [*STAGE_FLAGS, *DEPENDENT_FLAGS]})
+
+
+STAGE_FLAGS = {  # flags that mean something in some stages only: elsewhere they are refused, not ignored
+    "preset": (0,), "dense_truth": (0,), "base": (1, 2), "init_tlm": (1,), "init_adapter": (2,), "grasp": (2,),
+}
+DEPENDENT_FLAGS = {  # flag -> the flag it tunes; given without it, it would do nothing
+    "grasp_grid": "grasp", "grasp_k": "grasp", "grasp_prompt_len": "grasp", "grasp_proj_dim": "grasp",
+    "dense_weight": "dense_truth", "dense_warmup_epochs": "dense_truth", "dense_warmup_lr": "dense_truth",
+    "dense_pos_weight": "dense_truth", "dense_position": "dense_truth", "dense_density": "dense_truth",
+    "dense_image_count": "dense_truth", "dense_augment": "dense_truth",
+}
+
+
+DEFAULT_VALUES: dict = {}  # the parser's defaults of those flags (a flag left at its default was not given)
+
+
+def check_flags(args, defaults: dict) -> None:
+    """Refuse a flag the chosen stage would silently ignore (one line, before torch is imported)."""
+    def given(name: str) -> bool:
+        return getattr(args, name) not in (None, False, defaults.get(name))
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name, stages in STAGE_FLAGS.items():
+        if given(name) and args.stage not in stages:
+            where = ("stage " if len(stages) == 1 else "stages ") + " and ".join(str(s) for s in stages)
+            raise InputError(f"{flag(name)}: applies to {where} only, not --stage {args.stage}")
+    for name, needs in DEPENDENT_FLAGS.items():
+        if given(name) and not getattr(args, needs):
+            raise InputError(f"{flag(name)}: only with {flag(needs)}")
 
 
 def run(args) -> int:
+    check_flags(args, DEFAULT_VALUES)
     import torch
 
     from .train.loop import TrainSettings
@@ -114,7 +148,7 @@ def run(args) -> int:
                              lr=args.lr if args.lr is not None else d["lr"], grad_accum=args.grad_accum,
                              seed=args.seed, save_every=args.save_every,
                              group_by_image=args.group_by_image)
-    stage_args = StageArgs(stage=args.stage, data=args.data, out=Path(args.out), preset=args.preset,
+    stage_args = StageArgs(stage=args.stage, data=args.data, out=Path(args.out), preset=args.preset or "demo",
                            base=Path(args.base) if args.base else None,
                            init_adapter=Path(args.init_adapter) if args.init_adapter else None,
                            init_tlm=Path(args.init_tlm) if args.init_tlm else None, no_aef=args.no_aef,

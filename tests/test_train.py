@@ -153,6 +153,10 @@ def test_bad_input_stops_before_training(data, tmp_path, capsys):
                         (["--stage", "0", "--save-every", "0"], ["--save-every", "positive"]),
                         (["--stage", "0", "--epochs", "inf"], ["--epochs", "finite"]),
                         (["--stage", "0", "--threads", "0"], ["--threads"]),
+                        (["--stage", "1", "--preset", "demo"], ["--preset", "stage 0 only"]),
+                        (["--stage", "1", "--base", str(base), "--init-adapter", str(tmp_path)], ["stage 2 only"]),
+                        (["--stage", "0", "--grasp-k", "3"], ["--grasp-k", "only with --grasp"]),
+                        (["--stage", "0", "--dense-weight", "2"], ["--dense-weight", "only with --dense-truth"]),
                         (["--stage", "2", "--base", str(tmp_path / "nope")], ["--base", "not a directory"]),
                         (["--stage", "2", "--base", str(base), "--init-adapter", str(tmp_path)],
                          ["--init-adapter", "adapter_config.json"])):
