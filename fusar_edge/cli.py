@@ -51,45 +51,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"fusar-edge: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _finite_float(text: str) -> float:
-    """argparse type for coordinates: a number, and a finite one."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
+def _number_type(convert, accept, expected: str):
+    """An argparse type: ``convert`` the text, keep it when ``accept(value)``, else one line
+    saying ``expected`` (argparse prints it with the flag's name)."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+_finite_float = _number_type(float, math.isfinite, "a finite number")  # coordinates
+nonnegative_int = _number_type(int, lambda v: v >= 0, "an integer >= 0")
+positive_int = _number_type(int, lambda v: v >= 1, "a positive integer")
+positive_float = _number_type(float, lambda v: v > 0 and math.isfinite(v), "a positive finite number")
 
 
 def _parser() -> argparse.ArgumentParser:
