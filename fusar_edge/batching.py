@@ -63,6 +63,14 @@ class _Batcher:
         if self._thread.is_alive():
             self._queue.put(_STOP)
             self._thread.join(timeout)
+        while True:  # a job queued by a caller racing this close(): refused, not left waiting
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not _STOP:
+                job.error = RuntimeError(f"{type(self).__name__}: closed")
+                job.done.set()
 
     def _gather(self) -> tuple[list, bool]:
         """-> (jobs to serve now, whether close() asked the thread to end after them)."""

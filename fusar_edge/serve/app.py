@@ -234,8 +234,9 @@ def build_app(runtime, settings: ServeSettings) -> FastAPI:
         return response
 
     async def answer(work_dir: Path, image: Path, shown: str, question: str, anchor_name: str = "anchors",
-                     **kwargs) -> Any:
-        """Run ``runtime.ask`` in the pool; the upload folder goes when the question is done.
+                     **kwargs) -> tuple[Any, dict]:
+        """Run ``runtime.ask`` in the pool; -> (the answer, its JSON for the client). The upload
+        folder goes when the question is done.
         Errors name the files as the client knows them (``shown``, ``anchor_name``), not the
         server's temporary copies; so does the answer (``anchor.source``)."""
         names = {str(image): shown, str(work_dir): "upload"}
