@@ -285,7 +285,7 @@ def cmd_ask(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .model.bundle import describe
+    from .model.describe import describe
 
     info = describe(args.bundle)
     if args.json:
@@ -411,7 +411,7 @@ COMMANDS = {"ask": cmd_ask, "info": cmd_info, "verify": cmd_verify, "import-fusa
             "sample": cmd_sample, "tiles": cmd_tiles, "export": cmd_export, "bench": cmd_bench, "data": cmd_data,
             "train": cmd_train, "eval": cmd_eval, "serve": cmd_serve, "scan": cmd_scan}
 PRECHECKS = {"ask": check_ask_inputs}
-MODEL_COMMANDS = ("ask", "info", "import-fusar-gpt", "export", "bench", "train", "eval", "serve", "scan")  # the ones that load transformers
+MODEL_COMMANDS = ("ask", "import-fusar-gpt", "export", "bench", "train", "eval", "serve", "scan")  # the ones that load transformers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -438,6 +438,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"fusar-edge: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        root = (exc.name or "").split(".")[0]
+        if args.debug or root not in TORCH_EXTRA:
+            raise
+        print(f"fusar-edge: error: {args.command} needs {root}, which this install does not have (the edge install "
+              "runs exported bundles: ask/eval/serve/scan --backend onnxruntime, info, verify); "
+              "pip install 'fusar-edge[torch]'", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. disk full: the commands leave their outputs as they were
         if args.debug:
@@ -471,6 +479,11 @@ def _terminate_as_interrupt():
         raise Terminated()
 
     return signal.signal(signal.SIGTERM, raise_interrupt)
+
+
+# what `pip install 'fusar-edge[torch]'` brings beside the edge install: a command that imports one
+# of them on the edge install says which install it needs instead of a traceback
+TORCH_EXTRA = {"torch", "transformers", "peft", "safetensors", "onnx", "onnxscript", "accelerate"}
 
 
 def _quiet_library_warnings() -> None:

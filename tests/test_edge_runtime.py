@@ -27,7 +27,7 @@ class Refuse(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in HEAVY:
             attempts.append(name)
-            raise ImportError(f"{{name}} is not installed on the edge")
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)  # as on the edge install
         return None
 sys.meta_path.insert(0, Refuse())
 from fusar_edge.cli import main
@@ -135,3 +135,16 @@ def test_offline_wheelhouse_install_runs_without_torch(exported, scene, tmp_path
                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env=run_env)
     assert ans.returncode == 0, ans.stderr
     assert json.loads(ans.stdout.splitlines()[0])["model"]["backend"] == "onnxruntime"
+
+
+def test_info_runs_on_the_edge_and_torch_commands_name_their_install(exported, tmp_path):
+    """A field machine can inspect the bundle it was given; what needs torch says which install."""
+    proc, attempts = _ask_without_torch("info", str(exported), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert attempts == [] and "onnx" in json.loads(proc.stdout)["backends"]
+    for argv in (["export", str(exported), "--out", str(tmp_path / "x")], ["bench", "--threads", "1"],
+                 ["train", "--stage", "0", "--data", "x.jsonl", "--out", str(tmp_path / "t")]):
+        proc, _ = _ask_without_torch(*argv)
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("ATTEMPTS")]
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (argv, proc.stderr)
+        assert len(lines) == 1 and "pip install 'fusar-edge[torch]'" in lines[0], (argv, lines)
