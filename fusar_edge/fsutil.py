@@ -23,11 +23,11 @@ def publish_dir(stage: Path, out: Path) -> None:
     ``out`` is renamed aside first and deleted once the new one is in place: a kill between the
     two renames then leaves only the hidden ``.NAME.old-PID`` beside ``out``.
     """
-    if out.exists() and _exchange(stage, out):
-        shutil.rmtree(stage, ignore_errors=True)  # ``stage`` holds the old directory now
+    if (out.exists() or out.is_symlink()) and _exchange(stage, out):
+        _remove(stage)  # ``stage`` holds the old output now
         return
     old = None
-    if out.exists():
+    if out.exists() or out.is_symlink():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
     try:
@@ -37,7 +37,15 @@ def publish_dir(stage: Path, out: Path) -> None:
             os.replace(old, out)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """What an output replaced: a directory, or a file or link that --force replaced with one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 _RENAME_EXCHANGE, _AT_FDCWD = 2, -100  # <linux/fs.h>, <fcntl.h>

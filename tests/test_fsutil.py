@@ -80,3 +80,34 @@ def test_atomic_writer_replaces_only_on_success_with_ordinary_permissions(tmp_pa
         os.umask(umask)
     assert path.read_bytes() == b"new" and path.stat().st_mode & 0o777 == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_file_or_link_replaced_by_force_is_removed_too(tmp_path, monkeypatch, exchange):
+    if not exchange:
+        monkeypatch.setattr(fsutil, "_exchange", lambda a, b: False)
+    real = _dir(tmp_path / "real", "kept")
+    for make in (lambda p: p.write_text("hi"), lambda p: p.symlink_to(real)):
+        out = tmp_path / "out"
+        make(out)
+        fsutil.publish_dir(_dir(tmp_path / ".stage", "new"), out)
+        assert (out / "f").read_text() == "new"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real"]
+        assert (real / "f").read_text() == "kept"  # a link's target is not the output's to delete
+        fsutil._remove(out)
+
+
+def test_a_killed_imports_half_bundle_is_removed_by_the_next_write(tmp_path, tiny_model, tiny_tokenizer):
+    """SIGKILL (the OOM killer on a 7B) leaves the hidden work folder; the next write into the same
+    parent removes it, since its process is gone."""
+    import subprocess
+    import sys
+
+    from fusar_edge.model.bundle import save_bundle
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".bundle.tmp-{int(dead.stdout)}-deadbeef"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    save_bundle(tiny_model, tiny_tokenizer, tmp_path / "other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]

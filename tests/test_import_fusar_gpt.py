@@ -401,9 +401,28 @@ def test_cli_import_then_info(ckpt, imported, tmp_path, capsys):
 def test_cli_legacy_sigma(scratch, capsys):
     (scratch.tlm / "tlm_config.json").unlink()
     argv = ["import-fusar-gpt", str(scratch.base), str(scratch.lora), str(scratch.tlm), "--out", str(scratch.out)]
+    for bad in ("-1", "nan", "inf"):  # a bundle that nothing could open is refused, not written
+        assert main(argv + ["--legacy-sigma", bad]) == 2
+        assert "--legacy-sigma" in capsys.readouterr().err
     assert main(argv + ["--legacy-sigma", "2"]) == 0
     capsys.readouterr()
     assert json.loads((scratch.out / "fusar.json").read_text())["tlm"]["sigma"] == 2.0
+    # --force never replaces an input: OUT as the base folder would delete the base download
+    for victim in (scratch.base, scratch.tlm):
+        assert main(argv[:-1] + [str(victim), "--legacy-sigma", "2", "--force"]) == 2
+        assert "--force would delete it" in capsys.readouterr().err
+    assert (scratch.base / "config.json").is_file()
+
+
+def test_a_tlm_config_sigma_that_no_bundle_opens_is_refused(scratch, capsys):
+    cfg = json.loads((scratch.tlm / "tlm_config.json").read_text())
+    argv = ["import-fusar-gpt", str(scratch.base), str(scratch.lora), str(scratch.tlm), "--out", str(scratch.out)]
+    for key, value in (("sigma", float("nan")), ("sigma", float("inf")), ("sigma", True), ("hidden_mult", 4.7)):
+        (scratch.tlm / "tlm_config.json").write_text(json.dumps({**cfg, key: value}))
+        assert main(argv) == 2, (key, value)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"tlm_config.json: {key}" in err[0], err
+    assert not scratch.out.exists()
 
 
 @pytest.mark.parametrize("case", ["tlm_config wrong format", "missing tlm_config.json", "pickled object",

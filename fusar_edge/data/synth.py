@@ -43,7 +43,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
-from ..fsutil import publish_dir, publishable_mkdtemp, remove_stale_work_dirs, work_dir
+from ..fsutil import publish_dir, remove_stale_work_dirs, work_dir
 from .questions import grid_row, scene_rows
 from .scene import COVER, TARGET_LABELS, make_region, make_scene, smooth_field
 
@@ -164,7 +164,8 @@ def synth(out: str | Path, n: int, seed: int = 0, chip: int = 504, per_region: i
     if out.exists() and not force:
         raise InputError(f"{out}: already exists (pass --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = publishable_mkdtemp(f".{out.name}.synth-", out.parent)
+    remove_stale_work_dirs(out.parent, "synth")  # a killed run's (named by its process id)
+    tmp = work_dir(out.parent, out.name, "synth")
     try:
         n_regions = max(3, math.ceil(n / per_region))
         region_px = chip * 3 // 2

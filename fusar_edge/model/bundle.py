@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from ..config import (DEMO_VOCAB_SIZE, FUSAR_JSON, PRESETS, QWEN_SPECIAL_TOKENS, FusarConfig,  # noqa: F401
                       load_backbone_json, preset, read_config, resolve_model)
 from ..errors import BundleError
-from ..fsutil import publish_dir, publishable_mkdtemp
+from ..fsutil import publish_dir, remove_stale_work_dirs, work_dir
 from ..hashing import file_record
 from ..hashing import sha256_file as sha256  # noqa: F401  (the name callers import)
 from .fusar import FusarModel
@@ -106,7 +106,8 @@ def save_bundle(model: FusarModel, tokenizer, out_dir: str | Path, overwrite: bo
     if out.exists() and not overwrite:
         raise BundleError(f"{out}: already exists (pass overwrite=True / --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = publishable_mkdtemp(f".{out.name}.tmp-", out.parent)
+    remove_stale_work_dirs(out.parent, "tmp")  # a killed (even SIGKILLed) import's half-written bundle
+    tmp = work_dir(out.parent, out.name, "tmp")
     try:
         model.backbone.save_pretrained(tmp, safe_serialization=True)
         state = {k: v.detach().contiguous().cpu() for k, v in model.fusar_state_dict().items()}

@@ -29,7 +29,8 @@ from typing import Callable
 import torch
 
 from ..config import FusarConfig, GRASPConfig, TLMConfig, load_backbone_json
-from ..errors import BundleError
+from ..config_checks import TLM_FLOATS
+from ..errors import BundleError, InputError
 from ..generation import GENERATION_CONFIG, GenerationSettings
 from .bundle import load_backbone, save_bundle
 from .fusar import FusarModel
@@ -53,13 +54,20 @@ def remap_legacy_module_name(name: str) -> str:
     return current_key(name)
 
 
+MAX_SIGMA = TLM_FLOATS["sigma"][1]  # what fusar.json accepts: a bundle we write must open
+
+
 def read_tlm_config(tlm_dir: Path, legacy_sigma: float | None) -> dict:
     path = tlm_dir / "tlm_config.json"
     if not path.is_file():
         if legacy_sigma is None:
             raise BundleError(f"{path}: missing; a legacy checkpoint needs its TRAINING sigma (--legacy-sigma, "
                               "the reference script trained with 2)")
+        if isinstance(legacy_sigma, bool) or not (0 < float(legacy_sigma) <= MAX_SIGMA):  # NaN fails both
+            raise InputError(f"--legacy-sigma: expected a number above 0 and at most {MAX_SIGMA:g}, got {legacy_sigma!r}")
         return {"format": TLM_FORMAT, "sigma": float(legacy_sigma), "hidden_mult": 4, "image_size": 504, "vec_dim": 64}
+    if legacy_sigma is not None:
+        raise InputError(f"--legacy-sigma: {path} exists and states the sigma; the flag is for checkpoints without it")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -70,9 +78,12 @@ def read_tlm_config(tlm_dir: Path, legacy_sigma: float | None) -> dict:
         raise BundleError(f"{path}: format: expected {TLM_FORMAT!r}, got {cfg.get('format')!r}")
     if cfg.get("vec_dim") != 64:
         raise BundleError(f"{path}: vec_dim: expected 64, got {cfg.get('vec_dim')!r}")
-    for key in ("sigma", "hidden_mult", "image_size"):
-        if not isinstance(cfg.get(key), (int, float)) or cfg[key] <= 0:
-            raise BundleError(f"{path}: {key}: expected a positive number, got {cfg.get(key)!r}")
+    sigma = cfg.get("sigma")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not 0 < sigma <= MAX_SIGMA:  # NaN fails
+        raise BundleError(f"{path}: sigma: expected a number above 0 and at most {MAX_SIGMA:g}, got {sigma!r}")
+    for key in ("hidden_mult", "image_size"):  # integers: 4.7 is not a width multiple, 224.9 not a chip
+        if isinstance(cfg.get(key), bool) or not isinstance(cfg.get(key), int) or cfg[key] <= 0:
+            raise BundleError(f"{path}: {key}: expected a positive integer, got {cfg.get(key)!r}")
     return cfg
 
 
@@ -159,6 +170,11 @@ def import_fusar_gpt(base: str | Path, lora: str | Path, tlm: str | Path | None,
     for name, path in (("BASE", base), ("LORA", lora), ("TLM", tlm)):
         if path is not None and not path.is_dir():
             raise BundleError(f"{path}: {name} must be a directory")
+        # --force replaces OUT: never when OUT is (or holds) an input, e.g. the multi-GB base download
+        if path is not None and out.exists() and (out.resolve() == path.resolve()
+                                                  or out.resolve() in path.resolve().parents):
+            raise InputError(f"--out {out}: is (or holds) the {name} folder {path}; --force would delete it; "
+                             "write the bundle elsewhere")
     if tlm is not None:
         tlm_cfg = read_tlm_config(tlm, legacy_sigma)
         film = read_film_state(tlm)
