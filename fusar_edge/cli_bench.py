@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import positive_int
+from .cli import nonnegative_int, positive_int
 from .config import resolve_model
 from .errors import InputError
 
@@ -49,11 +49,11 @@ def add_parser(sub) -> None:
     b.add_argument("--tiles", metavar="DIR", help="AEF tile store for the lookup (default with the built-in "
                                                   "scene: its own store; otherwise no anchors)")
     b.add_argument("--question", default=None, help="the question (default: a counting question)")
-    b.add_argument("--runs", type=int, default=10, metavar="N", help="timed runs per backend (default 10)")
-    b.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed runs first (default 2)")
-    b.add_argument("--new-tokens", type=int, default=32, metavar="N",
-                   help="tokens generated per sequence, exactly (default 32)")
-    b.add_argument("--batch", type=int, default=1, metavar="N",
+    b.add_argument("--runs", type=positive_int, default=10, metavar="N", help="timed runs per backend (default 10)")
+    b.add_argument("--warmup", type=nonnegative_int, default=2, metavar="N", help="untimed runs first (default 2)")
+    b.add_argument("--new-tokens", type=positive_int, default=32, metavar="N",
+                   help="tokens generated per sequence, exactly (default 32; at most the model's context)")
+    b.add_argument("--batch", type=positive_int, default=1, metavar="N",
                    help="sequences per request: images are preprocessed, looked up, encoded and fused one by one, "
                         "the decoder runs them as one batch (default 1)")
     b.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N")
@@ -90,6 +90,33 @@ class _Progress:
         self.bar = self.label = None
 
 
+def check_bench_inputs(args) -> None:
+    """What ``ask`` would refuse, refused before any model loads (not reported later as a skipped
+    backend, exit 1): the model's name, the question, the token budget, the image, the tile
+    store, the device and the backend list."""
+    from pathlib import Path
+
+    from .config import PRESETS, preset, read_config
+    from .geo.sar import SUFFIXES
+
+    if args.preset and args.preset not in PRESETS:
+        raise InputError(f"--preset {args.preset}: expected one of {', '.join(PRESETS)}")
+    name = args.bundle or args.preset or resolve_model(None)
+    cfg = read_config(Path(name)) if Path(name).is_dir() else preset(name)
+    if cfg.context_length and args.new_tokens > cfg.context_length:
+        raise InputError(f"--new-tokens: expected 1..{cfg.context_length} (the model's context), got {args.new_tokens}")
+    if args.question is not None and not args.question.strip():
+        raise InputError("--question: expected a non-empty question")
+    if args.image and Path(args.image).suffix.lower() not in SUFFIXES:
+        raise InputError(f"--image {args.image}: expected one of {', '.join(SUFFIXES)}")
+    if args.tiles and not Path(args.tiles).is_dir():
+        raise InputError(f"--tiles {args.tiles}: not a directory (expected an AEF tile store)")
+    if not (args.device in ("auto", "cpu", "cuda") or (args.device.startswith("cuda:") and args.device[5:].isdigit())):
+        raise InputError(f"--device: expected auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if not [b for b in args.backend.split(",") if b.strip()]:
+        raise InputError("--backend: expected a comma-separated list such as torch,onnxruntime")
+
+
 def run(args) -> int:
     from pathlib import Path
 
@@ -102,8 +129,11 @@ def run(args) -> int:
     for flag, value in (("--json", args.json), ("--plot", args.plot)):
         if value and not Path(value).resolve().parent.is_dir():
             raise InputError(f"{flag} {value}: directory {Path(value).resolve().parent} does not exist")
+    if args.plot and Path(args.plot).suffix.lower() != ".png":
+        raise InputError(f"--plot {args.plot}: expected a .png file name")
     if args.bundle and not Path(args.bundle).is_dir():
         raise InputError(f"--bundle {args.bundle}: not a directory (for random weights use --preset NAME)")
+    check_bench_inputs(args)
     settings = BenchSettings(model=args.bundle or args.preset or resolve_model(None), backends=args.backend.split(","),
                              image=args.image, tiles=args.tiles, question=args.question or QUESTION,
                              runs=args.runs, warmup=args.warmup, new_tokens=args.new_tokens, batch=args.batch,

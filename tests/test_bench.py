@@ -164,7 +164,16 @@ def test_preset_too_big_for_memory_is_refused_before_allocating(monkeypatch, cap
 
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch):
     assert main(["bench", "--runs", "0"]) == 2
-    assert "runs: expected an integer >= 1" in capsys.readouterr().err
+    assert "--runs: expected a positive integer" in capsys.readouterr().err
+    # what ask refuses is refused before a model loads, not reported as a skipped backend (exit 1)
+    for argv, words in ((["--preset", "bogus"], ["--preset bogus"]),
+                        (["--preset", "tiny", "--new-tokens", "100000"], ["--new-tokens", "context"]),
+                        (["--question", " "], ["--question"]), (["--image", "x.npz"], ["--image x.npz"]),
+                        (["--tiles", str(tmp_path / "none")], ["--tiles"]), (["--device", "foo"], ["--device"]),
+                        (["--backend", ","], ["--backend"]), (["--plot", str(tmp_path / "p.txt")], [".png"])):
+        assert main(["bench", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(w in err[0] for w in words), (argv, err)
     assert main(["bench", "--image", str(tmp_path / "nope.tif")]) == 2
     assert "nope.tif" in capsys.readouterr().err
     assert main(["bench", "--bundle", str(tmp_path / "missing")]) == 2
