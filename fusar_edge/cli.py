@@ -447,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
               "runs exported bundles: ask/eval/serve/scan --backend onnxruntime, info, verify); "
               "pip install 'fusar-edge[torch]'", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`fusar-edge info B | head -1`): not an error to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 128 + signal.SIGPIPE  # what a shell reports for a writer stopped by SIGPIPE
     except OSError as exc:  # e.g. disk full: the commands leave their outputs as they were
         if args.debug:
             raise

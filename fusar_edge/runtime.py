@@ -325,6 +325,8 @@ class Runtime:
         if label is not None:
             _check_text("label", label)
         task = task or tasks.infer_task(question)
+        if label is not None and task != "detect":  # it would be silently unused
+            raise InputError(f"label: applies to detection (task 'detect'); this question is task {task!r}")
         prompt = tasks.build_prompt(task, question, label=label, style=cfg.prompt_style)
         if not prompt:
             raise InputError("question: nothing left to ask once '<image>' and whitespace are removed")

@@ -519,6 +519,9 @@ def _parse_count(text: str, geo: _Geometry, label: str | None) -> ParsedAnswer:
         return ParsedAnswer(None, f"count answer: no number found in {_short(text)}", flags)
     tok = (m.group(1) or "no").lower()
     if tok.isdigit():
+        start, end = m.span(1)
+        if text[start - 1:start] == "-" or re.match(r"[.,]\d", text[end:end + 2]):  # "-2", "2.5": not 2
+            return ParsedAnswer(None, f"count answer: {_short(text)} is not a whole number of objects", flags)
         return ParsedAnswer(int(tok), None, flags)
     if tok in _NUMBER_WORDS:
         return ParsedAnswer(_NUMBER_WORDS[tok], None, flags)

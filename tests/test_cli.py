@@ -336,3 +336,17 @@ def test_os_errors_name_the_output_not_a_hidden_work_folder(tmp_path, capsys):
     assert _shown_path("/data/.scene.sample-123-abcd1234/tiles/x.aef") == "/data/scene"
     assert _shown_path("/data/.ds.synth-0a1b2c3d") == "/data/ds"
     assert _shown_path("/data/plain/file") == "/data/plain/file"
+
+
+def test_a_reader_that_goes_away_is_not_an_error_line():
+    """`fusar-edge info B | head -1`: the pipe's reader closed; no 'error: Broken pipe' line."""
+    import os
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write
+    proc = subprocess.run([sys.executable, "-m", "fusar_edge.cli", "info", "tiny"], stdout=write,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr

@@ -167,6 +167,12 @@ def test_max_new_tokens_beyond_the_context_is_refused(runtime, demo):
     one_line(e, "max_new_tokens", str(context - 1), "prompt")
 
 
+def test_a_label_outside_detection_is_refused_not_ignored(runtime, demo):
+    with pytest.raises(InputError) as e:
+        runtime.ask(demo["scene_tif"], "How many ships?", label="ship", no_anchors=True)
+    one_line(e, "label", "detect", "'count'")
+
+
 def test_a_question_longer_than_the_context_is_refused_before_the_image_is_read(runtime, tmp_path):
     question = "How many ships are there in this harbour? " * 2400  # 100 KB
     assert len(question) > 100_000

@@ -523,3 +523,12 @@ def test_reference_style_detect_with_a_label_is_the_reference_prompt_byte_for_by
 def test_unknown_prompt_style_is_refused():
     with pytest.raises(InputError, match="prompt style"):
         build_prompt("count", "How many?", style="fancy")
+
+
+def test_a_count_that_is_not_a_whole_number_is_a_parse_error():
+    from fusar_edge import tasks
+
+    for text in ("-2", "2.5", "about 3.5 ships"):
+        parsed = tasks.parse_answer("count", text, chip_size=504, image_size=(504, 504))
+        assert parsed.value is None and "not a whole number" in parsed.parse_error, text
+    assert tasks.parse_answer("count", "There are 3 ships.", chip_size=504, image_size=(504, 504)).value == 3
