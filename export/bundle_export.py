@@ -140,8 +140,7 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
         publish_dir(stage, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    progress(f"wrote {out}")
-    return report
+    return report  # the caller says where it wrote (the CLI: "wrote DIR in N s")
 
 
 def _generation_config(source) -> dict[str, Path]:

@@ -71,6 +71,13 @@ positive_int = _number_type(int, lambda v: v >= 1, "a positive integer")
 positive_float = _number_type(float, lambda v: v > 0 and math.isfinite(v), "a positive finite number")
 
 
+INFO_EPILOG = """examples:
+  fusar-edge info                      # the built-in demo
+  fusar-edge info bundles/demo-int4 --json
+  fusar-edge info qwen2.5-vl-7b        # a preset: its shapes, random weights
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="fusar-edge",
@@ -134,8 +141,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="refuse images with a side above this (default: 20000)")
     a.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
-    i = sub.add_parser("info", help="describe a bundle or preset")
-    i.add_argument("bundle", help="bundle directory or preset name")
+    i = sub.add_parser("info", help="describe a bundle or preset",
+                       description="What a bundle or preset is, from its configs and manifest alone (no weights are "
+                                   "loaded; runs on the edge install): its weights id, which backends can run it "
+                                   "(torch, the onnx/ and onnx-int4/ exports, GPTQ, Edge-LLM), the model's shapes, "
+                                   "TLM and GRASP settings, generation settings and files.",
+                       epilog=INFO_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("bundle", nargs="?", help="bundle directory or preset name (default: the built-in demo)")
     i.add_argument("--json", action="store_true", help="print the description as JSON")
 
     v = sub.add_parser("verify", help="check every file of a bundle against its manifest.json (sha256)",
@@ -191,7 +204,7 @@ def _parser() -> argparse.ArgumentParser:
                         "Edge-LLM's own ONNX export of it when tensorrt-edgellm is installed (pip install "
                         "'fusar-edge[torch,edgellm]'; else the command to run later), fp16 vision.onnx (ViT + TLM) and "
                         "grasp.onnx for trtexec, and fusar_edgellm.json saying how a runner joins them")
-    x.add_argument("--calib", type=int, default=16, metavar="N",
+    x.add_argument("--calib", type=positive_int, metavar="N",
                    help="calibration samples for GPTQ (--gptq4, --edgellm; default 16)")
     x.add_argument("--group-size", type=int, default=None, choices=[64, 128],
                    help="4-bit group size (default: 128 when it divides every decoder input width, else 64; "
@@ -285,9 +298,10 @@ def cmd_ask(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from .config import resolve_model
     from .model.describe import describe
 
-    info = describe(args.bundle)
+    info = describe(args.bundle or resolve_model(None))
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -350,10 +364,12 @@ def cmd_sample(args) -> int:
 def cmd_export(args) -> int:
     from .export.bundle_export import describe, export_bundle
 
-    if args.calib < 1:
-        raise InputError(f"--calib: expected a positive number of samples, got {args.calib}")
+    if not (args.gptq4 or args.edgellm):  # they tune GPTQ, which only those run: refused, not ignored
+        for flag, value in (("--calib", args.calib), ("--group-size", args.group_size)):
+            if value is not None:
+                raise InputError(f"{flag}: only with --gptq4 or --edgellm (it tunes their GPTQ)")
     onnx = args.onnx or not (args.gptq4 or args.edgellm)
-    report = export_bundle(args.bundle, args.out, onnx=onnx, gptq4=args.gptq4, calib=args.calib,
+    report = export_bundle(args.bundle, args.out, onnx=onnx, gptq4=args.gptq4, calib=args.calib or 16,
                            group_size=args.group_size, edgellm=args.edgellm, force=args.force,
                            progress=None if args.json else lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.json:

@@ -280,7 +280,8 @@ class Runtime:
         if anchors is None and self.tiles is not None:
             if footprint is None:
                 raise AnchorError(f"image {img.path}: no georeference, so the tile store cannot be used; give the "
-                                  "footprint (--bbox LON_MIN LAT_MIN LON_MAX LAT_MAX, or bbox=...)")
+                                  "footprint (ask --bbox LON_MIN LAT_MIN LON_MAX LAT_MAX; bbox=... in Python and in "
+                                  "serve's form), or anchors from a file")
             anchors = footprint
         if anchors is None:
             info["note"] = "no anchors given: TLM not applied"

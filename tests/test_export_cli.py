@@ -134,3 +134,13 @@ def test_relative_out_and_the_report(tmp_path, monkeypatch, capsys):
     assert json.loads((tmp_path / "rel" / "export.json").read_text()) == without_timings(report)
     assert "seconds" in report
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rel"]
+
+
+def test_gptq_flags_without_gptq_are_refused(tmp_path, capsys):
+    for flag, value in (("--calib", "4"), ("--group-size", "64")):
+        assert main(["export", "tiny", "--out", str(tmp_path / "x"), flag, value]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{flag}: only with --gptq4 or --edgellm" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+    assert main(["info", "--json"]) == 0  # no argument: the built-in demo
+    assert json.loads(capsys.readouterr().out)["kind"] == "bundle"
