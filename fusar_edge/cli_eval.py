@@ -69,4 +69,6 @@ def run(args) -> int:
     else:
         print(markdown_table([report]), end="")
         print(f"wrote {args.out} ({report['rows']} rows in {report['seconds']} s)")
+        if report.get("note"):
+            print(f"note: {report['note']}", file=sys.stderr)
     return 0

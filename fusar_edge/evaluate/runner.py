@@ -95,7 +95,8 @@ def evaluate(bundle, data: str | Path, out: str | Path, backend: str = "torch", 
     from .report import markdown_table, plot
 
     _atomic_text(out / "metrics.md", markdown_table([report]))
-    plot([report], out / "metrics.png")
+    if plot([report], out / "metrics.png") is None:  # matplotlib is not on the edge install
+        report["note"] = "metrics.png not written: matplotlib is not installed (pip install matplotlib)"
     return report
 
 
