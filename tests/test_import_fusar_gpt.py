@@ -294,6 +294,15 @@ def _truncate(path):
     path.write_bytes(data[:len(data) // 2])
 
 
+def _with_nan(state):
+    """``state`` with one NaN in its first floating tensor (what a diverged run leaves)."""
+    out = dict(state)
+    key = next(k for k, v in out.items() if v.is_floating_point())
+    out[key] = out[key].clone()
+    out[key].view(-1)[0] = float("nan")
+    return out
+
+
 def _rename_adapter_keys(state):
     return {k.replace(".layers.", ".blocks_x."): v for k, v in state.items()}
 
@@ -341,6 +350,10 @@ BAD = {
                            "lora/adapter_model.safetensors", ["missing"]),
     "truncated adapter weights": (lambda s: _truncate(s.lora / "adapter_model.safetensors"),
                                   "lora/adapter_model.safetensors", []),
+    "NaN in the adapter": (lambda s: _rewrite(s.lora / "adapter_model.safetensors", _with_nan),
+                           "lora", ["holds NaN or Inf"]),
+    "NaN in the film MLP": (lambda s: torch.save({"film_mlp": _with_nan(reference_film_mlp(64).state_dict())},
+                                                 s.tlm / "vec64_film.pt"), "tlm/vec64_film.pt", ["tlm.", "NaN"]),
     "adapter of another rank": (lambda s: _edit_json(s.lora / "adapter_config.json", r=4),
                                 "lora/adapter_model.safetensors", ["size mismatch"]),
     "adapter for another model": (lambda s: _rewrite(s.lora / "adapter_model.safetensors", _rename_adapter_keys),

@@ -234,5 +234,20 @@ def import_fusar_gpt(base: str | Path, lora: str | Path, tlm: str | Path | None,
         model.grasp.to(merged.dtype)
         g = config.grasp
         progress(f"      GRASP: grid {g.grid[0]}x{g.grid[1]}, {g.selector} k {g.k}, prompt_len {g.prompt_len}")
+    _check_finite(model, base, lora, tlm)
     progress(f"[3/3] writing bundle {out}")
     return save_bundle(model, tokenizer, out, overwrite=overwrite, copy_files=copy_files)
+
+
+@torch.no_grad()
+def _check_finite(model, base: Path, lora: Path, tlm: Path | None) -> None:
+    """A NaN or Inf in any weight makes every answer empty; name the tensor and where it came from
+    now, not at the first question. (A pass over the weights: seconds for a 7B, against minutes of
+    loading and merging.)"""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            where = (tlm / "vec64_film.pt" if name.startswith("tlm.") and tlm is not None
+                     else lora / GRASP_WEIGHTS if name.startswith("grasp.")
+                     else f"{base} merged with the LoRA adapter {lora}")
+            raise BundleError(f"{where}: {name} holds NaN or Inf values; the checkpoint is damaged or its "
+                              "training diverged")
