@@ -58,6 +58,21 @@ def check_group_size(group_size: int) -> None:
                          f"{GROUP_SIZE} only (omit --group-size with --edgellm)")
 
 
+def check_config_shapes(cfg, source: str) -> None:
+    """``check_shapes`` from the config alone, before a (7B: minutes-long) load: the decoder's
+    linears are hidden -> q/k/v, hidden -> o, hidden -> gate/up, intermediate -> down."""
+    text = cfg.text
+    hidden, inter = int(text["hidden_size"]), int(text["intermediate_size"])
+    head_dim = int(text.get("head_dim") or hidden // int(text["num_attention_heads"]))
+    kv = int(text.get("num_key_value_heads") or text["num_attention_heads"]) * head_dim
+    for what, n, k in (("q/o projections", hidden, hidden), ("k/v projections", kv, hidden),
+                       ("gate/up projections", inter, hidden), ("down projection", hidden, inter)):
+        if k % GROUP_SIZE or n % SHAPE_MULTIPLE:
+            raise InputError(f"{source}: the {what} are [{n} out, {k} in]; TensorRT Edge-LLM's INT4 GEMM needs in "
+                             f"features a multiple of {GROUP_SIZE} and out features a multiple of {SHAPE_MULTIPLE} "
+                             "(a model of width >= 128 in steps of 128, e.g. `small`)")
+
+
 def check_shapes(model) -> None:
     """Every linear GPTQ will quantise has K a multiple of 128 and N a multiple of 64, else one clear line."""
     from .gptq import _select

@@ -168,9 +168,9 @@ def test_cli_refuses_what_edgellm_cannot_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "--group-size 64" in err and "128" in err and len(err.splitlines()) == 1
     assert main(["export", "tiny", "--out", str(tmp_path / "b"), "--edgellm"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()  # a progress line, then the error
-    assert len(err) == 2 and err[1].startswith("fusar-edge: error: tiny: model.language_model.layers.0")
-    assert "[64 out, 64 in]" in err[1] and "multiple of 128" in err[1]
+    err = capsys.readouterr().err.strip().splitlines()  # from the config, before the model loads
+    assert len(err) == 1 and err[0].startswith("fusar-edge: error: tiny: the q/o projections")
+    assert "[64 out, 64 in]" in err[0] and "multiple of 128" in err[0]
     assert list(tmp_path.iterdir()) == []
 
 
