@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # export/ is a top-level folder of the repo
+sys.path.insert(0, str(ROOT))  # fusar_edge from this checkout
 
 GROUP_SIZE = {"tiny": 64, "small": 128}
 QUESTION = "How many ships are in this image?"
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
 
-    from export.bundle_export import export_bundle
+    from fusar_edge.export.bundle_export import export_bundle
     from fusar_edge.bench.machine import machine_info
     from fusar_edge.geo.synthetic import write_demo_scene
 
