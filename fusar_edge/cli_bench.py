@@ -96,13 +96,13 @@ def check_bench_inputs(args) -> None:
     store, the device and the backend list."""
     from pathlib import Path
 
-    from .config import PRESETS, preset, read_config
+    from .config import PRESETS, model_config
     from .geo.sar import SUFFIXES
 
     if args.preset and args.preset not in PRESETS:
         raise InputError(f"--preset {args.preset}: expected one of {', '.join(PRESETS)}")
     name = args.bundle or args.preset or resolve_model(None)
-    cfg = read_config(Path(name)) if Path(name).is_dir() else preset(name)
+    cfg = model_config(name)
     if cfg.context_length and args.new_tokens > cfg.context_length:
         raise InputError(f"--new-tokens: expected 1..{cfg.context_length} (the model's context), got {args.new_tokens}")
     if args.question is not None and not args.question.strip():

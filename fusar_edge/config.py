@@ -433,6 +433,12 @@ def preset(name: str) -> FusarConfig:
     return cfg
 
 
+def model_config(name: str | Path) -> FusarConfig:
+    """The config of a bundle directory or a preset name, read without loading any weight
+    (checks that must come before a model load)."""
+    return read_config(Path(name)) if Path(name).is_dir() else preset(str(name))
+
+
 def load_backbone_json(path: Path) -> dict[str, Any]:
     """Read a Hugging Face ``config.json`` into plain kwargs for Qwen2_5_VLConfig."""
     data = read_json(path, "a bundle needs the backbone's config.json")

@@ -126,7 +126,7 @@ def _window(h: int, w: int, cx: float, cy: float, reach: float) -> tuple[slice, 
     return (slice(max(0, int(cy) - r), min(h, int(cy) + r + 1)), slice(max(0, int(cx) - r), min(w, int(cx) + r + 1)))
 
 
-def _grid(h: int, w: int, rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
+def _grid(rows: slice, cols: slice) -> tuple[np.ndarray, np.ndarray]:
     """Pixel coordinates ``(yy, xx)`` float32 over a window: the values ``np.mgrid[0:h, 0:w]``
     holds there, so a shape drawn on a window is the shape drawn on the whole image, without a
     whole-image grid per try (a 4096 px sample made gigabytes of them)."""
@@ -142,7 +142,7 @@ def _full(h: int, w: int, window: tuple[slice, slice], local: np.ndarray) -> np.
 
 def _rect_mask(h, w, cx, cy, length, width, angle) -> np.ndarray:
     window = _window(h, w, cx, cy, np.hypot(length, width) / 2)
-    yy, xx = _grid(h, w, *window)
+    yy, xx = _grid(*window)
     u = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
     v = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
     return _full(h, w, window, (np.abs(u) <= length / 2) & (np.abs(v) <= width / 2))
@@ -227,7 +227,7 @@ def _building(rng, h, w, cx, cy):
 def _rock(rng, h, w, cx, cy):
     r = rng.uniform(4, 8)
     window = _window(h, w, cx, cy, r * 1.35 + 1.5)  # the largest radius the lobes reach
-    yy, xx = _grid(h, w, *window)
+    yy, xx = _grid(*window)
     ang = np.arctan2(yy - cy, xx - cx)
     radius = r * (1 + 0.35 * np.sin(3 * ang + rng.uniform(0, 6)) * rng.uniform(0.3, 1))
     mask = _full(h, w, window, np.hypot(xx - cx, yy - cy) <= radius * np.array([1.0, 0.5])[rng.integers(0, 2)] + 1.5)
@@ -256,7 +256,7 @@ def _aircraft(rng, h, w, cx, cy):
 def _tank(rng, h, w, cx, cy):
     r = rng.uniform(4, 8)
     window = _window(h, w, cx, cy, r + 0.6)
-    yy, xx = _grid(h, w, *window)
+    yy, xx = _grid(*window)
     d = np.hypot(xx - cx, yy - cy)
     ring, roof = _full(h, w, window, (d >= r - 1.2) & (d <= r + 0.6)), _full(h, w, window, d < r - 1.2)
     mask = ring | roof

@@ -88,11 +88,11 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
     started = time.perf_counter()
     source = resolve_model(source)
     if edgellm:  # from the config: a model Edge-LLM cannot run is refused before it loads
-        from fusar_edge.config import preset, read_config
+        from fusar_edge.config import model_config
 
         from .edgellm import check_config_shapes
 
-        check_config_shapes(read_config(Path(source)) if Path(source).is_dir() else preset(source), str(source))
+        check_config_shapes(model_config(source), str(source))
     progress(f"loading {source}")
     # fp32: the exported graphs are the fp32 reference the 4-bit forms and other runtimes derive from
     model, tokenizer, weights_id = open_model(source, dtype=torch.float32, device="cpu")
