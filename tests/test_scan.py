@@ -206,6 +206,12 @@ def test_scan_cli_bad_input_is_one_line(tmp_path, capsys, scene):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], err
     assert not (tmp_path / "o").exists()
+    # a band the scene does not have: one line, nothing written
+    assert main(["scan", str(scene["scene_tif"]), "--out", str(tmp_path / "o"), "--no-anchors", "--band", "5",
+                 "--threads", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "band 5 out of range" in err[0], err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_cut_off_sliver_from_another_chip_is_dropped_but_one_chips_own_boxes_stay():
