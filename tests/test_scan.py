@@ -262,6 +262,27 @@ def test_scenes_in_different_crss_each_map_through_their_own(scene, oracle, tmp_
     assert crss == {"EPSG:32631", "EPSG:32733", "EPSG:4326"}
 
 
+def test_a_scene_without_georeference_has_null_geometries_and_pixel_boxes(scene, oracle, tmp_path):
+    """No CRS, no transform: nothing to put on a map. The detections are still found and merged,
+    each with its pixel box, and no pixel coordinates pose as lon/lat."""
+    import warnings
+
+    plain = tmp_path / "plain.tif"
+    with rasterio.open(scene["scene_tif"]) as ds:
+        data = ds.read()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(plain, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
+                           dtype=data.dtype) as out:
+            out.write(data)
+    summary = scan_scene(oracle(), plain, tmp_path / "out", chip=224, overlap=32, no_anchors=True)
+    assert summary["georef"] == {"kind": "none", "crs": None} and summary["coordinates"].startswith("none")
+    fc = json.loads((tmp_path / "out" / "plain" / "detections.geojson").read_text())
+    assert all(f["geometry"] is None for f in fc["features"])
+    got = sorted(tuple(int(round(v)) for v in f["properties"]["scene_box"]) for f in fc["features"])
+    assert got == sorted(tuple(b) for b in scene["ships"])
+
+
 def test_the_quicklook_shows_the_merged_boxes(scene, oracle, tmp_path):
     from PIL import Image
 

@@ -308,11 +308,12 @@ def test_feature_ring_is_closed_counterclockwise_and_rounded(transform):
     assert any(round(v, 6) != v for pos in ring for v in pos)  # the 7th decimal is kept
 
 
-def test_feature_without_georef_stays_in_pixels():
+def test_feature_without_georef_has_no_geometry():
+    # pixel coordinates written as positions would be read as degrees (RFC 7946 wants WGS 84):
+    # the feature keeps its properties (the caller's pixel box) and has a null geometry
     det = Detection((10.0, 20.0, 30.0, 25.0), "ship", 0, [])
-    (ring,) = feature(det, SceneGeoref("none", None), {})["geometry"]["coordinates"]
-    assert {tuple(p) for p in ring} == {(10.0, 20.0), (30.0, 20.0), (30.0, 25.0), (10.0, 25.0)}
-    assert ring[0] == ring[-1] and _shoelace(ring) > 0
+    f = feature(det, SceneGeoref("none", None), {"scene_box": [10.0, 20.0, 30.0, 25.0]})
+    assert f == {"type": "Feature", "geometry": None, "properties": {"scene_box": [10.0, 20.0, 30.0, 25.0]}}
 
 
 def test_dumps_is_byte_stable():

@@ -13,14 +13,12 @@ DECIMALS = 7  # ~1 cm in latitude: far below a SAR pixel, and few enough digits 
 
 
 def _corners(det: Detection, georef: SceneGeoref) -> list[list[float]]:
-    """The box's four corners in lon/lat (pixel coordinates without a georeference: the
-    caller's metadata says so)."""
+    """The box's four corners in lon/lat (the scene has a georeference)."""
     x0, y0, x1, y1 = det.box
     xs = np.array([x0, x1, x1, x0], np.float64)
     ys = np.array([y0, y0, y1, y1], np.float64)
-    lonlat = georef.pixel_to_lonlat(xs, ys)
-    us, vs = (xs, ys) if lonlat is None else lonlat
-    return [[float(u), float(v)] for u, v in zip(us, vs)]
+    lons, lats = georef.pixel_to_lonlat(xs, ys)
+    return [[float(u), float(v)] for u, v in zip(lons, lats)]
 
 
 def _closed_ccw(ring: list[list[float]]) -> list[list[float]]:
@@ -76,9 +74,12 @@ def _signed_area(ring: list[list[float]]) -> float:
 
 def feature(det: Detection, georef: SceneGeoref, properties: dict) -> dict:
     """One detection as a GeoJSON Polygon Feature (the box's four corners, lon/lat); a box across
-    the antimeridian is a MultiPolygon of its two sides."""
-    corners = _corners(det, georef)
-    parts = _split_at_antimeridian(corners) if georef.kind != "none" else [corners]
+    the antimeridian is a MultiPolygon of its two sides. A scene without a georeference has no place
+    on the map: its features' geometry is null (RFC 7946 3.2; pixel coordinates written as positions
+    would be read as degrees by every GIS); the caller's properties carry the pixel box."""
+    if georef.kind == "none":
+        return {"type": "Feature", "geometry": None, "properties": dict(properties)}
+    parts = _split_at_antimeridian(_corners(det, georef))
     if len(parts) == 1:
         geometry = {"type": "Polygon", "coordinates": [_closed_ccw(parts[0])]}
     else:

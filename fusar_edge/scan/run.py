@@ -167,7 +167,8 @@ def _write_outputs(folder: Path, reader: SceneReader, grid: list[Chip], records:
     meta = {"scene": header["identity"]["scene"], "date": reader.date.isoformat() if reader.date else None,
             "georef": reader.georef.describe(), "model": header["preset"], "weights": header["weights"],
             "task": task, "label": header["label"], "chip": header["chip"], "overlap": header["overlap"],
-            "coordinates": "EPSG:4326" if reader.georef.kind != "none" else "scene pixels (no georeference)"}
+            "coordinates": ("EPSG:4326" if reader.georef.kind != "none"
+                            else "none: the scene has no georeference (geometry null; scene_box in pixels)")}
     merged = merge_detections(detections) if task == "detect" else []
 
     def anchors_of(chip: int) -> dict:
