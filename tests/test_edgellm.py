@@ -174,6 +174,16 @@ def test_cli_refuses_what_edgellm_cannot_run(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_loaded_model_is_checked_too():
+    """The config check assumes the usual linears; the loaded model's own shapes are checked again,
+    naming the first linear Edge-LLM cannot run, and a model it can run passes."""
+    from fusar_edge.errors import InputError
+
+    with pytest.raises(InputError, match=r"tiny: .*q_proj is \[64 out, 64 in\].*multiple of 128"):
+        edgellm.check_shapes(build_random(preset("tiny")))
+    edgellm.check_shapes(build_random(wide_tiny_config()))
+
+
 def test_cli_export_end_to_end_without_edgellm(tiny_tokenizer, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(edgellm_llm, "installed_version", lambda: None)
     src = tmp_path / "wide"

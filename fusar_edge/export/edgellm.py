@@ -58,6 +58,14 @@ def check_group_size(group_size: int) -> None:
                          f"{GROUP_SIZE} only (omit --group-size with --edgellm)")
 
 
+def _check_linear(what: str, n: int, k: int) -> None:
+    """One linear of ``n`` out, ``k`` in features: one clear line unless Edge-LLM's INT4 GEMM takes it."""
+    if k % GROUP_SIZE or n % SHAPE_MULTIPLE:
+        raise InputError(f"{what} [{n} out, {k} in]; TensorRT Edge-LLM's INT4 GEMM needs in features a multiple of "
+                         f"{GROUP_SIZE} and out features a multiple of {SHAPE_MULTIPLE} (a model of width >= 128 in "
+                         "steps of 128, e.g. `small`)")
+
+
 def check_config_shapes(cfg, source: str) -> None:
     """``check_shapes`` from the config alone, before a (7B: minutes-long) load: the decoder's
     linears are hidden -> q/k/v, hidden -> o, hidden -> gate/up, intermediate -> down."""
@@ -65,25 +73,19 @@ def check_config_shapes(cfg, source: str) -> None:
     hidden, inter = int(text["hidden_size"]), int(text["intermediate_size"])
     head_dim = int(text.get("head_dim") or hidden // int(text["num_attention_heads"]))
     kv = int(text.get("num_key_value_heads") or text["num_attention_heads"]) * head_dim
-    for what, n, k in (("q/o projections", hidden, hidden), ("k/v projections", kv, hidden),
-                       ("gate/up projections", inter, hidden), ("down projection", hidden, inter)):
-        if k % GROUP_SIZE or n % SHAPE_MULTIPLE:
-            raise InputError(f"{source}: the {what} are [{n} out, {k} in]; TensorRT Edge-LLM's INT4 GEMM needs in "
-                             f"features a multiple of {GROUP_SIZE} and out features a multiple of {SHAPE_MULTIPLE} "
-                             "(a model of width >= 128 in steps of 128, e.g. `small`)")
+    for what, n, k in (("q/o projections are", hidden, hidden), ("k/v projections are", kv, hidden),
+                       ("gate/up projections are", inter, hidden), ("down projection is", hidden, inter)):
+        _check_linear(f"{source}: the {what}", n, k)
 
 
 def check_shapes(model) -> None:
-    """Every linear GPTQ will quantise has K a multiple of 128 and N a multiple of 64, else one clear line."""
+    """Every linear GPTQ will quantise, as loaded (the config check's assumptions aside): K a
+    multiple of 128 and N of 64, else one clear line."""
     from .gptq import _select
 
     for layer in _select(model, None):
         for name, lin in layer:
-            n, k = lin.weight.shape
-            if k % GROUP_SIZE or n % SHAPE_MULTIPLE:
-                raise InputError(f"{model.config.name}: {name} is [{n} out, {k} in]; TensorRT Edge-LLM's INT4 GEMM "
-                                 f"needs in features a multiple of {GROUP_SIZE} and out features a multiple of "
-                                 f"{SHAPE_MULTIPLE} (a model of width >= 128 in steps of 128, e.g. `small`)")
+            _check_linear(f"{model.config.name}: {name} is", *lin.weight.shape)
 
 
 def chat_template(system_prompt: str) -> str:
