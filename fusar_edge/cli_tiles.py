@@ -92,7 +92,8 @@ class _Bar:
             self.bar.total = total
         self.bar.n = done
         if message:
-            self.bar.set_description_str(message[-40:], refresh=False)
+            # the end of a long file name says which tile; the ellipsis says it was cut
+            self.bar.set_description_str(message if len(message) <= 40 else "…" + message[-39:], refresh=False)
         self.bar.refresh()
 
     def close(self) -> None:
