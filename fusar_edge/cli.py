@@ -84,7 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Edge inference for SAR vision-language models (FUSAR-GPT: Qwen2.5-VL + AEF anchors + TLM + GRASP).",
     )
     p.add_argument("--version", action="version", version=f"fusar-edge {__version__}")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors "
+                                                        "(before or after the command: fusar-edge ask ... --debug)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     a = sub.add_parser("ask", help="answer a question about a SAR image",
@@ -138,7 +139,8 @@ def _parser() -> argparse.ArgumentParser:
                         "use, within any container CPU quota, less the cores other work keeps busy at start)")
     a.add_argument("--max-new-tokens", type=int, metavar="N", help="bound on generated tokens (default: the bundle's)")
     a.add_argument("--max-image-side", type=int, default=20000, metavar="PX",
-                   help="refuse images with a side above this (default: 20000)")
+                   help="refuse images with a side above this (default: 20000); for a GeoTIFF, the side GDAL "
+                        "reads at full resolution, so one with overviews (gdaladdo) may be larger")
     a.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
     i = sub.add_parser("info", help="describe a bundle or preset",
@@ -186,12 +188,13 @@ def _parser() -> argparse.ArgumentParser:
                                    "edgellm/ (--edgellm: for TensorRT Edge-LLM on a Jetson, docs/jetson.md). "
                                    "Writes a parity report against the torch model into DIR/export.json. A failed "
                                    "export leaves nothing behind.",
-                       epilog="examples:\n  fusar-edge export tiny --out bundles/tiny-onnx --onnx\n"
-                              "  fusar-edge ask demo/scene.tif \"How many ships?\" --bundle bundles/tiny-onnx "
-                              "--backend onnxruntime\n  fusar-edge export bundles/fusar-7b --out bundles/fusar-7b-int4 "
-                              "--gptq4 --calib 64\n"
+                       epilog="examples:\n"
+                              "  fusar-edge export --out bundles/demo-onnx --onnx       # the built-in demo\n"
+                              "  fusar-edge ask demo/scene.tif \"How many ships?\" --tiles demo/tiles --bundle bundles/demo-onnx "
+                              "--backend onnxruntime\n"
+                              "  fusar-edge export bundles/fusar-7b --out bundles/fusar-7b-int4 --gptq4 --calib 64\n"
                               "  fusar-edge export bundles/fusar-7b-int4 --out bundles/fusar-7b-jetson --edgellm"
-                              "   (takes its group-128 gptq/)\n"
+                              "   # takes its group-128 gptq/\n"
                               "  fusar-edge export small --out bundles/small-jetson --edgellm --calib 4",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     x.add_argument("bundle", nargs="?", help="bundle directory or preset name (default: the built-in demo)")
@@ -244,7 +247,7 @@ def _print_answer(ans) -> None:
     if ans.parse_error:
         print(f"parse error: {ans.parse_error}")
     a = ans.anchor
-    where = f"{a['count']} points, coverage {a['coverage']:.2f}, year {a['year']}" if a["count"] else a.get("note", "")
+    where = f"{a['count']} points, coverage {a['coverage']:.2f}, year {a['year']}" if a["count"] else "none"  # notes: below
     print(f"task: {ans.task} | anchors: {a['source']} ({where}) | TLM {a.get('tlm', 'off')} | "
           f"{ans.timings_ms['total']:.0f} ms")
     print(f"text: {ans.text!r}")
@@ -432,6 +435,9 @@ MODEL_COMMANDS = ("ask", "import-fusar-gpt", "export", "bench", "train", "eval",
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:  # a main-parser flag, wherever it was typed (argparse wants it first)
+        argv = ["--debug", *(a for a in argv if a != "--debug")]
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error already printed as one line

@@ -13,7 +13,7 @@ from .cli import positive_int
 from .errors import InputError
 
 EPILOG = """examples:
-  fusar-edge serve                                   # the built-in demo on http://127.0.0.1:8000
+  fusar-edge serve --tiles demo/tiles                 # the built-in demo on http://127.0.0.1:8000 (demo/: fusar-edge sample demo)
   fusar-edge serve --bundle bundles/fusar-gpt-7b --tiles aef-store --allow-dir /data/scenes
   fusar-edge serve --host 0.0.0.0 --token-file /etc/fusar/token --workers 4 --max-queue 32
   fusar-edge serve --workers 8 --batch 8                # concurrent questions share ViT calls and decode steps
@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
                    help="torch (default) or onnxruntime (the bundle's onnx/ export)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-    s.add_argument("--token-file", metavar="FILE", help="file holding the bearer token clients must send")
+    s.add_argument("--token-file", metavar="FILE", help="file holding the bearer token clients must send (at least 16 characters)")
     s.add_argument("--allow-dir", action="append", default=[], metavar="DIR",
                    help="a directory whose files the `path` field may name (repeatable; default: none, uploads only)")
     s.add_argument("--workers", type=int, default=2, help="questions answered at once (default 2)")

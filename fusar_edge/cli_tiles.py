@@ -48,7 +48,7 @@ def add_parser(sub) -> None:
 
     v = ts.add_parser("verify", help="re-hash every file; name missing, truncated or corrupted ones",
                       description="Check every tile file and the index against the manifest's checksums. "
-                                  "Exit code 0: intact; 1: problems found (each printed with its file).")
+                                  "Exit code 0: intact; 2: problems found (each printed with its file), or no store there.")
     v.add_argument("--store", required=True, metavar="DIR", help="tile store directory")
     v.add_argument("--json", action="store_true", help="print the report as JSON")
 

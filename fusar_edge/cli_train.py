@@ -10,15 +10,15 @@ from pathlib import Path
 from .cli import nonnegative_int, positive_float, positive_int
 from .errors import InputError
 
-EPILOG = """the demo recipe (2 CPU cores; see README "The demo model"):
-  fusar-edge data synth --out data/synth --n 2000 --chip 224 --per-region 10
+EPILOG = """the demo recipe (2 CPU cores; see README "Data, training and evaluation"):
+  fusar-edge data synth --out data/synth --n 2000 --seed 0 --chip 224 --per-region 10
   fusar-edge train --stage 0 --preset demo --data data/synth/stage1-train.jsonl data/synth/stage2-train.jsonl \\
       --out runs/s0 --epochs 2 --grad-accum 1 --group-by-image \\
-      --dense-truth data/synth/scenes.jsonl --dense-warmup-epochs 12
+      --dense-truth data/synth/scenes.jsonl --dense-warmup-epochs 12 --seed 0
   fusar-edge train --stage 1 --base runs/s0/base --init-tlm runs/s0 --data data/synth/stage1-train.jsonl \\
-      --out runs/s1 --epochs 0.5 --lr 1e-4
+      --out runs/s1 --epochs 0.5 --lr 1e-4 --seed 0
   fusar-edge train --stage 2 --base runs/s0/base --init-adapter runs/s1 --data data/synth/stage2-train.jsonl \\
-      --out runs/s2 --epochs 1 --lr 1e-4
+      --out runs/s2 --epochs 1 --lr 1e-4 --seed 0
   fusar-edge import-fusar-gpt runs/s0/base runs/s2 runs/s2 --out bundles/demo
 
 Stages 1 and 2 write the reference checkpoint layout (PEFT adapter, vec64_film.pt,

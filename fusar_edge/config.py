@@ -507,6 +507,10 @@ def read_config(bundle: Path) -> FusarConfig:
     path = bundle / FUSAR_JSON
     missing = "not a fusar-edge bundle; import a checkpoint with `fusar-edge import-fusar-gpt`"
     if not path.is_file():
+        if bundle.name in PRESETS and not bundle.is_absolute() and len(bundle.parts) == 1:
+            # `info demo` beside a folder named demo (the quick start's): the folder wins
+            missing += (f"; a folder named {bundle.name} is here, so `{bundle.name}` means it, not the preset "
+                        "of that name: run from another folder to use the preset")
         raise BundleError(f"{path}: missing ({missing})")
     data = read_json(path, missing)
     backbone = load_backbone_json(bundle / "config.json")

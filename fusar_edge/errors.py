@@ -19,6 +19,11 @@ class AnchorError(InputError):
     """A malformed or unusable anchor set."""
 
 
+class MissingAnchorsError(AnchorError):
+    """A bundle that applies TLM was asked without anchors, tiles or ``no_anchors`` (each front end
+    says in its own words how to give them)."""
+
+
 class CoverageError(AnchorError):
     """A footprint the tile store holds no AEF data for (``allow_empty_anchors`` answers it without)."""
 

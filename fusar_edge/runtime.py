@@ -19,7 +19,7 @@ import numpy as np
 
 from . import tasks
 from .config import PRESETS, resolve_model
-from .errors import AnchorError, BundleError, FusarError, InputError
+from .errors import AnchorError, BundleError, FusarError, InputError, MissingAnchorsError
 from .geo.anchors import Anchor, AnchorSet
 from .tiles.store import DEFAULT_GRID, TileStore, check_grid
 from .generation import GenerationSettings, GreedyPicker
@@ -269,7 +269,7 @@ class Runtime:
             when = date if date is not None else img.acquisition_date
             return None, {"source": "none", "crs": img.crs, "bounds": list(bounds) if bounds else None,
                           "date": when.isoformat() if when else None, "year": None, "coverage": 0.0, "count": 0,
-                          "note": "no_anchors: TLM skipped on request"}
+                          "notes": ["no_anchors: TLM skipped on request"]}
         footprint = Anchor.from_sar_image(img, date=date, bbox=bbox) if (img.bounds_lonlat or bbox) else None
         info: dict[str, Any] = {
             "source": "none", "crs": img.crs,
@@ -284,7 +284,7 @@ class Runtime:
                                   "serve's form), or anchors from a file")
             anchors = footprint
         if anchors is None:
-            info["note"] = "no anchors given: TLM not applied"
+            info["notes"] = ["no anchors given: TLM not applied"]
             return None, info
         if isinstance(anchors, Anchor):
             if self.tiles is None:
@@ -307,7 +307,7 @@ class Runtime:
         info.update(year=anchors.year if anchors.year is not None else info["date"] and int(info["date"][:4]),
                     coverage=round(float(anchors.coverage), 4), count=int(anchors.size))
         if not anchors.mask.any():
-            info["note"] = "every anchor is masked (no AEF data): TLM not applied"
+            info["notes"] = [*info.get("notes", []), "every anchor is masked (no AEF data): TLM not applied"]
             return None, info
         return anchors, info
 
@@ -371,7 +371,7 @@ class Runtime:
         if info["count"]:
             raise AnchorError(f"anchors {info['source']}: every anchor is masked (no AEF data for {img.path}), and "
                               f"this bundle's TLM needs at least one valid anchor; give other anchors, {way_out}")
-        raise AnchorError(f"{img.path}: this bundle applies TLM, which needs AEF anchors, and none were given: pass "
+        raise MissingAnchorsError(f"{img.path}: this bundle applies TLM, which needs AEF anchors, and none were given: pass "
                           f"--anchors FILE or --tiles DIR (anchors=... / tiles=...), {way_out}")
 
     # -- the question --------------------------------------------------------------------

@@ -10,7 +10,7 @@
 #   pip install --no-index --find-links WHEELHOUSE "fusar-edge[serve]"  # if EXTRAS had serve
 #
 # fusar-edge's own wheel is built here (with the tile store's C reader when a compiler is
-# present); every dependency is downloaded as a wheel. tests/test_edge_install.py runs this
+# present); every dependency is downloaded as a wheel. tests/test_edge_runtime.py runs this
 # script and the offline install end to end.
 set -euo pipefail
 out=${1:?usage: scripts/make_wheelhouse.sh WHEELHOUSE [EXTRAS]}

@@ -212,7 +212,7 @@ def test_baseline_matches_ours_when_tlm_and_grasp_are_off(tmp_path, tiny_tokeniz
     scene = write_demo_scene(tmp_path / "scene", size=64, seed=2)
     result = run_bench(BenchSettings(model=str(bundle), image=scene["scene_png"], runs=1, warmup=0, new_tokens=6))
     ours, base = result["backends"]["torch"], result["backends"]["baseline"]
-    assert ours["anchor"].get("note") and base["tokens"] == ours["tokens"]
+    assert ours["anchor"].get("notes") and base["tokens"] == ours["tokens"]
 
 
 def test_requests_run_without_autograd(monkeypatch):

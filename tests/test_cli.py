@@ -61,7 +61,7 @@ def test_tlm_bundle_without_anchors_refuses_and_names_the_way_out(demo, capsys):
     res = ask_json(capsys, demo["scene_png"], "Detect the ships", "--no-anchors")
     assert res["task"] == "detect"
     assert res["anchor"]["source"] == "none" and res["anchor"]["count"] == 0
-    assert res["anchor"]["tlm"] == "skipped" and "no_anchors" in res["anchor"]["note"]
+    assert res["anchor"]["tlm"] == "skipped" and "no_anchors" in res["anchor"]["notes"][0]
     assert res["answer"] is None or isinstance(res["answer"], list)
     # --no-anchors and an anchor source contradict each other
     assert main(["ask", demo["scene_png"], "q", "--no-anchors", "--anchors", demo["anchors"]]) == 2
@@ -134,6 +134,16 @@ def test_text_output_and_info(demo, capsys):
     assert info["chip_size"] == 224 and info["visual_tokens"] == 64
 
 
+def test_a_folder_named_like_a_preset_says_it_hides_the_preset(tmp_path, capsys, monkeypatch):
+    (tmp_path / "demo").mkdir()  # what `fusar-edge sample demo` makes in the quick start
+    monkeypatch.chdir(tmp_path)
+    assert main(["info", "demo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "demo/fusar.json: missing" in err and "not the preset" in err
+    assert main(["info", str(tmp_path / "demo")]) == 2  # a path, not a bare name: no preset meant
+    assert "not the preset" not in capsys.readouterr().err
+
+
 def test_sample_writes_demo(tmp_path, capsys):
     assert main(["sample", str(tmp_path / "d"), "--size", "64"]) == 0
     assert (tmp_path / "d" / "scene.tif").is_file() and (tmp_path / "d" / "anchors.npz").is_file()
@@ -200,6 +210,8 @@ def test_debug_shows_traceback(tmp_path, demo):
 
     with pytest.raises(InputError):
         main(["--debug", "ask", str(tmp_path / "nope.tif"), "q"])
+    with pytest.raises(InputError):  # after the command, where people type it
+        main(["ask", str(tmp_path / "nope.tif"), "q", "--debug"])
 
 
 def test_threads_flag_sets_the_pools_and_keeps_the_answer(demo, capsys):

@@ -198,6 +198,27 @@ def _ask_in_background(srv, slow):
     return t, results
 
 
+def test_a_question_without_anchors_says_how_a_client_gives_them(scene):
+    """No --tiles on the server and no anchors in the request: 422 on the anchors field, with the
+    client's three ways (an anchors part, a server with --tiles, no_anchors) rather than CLI flags."""
+    s, _ = scene
+    with Runtime.open(threads=1) as rt:  # the built-in demo applies TLM; no tile store
+        srv = Served(build_app(rt, ServeSettings(workers=1)))
+        try:
+            with client(srv, token=None) as c:
+                files = {"image": ("mine.tif", open(s["scene_tif"], "rb").read())}
+                r = c.post("/v1/ask", files=files, data={"question": "How many ships are there?"})
+                err = r.json()["error"]
+                assert r.status_code == 422 and err["param"] == "anchors" and err["message"].startswith("anchors: mine.tif")
+                assert "anchors=@" in err["message"] and "--tiles" in err["message"] and "no_anchors" in err["message"]
+                with open(s["anchors"], "rb") as f:
+                    ok = c.post("/v1/ask", files={**files, "anchors": ("a.npz", f.read())},
+                                data={"question": "How many ships are there?"})
+                assert ok.status_code == 200 and ok.json()["anchor"]["tlm"] == "applied"
+        finally:
+            srv.stop()
+
+
 def test_full_queue_is_503_with_retry_after_and_slow_answers_time_out():
     slow = SlowRuntime(delay=1.5)
     srv = Served(build_app(slow, ServeSettings(workers=1, max_queue=0, timeout_s=0.5)))

@@ -119,7 +119,7 @@ def test_ask_allow_no_coverage(demo, capsys):
     assert main(["ask", demo["scene_png"], "Describe.", "--tiles", demo["tiles"], "--bbox", "10", "10", "10.1",
                  "10.1", "--date", demo["date"], "--allow-no-coverage", "--json", "--max-new-tokens", "2"]) == 0
     a = json.loads(capsys.readouterr().out)["anchor"]
-    assert a["coverage"] == 0.0 and "TLM not applied" in a["note"]
+    assert a["coverage"] == 0.0 and "TLM not applied" in a["notes"][-1]
 
 
 def test_anchor_without_store_and_exclusive_flags(demo, capsys):

@@ -95,7 +95,7 @@ def format_table(result: dict) -> str:
                     f"  {str(backends[n]['vs_baseline'].get(key, '-')) + 'x':>{3 * wc}}" for n in ratios))
     notes = [f"{n}: {e['variant']}" for n, e in backends.items() if e.get("variant")]
     notes += [f"{n}: {note}" for n, e in backends.items() for note in e.get("notes", [])]
-    notes += sorted({e["anchor"]["note"] for e in backends.values() if e.get("anchor", {}).get("note")})
+    notes += sorted({n for e in backends.values() for n in e.get("anchor", {}).get("notes", [])})
     notes += result.get("notes", [])
     if notes:
         lines += [""] + [f"note: {n}" for n in notes]

@@ -283,7 +283,7 @@ def measure(label: str, request, rt, settings: BenchSettings, progress: Progress
                                   for name in device_runs[0]}
     if "anchor" in info:
         a = info["anchor"]
-        entry["anchor"] = {k: a.get(k) for k in ("source", "year", "coverage", "count", "note") if a.get(k) is not None}
+        entry["anchor"] = {k: a.get(k) for k in ("source", "year", "coverage", "count", "notes") if a.get(k) is not None}
     return entry
 
 

@@ -206,6 +206,8 @@ def manifest(model, tokenizer, graphs: dict, checkpoint: dict, max_question: int
                     "exporter": "tensorrt-edgellm-export CHECKPOINT OUT --skip-visual, with the hidden_states "
                                 "output (python -m fusar_edge.export.edgellm_llm)"},
         "preset": cfg.name,
+        # what --prompt the runner is given: fusar_edge.tasks.build_prompt(task, question, style=this)
+        "prompt_style": cfg.prompt_style,
         "checkpoint": checkpoint,
         "llm": None,
         "llm_config": {"layers": int(text.num_hidden_layers), "hidden_size": int(cfg.hidden_size),

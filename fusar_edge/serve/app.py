@@ -39,7 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import FusarError, InputError
+from ..errors import FusarError, InputError, MissingAnchorsError
 from .metrics import ServerMetrics
 from .pool import AskPool, Busy, TimedOut
 
@@ -259,6 +259,11 @@ def build_app(runtime, settings: ServeSettings) -> FastAPI:
         except TimedOut:
             raise ApiError(504, f"timeout: no answer within {settings.timeout_s:g} s (--timeout)", None,
                            "timeout") from None
+        except MissingAnchorsError:
+            # the runtime's advice names CLI flags; a client has its own three ways
+            raise ApiError(422, f"anchors: {shown}: this model applies TLM, which needs AEF anchors, and none were "
+                                "given: send an anchors file (curl -F anchors=@FILE.npz), or a GeoTIFF with a server "
+                                "started with --tiles DIR, or no_anchors=true to answer without them", "anchors") from None
         except InputError as exc:
             message = _client_names(str(exc), names)
             raise ApiError(422, message, _param_of(message)) from None
