@@ -477,9 +477,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fusar-edge: error: {_os_error(exc, args)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fusar-edge: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"fusar-edge: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # 143 / 130, as a shell reports them
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

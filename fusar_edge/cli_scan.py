@@ -51,6 +51,11 @@ def add_parser(sub) -> None:
                    help="answer chips the tile store does not cover without anchors instead of stopping")
     s.add_argument("--chip", type=positive_int, metavar="PX",
                    help="chip side in scene pixels, at least 28 (default: the model's chip)")
+    s.add_argument("--date", metavar="YYYY-MM-DD",
+                   help="acquisition date for the anchors of every scene (default: each scene's own date tag)")
+    s.add_argument("--max-new-tokens", type=positive_int, metavar="N",
+                   help="bound on each chip's answer (default: the bundle's; a model that rambles on a chip "
+                        "otherwise decodes to that bound on every chip)")
     s.add_argument("--band", type=positive_int, default=1, metavar="N",
                    help="the GeoTIFF band to scan (default 1; e.g. 2 for VH in a VV/VH scene)")
     s.add_argument("--overlap", type=int, default=64, metavar="PX",
@@ -76,12 +81,24 @@ def run(args) -> int:
 
     scenes = [Path(p) for p in args.scenes]
     for p in scenes:
+        if p.is_dir():
+            raise InputError(f"scene {p}: a directory; give the scene files (e.g. {p}/*.tif)")
         if not p.is_file():
             raise InputError(f"scene {p}: no such file")
-    names = [p.stem for p in scenes]
-    if len(set(names)) != len(names):
-        raise InputError("scenes: two scenes share a file name; their outputs would share OUT/<name>/ "
-                         "(scan them into different --out folders)")
+        if p.suffix.lower() in NOT_RASTERS:
+            raise InputError(f"scene {p}: scan reads raster files GDAL opens (GeoTIFF, COG, VRT, ...); a "
+                             f"{p.suffix} image goes to `fusar-edge ask`")
+    seen: dict[str, Path] = {}
+    for p in scenes:
+        if p.stem in seen:
+            raise InputError(f"scenes {seen[p.stem]} and {p}: both would write OUT/{p.stem}/; scan them into "
+                             "different --out folders")
+        seen[p.stem] = p
+    if args.date is not None:
+        from .geo.sar import parse_date
+
+        parse_date(args.date)  # a bad date is one line now, not at the first chip
+    _check_out(Path(args.out))
     if args.ray and Path(args.ray).is_file():  # `--ray scene.tif ...`: the optional ADDRESS took a scene
         raise InputError(f"--ray {args.ray}: that is a file, not a Ray address; put --ray after the scenes, or "
                          "write --ray=ADDRESS")
@@ -100,9 +117,14 @@ def run(args) -> int:
         for scene in scenes:
             bar = None if args.quiet else _Bar(scene.name)
             try:
-                results[scene.name] = scan_scene(answerer, scene, out, task=args.task, label=args.label,
-                                                 chip=args.chip, overlap=args.overlap, no_anchors=args.no_anchors,
-                                                 band=args.band, progress=bar.update if bar else None)
+                results[scene.name] = s = scan_scene(
+                    answerer, scene, out, task=args.task, label=args.label, chip=args.chip, overlap=args.overlap,
+                    no_anchors=args.no_anchors, band=args.band, max_new_tokens=args.max_new_tokens, date=args.date,
+                    progress=bar.update if bar else None)
+                if bar:
+                    bar.close()
+                    bar = None
+                _print_scene(scene.name, s, args, out)  # as each scene ends: a long batch shows what is done
             except InputError as exc:
                 if len(scenes) == 1:
                     raise
@@ -113,20 +135,41 @@ def run(args) -> int:
                     bar.close()
     finally:
         answerer.close()
-    for name, s in results.items():
-        what = (f"{s['detections']} {args.label} detections" if args.task == "detect"
-                else f"count sum {s.get('count_sum')}" if args.task == "count" else "captions")
-        flags = f", {len(s['chips_without_anchors'])} without AEF anchors" if s["chips_without_anchors"] else ""
-        crs = s["georef"]["crs"]
-        where = f"{s['coordinates']} from {crs}" if crs else s["coordinates"]
-        print(f"{name}: {s['chips_answered']} of {s['chips']} chips answered ({s['chips_nodata']} without data"
-              f"{flags}), {what}, {where} -> {out / Path(name).stem}/")
-        if not args.quiet and s["run"]["chips"]:
-            print(f"  this run: {_breakdown(s['run'])}", file=sys.stderr)
     if failed:
         print(json.dumps({"failed": failed}), file=sys.stderr)
         return 2
     return 0
+
+
+NOT_RASTERS = (".npy", ".npz")  # ask reads them; GDAL does not
+
+
+def _check_out(out: Path) -> None:
+    """--out must be a folder we can write, said before a model loads (not at the journal's
+    temporary file, after it)."""
+    import os
+
+    from .errors import InputError
+
+    probe = out
+    while not probe.exists():  # the nearest existing ancestor is where the folder will be made
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"--out {out}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: {probe} is not writable")
+
+
+def _print_scene(name: str, s: dict, args, out: Path) -> None:
+    what = (f"{s['detections']} {args.label} detections" if args.task == "detect"
+            else f"count sum {s.get('count_sum')}" if args.task == "count" else "captions")
+    flags = f", {len(s['chips_without_anchors'])} without AEF anchors" if s["chips_without_anchors"] else ""
+    crs = s["georef"]["crs"]
+    where = f"{s['coordinates']} from {crs}" if crs else s["coordinates"]
+    print(f"{name}: {s['chips_answered']} of {s['chips']} chips answered ({s['chips_nodata']} without data"
+          f"{flags}), {what}, {where} -> {out / Path(name).stem}/", flush=True)
+    if not args.quiet and s["run"]["chips"]:
+        print(f"  this run: {_breakdown(s['run'])}", file=sys.stderr)
 
 
 def _answerer(args):

@@ -46,7 +46,8 @@ class OracleRuntime:
     def __init__(self, ships, fail_after=None):
         self.ships, self.fail_after, self.calls = ships, fail_after, 0
 
-    def ask(self, img, question, task=None, label=None, no_anchors=False):
+    def ask(self, img, question, task=None, label=None, no_anchors=False, max_new_tokens=None, date=None):
+        self.asked = {"max_new_tokens": max_new_tokens, "date": date}
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise KeyboardInterrupt("killed")
         self.calls += 1
@@ -281,6 +282,60 @@ def test_a_scene_without_georeference_has_null_geometries_and_pixel_boxes(scene,
     assert all(f["geometry"] is None for f in fc["features"])
     got = sorted(tuple(int(round(v)) for v in f["properties"]["scene_box"]) for f in fc["features"])
     assert got == sorted(tuple(b) for b in scene["ships"])
+
+
+def test_a_grid_in_metres_labelled_as_degrees_is_refused_before_any_chip(scene, oracle, tmp_path):
+    """A common mislabel: the UTM grid kept, the CRS tag set to EPSG:4326. Written through, the
+    GeoJSON would hold 500000-degree coordinates; it is one line naming the scene, nothing written."""
+    bad = _rewrite(Path(scene["scene_tif"]), tmp_path / "badgeo.tif", crs="EPSG:4326")
+    with pytest.raises(InputError, match=r"scene .*badgeo.tif: its corner .* off the Earth: is EPSG:4326 the CRS"):
+        scan_scene(oracle(), bad, tmp_path / "out", chip=224, overlap=32)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_second_scan_into_the_same_folder_is_refused_while_one_runs(scene, oracle, tmp_path):
+    from fusar_edge.scan.run import _lock
+
+    folder = tmp_path / "out" / Path(scene["scene_tif"]).stem
+    folder.mkdir(parents=True)
+    with _lock(folder):  # another scan, running
+        with pytest.raises(InputError, match="another scan .* is writing this scene's outputs"):
+            scan_scene(oracle(), Path(scene["scene_tif"]), tmp_path / "out", chip=224, overlap=32)
+    summary = scan_scene(oracle(), Path(scene["scene_tif"]), tmp_path / "out", chip=224, overlap=32)  # released
+    assert summary["chips_answered"] + summary["chips_nodata"] == 9
+
+
+def test_date_and_token_bound_reach_every_chip_and_the_journal(scene, oracle, tmp_path):
+    rt = oracle()
+    scan_scene(rt, Path(scene["scene_tif"]), tmp_path / "out", chip=224, overlap=32, max_new_tokens=40,
+               date="2021-06-01")
+    assert rt.asked == {"max_new_tokens": 40, "date": "2021-06-01"}
+    header = json.loads((tmp_path / "out" / "scene" / JOURNAL).read_text().splitlines()[0])
+    assert json.dumps(header).count('"max_new_tokens": 40') == 1 and "2021-06-01" in json.dumps(header)
+    with pytest.raises(InputError):  # another bound: another run, refused rather than merged
+        scan_scene(oracle(), Path(scene["scene_tif"]), tmp_path / "out", chip=224, overlap=32, max_new_tokens=41,
+                   date="2021-06-01")
+
+
+def test_scan_cli_names_what_is_wrong_with_its_inputs(scene, tmp_path, capsys):
+    (tmp_path / "d1").mkdir()
+    (tmp_path / "d2").mkdir()
+    arr = tmp_path / "x.npy"
+    np.save(arr, np.zeros((8, 8), np.float32))
+    a, b = tmp_path / "d1" / "s.tif", tmp_path / "d2" / "s.tif"
+    for src in (a, b):
+        src.write_bytes(Path(scene["scene_tif"]).read_bytes())
+    cases = [([str(tmp_path / "d1")], "a directory; give the scene files"),
+             ([str(arr)], "a .npy image goes to `fusar-edge ask`"),
+             ([str(a), str(b)], f"scenes {a} and {b}: both would write OUT/s/"),
+             ([str(a), "--date", "2021-13-01"], "expected a calendar date"),
+             ([str(a), "--out", str(a)], "is a file, not a folder")]
+    for argv, message in cases:
+        argv = [*argv, "--out", str(tmp_path / "o")] if "--out" not in argv else argv
+        assert main(["scan", *argv, "--no-anchors"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_the_quicklook_shows_the_merged_boxes(scene, oracle, tmp_path):

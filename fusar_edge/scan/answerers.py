@@ -34,6 +34,8 @@ class ChipQuestion:
     label: str
     question: str
     no_anchors: bool
+    max_new_tokens: int | None = None  # None: the bundle's own bound
+    date: str | None = None  # YYYY-MM-DD for the anchors; None: each scene's own date tag
 
 
 def anchor_setting(tiles, allow_no_coverage: bool) -> dict | None:
@@ -56,7 +58,7 @@ def answer_chip(rt, chip: Chip, img, q: ChipQuestion) -> dict:
         return nodata_record(chip)
     try:
         ans = rt.ask(img, q.question, task=q.task, label=q.label if q.task == "detect" else None,
-                     no_anchors=q.no_anchors)
+                     no_anchors=q.no_anchors, max_new_tokens=q.max_new_tokens, date=q.date)
     except AnchorError as exc:
         remedy = ("scan's --allow-no-coverage answers chips the store does not cover without anchors, flagged in its "
                   "outputs" if isinstance(exc, CoverageError) else "scan --no-anchors answers without anchors (TLM "

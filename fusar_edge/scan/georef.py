@@ -20,6 +20,7 @@ import numpy as np
 from rasterio.transform import Affine, AffineTransformer, GCPTransformer, RPCTransformer
 from rasterio.warp import transform as warp_transform
 
+from ..errors import InputError
 from ..geo.sar import crs_error
 
 LONLAT = "EPSG:4326"
@@ -49,15 +50,25 @@ class SceneGeoref:
             return cls("rpcs", LONLAT, rpcs=ds.rpcs)  # RPCs map to WGS84 lon/lat by definition
         return cls("none", None)
 
-    def check_lonlat(self, where: str) -> None:
-        """One line naming the scene when its CRS has no way to lon/lat (an engineering or another
-        body's CRS), before any chip is answered, not a projection library traceback at the first."""
+    def check_lonlat(self, where: str, width: int = 1, height: int = 1) -> None:
+        """One line naming the scene, before any chip is answered, when its CRS has no way to
+        lon/lat (an engineering or another body's CRS: not a projection library traceback at the
+        first chip), or when its corners land off the Earth: a grid in metres labelled EPSG:4326
+        (a common mislabel) would otherwise be written into GeoJSON as 500000 degrees."""
         if self.kind == "none":
             return
+        xs, ys = [0.0, width, width, 0.0, width / 2], [0.0, 0.0, height, height, height / 2]
         try:
-            self.pixel_to_lonlat([0.0], [0.0])
+            lon, lat = self.pixel_to_lonlat(xs, ys)
         except Exception as exc:  # PROJ / GDAL raise their own types (rasterio._err.CPLE_*)
             raise crs_error(f"scene {where}", self.crs or "?", exc) from None
+        # |lon| up to 540: a geographic grid may run past 180 (written as two polygons there)
+        off = ~(np.isfinite(lon) & np.isfinite(lat) & (np.abs(lat) <= 90.0 + 1e-9) & (np.abs(lon) <= 540.0))
+        if off.any():
+            i = int(np.argmax(off))
+            raise InputError(f"scene {where}: its corner at pixel ({xs[i]:g}, {ys[i]:g}) maps to lon {lon[i]:.6g}, lat "
+                             f"{lat[i]:.6g}, off the Earth: is {self.crs} the CRS its transform is in? (a grid in "
+                             "metres labelled as degrees, say)")
 
     def describe(self) -> dict:
         return {"kind": self.kind, "crs": self.crs}

@@ -50,7 +50,7 @@ class SceneReader:
             self.band, self.width, self.height = band, ds.width, ds.height
             self.nodata = ds.nodatavals[band - 1]
             self.georef = SceneGeoref.from_dataset(ds)
-            self.georef.check_lonlat(str(self.path))
+            self.georef.check_lonlat(str(self.path), ds.width, ds.height)
             self.date, _ = raster_date(ds)
             self.kind, self.limits = self._scene_stretch(scale)
         except BaseException:

@@ -40,8 +40,8 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def scan_scene(runner, scene: Path, out: Path, *, task: str = "detect", label: str = "ship", chip: int | None = None,
-               overlap: int = 64, no_anchors: bool = False, band: int = 1,
-               progress: Callable[[int, int], None] | None = None) -> dict:
+               overlap: int = 64, no_anchors: bool = False, band: int = 1, max_new_tokens: int | None = None,
+               date: str | None = None, progress: Callable[[int, int], None] | None = None) -> dict:
     """Scan one scene; -> the summary (also written to ``summary.json``) plus ``run`` (this run's
     chips, seconds and where they went, which is not written: it differs run to run).
 
@@ -61,37 +61,66 @@ def scan_scene(runner, scene: Path, out: Path, *, task: str = "detect", label: s
         header = {"identity": scene_identity(scene, reader), "weights": answerer.weights, "preset": answerer.preset,
                   "task": task, "label": label, "chip": size, "overlap": overlap, "chips": len(grid),
                   "no_anchors": no_anchors, "band": band,
+                  **({"max_new_tokens": max_new_tokens} if max_new_tokens is not None else {}),  # absent: as before
+                  **({"date": date} if date is not None else {}),
                   # a resume with another tile store or coverage rule would mix two runs' answers
                   "anchors": None if no_anchors else getattr(answerer, "anchors", None)}
         folder.mkdir(parents=True, exist_ok=True)  # only once the scene and the settings are known good
-        journal = _disk_guard(lambda: Journal(folder / JOURNAL, header), folder, 0, len(grid))
-        done = journal.done()
-        todo = [c for c in grid if c.index not in done]
-        finished = len(grid) - len(todo)
-        q = ChipQuestion(task, label, QUESTIONS[task].format(label=label), no_anchors)
-        read_ms: dict[int, float] = {}
-        profile: dict[str, float] = {}
-        jobs = timed(((c, reader.read(c)) for c in todo), read_ms)
-        try:
-            for record in answerer.answer(jobs, q):
-                record.setdefault("timings", {})["read"] = round(read_ms.pop(record["chip"], 0.0), 3)
-                for k, v in record["timings"].items():
-                    profile[k] = profile.get(k, 0.0) + v
-                _disk_guard(lambda: journal.append(record), folder, finished, len(grid))
-                finished += 1
-                if progress:
-                    progress(finished, len(grid))
-        except InputError as exc:  # a chip's error: say which scene (a batch scans several)
-            raise InputError(f"scene {scene}: {exc}") from None
-        t_write = time.perf_counter()
-        summary = _disk_guard(lambda: _write_outputs(folder, reader, grid, journal.records(), header), folder,
-                              finished, len(grid))
-        profile["write"] = (time.perf_counter() - t_write) * 1e3
+        # held until the scene is done: a second scan into it would answer every chip twice
+        with _lock(folder):
+            journal = _disk_guard(lambda: Journal(folder / JOURNAL, header), folder, 0, len(grid))
+            done = journal.done()
+            todo = [c for c in grid if c.index not in done]
+            finished = len(grid) - len(todo)
+            q = ChipQuestion(task, label, QUESTIONS[task].format(label=label), no_anchors, max_new_tokens, date)
+            read_ms: dict[int, float] = {}
+            profile: dict[str, float] = {}
+            jobs = timed(((c, reader.read(c)) for c in todo), read_ms)
+            try:
+                for record in answerer.answer(jobs, q):
+                    record.setdefault("timings", {})["read"] = round(read_ms.pop(record["chip"], 0.0), 3)
+                    for k, v in record["timings"].items():
+                        profile[k] = profile.get(k, 0.0) + v
+                    _disk_guard(lambda: journal.append(record), folder, finished, len(grid))
+                    finished += 1
+                    if progress:
+                        progress(finished, len(grid))
+            except InputError as exc:  # a chip's error: say which scene (a batch scans several)
+                raise InputError(f"scene {scene}: {exc}") from None
+            t_write = time.perf_counter()
+            summary = _disk_guard(lambda: _write_outputs(folder, reader, grid, journal.records(), header), folder,
+                                  finished, len(grid))
+            profile["write"] = (time.perf_counter() - t_write) * 1e3
     seconds = time.perf_counter() - t0
     summary["run"] = {"chips": len(todo), "seconds": round(seconds, 2),
                       "chips_per_s": round(len(todo) / seconds, 3) if seconds > 0 else None,
                       "profile_ms": {k: round(v, 1) for k, v in sorted(profile.items())}}
     return summary
+
+
+LOCK = ".scan.lock"
+
+
+def _lock(folder: Path):
+    """An exclusive lock on ``folder`` (flock: released by the kernel when the process dies, so a
+    killed scan never leaves it held); -> the open file, closed to release it."""
+    import fcntl
+    import os
+
+    f = open(folder / LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise InputError(f"{folder}: another scan (process {holder}) is writing this scene's outputs; wait for it, "
+                         "or scan into another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 MIN_CHIP = 28  # one merged ViT token (patch 14 x merge 2): a smaller chip is all upsampling
@@ -198,6 +227,6 @@ def _write_outputs(folder: Path, reader: SceneReader, grid: list[Chip], records:
     write_text_atomic(folder / "chips.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in chips_log))
     write_text_atomic(folder / "detections.geojson", dumps(feature_collection(features, meta)))
     write_bytes_atomic(folder / "quicklook.png", quicklook_png(reader.overview, (reader.width, reader.height), grid,
-                                                               records, merged, counts))
+                                                               records, merged, counts, set(without)))
     write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
