@@ -367,7 +367,7 @@ def test_max_side(tmp_path, amplitude):
     path = write_tif(tmp_path / "a.tif", amplitude)
     with pytest.raises(InputError) as e:
         read_sar(path, max_side=100)
-    one_line(e, "a.tif", "96 x 128", "100", "configurable")
+    one_line(e, "a.tif", "96 x 128", "100", "--max-image-side")
     Image.fromarray(np.zeros((30, 120), np.uint8)).save(tmp_path / "wide.png")
     with pytest.raises(InputError):
         read_sar(tmp_path / "wide.png", max_side=119)

@@ -139,7 +139,10 @@ class Anchor:
         if img.bounds_lonlat is None:
             raise InputError(f"image {img.path}: no georeference; give its footprint as a bbox "
                              "(--bbox LON_MIN LAT_MIN LON_MAX LAT_MAX)")
-        return cls(img.bounds_lonlat, date, img.crs, img.transform, size, "image")
+        try:
+            return cls(img.bounds_lonlat, date, img.crs, img.transform, size, "image")
+        except InputError as exc:  # e.g. a footprint across lon 180: say whose
+            raise InputError(f"image {img.path}: {exc}") from None
 
 
 @dataclass

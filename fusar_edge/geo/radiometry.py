@@ -42,7 +42,8 @@ def to_db(p: Path | str, pixels: np.ndarray, scale: str, nodata: float | None) -
             bad &= ~nodata_mask
         n_bad = int(bad.sum())
         if n_bad:
-            raise InputError(f"image {p}: {n_bad} of {pixels.size} pixels are NaN/Inf; fill them (e.g. with 0) "
+            raise InputError(f"image {p}: {n_bad} of the {pixels.size} pixels read (a large image: of its decimated read) "
+                             "are NaN/Inf; fill them (e.g. with 0) "
                              "or declare them as the GeoTIFF's nodata value")
     if pixels.dtype.kind == "c":
         if scale not in ("auto", "amplitude", "complex"):

@@ -323,5 +323,5 @@ def _check_size(p: Path, height: int, width: int, max_side: int, read_side: int 
     if (read_side or max(height, width)) > max_side:
         via = f" (its usable overview: {read_side} px)" if read_side and read_side < max(height, width) else ""
         raise InputError(f"image {p}: {height} x {width} px{via} exceeds the limit of {max_side} px per side "
-                         "read at full resolution (configurable: read_sar(max_side=...), --max-image-side; "
+                         "read at full resolution (raise it: --max-image-side PX; read_sar(max_side=...) in Python; "
                          "GeoTIFF overviews, e.g. gdaladdo, are read instead when present)")
