@@ -3,14 +3,15 @@
 The Python API ground-station software embeds::
 
     from fusar_edge import Runtime, AnchorSet
-    rt = Runtime.open("bundles/fusar-7b")          # or Runtime.open() for the tiny preset
+    rt = Runtime.open("bundles/fusar-7b")          # or Runtime.open() for the built-in trained demo
     ans = rt.ask("scene.tif", "How many ships are there?", anchors="anchors.npz")
     ans.answer, ans.text, ans.timings_ms
 """
 
 __version__ = "0.1.0"
 
-from .errors import AnchorError, BundleError, FusarError, InputError  # noqa: E402
+from .errors import (AnchorError, BundleError, CoverageError, FusarError, InputError,  # noqa: E402
+                     MissingAnchorsError)
 
 _LAZY = {
     "Runtime": ("runtime", "Runtime"),
@@ -19,6 +20,7 @@ _LAZY = {
     "AnchorSet": ("geo.anchors", "AnchorSet"),
     "TileStore": ("tiles.store", "TileStore"),
     "FusarConfig": ("config", "FusarConfig"),
+    "StoreError": ("tiles.format", "StoreError"),
 }
 
 
@@ -32,5 +34,9 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def __dir__():  # tab completion shows the lazy names too
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = ["Runtime", "Answer", "Anchor", "AnchorSet", "TileStore", "FusarConfig", "FusarError", "InputError",
-           "AnchorError", "BundleError", "__version__"]
+           "AnchorError", "BundleError", "CoverageError", "MissingAnchorsError", "StoreError", "__version__"]

@@ -1,6 +1,6 @@
 """The runtime: one SAR image + one question -> a typed answer, with per-stage timings.
 
-``Runtime.open(bundle)`` loads a bundle (or the built-in ``tiny`` preset); ``runtime.ask``
+``Runtime.open(bundle)`` loads a bundle (default: the built-in trained demo); ``runtime.ask``
 reads the image, prepares its anchors, runs the three stages (vision + TLM, fusion +
 GRASP, decoder) with greedy decoding over a KV cache, and parses the text into the
 task's answer type. Decoding is deterministic: greedy, no sampling, fixed bound.
@@ -9,6 +9,7 @@ task's answer type. Decoding is deterministic: greedy, no sampling, fixed bound.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -24,7 +25,7 @@ from .geo.anchors import Anchor, AnchorSet
 from .tiles.store import DEFAULT_GRID, TileStore, check_grid
 from .generation import GenerationSettings, GreedyPicker
 from .geo.chip import to_chip
-from .geo.sar import SarImage, parse_date, read_sar
+from .geo.sar import SarImage, image_from_array, parse_date, read_sar
 from .model.preprocess import chip_to_patches
 from .model.rope import mrope_positions
 from .tokenizer import build_sequence
@@ -119,6 +120,23 @@ class Request:
     prompt: str  # the text sent to the model (the question, or its task template)
 
 
+def _check_sar_image(img: SarImage) -> None:
+    """A SarImage built by hand (``read_sar`` / ``image_from_array`` make checked ones): its data
+    must be what the chip code expects, or the answer would be made of garbage."""
+    d = img.data
+    shape_ok = (isinstance(d, np.ndarray)
+                and ((d.ndim == 2 and d.dtype.kind == "f") or (d.ndim == 3 and d.shape[2] == 3 and d.dtype == np.uint8)))
+    if not shape_ok:
+        raise InputError(f"image {img.path}: SarImage.data must be float [H, W] in [0, 1] or uint8 [H, W, 3], got "
+                         f"{getattr(d, 'dtype', type(d).__name__)} {list(getattr(d, 'shape', []))}; build it with "
+                         "fusar_edge.geo.sar.image_from_array")
+    if d.dtype.kind == "f" and d.size and not (np.isfinite(d).all() and d.min() >= 0.0 and d.max() <= 1.0):
+        raise InputError(f"image {img.path}: SarImage.data must be finite and in [0, 1] (NaN or out of range); build "
+                         "it with fusar_edge.geo.sar.image_from_array")
+    if int(img.height) < 1 or int(img.width) < 1:
+        raise InputError(f"image {img.path}: height and width must be positive, got {img.height} x {img.width}")
+
+
 class Runtime:
     """A bundle opened for questions: ``Runtime.open(...)``, then ``ask(image, question)``.
 
@@ -151,14 +169,19 @@ class Runtime:
         self.max_image_side = max_image_side
         self.tiles, self.anchor_grid, self.allow_empty_anchors = tiles, anchor_grid, allow_empty_anchors
         self.closed = False
+        self._in_flight = 0  # asks running now: close() waits for them before it drops the model
+        self._in_flight_changed = threading.Condition()
 
     def close(self) -> None:
-        """Release the runtime: batch threads end once their queued questions are answered, and the
-        model and its sessions are dropped. ``ask`` then refuses; closing twice is harmless. Also
-        what ``with Runtime.open(...) as rt:`` does on leaving the block."""
-        if self.closed:
-            return
-        self.closed = True
+        """Release the runtime: questions already being answered finish (from any thread), later
+        ones are refused (``FusarError``), batch threads end, and the model and its sessions are
+        dropped. Closing twice is harmless. Also what ``with Runtime.open(...) as rt:`` does on
+        leaving the block."""
+        with self._in_flight_changed:
+            if self.closed:
+                return
+            self.closed = True
+            self._in_flight_changed.wait_for(lambda: self._in_flight == 0)
         for batcher in (self.vision_batcher, self.batcher):
             if batcher is not None:
                 batcher.close()
@@ -177,7 +200,7 @@ class Runtime:
              max_image_side: int = 20000, anchor_grid: tuple[int, int] = DEFAULT_GRID,
              allow_empty_anchors: bool = False, providers: list | None = None,
              threads: int | None = None, verify: bool = False) -> "Runtime":
-        """Open a bundle directory or a preset name (default: the built-in ``tiny``).
+        """Open a bundle directory or a preset name (default: the built-in trained demo).
 
         ``device="auto"`` takes the GPU when torch sees one; ``dtype=None`` means bf16 on a GPU
         that supports it (the reference's inference dtype) and fp32 on the CPU.
@@ -189,7 +212,8 @@ class Runtime:
         by ``fusar-edge export BUNDLE --out DIR --onnx``) in ONNX Runtime; ``device`` then picks
         the execution provider (auto: CUDA when onnxruntime has it), ``providers`` overrides it,
         and ``dtype`` is the export's. ``threads``: ONNX Runtime's intra-op threads (default: its
-        own choice, one per physical core); torch's are ``torch.set_num_threads``.
+        own choice, one per physical core); on torch, ``torch.set_num_threads(threads)``, which is
+        process-wide (torch has one pool; default: left as it is).
         ``verify``: recompute every bundle file's sha256 against manifest.json before loading
         (every open checks sizes; ``model.bundle`` says how the weights id is made).
         """
@@ -198,6 +222,12 @@ class Runtime:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
                                     or threads < 1):
             raise InputError(f"threads: expected a positive integer (or None for the default), got {threads!r}")
+        if isinstance(max_image_side, bool) or not isinstance(max_image_side, (int, np.integer)) or max_image_side < 1:
+            raise InputError(f"max_image_side: expected a positive integer (pixels), got {max_image_side!r}")
+        if not isinstance(allow_empty_anchors, (bool, np.bool_)):
+            raise InputError(f"allow_empty_anchors: expected True or False, got {allow_empty_anchors!r}")
+        if providers is not None and backend != "onnxruntime":
+            raise InputError("providers: ONNX Runtime execution providers; only with backend='onnxruntime'")
         store = TileStore.open(tiles) if tiles is not None else None  # cheap; fail before loading weights
         check_grid(anchor_grid)
         if backend == "onnxruntime":
@@ -206,6 +236,10 @@ class Runtime:
         _require_torch()
         from .backends.torch_stages import resolve_device
         from .model.bundle import open_model
+        from .threads import set_torch_threads
+
+        if threads is not None:
+            set_torch_threads(int(threads))
 
         generation = GenerationSettings.from_bundle(resolve_model(bundle))  # refused settings: before loading
         device, dtype = resolve_device(device, dtype)
@@ -253,15 +287,25 @@ class Runtime:
                    allow_empty_anchors, stages=stages, config=config, generation=generation)
 
     # -- inputs --------------------------------------------------------------------------
-    def _image(self, image: str | Path | SarImage, scale: str, band: int | None = None) -> SarImage:
+    def _image(self, image: str | Path | SarImage | np.ndarray, scale: str, band: int | None = None) -> SarImage:
         if isinstance(image, SarImage):
+            _check_sar_image(image)
             return image
+        if isinstance(image, np.ndarray):  # checked and normalised as a .npy file is
+            return image_from_array(image, "<array>", scale, self.max_image_side)
         if not isinstance(image, (str, Path)):
-            raise InputError(f"image: expected a file path (str or Path) or a SarImage, got {type(image).__name__}")
+            raise InputError(f"image: expected a file path (str or Path), a 2-D numpy array or a SarImage, got "
+                             f"{type(image).__name__}")
         return read_sar(image, scale=scale, band=band, max_side=self.max_image_side)
 
     def _anchors(self, anchors, img: SarImage, bbox, date,
                   no_anchors: bool = False) -> tuple[AnchorSet | None, dict[str, Any]]:
+        if anchors is not None:  # given anchors say where and when: a bbox or date beside them would be ignored
+            for name, value in (("bbox", bbox), ("date", date)):
+                if value is not None:
+                    raise InputError(f"{name}: given together with anchors; {name} chooses the footprint looked up "
+                                     "in the tile store, and the given anchors already carry theirs (pass one or "
+                                     "the other)")
         if no_anchors:  # before the footprint is built: its checks (e.g. across lon 180) are the anchors'
             if anchors is not None:
                 raise InputError("anchors: given together with no_anchors (--no-anchors); pass one or the other")
@@ -288,7 +332,7 @@ class Runtime:
             return None, info
         if isinstance(anchors, Anchor):
             if self.tiles is None:
-                raise FusarError("an Anchor needs a tile store for the AEF lookup: open the runtime with "
+                raise AnchorError("anchors: an Anchor needs a tile store for the AEF lookup: open the runtime with "
                                  "tiles=DIR (--tiles DIR), or pass an anchor file (.npz/.npy) or an AnchorSet")
             info.update(bounds=list(anchors.bbox), date=anchors.date.isoformat() if anchors.date else None)
             anchors = self.tiles.lookup(anchors, grid=self.anchor_grid, allow_empty=self.allow_empty_anchors)
@@ -375,6 +419,21 @@ class Runtime:
                           f"--anchors FILE or --tiles DIR (anchors=... / tiles=...), {way_out}")
 
     # -- the question --------------------------------------------------------------------
+    @contextmanager
+    def _answering(self):
+        """One question in flight: refused once the runtime is closed, and counted, so that
+        ``close()`` from another thread waits for it instead of pulling the model from under it."""
+        with self._in_flight_changed:
+            if self.closed:
+                raise FusarError("runtime: closed; open another with Runtime.open(...)")
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._in_flight_changed:
+                self._in_flight -= 1
+                self._in_flight_changed.notify_all()
+
     def ask(self, image: str | Path | SarImage, question: str, anchors=None, *, task: str | None = None,
             bbox: tuple[float, float, float, float] | None = None, date=None, scale: str = "auto",
             max_new_tokens: int | None = None, label: str | None = None, no_anchors: bool = False,
@@ -391,10 +450,26 @@ class Runtime:
         ``max_new_tokens`` must fit the model's context after the prompt (the bundle's default is
         cut to fit).
         """
-        if self.closed:
-            raise FusarError("runtime: closed; open another with Runtime.open(...)")
+        with self._answering():
+            return self._ask(image, question, anchors, task=task, bbox=bbox, date=date, scale=scale,
+                             max_new_tokens=max_new_tokens, label=label, no_anchors=no_anchors,
+                             repetition_penalty=repetition_penalty, band=band)
+
+    def _ask(self, image, question, anchors, *, task, bbox, date, scale, max_new_tokens, label, no_anchors,
+             repetition_penalty, band) -> Answer:
         if not isinstance(question, str) or not question.strip():
             raise InputError("question: expected a non-empty string")
+        for token in self.tokenizer.special_tokens:
+            if token in question:  # it would be encoded as the control token itself: a prompt injection
+                raise InputError(f"question: contains the control token {token!r}, which would change the chat's "
+                                 "structure; remove it")
+        if bbox is not None:
+            try:
+                bbox = tuple(float(v) for v in bbox)
+            except (TypeError, ValueError):
+                bbox = None if bbox is None else ()
+            if len(bbox) != 4:
+                raise InputError("bbox: expected four numbers (lon_min, lat_min, lon_max, lat_max)")
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool)
                                            or not isinstance(max_new_tokens, (int, np.integer))):
             raise InputError(f"max_new_tokens: expected an integer, got {max_new_tokens!r}")
@@ -467,6 +542,10 @@ class Runtime:
         (last-bit rounding), so it is off by default."""
         from .batching import DecodeBatcher, VisionBatcher
 
+        if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
+            raise InputError(f"max_batch: expected a positive integer, got {max_batch!r}")
+        if isinstance(window_ms, bool) or not isinstance(window_ms, (int, float)) or not 0 <= window_ms < 10_000:
+            raise InputError(f"window_ms: expected milliseconds in [0, 10000), got {window_ms!r}")
         if self.closed:
             raise FusarError("runtime: closed; open another with Runtime.open(...)")
         if self.batcher is None:

@@ -37,6 +37,9 @@ class TextTokenizer:
             if idx is None:
                 raise BundleError(f"{source}: tokenizer lacks the Qwen2.5-VL special token {name}")
             self.ids[name] = idx
+        # every added special token (Qwen's has more than SPECIALS): text holding one encodes as it
+        added = tokenizer.get_added_tokens_decoder().values()
+        self.special_tokens = tuple(sorted({t.content for t in added if t.special} | set(SPECIALS)))
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TextTokenizer":

@@ -306,14 +306,23 @@ def _read_npy(p: Path, scale: str, max_side: int) -> SarImage:
         raise InputError(f"image {p}: cannot read it as .npy ({exc}); is the file truncated or corrupt?") from exc
     except (OSError, EOFError) as exc:
         raise InputError(f"image {p}: cannot read it as .npy ({exc}); is the file truncated or corrupt?") from exc
+    return image_from_array(arr, str(p), scale, max_side)
+
+
+def image_from_array(arr: np.ndarray, name: str = "<array>", scale: str = "auto", max_side: int = 20000) -> SarImage:
+    """An in-memory 2-D radar array (amplitude, intensity, dB or complex) as a ``SarImage``,
+    through the same checks and steps as a ``.npy`` file (``Runtime.ask`` takes arrays this way);
+    ``name`` stands for the path in messages. No georeference: give anchors or a bbox."""
+    if not isinstance(arr, np.ndarray):
+        raise InputError(f"image {name}: expected a numpy array, got {type(arr).__name__}")
     if arr.ndim != 2:
-        raise InputError(f"image {p}: expected a 2-D array [H, W], got shape {list(arr.shape)}")
+        raise InputError(f"image {name}: expected a 2-D array [H, W], got shape {list(arr.shape)}")
     if arr.dtype.names or arr.dtype.kind not in "biufc" or arr.dtype.kind == "b":
-        raise InputError(f"image {p}: expected real or complex numbers, got dtype {arr.dtype}")
-    _check_size(p, arr.shape[0], arr.shape[1], max_side)
+        raise InputError(f"image {name}: expected real or complex numbers, got dtype {arr.dtype}")
+    _check_size(name, arr.shape[0], arr.shape[1], max_side)
     step = math.ceil(max(arr.shape) / READ_MAX_SIDE)  # 1 unless the image is large: then every step-th pixel
-    data, kind = normalise(p, np.asarray(arr[::step, ::step]), scale, None)
-    return SarImage(str(p), data, arr.shape[0], arr.shape[1], kind=kind)
+    data, kind = normalise(name, np.asarray(arr[::step, ::step]), scale, None)
+    return SarImage(name, data, arr.shape[0], arr.shape[1], kind=kind)
 
 
 def _check_size(p: Path, height: int, width: int, max_side: int, read_side: int | None = None) -> None:

@@ -180,6 +180,10 @@ def load_backbone(directory: Path, config=None, dtype: torch.dtype | None = None
     kwargs = {"dtype": dtype if dtype is not None else "auto"}
     if config is not None:
         kwargs["config"] = config
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar is noise in a service's log
     try:
         # ignore_mismatched_sizes only makes transformers *report* wrong shapes in `info`
         # (otherwise it raises "look at the above report", a log the CLI hides); we refuse them below.
@@ -188,6 +192,9 @@ def load_backbone(directory: Path, config=None, dtype: torch.dtype | None = None
             output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         raise BundleError(f"{weights}: backbone weights do not load ({str(exc).splitlines()[0]})") from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys", "unexpected_keys") and v}
     if problems:
         detail = "; ".join(f"{k}: {sorted(map(_key_str, v))[:3]}{' ...' if len(v) > 3 else ''}"

@@ -228,6 +228,9 @@ class TileStore:
         A footprint with no AEF data at all is an ``AnchorError`` unless ``allow_empty``
         (then every mask entry is False).
         """
+        if not isinstance(anchor, Anchor):
+            raise InputError(f"anchor: expected an Anchor (e.g. Anchor(bbox=(lon_min, lat_min, lon_max, lat_max), "
+                             f"date='YYYY-MM-DD')), got {type(anchor).__name__}")
         rows, cols = check_grid(grid)
         year, note = self.pick_year(anchor.date)
         if self._native is not None and not _has_image_grid(anchor):
