@@ -551,6 +551,10 @@ class Runtime:
         if self.batcher is None:
             self.vision_batcher = VisionBatcher(self.stages, max_batch=max_batch, window_s=window_ms / 1e3)
             self.batcher = DecodeBatcher(self.stages, max_batch=max_batch, window_s=window_ms / 1e3)
+            self._batching = (int(max_batch), float(window_ms))
+        elif self._batching != (int(max_batch), float(window_ms)):  # the running batchers keep theirs
+            raise InputError(f"enable_batching: already on with max_batch {self._batching[0]}, window_ms "
+                             f"{self._batching[1]:g}; batching settings are fixed once enabled (open another runtime)")
         return self
 
     def _generate(self, embeds, positions: np.ndarray, next_pos: int, limit: int,

@@ -122,3 +122,13 @@ def test_the_package_lists_its_names_and_errors():
     assert {"Runtime", "TileStore", "Anchor", "AnchorSet"} <= set(names)
     for err in ("CoverageError", "MissingAnchorsError", "StoreError"):
         assert issubclass(getattr(fusar_edge, err), fusar_edge.FusarError) and err in fusar_edge.__all__
+
+
+def test_batching_settings_are_fixed_once_enabled_and_numpy_band_is_a_band(scene):
+    with Runtime.open(threads=1) as runtime:
+        runtime.enable_batching(max_batch=2, window_ms=5)
+        assert runtime.enable_batching(max_batch=2, window_ms=5) is runtime  # the same settings: harmless
+        with pytest.raises(InputError, match="enable_batching: already on with max_batch 2"):
+            runtime.enable_batching(max_batch=4)
+        ans = runtime.ask(scene["scene_tif"], "How many ships are there?", anchors=scene["anchors"], band=np.int64(1))
+        assert ans.image["band"] == 1

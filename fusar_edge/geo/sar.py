@@ -133,8 +133,9 @@ def read_sar(path: str | Path, *, scale: str = "auto", band: int | None = None, 
     p = Path(path)
     if scale not in SCALES:
         raise InputError(f"scale: expected one of {', '.join(SCALES)}, got {scale!r}")
-    if band is not None and (isinstance(band, bool) or not isinstance(band, int) or band < 1):
+    if band is not None and (isinstance(band, bool) or not isinstance(band, (int, np.integer)) or band < 1):
         raise InputError(f"band (--band): expected a 1-based band index, got {band!r}")
+    band = None if band is None else int(band)
     if not p.exists():
         raise InputError(f"image {p}: no such file")
     if not p.is_file():
@@ -289,7 +290,7 @@ def _read_pil(p: Path, scale: str, max_side: int) -> SarImage:
                          "convert it to GeoTIFF or .npy") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError and truncation are OSErrors
         raise InputError(f"image {p}: cannot read it as {p.suffix[1:].upper()} "
-                         f"({' '.join(str(exc).split())}); is the file truncated or corrupt?") from exc
+                         f"({' '.join(str(exc.__cause__ or exc).split())}); is the file truncated or corrupt?") from exc
     return SarImage(str(p), data, height, width, kind=kind)
 
 
