@@ -7,6 +7,7 @@ larger overlap between the last two windows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral
 
@@ -41,7 +42,31 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def chip_grid(width: int, height: int, chip: int, overlap: int) -> list[Chip]:
+class ChipGrid(Sequence):
+    """The chips of a grid, made when asked: a scene's grid can hold millions of chips (a header
+    may claim any size), and memory should follow the chips being worked on, not that count."""
+
+    def __init__(self, xs: list[int], ys: list[int], width: int, height: int):
+        self.xs, self.ys, self.width, self.height = xs, ys, width, height
+
+    def __len__(self) -> int:
+        return len(self.xs) * len(self.ys)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        i = int(i) + n if i < 0 else int(i)
+        if not 0 <= i < n:
+            raise IndexError(f"chip {i} of {n}")
+        r, c = divmod(i, len(self.xs))
+        return Chip(i, r, c, self.xs[c], self.ys[r], self.width, self.height)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+
+def chip_grid(width: int, height: int, chip: int, overlap: int) -> ChipGrid:
     """Windows of ``chip`` px, ``overlap`` px shared between neighbours (at least), row-major."""
     width = _check_int("scene width", width, 1)
     height = _check_int("scene height", height, 1)
@@ -52,4 +77,4 @@ def chip_grid(width: int, height: int, chip: int, overlap: int) -> list[Chip]:
     stride = chip - overlap
     xs, ys = _offsets(width, chip, stride), _offsets(height, chip, stride)
     w, h = min(chip, width), min(chip, height)
-    return [Chip(r * len(xs) + c, r, c, x0, y0, w, h) for r, y0 in enumerate(ys) for c, x0 in enumerate(xs)]
+    return ChipGrid(xs, ys, w, h)

@@ -10,6 +10,7 @@ no timestamp, so the same scan gives the same bytes (a resumed run's quick-look 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -24,7 +25,7 @@ TEXT = (255, 255, 0)
 MIN_BOX_PX = 3
 
 
-def quicklook_png(overview: np.ndarray, scene_size: tuple[int, int], grid: list[Chip], records: dict[int, dict],
+def quicklook_png(overview: np.ndarray, scene_size: tuple[int, int], grid: Sequence[Chip], records: dict[int, dict],
                   detections: list[Detection], counts: dict[int, int], without_anchors: set[int] = frozenset()) -> bytes:
     """``overview``: uint8 [h, w]; ``scene_size``: (width, height) in scene pixels;
     ``without_anchors``: the chips the summary lists as ``chips_without_anchors`` (a scan run

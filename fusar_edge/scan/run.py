@@ -20,6 +20,7 @@ import errno
 import json
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Callable
 
 from ..errors import FusarError, InputError
@@ -70,12 +71,12 @@ def scan_scene(runner, scene: Path, out: Path, *, task: str = "detect", label: s
         with _lock(folder):
             journal = _disk_guard(lambda: Journal(folder / JOURNAL, header), folder, 0, len(grid))
             done = journal.done()
-            todo = [c for c in grid if c.index not in done]
-            finished = len(grid) - len(todo)
+            todo = len(grid) - len(done)
+            finished = len(grid) - todo
             q = ChipQuestion(task, label, QUESTIONS[task].format(label=label), no_anchors, max_new_tokens, date)
             read_ms: dict[int, float] = {}
             profile: dict[str, float] = {}
-            jobs = timed(((c, reader.read(c)) for c in todo), read_ms)
+            jobs = timed(((c, reader.read(c)) for c in grid if c.index not in done), read_ms)
             try:
                 for record in answerer.answer(jobs, q):
                     record.setdefault("timings", {})["read"] = round(read_ms.pop(record["chip"], 0.0), 3)
@@ -92,8 +93,8 @@ def scan_scene(runner, scene: Path, out: Path, *, task: str = "detect", label: s
                                   finished, len(grid))
             profile["write"] = (time.perf_counter() - t_write) * 1e3
     seconds = time.perf_counter() - t0
-    summary["run"] = {"chips": len(todo), "seconds": round(seconds, 2),
-                      "chips_per_s": round(len(todo) / seconds, 3) if seconds > 0 else None,
+    summary["run"] = {"chips": todo, "seconds": round(seconds, 2),
+                      "chips_per_s": round(todo / seconds, 3) if seconds > 0 else None,
                       "profile_ms": {k: round(v, 1) for k, v in sorted(profile.items())}}
     return summary
 
@@ -178,7 +179,7 @@ def _anchor_flags(records: dict[int, dict], no_anchors: bool) -> tuple[list[int]
     return none, partly
 
 
-def _write_outputs(folder: Path, reader: SceneReader, grid: list[Chip], records: dict[int, dict],
+def _write_outputs(folder: Path, reader: SceneReader, grid: Sequence[Chip], records: dict[int, dict],
                    header: dict) -> dict:
     task = header["task"]
     chips_log = []
