@@ -467,7 +467,7 @@ class Runtime:
             try:
                 bbox = tuple(float(v) for v in bbox)
             except (TypeError, ValueError):
-                bbox = None if bbox is None else ()
+                bbox = ()  # not four numbers: refused below
             if len(bbox) != 4:
                 raise InputError("bbox: expected four numbers (lon_min, lat_min, lon_max, lat_max)")
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool)
