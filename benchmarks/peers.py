@@ -21,6 +21,7 @@ token x tokens/s) against this machine's measured read ceiling.
 
     python benchmarks/peers.py --bundle EXPORTED_BUNDLE [--preset small] [--rounds 40] [--threads 2]
         [--llama-src DIR/vendor/llama.cpp]
+    python benchmarks/peers.py --bundle DIR-x --like qwen2.5-vl-3b --layers 4 ...   # scaled_decoder.py's model
 
 EXPORTED_BUNDLE: `fusar-edge export small --out DIR --gptq4`. Writes
 `benchmarks/results/peers-<preset>-<host>.json` and prints a table.
@@ -48,8 +49,9 @@ sys.path.insert(0, str(ROOT))
 
 # --- the shared checkpoint ---------------------------------------------------------------------
 
-def save_text_checkpoint(preset: str, out: Path) -> dict:
-    """The preset's language model + LM head as a Hugging Face Qwen2ForCausalLM checkpoint.
+def save_text_checkpoint(config, tokenizer_json: Path, out: Path) -> dict:
+    """The language model + LM head of ``config`` (random weights, the seed `fusar-edge export`
+    builds presets with) as a Hugging Face Qwen2ForCausalLM checkpoint, with ``tokenizer_json``.
 
     Text tokens carry one position on all three M-RoPE axes, so Qwen2's 1-D RoPE computes the
     same thing for a text prompt; the other engines can only read a plain causal LM.
@@ -57,10 +59,9 @@ def save_text_checkpoint(preset: str, out: Path) -> dict:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from fusar_edge.config import preset as get_preset
     from fusar_edge.model.bundle import build_random
 
-    model = build_random(get_preset(preset))
+    model = build_random(config)
     t = model.config.text
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     cfg = Qwen2Config(vocab_size=t["vocab_size"], hidden_size=t["hidden_size"],
@@ -77,10 +78,9 @@ def save_text_checkpoint(preset: str, out: Path) -> dict:
         raise RuntimeError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")
     lm.save_pretrained(out, safe_serialization=True)
     # the tokenizer is only needed by converters that insist on one; ids are fed directly
-    from fusar_edge.model.bundle import open_model
+    from fusar_edge.tokenizer import TextTokenizer
 
-    _, tok, _ = open_model(preset, dtype=torch.float32)
-    tok.save(out)
+    TextTokenizer.from_file(tokenizer_json).save(out)
     weights = sum(p.numel() * 4 for n, p in lm.named_parameters() if "embed_tokens" not in n)
     return {"dir": str(out), "decoder_weight_bytes_fp32": int(weights), "vocab": t["vocab_size"]}
 
@@ -237,6 +237,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", type=Path, required=True, help="`fusar-edge export PRESET --out DIR --gptq4` output")
     p.add_argument("--preset", default="small")
+    p.add_argument("--like", help="instead of --preset: the model of benchmarks/scaled_decoder.py, layers shaped "
+                                  "as this preset's (e.g. qwen2.5-vl-3b); give its --layers too")
+    p.add_argument("--layers", type=int, default=4, help="with --like: how many layers (default 4)")
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--prompt", type=int, default=141, help="prompt tokens (small: 64 image + 77 text in the issue)")
     p.add_argument("--new-tokens", type=int, default=32)
@@ -253,7 +256,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ckpt = work / "hf"
-        info = save_text_checkpoint(a.preset, ckpt)
+        if a.like:
+            from scaled_decoder import scaled_config  # benchmarks/, beside this script
+
+            config = scaled_config(a.like, a.layers)
+        else:
+            from fusar_edge.config import preset as get_preset
+
+            config = get_preset(a.preset)
+        info = save_text_checkpoint(config, a.bundle / "tokenizer.json", ckpt)
         engines.append(TransformersEngine(ckpt, a.threads))
         ours = FusarOrtEngine(a.bundle, a.threads)
         engines.append(ours)
@@ -305,13 +316,13 @@ def main() -> None:
         for row in rows:
             row["decode_vs_baseline"] = round(row["decode_tok_s"] / base, 2)
         same = {k: v == tokens[engines[0].name] for k, v in tokens.items()}
-        result = {"preset": a.preset, "prompt_tokens": a.prompt, "new_tokens": a.new_tokens, "threads": a.threads,
+        result = {"preset": config.name, "prompt_tokens": a.prompt, "new_tokens": a.new_tokens, "threads": a.threads,
                   "onnxruntime_decoder_spins": ours.stages.decoder_spins, "gap_s": a.gap,
                   "rounds": a.rounds, "read_ceiling_gb_s": round(ceiling, 2), "machine": machine_info(),
                   "load_avg_1m_at_end": os.getloadavg()[0], "engines": rows, "notes": notes,
                   "greedy_tokens_equal_to_baseline": same,
                   "command": "python benchmarks/peers.py " + " ".join(sys.argv[1:])}
-    out = a.out or ROOT / "benchmarks" / "results" / f"peers-{a.preset}-{socket.gethostname().split('.')[0]}.json"
+    out = a.out or ROOT / "benchmarks" / "results" / f"peers-{config.name}-{socket.gethostname().split('.')[0]}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"| engine | decode tok/s | x baseline | prefill {a.prompt} tok ms | weights read / token MB | "
           f"read GB/s | of ceiling |")
