@@ -56,7 +56,6 @@ def save_text_checkpoint(config, tokenizer_json: Path, out: Path) -> dict:
     Text tokens carry one position on all three M-RoPE axes, so Qwen2's 1-D RoPE computes the
     same thing for a text prompt; the other engines can only read a plain causal LM.
     """
-    import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from fusar_edge.model.bundle import build_random

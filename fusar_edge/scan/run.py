@@ -19,8 +19,8 @@ from __future__ import annotations
 import errno
 import json
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Callable
 
 from ..errors import FusarError, InputError
