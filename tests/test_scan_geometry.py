@@ -355,3 +355,20 @@ def test_a_box_across_the_antimeridian_is_cut_in_two():
         assert all(53.997 <= lat <= 53.999 + 1e-9 for _, lat in ring)
     inside = Detection(box=(10.0, 10.0, 40.0, 30.0), label="ship", chip=0, chip_box=(10.0, 10.0, 40.0, 30.0))
     assert feature(inside, georef, {})["geometry"]["type"] == "Polygon"
+
+
+def test_a_box_holding_a_pole_is_a_polar_cap_not_a_sliver(tmp_path):
+    """Polar stereographic (EPSG:3413), the north pole at pixel (500, 500): a box around it covers
+    every longitude north of its edge. Its corners joined would make a zero-area sliver."""
+    path = _write(tmp_path / "arctic.tif", crs="EPSG:3413", transform=from_origin(-5000.0, 5000.0, 10.0, 10.0))
+    g = _georef(path)
+    f = feature(Detection((490.0, 490.0, 510.0, 510.0), "ship", 0, [0, 0, 1, 1]), g, {})
+    (ring,) = f["geometry"]["coordinates"]
+    lons, lats = [p[0] for p in ring], [p[1] for p in ring]
+    assert f["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and _shoelace(ring) > 0
+    assert min(lons) == -180.0 and max(lons) == 180.0 and max(lats) == 90.0
+    edge = [lat for lon, lat in ring if lat < 90.0]
+    assert len(edge) > 32 and 89.99 < min(edge) < 89.9999  # the box's edge, ~100 m from the pole
+    # a box beside the pole (3 km from it) is an ordinary quadrilateral
+    geometry = feature(Detection((800.0, 490.0, 820.0, 510.0), "ship", 0, [0, 0, 1, 1]), g, {})["geometry"]
+    assert geometry["type"] == "Polygon" and len(geometry["coordinates"][0]) == 5

@@ -21,6 +21,40 @@ def _corners(det: Detection, georef: SceneGeoref) -> list[list[float]]:
     return [[float(u), float(v)] for u, v in zip(lons, lats)]
 
 
+POLE_SIDE_POINTS = 16  # points per box side when the box holds a pole: its edge is a curve in lon/lat
+
+
+def _around_pole(det: Detection, georef: SceneGeoref) -> list[list[float]] | None:
+    """A box holding a pole (polar-stereographic scenes) as the lon/lat region it covers, or None.
+
+    Its corners' longitudes go once around the globe, so no ring of them bounds the region
+    (joined, they make a sliver at one latitude). The box's edge, sampled densely, is laid out
+    west to east from lon -180 to 180, and the ring closes along the pole's latitude: the usual
+    GeoJSON form of a polar cap."""
+    x0, y0, x1, y1 = det.box
+    t = np.linspace(0.0, 1.0, POLE_SIDE_POINTS, endpoint=False)
+    xs = np.concatenate([x0 + t * (x1 - x0), np.full_like(t, x1), x1 - t * (x1 - x0), np.full_like(t, x0)])
+    ys = np.concatenate([np.full_like(t, y0), y0 + t * (y1 - y0), np.full_like(t, y1), y1 - t * (y1 - y0)])
+    lons, lats = (np.asarray(v, np.float64) for v in georef.pixel_to_lonlat(xs, ys))
+    steps = (np.diff(np.append(lons, lons[0])) + 180.0) % 360.0 - 180.0  # each step the short way round
+    turn = steps.sum()
+    if abs(turn) < 180.0:
+        return None  # the ring does not go round a pole
+    if turn < 0:  # walk it eastwards
+        lons, lats = lons[::-1], lats[::-1]
+        steps = (np.diff(np.append(lons, lons[0])) + 180.0) % 360.0 - 180.0
+    unrolled = lons[0] + np.concatenate([[0.0], np.cumsum(steps)])  # n + 1 points over exactly 360 degrees
+    lat_loop = np.append(lats, lats[0])
+    u = np.concatenate([unrolled - 360.0, unrolled[1:], unrolled[1:] + 360.0])  # three laps, increasing
+    v = np.concatenate([lat_loop, lat_loop[1:], lat_loop[1:]])
+    inside = (u > -180.0) & (u < 180.0)
+    edge = [[-180.0, float(np.interp(-180.0, u, v))], *([float(a), float(b)] for a, b in zip(u[inside], v[inside])),
+            [180.0, float(np.interp(180.0, u, v))]]
+    pole = 90.0 if lats.mean() > 0 else -90.0
+    ring = [[round(a, DECIMALS), round(b, DECIMALS)] for a, b in edge + [[180.0, pole], [-180.0, pole]]]
+    return [p for i, p in enumerate(ring) if i == 0 or p != ring[i - 1]]  # an edge point on lon +-180 twice
+
+
 def _closed_ccw(ring: list[list[float]]) -> list[list[float]]:
     """Rounded, counterclockwise, closed. RFC 7946 3.1.6: exterior rings counterclockwise. Which
     way the corners turn depends on the georeference (north-up, south-up, a flipped GCP grid;
@@ -79,7 +113,8 @@ def feature(det: Detection, georef: SceneGeoref, properties: dict) -> dict:
     would be read as degrees by every GIS); the caller's properties carry the pixel box."""
     if georef.kind == "none":
         return {"type": "Feature", "geometry": None, "properties": dict(properties)}
-    parts = _split_at_antimeridian(_corners(det, georef))
+    cap = _around_pole(det, georef)
+    parts = [cap] if cap is not None else _split_at_antimeridian(_corners(det, georef))
     if len(parts) == 1:
         geometry = {"type": "Polygon", "coordinates": [_closed_ccw(parts[0])]}
     else:
