@@ -120,6 +120,12 @@ class Request:
     prompt: str  # the text sent to the model (the question, or its task template)
 
 
+def _check_positive_int(name: str, value, expected: str = "a positive integer") -> None:
+    """An argument that counts something: an int or numpy integer >= 1 (True is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name}: expected {expected}, got {value!r}")
+
+
 def _check_sar_image(img: SarImage) -> None:
     """A SarImage built by hand (``read_sar`` / ``image_from_array`` make checked ones): its data
     must be what the chip code expects, or the answer would be made of garbage."""
@@ -219,11 +225,9 @@ class Runtime:
         """
         if backend not in BACKENDS:
             raise InputError(f"backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
-                                    or threads < 1):
-            raise InputError(f"threads: expected a positive integer (or None for the default), got {threads!r}")
-        if isinstance(max_image_side, bool) or not isinstance(max_image_side, (int, np.integer)) or max_image_side < 1:
-            raise InputError(f"max_image_side: expected a positive integer (pixels), got {max_image_side!r}")
+        if threads is not None:
+            _check_positive_int("threads", threads, "a positive integer (or None for the default)")
+        _check_positive_int("max_image_side", max_image_side, "a positive integer (pixels)")
         if not isinstance(allow_empty_anchors, (bool, np.bool_)):
             raise InputError(f"allow_empty_anchors: expected True or False, got {allow_empty_anchors!r}")
         if providers is not None and backend != "onnxruntime":
@@ -542,8 +546,7 @@ class Runtime:
         (last-bit rounding), so it is off by default."""
         from .batching import DecodeBatcher, VisionBatcher
 
-        if isinstance(max_batch, bool) or not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
-            raise InputError(f"max_batch: expected a positive integer, got {max_batch!r}")
+        _check_positive_int("max_batch", max_batch)
         if isinstance(window_ms, bool) or not isinstance(window_ms, (int, float)) or not 0 <= window_ms < 10_000:
             raise InputError(f"window_ms: expected milliseconds in [0, 10000), got {window_ms!r}")
         if self.closed:
