@@ -41,7 +41,7 @@ from fusar_edge.tokenizer import TextTokenizer  # noqa: E402
 from fusar_edge.train.dense import (COUNT_CLASSES, LABELS, DenseHead, cell_boxes, cell_labels,  # noqa: E402
                                      load_truth)
 from fusar_edge.train.samples import SampleBuilder, read_manifest  # noqa: E402
-from vision_warmup import widen_vision  # noqa: E402
+from vision_warmup import add_vision_args, vision_variant  # noqa: E402
 
 
 def _saved_modules(run: Path, after_stage0: bool) -> dict[str, dict]:
@@ -88,11 +88,11 @@ def main() -> None:
                    help="read the modules at the end of stage 0's main loop (OUT/checkpoint/state.pt)")
     p.add_argument("--limit", type=int, help="at most this many scenes")
     p.add_argument("--no-aef", action="store_true", help="the run was trained with --no-aef")
-    p.add_argument("--vision-width", type=int, help="the run's widened ViT (benchmarks/vision_warmup.py --vision-width)")
+    add_vision_args(p)  # the run's ViT variant, as benchmarks/vision_warmup.py was given it
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = widen_vision(preset(a.preset), a.vision_width)
+    cfg = vision_variant(preset(a.preset), a)
     cfg.tlm.enabled = not a.no_aef
     model = build_random(cfg, seed=0).eval()
     # a --dense-density head has a density layer, a --dense-image-count head an image-count layer:

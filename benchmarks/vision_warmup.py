@@ -32,12 +32,37 @@ from fusar_edge.train.recipe import _WarmupImages, first_row_per_image  # noqa: 
 from fusar_edge.train.samples import SampleBuilder, read_manifest  # noqa: E402
 
 
-def widen_vision(cfg, width: int | None):
-    """``cfg`` with its ViT widened to ``width`` (None: as the preset has it)."""
+def widen_vision(cfg, width: int | None, patch: int | None = None, window: int | None = None,
+                 full_blocks: list[int] | None = None):
+    """``cfg`` with its ViT widened to ``width`` and cut into ``patch``-px patches (None: as the
+    preset has it). A patch of P px is merged P' = 28 / P to a side, so a visual token still covers
+    28 px and the token grid, the anchors and the language model's input stay as they are."""
     if width:
         cfg.backbone["vision_config"].update({"hidden_size": width, "intermediate_size": 2 * width,
                                               "num_heads": max(4, width // 32)})
+    if patch:
+        if 28 % patch:
+            raise SystemExit(f"--patch-size: expected a divisor of 28 (7 or 14), got {patch}")
+        cfg.backbone["vision_config"].update({"patch_size": patch, "spatial_merge_size": 28 // patch})
+    if window:
+        cfg.backbone["vision_config"]["window_size"] = window
+    if full_blocks is not None:
+        cfg.backbone["vision_config"]["fullatt_block_indexes"] = full_blocks
     return cfg
+
+
+def add_vision_args(p: argparse.ArgumentParser) -> None:
+    """The ViT variants both this script and dense_probe.py build (give the probe the same ones)."""
+    p.add_argument("--vision-width", type=int, help="widen the ViT to this hidden size (default: the preset's)")
+    p.add_argument("--patch-size", type=int, help="ViT patch side in px, 7 or 14 (default: the preset's 14); "
+                   "the merge grows so that a token still covers 28 px")
+    p.add_argument("--window-size", type=int, help="windowed blocks' window side in px (default: the preset's 112)")
+    p.add_argument("--full-blocks", type=lambda s: [int(v) for v in s.split(",") if v],
+                   help="comma-separated ViT blocks with full attention (default: the preset's 1,3)")
+
+
+def vision_variant(cfg, a: argparse.Namespace):
+    return widen_vision(cfg, a.vision_width, a.patch_size, a.window_size, a.full_blocks)
 
 
 def main() -> None:
@@ -48,13 +73,13 @@ def main() -> None:
     p.add_argument("--pos-weight", type=float, default=5.0, help="occupied cells' weight (default 5, the pw5 recipe)")
     p.add_argument("--density", type=float, default=0.0, help="weight of the density term (default 0: off)")
     p.add_argument("--image-count", type=float, default=0.0, help="weight of the image-count term (default 0: off)")
-    p.add_argument("--vision-width", type=int, help="widen the ViT to this hidden size (default: the preset's)")
+    add_vision_args(p)
     p.add_argument("--preset", default="demo")
     p.add_argument("--lr", type=float, default=2e-3, help="default 2e-3, the recipe's")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    cfg = widen_vision(preset(a.preset), a.vision_width)
+    cfg = vision_variant(preset(a.preset), a)
     model = build_random(cfg, seed=0)
     builder = SampleBuilder(cfg, TextTokenizer.demo(), use_anchors=True)
     first_rows = first_row_per_image(read_manifest(a.data / "stage1-train.jsonl"))  # as stage 0's warm-up
