@@ -45,6 +45,8 @@ def widen_vision(cfg, width: int | None, patch: int | None = None, window: int |
             raise SystemExit(f"--patch-size: expected a divisor of 28 (7 or 14), got {patch}")
         cfg.backbone["vision_config"].update({"patch_size": patch, "spatial_merge_size": 28 // patch})
     if window:
+        if window % 28:  # a window holds whole 28-px tokens, or the merger's windows do not line up
+            raise SystemExit(f"--window-size: expected a multiple of 28 px, got {window}")
         cfg.backbone["vision_config"]["window_size"] = window
     if full_blocks is not None:
         cfg.backbone["vision_config"]["fullatt_block_indexes"] = full_blocks
