@@ -157,6 +157,13 @@ def read_sar(path: str | Path, *, scale: str = "auto", band: int | None = None, 
 # -- GeoTIFF ------------------------------------------------------------------------------
 
 
+def exc_reason(exc: BaseException) -> str:
+    """An exception's own words on one line. GDAL's come through rasterio as the cause of a
+    "Read failed. See previous exception for details." (PIL's of a wrapper too), which the
+    exception's own text would drop."""
+    return " ".join(str(exc.__cause__ or exc).split())
+
+
 @contextmanager
 def open_raster(path: Path) -> Iterator[rasterio.io.DatasetReader]:
     """Open a GeoTIFF with GDAL errors turned into one-line InputErrors naming the file."""
@@ -166,8 +173,7 @@ def open_raster(path: Path) -> Iterator[rasterio.io.DatasetReader]:
             with rasterio.open(path) as ds:
                 yield ds
     except rasterio.errors.RasterioError as exc:
-        reason = " ".join(str(exc.__cause__ or exc).split())
-        raise InputError(f"image {path}: cannot read it as a TIFF ({reason}); "
+        raise InputError(f"image {path}: cannot read it as a TIFF ({exc_reason(exc)}); "
                          "is the file truncated or corrupt?") from exc
 
 
@@ -290,7 +296,7 @@ def _read_pil(p: Path, scale: str, max_side: int) -> SarImage:
                          "convert it to GeoTIFF or .npy") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError and truncation are OSErrors
         raise InputError(f"image {p}: cannot read it as {p.suffix[1:].upper()} "
-                         f"({' '.join(str(exc.__cause__ or exc).split())}); is the file truncated or corrupt?") from exc
+                         f"({exc_reason(exc)}); is the file truncated or corrupt?") from exc
     return SarImage(str(p), data, height, width, kind=kind)
 
 

@@ -20,7 +20,7 @@ from rasterio.windows import Window
 
 from ..errors import InputError
 from ..geo.radiometry import stretch, stretch_limits, to_db
-from ..geo.sar import SarImage, open_raster, raster_date
+from ..geo.sar import SarImage, exc_reason, open_raster, raster_date
 from .georef import SceneGeoref
 from .grid import Chip
 
@@ -64,7 +64,7 @@ class SceneReader:
         try:
             pixels = self.ds.read(self.band, out_shape=shape, resampling=Resampling.average)
         except RasterioError as exc:
-            raise InputError(f"scene {self.path}: unreadable ({_reason(exc)}); is the file truncated "
+            raise InputError(f"scene {self.path}: unreadable ({exc_reason(exc)}); is the file truncated "
                              "or corrupt?") from None
         if scale == "auto" and pixels.dtype == np.uint8:
             self.overview = pixels  # an 8-bit rendering already: chips are its pixels
@@ -80,7 +80,7 @@ class SceneReader:
             pixels = self.ds.read(self.band, window=window)
         except RasterioError as exc:  # a truncated or damaged file fails here, not at open
             raise InputError(f"scene {self.path}: unreadable at chip {chip.index} (window at x {chip.x0}, "
-                             f"y {chip.y0}): {_reason(exc)}") from None
+                             f"y {chip.y0}): {exc_reason(exc)}") from None
         if self.kind == "visual8":
             if not pixels.any():
                 return None
@@ -122,12 +122,6 @@ class SceneReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _reason(exc: BaseException) -> str:
-    """GDAL's own words: rasterio's "Read failed. See previous exception for details." keeps them
-    in the exception's cause, which a one-line message would otherwise drop."""
-    return " ".join(str(exc.__cause__ or exc).split())
 
 
 def scene_identity(path: Path, reader: SceneReader) -> dict:

@@ -71,8 +71,8 @@ def scan_scene(runner, scene: Path, out: Path, *, task: str = "detect", label: s
         with _lock(folder):
             journal = _disk_guard(lambda: Journal(folder / JOURNAL, header), folder, 0, len(grid))
             done = journal.done()
-            todo = len(grid) - len(done)
-            finished = len(grid) - todo
+            finished = len(done)
+            todo = len(grid) - finished  # this run's chips
             q = ChipQuestion(task, label, QUESTIONS[task].format(label=label), no_anchors, max_new_tokens, date)
             read_ms: dict[int, float] = {}
             profile: dict[str, float] = {}
