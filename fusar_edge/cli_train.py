@@ -89,6 +89,8 @@ def add_parser(sub) -> None:
     t.add_argument("--sigma", type=positive_float, default=2.0, help="TLM Gaussian width for a new TLM (default 2.0)")
     t.add_argument("--max-length", type=positive_int, default=2048, help="longest sequence; longer rows are an error")
     t.add_argument("--save-every", type=positive_int, default=200, metavar="STEPS", help="checkpoint interval (default 200)")
+    t.add_argument("--device", default="auto", help="auto (the GPU when torch sees one), cpu, cuda or cuda:N; "
+                                                    "training is fp32 on every device (default auto)")
     t.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     t.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
     DEFAULT_VALUES.update({name: t.get_default(name) for name in [*STAGE_FLAGS, *DEPENDENT_FLAGS]})
@@ -152,7 +154,8 @@ def run(args) -> int:
                            base=Path(args.base) if args.base else None,
                            init_adapter=Path(args.init_adapter) if args.init_adapter else None,
                            init_tlm=Path(args.init_tlm) if args.init_tlm else None, no_aef=args.no_aef,
-                           grasp=grasp, dense=dense, sigma=args.sigma, max_length=args.max_length, settings=settings)
+                           grasp=grasp, dense=dense, sigma=args.sigma, max_length=args.max_length, settings=settings,
+                           device=args.device)
     try:
         summary = run_stage(stage_args, show_progress=not args.json)
     except KeyboardInterrupt:

@@ -131,6 +131,23 @@ def test_a_killed_run_resumes_to_the_same_weights(data, tmp_path, monkeypatch):
                             settings=TrainSettings(epochs=6, lr=1e-3, grad_accum=2, seed=2)), show_progress=False)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_stage0_on_cuda_follows_the_cpu_run_and_saves_cpu_tensors(data, stage0, tmp_path):
+    """The same run on the GPU: same initial weights (built on the CPU), so the first steps' losses
+    agree to fp32 accumulation-order noise (TF32 off); the saved weights load on a CPU-only box."""
+    ds, small = data
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out = tmp_path / "s0-cuda"
+    run_stage(StageArgs(stage=0, data=[str(small)], out=out, device="cuda",
+                        settings=TrainSettings(epochs=8, lr=3e-3, grad_accum=2, seed=1)), show_progress=False)
+    cpu, gpu = losses(stage0), losses(out)
+    assert len(gpu) == len(cpu) == 8
+    assert abs(gpu[0] - cpu[0]) < 1e-3 * abs(cpu[0])  # step 1: the same weights on the same rows
+    assert sum(gpu[-2:]) / 2 < 0.7 * sum(gpu[:2]) / 2  # and it learns
+    film = torch.load(out / "vec64_film.pt", map_location=None, weights_only=True)
+    assert all(t.device.type == "cpu" for t in film["film_mlp"].values())
+
+
 def test_bad_input_stops_before_training(data, tmp_path, capsys):
     ds, small = data
     with pytest.raises(InputError) as exc:
@@ -153,6 +170,7 @@ def test_bad_input_stops_before_training(data, tmp_path, capsys):
                         (["--stage", "0", "--save-every", "0"], ["--save-every", "positive"]),
                         (["--stage", "0", "--epochs", "inf"], ["--epochs", "finite"]),
                         (["--stage", "0", "--threads", "0"], ["--threads"]),
+                        (["--stage", "0", "--device", "gpu0"], ["device", "'gpu0'"]),
                         (["--stage", "1", "--preset", "demo"], ["--preset", "stage 0 only"]),
                         (["--stage", "1", "--base", str(base), "--init-adapter", str(tmp_path)], ["stage 2 only"]),
                         (["--stage", "0", "--grasp-k", "3"], ["--grasp-k", "only with --grasp"]),

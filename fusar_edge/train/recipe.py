@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from ..backends.torch_stages import resolve_device
 from ..config import DEMO_VOCAB_SIZE, FusarConfig, GRASPConfig, TLMConfig, load_backbone_json, preset
 from ..errors import InputError
 from ..fsutil import write_text_atomic
@@ -69,6 +70,7 @@ class StageArgs:
     max_length: int = 2048
     settings: TrainSettings | None = None
     dense: DenseSettings | None = None  # stage 0 only: dense supervision of the visual tokens
+    device: str = "cpu"  # where the model trains (auto, cpu, cuda, cuda:N); the weights are saved from the CPU
 
 
 def lora_targets(backbone) -> list[str]:
@@ -112,6 +114,7 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
         raise InputError(f"--dense-truth: dense supervision trains the vision tower in stage 0, not stage {args.stage}")
     if args.dense is not None:
         args.dense.check()
+    device, _ = resolve_device(args.device, torch.float32)  # a bad --device fails before anything loads
     settings = args.settings or TrainSettings(**DEFAULTS[args.stage])
     rows = _rows(args.data, need_aef=not args.no_aef)
     chip = rows[0].get("coordinate_size", 504)
@@ -168,6 +171,7 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
             params.update({n: p for n, p in model.named_parameters() if n.startswith("tlm.")})
         if model.grasp is not None:
             params.update({n: p for n, p in model.named_parameters() if n.startswith("grasp.")})
+    model.to(device)  # built on the CPU whatever the device: the initial weights do not depend on its RNG
     for name, p in model.named_parameters():
         p.requires_grad_(name in params)
     builder = SampleBuilder(cfg, tok, max_length=args.max_length, use_anchors=not args.no_aef)
@@ -175,7 +179,7 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
     if args.dense is not None:
         dense = DenseHead(cfg.hidden_size, args.dense.pos_weight,
                           position_grid=cfg.token_grid if args.dense.position else None,
-                          density_weight=args.dense.density, image_count_weight=args.dense.image_count)
+                          density_weight=args.dense.density, image_count_weight=args.dense.image_count).to(device)
         targets = DenseTargets(load_truth(args.dense.truth), chip, cfg.token_grid)
         params.update({f"dense_head.{n}": p for n, p in dense.named_parameters()})
     for row in rows:  # every row is checked (length, files, truth) before the first step, not hours later
@@ -199,6 +203,7 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
     with log_path.open("a", encoding="utf-8") as log:
         result = train(model, params, rows, builder, settings, out, show_progress,
                        log=lambda e: log_step(e, log), aux=aux)
+    model.to("cpu")  # saved tensors load anywhere (no cuda: storages in vec64_film.pt)
     _save(args, model, tok, peft_model, out)
     summary = {"stage": args.stage, "rows": len(rows), "data": [str(d) for d in args.data],
                "grasp": (f"trained: grid {list(cfg.grasp.grid)}, k {cfg.grasp.k}, prompt_len {cfg.grasp.prompt_len}"
