@@ -357,3 +357,14 @@ def test_autotuned_real_shape(selector, monkeypatch):
     for dtype in (torch.float32, torch.bfloat16):
         q, keys, prompts = make_inputs(3, 16, 512, 3584, 2, dtype, seed=5)
         check_against_reference(q, keys, prompts, selector, 4)
+
+
+def test_auto_runs_the_reference_until_the_kernel_has_passed_on_a_gpu(monkeypatch):
+    """AUTO_RUNS_KERNEL is off (see grasp.py): auto on CUDA tensors takes the reference, not the kernel."""
+    assert grasp_kernels.AUTO_RUNS_KERNEL is False
+    monkeypatch.setattr(grasp_kernels, "resolve_backend", lambda *a, **kw: "triton")  # as on CUDA tensors
+    monkeypatch.setattr(grasp_kernels, "_launch", lambda *a: pytest.fail("backend='auto' launched the kernel"))
+    q, keys, prompts = make_inputs(None, 4, 8, 16, None, torch.float32, seed=3)
+    p, w = grasp_fuse(q, keys, prompts, "topk", 2)
+    rp, rw = grasp_fuse_reference(q, keys, prompts, "topk", 2)
+    assert torch.equal(p, rp) and torch.equal(w, rw)

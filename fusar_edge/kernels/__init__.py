@@ -2,7 +2,9 @@
 
 Each op sits in its own file beside its torch reference (Liger-Kernel style) and takes
 ``backend="auto"|"triton"|"torch"`` (see ``_backend``): on CUDA tensors ``auto`` runs the
-Triton kernel, elsewhere the reference, so the model's stages call these without a flag.
+Triton kernel, elsewhere the reference, so the model's stages call these without a flag
+(except ``grasp_fuse``, whose ``auto`` runs the reference until its fix has passed on a GPU:
+``grasp.AUTO_RUNS_KERNEL``).
 
 - ``tlm_modulate(x, a, gamma, beta)``: ``y = x * (1 + a @ gamma) + a @ beta`` in one pass over x
 - ``tlm_weights(positions, mask, patch_grid, token_grid, sigma)``: the matrix ``a`` of DESIGN.md

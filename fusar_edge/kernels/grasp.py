@@ -20,8 +20,9 @@ Kernel design (one launch, grid ``(B, P)``):
   accumulation) and its selection, then walks the flattened prompt columns
   ``L * C`` in ``BLOCK_C`` tiles ``p, p + P, p + 2P, ...``, accumulating
   ``sum_n w_n * prompts[n, tile]`` in fp32. The selection costs ``N * h`` MACs per program,
-  so ``P`` (autotuned, ``SPLIT_C``) trades that redundancy against parallelism; the
-  ``[B, N]`` scores never touch memory.
+  so ``P`` (autotuned, ``SPLIT_C``) trades that redundancy against parallelism. The
+  ``[B, N]`` scores make one round trip through a scratch buffer so that every comparison
+  sees the same bits (see the kernel).
 - Selection is sort-free by rank counting: ``j`` beats ``i`` iff ``s_j > s_i`` or
   (``s_j == s_i`` and ``j < i``); ``rank_i`` = number of valid ``j`` that beat ``i``. This is a
   strict total order, so ranks are a permutation of ``0..N-1`` (a stable descending sort).
@@ -51,6 +52,12 @@ from ._backend import interpreting, resolve_backend, triton_available
 
 SELECTORS = ("topk", "entmax15")
 MAX_TRITON_BLOCKS = 256  # the selection holds an [N_PAD, N_PAD] comparison tile in registers
+# Whether backend="auto" runs the kernel on CUDA. Off: on an H200 the kernel without the score
+# round trip chose wrong blocks for 1-4 of 16 rows (benchmarks/results/gpu-h200.md); the round
+# trip is the fix, and has run only under the interpreter so far. Turn this on once
+# benchmarks/gpu_check.sh's kernel-tests and grasp-rows pass on a GPU. The reference costs
+# 0.3-1 ms per question there (kernels.py), once per request.
+AUTO_RUNS_KERNEL = False
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 __all__ = ["grasp_fuse", "grasp_fuse_reference", "SELECTORS", "MAX_TRITON_BLOCKS"]
@@ -165,9 +172,9 @@ if triton_available():
 
     @triton.jit
     def _grasp_fuse_kernel(
-        q_ptr, k_ptr, p_ptr, out_ptr, w_ptr,
+        q_ptr, k_ptr, p_ptr, out_ptr, w_ptr, scr_ptr,
         N, H, LC, K_SEL, scale, B_BUCKET,  # B_BUCKET: autotune key only
-        stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_pn, stride_ob, stride_wb,
+        stride_qb, stride_qh, stride_kb, stride_kn, stride_kh, stride_pn, stride_ob, stride_wb, stride_sb,
         SELECTOR: tl.constexpr,  # 0: topk, 1: entmax15
         N_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_C: tl.constexpr,
     ):
@@ -190,6 +197,15 @@ if triton_available():
                          other=0.0).to(tl.float32)
             s += tl.sum(kv * qv[None, :], axis=1)
         s = s * scale
+        # The ranks compare s[i] with s[j] in two layouts ([:, None] and [None, :]). The compiler may
+        # recompute the reduction in each layout rather than move it, in another summation order:
+        # on an H200 an element then "beat" itself and the wrong blocks were chosen (1-4 rows of 16,
+        # benchmarks/results/gpu-h200.md). Written out and read back, both layouts hold the same bits.
+        # Every program of row b writes the same values (same code, same inputs).
+        scr_row = scr_ptr + pid_b * stride_sb
+        tl.store(scr_row + offs_n, s, mask=n_mask)
+        tl.debug_barrier()
+        s = tl.load(scr_row + offs_n, mask=n_mask, other=0.0)
 
         if SELECTOR == 0:
             # softmax over the K_SEL best (rank < K_SEL), exact zeros elsewhere
@@ -270,9 +286,10 @@ def _launch(q2, k3, flat, out_prompt, out_w, n, h, lc, selector, k):
     out_w [B, N] (contiguous)."""
     b = q2.shape[0]
     n_pad = max(2, triton.next_power_of_2(n))
-    common = (q2, k3, flat, out_prompt, out_w, n, h, lc, k, 1.0 / math.sqrt(h), triton.next_power_of_2(b),
+    scores = torch.empty((b, n), dtype=torch.float32, device=flat.device)  # the kernel's score round trip
+    common = (q2, k3, flat, out_prompt, out_w, scores, n, h, lc, k, 1.0 / math.sqrt(h), triton.next_power_of_2(b),
               q2.stride(0), q2.stride(1), k3.stride(0), k3.stride(1), k3.stride(2), flat.stride(0),
-              out_prompt.stride(0), out_w.stride(0))
+              out_prompt.stride(0), out_w.stride(0), scores.stride(0))
     sel = SELECTORS.index(selector)
     meta = FIXED_CONFIG if FIXED_CONFIG is not None else _INTERPRET_META if interpreting() else None
     if meta is not None:  # interpreter (no benchmarking there) or a pinned config
@@ -291,13 +308,16 @@ def grasp_fuse(q: torch.Tensor, keys: torch.Tensor, prompts: torch.Tensor, selec
     ``q [h]``, ``keys [N, h]``, ``prompts [N, C] | [N, L, C]`` -> ``prompt [C] | [L, C]`` (prompts'
     dtype), ``weights [N]`` (float32); batched ``q [B, h]``, ``keys [B, N, h]`` -> ``[B, ...]``.
     ``selector``: ``"topk"`` (softmax over the ``k`` best, ``1 <= k <= N``) or ``"entmax15"``
-    (``k`` unused). ``backend``: ``"auto"`` (Triton on CUDA), ``"triton"`` or ``"torch"``.
+    (``k`` unused). ``backend``: ``"auto"`` (the reference until ``AUTO_RUNS_KERNEL``; then Triton on
+    CUDA), ``"triton"`` or ``"torch"``.
     ``out``: optional preallocated ``(prompt, weights)`` pair (contiguous, the shapes and dtypes
     above) that the result is written into and returned.
     """
     op = "grasp_fuse"
     batched, b, n, h, k, _ = _check(q, keys, prompts, selector, k, op)
     chosen = resolve_backend(backend, q, keys, prompts, op=op)
+    if chosen == "triton" and backend == "auto" and not AUTO_RUNS_KERNEL:
+        chosen = "torch"
     if chosen == "triton" and n > MAX_TRITON_BLOCKS:
         if backend == "triton":
             raise InputError(f"{op}: the Triton kernel takes at most {MAX_TRITON_BLOCKS} blocks (keys' N), got "
