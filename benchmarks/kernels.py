@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         "grasp_one_launch": all(r["launches_fused"] == 1 for r in results["grasp"]),
         "grasp_3x_eager": all(r["speedup_vs_eager"] >= 3 for r in results["grasp"]),
     }
-    gpu = info["gpu"].replace(" ", "-")
+    gpu = torch.cuda.get_device_name().replace(" ", "-")
     out = args.out or ROOT / "benchmarks" / "results" / f"kernels-{gpu}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")

@@ -20,8 +20,8 @@ PERCENTILES = ("p50_ms", "p90_ms", "p99_ms")
 def cli_run(tmp_path_factory):
     """One CLI run, torch + baseline on the tiny preset, with JSON and plot."""
     out = tmp_path_factory.mktemp("bench")
-    code = main(["bench", "--preset", "tiny", "--runs", "3", "--warmup", "1", "--new-tokens", "4", "--quiet",
-                 "--json", str(out / "bench.json"), "--plot", str(out / "bench.png")])
+    code = main(["bench", "--preset", "tiny", "--device", "cpu", "--runs", "3", "--warmup", "1", "--new-tokens", "4",
+                 "--quiet", "--json", str(out / "bench.json"), "--plot", str(out / "bench.png")])
     return code, json.loads((out / "bench.json").read_text()), out
 
 
@@ -78,6 +78,7 @@ def test_decode_bandwidth_is_weight_bytes_times_tokens_per_s(cli_run):
     for entry in result["backends"].values():  # ours and the baseline decode the same weights
         assert entry["decode_weight_mb"] == pytest.approx(want / 2**20, abs=0.01)
         assert entry["decode_read_gbs"] == pytest.approx(want * entry["decode_tokens_per_s"] / 1e9, rel=0.01, abs=0.01)
+        assert entry["read_ceiling_gbs"] == ceiling  # on the CPU: host memory's
         assert entry["decode_read_of_ceiling"] == pytest.approx(entry["decode_read_gbs"] / ceiling, abs=1e-3)
 
 

@@ -36,16 +36,24 @@ def decoder_weight_bytes(rt) -> int:
     return total
 
 
-def read_ceiling_gbs(mib: int = 512, repeats: int = 3) -> float:
-    """The best of ``repeats`` full reads (a sum) of a ``mib`` MiB buffer, in GB/s, with torch's
-    threads: what the decode threads could read at most."""
-    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32)  # touched: every page is resident
+def read_ceiling_gbs(mib: int = 512, repeats: int = 3, device: str = "cpu") -> float:
+    """The best of ``repeats`` full reads (a sum) of a ``mib`` MiB buffer, in GB/s: on the CPU with
+    torch's threads (what the decode threads could read at most), on a CUDA device its memory's
+    (a decoder on the GPU reads its weights from there, not from host memory)."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if cuda:
+        mib = max(mib, 2048)  # well past the GPU's L2 (60 MB on an H200), so HBM is what is read
+    x = torch.ones(mib * 2**20 // 4, dtype=torch.float32, device=dev)  # touched: every page is resident
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(repeats + cuda):  # on the GPU the first sum also loads the kernel: one more
+        if cuda:
+            torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        float(x.sum())
+        float(x.sum())  # float(): waits for the GPU's result
         best = min(best, time.perf_counter() - t0)
-    return round(x.numel() * 4 / best / 1e9, 2)
+    del x
+    return round(mib * 2**20 / best / 1e9, 2)
 
 
 def bandwidth_entry(weight_bytes: int, tokens_per_s: float | None, batch: int) -> dict:

@@ -54,7 +54,8 @@ def format_table(result: dict) -> str:
         f"fusar-edge bench: {s['model']} ({wtxt}) | batch {s['batch']} | {s['new_tokens']} new tokens | "
         f"{s['runs']} runs after {s['warmup']} warm-up",
         f"machine: {m['cpu']}, {m['cores']} cores (torch {m['torch_threads']} threads"
-        + (f"; reads {m['read_ceiling_gbs']} GB/s at most" if m.get("read_ceiling_gbs") else "") + f") | {gpu} | "
+        + (f"; reads {m['read_ceiling_gbs']} GB/s at most" if m.get("read_ceiling_gbs") else "") + f") | {gpu}"
+        + "".join(f" (reads {gbs} GB/s at most)" for gbs in m.get("device_read_ceiling_gbs", {}).values()) + " | "
         f"torch {v.get('torch', '?')}" + (f" | onnxruntime {v['onnxruntime']}" if "onnxruntime" in v else "")
         + (f" | commit {m['commit'][:12]}" if m.get("commit") else ""),
     ]

@@ -411,12 +411,19 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None,
                 baseline_rt = None
                 _release()
         add_ratios(result)
-        if result["backends"]:  # after the runs: its 512 MiB buffer never overlaps a backend's memory
-            ceiling = read_ceiling_gbs()
-            result["machine"]["read_ceiling_gbs"] = ceiling
+        if result["backends"]:  # after the runs: its buffer never overlaps a backend's memory
+            # each decoder against the memory it reads its weights from: host RAM, or its GPU's
+            ceilings = {"cpu": read_ceiling_gbs()}
+            result["machine"]["read_ceiling_gbs"] = ceilings["cpu"]
             for entry in result["backends"].values():
+                where = str(entry.get("device", "cpu"))
+                where = where if where.startswith("cuda") else "cpu"
+                if where not in ceilings:
+                    ceilings[where] = read_ceiling_gbs(device=where)
+                    result["machine"].setdefault("device_read_ceiling_gbs", {})[where] = ceilings[where]
+                entry["read_ceiling_gbs"] = ceilings[where]
                 if entry.get("decode_read_gbs"):
-                    entry["decode_read_of_ceiling"] = round(entry["decode_read_gbs"] / ceiling, 3)
+                    entry["decode_read_of_ceiling"] = round(entry["decode_read_gbs"] / ceilings[where], 3)
         weights = {e["weights"] for e in result["backends"].values()}
         result["notes"] = []
         if "random" in weights:
