@@ -176,7 +176,7 @@ def test_runtime_onnxruntime_answers_like_torch(exported, demo):
     from fusar_edge.runtime import Runtime
 
     bundle = exported["bundle"]
-    rt_torch = Runtime.open(bundle)
+    rt_torch = Runtime.open(bundle, device="cpu")  # fp32, like the CPU graphs
     rt_onnx = Runtime.open(bundle, backend="onnxruntime", device="cpu")
     assert rt_onnx.model is None and rt_onnx.backend == "onnxruntime" and rt_onnx.weights == rt_torch.weights
     for anchors in (demo["anchors"], None):

@@ -17,7 +17,7 @@ def _head_graph(k: int, n: int, seed: int):
     g = helper.make_graph([node], "g", [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["b", 1, k])],
                           [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
                           [numpy_helper.from_array(w.T.copy(), "lm_head.weight_t")])
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]), w
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), w  # as the exporter
 
 
 def _run(model, h):

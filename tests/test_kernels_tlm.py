@@ -2,8 +2,9 @@
 
 Without a GPU the Triton kernel runs through Triton's interpreter (conftest.py sets
 ``TRITON_INTERPRET=1`` before anything imports the kernels), so these tests check the
-kernel's indexing, masking, tiling and batching on the CPU; GPU-only behaviour (tf32 dot
-precision, autotuning, speed) is not covered here.
+kernel's indexing, masking, tiling and batching on the CPU. With one, the inputs are made on
+the CPU (the same seeded values) and moved to CUDA for the kernel, which compiles for real and
+autotunes (benchmarks/gpu_check.sh runs them there); speed is benchmarks/kernels.py's.
 
 Every kernel run writes into an output buffer filled with NaN first, so an element the
 kernel fails to write shows up as NaN. Error bounds, relative Frobenius norm
@@ -30,6 +31,24 @@ from fusar_edge.kernels.tlm import tlm_modulate, tlm_modulate_reference, tlm_wei
 from fusar_edge.model.tlm import TLM, anchor_weights
 
 BOUND = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the kernel runs (interpreter: the CPU)
+
+
+def on_device(*tensors):
+    return tuple(t.to(DEVICE) for t in tensors)
+
+
+@pytest.fixture(autouse=True)
+def one_config_per_path(monkeypatch):
+    """The interpreter's one config per path on a GPU too: each test shape compiles once instead
+    of autotuning every config (benchmarks/kernels.py runs the autotuned kernel at the 7B shapes)."""
+    import fusar_edge.kernels.tlm as tlm_mod
+
+    configs = tlm_mod._configs
+    monkeypatch.setattr(tlm_mod, "_configs", lambda interpret: configs(True))
+    tlm_mod._kernel.cache_clear()
+    yield
+    tlm_mod._kernel.cache_clear()
 
 
 def exact(x, a, gamma, beta):
@@ -54,11 +73,13 @@ def make(gen, b, t, c, s, dtype, a_dtype=torch.float32, film_dtype=None):
 
 
 def run_triton(x, a, gamma, beta):
+    """The kernel on DEVICE, writing into a NaN-poisoned buffer; the result comes back on the CPU."""
+    x, a, gamma, beta = on_device(x, a, gamma, beta)
     out = poisoned(x)
     y = tlm_modulate(x, a, gamma, beta, backend="triton", out=out)
     assert y is out and y.dtype == x.dtype and y.shape == x.shape
     assert not torch.isnan(y).any(), "the kernel left elements of the output unwritten"
-    return y
+    return y.cpu()
 
 
 # (B, T, C, S): T and C not powers of two; S = 1 and the rank-1 path (S <= 8), one dot
@@ -102,23 +123,22 @@ def test_triton_strided_inputs_and_in_place(s):
     through their strides; out=x modulates in place."""
     gen = torch.Generator().manual_seed(s)
     t, c = 33, 40
-    x = torch.randn(c, t, generator=gen).T  # non-contiguous [T, C]
-    a = torch.rand(s, t, generator=gen).T
-    gamma, beta = torch.randn(s, 2 * c, generator=gen).chunk(2, dim=-1)  # like TLM.film
+    x = torch.randn(c, t, generator=gen).to(DEVICE).T  # non-contiguous [T, C]
+    a = torch.rand(s, t, generator=gen).to(DEVICE).T
+    gamma, beta = torch.randn(s, 2 * c, generator=gen).to(DEVICE).chunk(2, dim=-1)  # like TLM.film
     assert not (x.is_contiguous() or a.is_contiguous() or gamma.is_contiguous())
     ref = exact(x, a, gamma, beta)
-    assert rel_err(run_triton(x, a, gamma, beta), ref) <= 1e-5
-    beta_t = torch.randn(c, s, generator=gen).T  # gamma and beta with different strides
-    out = torch.full((t, c), float("nan"))  # laid out unlike x
+    assert rel_err(run_triton(x, a, gamma, beta), ref.cpu()) <= 1e-5
+    beta_t = torch.randn(c, s, generator=gen).to(DEVICE).T  # gamma and beta with different strides
+    out = torch.full((t, c), float("nan"), device=DEVICE)  # laid out unlike x
     y = tlm_modulate(x, a, gamma, beta_t, backend="triton", out=out)
     assert not torch.isnan(y).any() and rel_err(y, exact(x, a, gamma, beta_t)) <= 1e-5
     y = tlm_modulate(x.contiguous(), a, gamma, beta, backend="triton")  # allocates its output
     assert rel_err(y, ref) <= 1e-5
-    xb = torch.randn(3, t, c, generator=gen)
-    ab = torch.rand(3, t, s, generator=gen)
-    gb, bb = torch.randn(3, s, c, generator=gen), torch.randn(3, s, c, generator=gen)
-    xv = torch.randn(t, 3, c, generator=gen).transpose(0, 1)  # [B, T, C] with the image axis in the middle
-    y = tlm_modulate(xv, ab, gb, bb, backend="triton", out=torch.full((3, t, c), float("nan")))
+    xb, ab, gb, bb = on_device(torch.randn(3, t, c, generator=gen), torch.rand(3, t, s, generator=gen),
+                               torch.randn(3, s, c, generator=gen), torch.randn(3, s, c, generator=gen))
+    xv = torch.randn(t, 3, c, generator=gen).to(DEVICE).transpose(0, 1)  # [B, T, C], the image axis in the middle
+    y = tlm_modulate(xv, ab, gb, bb, backend="triton", out=torch.full((3, t, c), float("nan"), device=DEVICE))
     assert not torch.isnan(y).any() and rel_err(y, exact(xv, ab, gb, bb)) <= 1e-5
     ref = exact(xb, ab, gb, bb)
     y = tlm_modulate(xb, ab, gb, bb, backend="triton", out=xb)
@@ -126,8 +146,9 @@ def test_triton_strided_inputs_and_in_place(s):
 
 
 def test_triton_empty_and_no_anchors():
-    x = torch.randn(0, 8)
-    assert tlm_modulate(x, torch.rand(0, 3), torch.randn(3, 8), torch.randn(3, 8), backend="triton").shape == (0, 8)
+    x = torch.randn(0, 8, device=DEVICE)
+    assert tlm_modulate(x, *on_device(torch.rand(0, 3), torch.randn(3, 8), torch.randn(3, 8)),
+                        backend="triton").shape == (0, 8)
     x = torch.randn(5, 8)
     assert torch.equal(run_triton(x, torch.rand(5, 0), torch.randn(0, 8), torch.randn(0, 8)), x)
 
@@ -229,6 +250,7 @@ def test_tlm_module_dispatches_to_the_kernel(monkeypatch):
         calls.append(1)
         return tlm_modulate(*args, backend="triton", out=poisoned(args[0]), **kwargs)
 
+    tlm, (x, f, p, m) = tlm.to(DEVICE), on_device(x, f, p, m)
     with torch.no_grad():
         expected = tlm(x, f, p, m, (12, 12), (6, 6))
         monkeypatch.setattr(K, "tlm_modulate", forced)
@@ -251,16 +273,18 @@ def test_auto_on_cpu_runs_the_reference(monkeypatch):
     assert torch.equal(tlm_modulate(x, a, gamma, beta), tlm_modulate_reference(x, a, gamma, beta))
     assert torch.equal(tlm_modulate(x, a, gamma, beta, backend="torch"), tlm_modulate_reference(x, a, gamma, beta))
     # float64 and autograd inputs take the reference under "auto" and are refused by "triton"
-    x64 = x.double()
-    assert tlm_modulate(x64, a, gamma, beta).dtype == torch.float64
+    # (on the kernel's device: CPU tensors on a GPU machine are refused for that first)
+    xd, ad, gd, bd = on_device(x, a, gamma, beta)
+    x64 = xd.double()
+    assert tlm_modulate(x64, ad, gd, bd).dtype == torch.float64
     with pytest.raises(InputError) as e:
-        tlm_modulate(x64, a, gamma, beta, backend="triton")
+        tlm_modulate(x64, ad, gd, bd, backend="triton")
     one_line(e, "tlm_modulate", "float64", "backend='torch'")
-    g = gamma.clone().requires_grad_()
+    g = gd.clone().requires_grad_()
     with pytest.raises(InputError) as e:
-        tlm_modulate(x, a, g, beta, backend="triton")
+        tlm_modulate(xd, ad, g, bd, backend="triton")
     one_line(e, "tlm_modulate", "grad")
-    tlm_modulate(x, a, g, beta).sum().backward()  # the reference path keeps autograd
+    tlm_modulate(xd, ad, g, bd).sum().backward()  # the reference path keeps autograd
     assert g.grad is not None
 
 

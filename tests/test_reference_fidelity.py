@@ -176,7 +176,7 @@ def bundles(ckpt):
 
 def ask_ids(capsys, ckpt, bundle, question, flags, *extra):
     argv = ["ask", str(ckpt.image), question, "--bundle", str(bundle), "--anchors", str(ckpt.anchors),
-            "--max-new-tokens", str(NEW_TOKENS), "--json", *flags, *extra]
+            "--max-new-tokens", str(NEW_TOKENS), "--json", "--device", "cpu", *flags, *extra]  # fp32, as the reference
     assert main(argv) == 0, capsys.readouterr().err
     return json.loads(capsys.readouterr().out)
 
