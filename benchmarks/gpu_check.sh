@@ -5,7 +5,9 @@
 #   3. benchmarks/kernels.py (fused TLM / GRASP vs eager vs torch.compile at the 7B shapes),
 #   4. training on CUDA against the same run on the CPU (tests/test_train.py's CUDA test),
 #   5. `fusar-edge bench` on CUDA: the built-in demo, and random 7B weights at true size,
-#   6. with the time left, the whole test suite on the GPU machine.
+#   6. the demo's answers on CUDA (bf16) against the CPU's (fp32) on fresh synthetic scenes (validation rows),
+#   7. ONNX Runtime's CUDA provider, when the installed onnxruntime has it,
+#   8. with the time left, the whole test suite on the GPU machine.
 #
 #     benchmarks/gpu_check.sh OUTDIR [SECONDS]      # default budget 540 s
 #     GPU_CHECK_SKIP="bench-demo train-cuda" benchmarks/gpu_check.sh OUTDIR   # steps by name
@@ -47,5 +49,14 @@ step bench-demo 90 $PY -m fusar_edge.cli bench --device cuda --runs 20 --json "$
 step bench-7b 150 $PY -m fusar_edge.cli bench --preset qwen2.5-vl-7b --device cuda --runs 5 \
     --json "$OUTDIR/bench-7b-cuda.json"
 # GPU_CHECK_PYTEST_ARGS: e.g. --ignore=tests/test_serve.py where uvicorn is not installed
+WORK=$(mktemp -d)  # scratch data and bundles: only the small reports go to OUTDIR
+step eval-demo-cuda 180 bash -c "$PY -m fusar_edge.cli data synth --out $WORK/set --n 200 --seed 7 --chip 224 \
+    --per-region 4 --json > /dev/null && for d in cpu cuda; do $PY -m fusar_edge.cli eval --data $WORK/set/stage2-val.jsonl \
+    --out $WORK/eval-\$d --device \$d --json > $OUTDIR/eval-demo-\$d.json || exit 1; done"
+step ort-cuda 120 bash -c "if ! $PY -c 'import onnxruntime as o, sys; sys.exit(\"CUDAExecutionProvider\" not in o.get_available_providers())'; \
+    then echo 'skipped: this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)'; exit 0; fi; \
+    $PY -m fusar_edge.cli sample $WORK/sample && $PY -m fusar_edge.cli export --out $WORK/demo-onnx --onnx && \
+    $PY -m fusar_edge.cli ask $WORK/sample/scene.tif 'How many ships are there?' --tiles $WORK/sample/tiles \
+    --bundle $WORK/demo-onnx --backend onnxruntime --device cuda --json"
 step test-suite 600 $PY -m pytest -q -p no:cacheprovider --maxfail=25 -n 8 ${GPU_CHECK_PYTEST_ARGS:-} tests
 echo "=== done after $(($(date +%s) - START)) s" | tee -a "$LOG"

@@ -51,6 +51,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"fusar-edge: error: {message} (see `{self.prog} --help`)\n")
 
 
+def add_device_args(parser) -> None:
+    """``--device`` and ``--dtype`` for the commands that open a model on torch (onnxruntime takes
+    the device alone: its CUDA provider when the device allows it)."""
+    parser.add_argument("--device", default="auto", help="auto (GPU if torch sees one), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="weights/activations dtype on torch (default: bfloat16 on GPU, float32 on CPU)")
+
+
 def _number_type(convert, accept, expected: str):
     """An argparse type: ``convert`` the text, keep it when ``accept(value)``, else one line
     saying ``expected`` (argparse prints it with the flag's name)."""
@@ -131,9 +139,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch (default); onnxruntime: the bundle's onnx/ export (fusar-edge export --onnx). "
                         "On a Jetson the language model runs in TensorRT Edge-LLM instead: export --edgellm, "
                         "docs/jetson.md")
-    a.add_argument("--device", default="auto", help="auto (GPU if torch sees one), cpu, cuda, cuda:N")
-    a.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="weights/activations dtype (default: bfloat16 on GPU, float32 on CPU)")
+    add_device_args(a)
     a.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads for torch and ONNX Runtime (default: the physical cores this process may "
                         "use, within any container CPU quota, less the cores other work keeps busy at start)")

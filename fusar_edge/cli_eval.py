@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .cli import positive_int
+from .cli import add_device_args, positive_int
 
 EPILOG = """examples:
   fusar-edge eval bundles/demo --data data/synth/stage2-test.jsonl --out runs/eval-demo
@@ -31,6 +31,7 @@ def add_parser(sub) -> None:
     e.add_argument("--out", required=True, metavar="DIR", help="directory for predictions and metrics")
     e.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="torch (default) or onnxruntime (BUNDLE must hold an onnx/ export)")
+    add_device_args(e)
     e.add_argument("--no-anchors", action="store_true", help="answer without the rows' AEF anchors (TLM skipped)")
     e.add_argument("--limit", type=int, metavar="N", help="only the first N rows")
     e.add_argument("--threads", type=positive_int, help="intra-op threads, torch or ONNX Runtime (default: the physical "
@@ -60,7 +61,8 @@ def run(args) -> int:
 
     try:
         report = evaluate(args.bundle, args.data, args.out, backend=args.backend, no_anchors=args.no_anchors,
-                          limit=args.limit, threads=args.threads, progress=progress)
+                          limit=args.limit, threads=args.threads, progress=progress, device=args.device,
+                          dtype=args.dtype)
     finally:
         if "bar" in bar:
             bar["bar"].close()

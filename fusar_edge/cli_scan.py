@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import positive_int
+from .cli import add_device_args, positive_int
 
 EPILOG = """examples:
   fusar-edge sample demo --size 1024 && \\
@@ -44,6 +44,7 @@ def add_parser(sub) -> None:
     s.add_argument("--bundle", help="bundle directory or preset (default: the built-in demo)")
     s.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="torch (default) or onnxruntime (a bundle from `fusar-edge export`; no torch needed)")
+    add_device_args(s)
     anchors = s.add_mutually_exclusive_group()
     anchors.add_argument("--tiles", metavar="DIR", help="AEF tile store: one lookup per chip footprint")
     anchors.add_argument("--no-anchors", action="store_true", help="answer without AEF anchors (TLM skipped)")
@@ -178,8 +179,8 @@ def _answerer(args):
     from .scan.answerers import BatchedAnswerer, LocalAnswerer
     from .threads import resolve_threads, set_torch_threads
 
-    open_kwargs = {"bundle": args.bundle, "tiles": args.tiles, "backend": args.backend,
-                   "allow_empty_anchors": args.allow_no_coverage}
+    open_kwargs = {"bundle": args.bundle, "tiles": args.tiles, "backend": args.backend, "device": args.device,
+                   "dtype": args.dtype, "allow_empty_anchors": args.allow_no_coverage}
     if args.ray is not None:
         from .scan.ray_pool import RayAnswerer
 

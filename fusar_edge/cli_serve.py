@@ -9,7 +9,7 @@ import socket
 import sys
 from pathlib import Path
 
-from .cli import positive_int
+from .cli import add_device_args, positive_int
 from .errors import InputError
 
 EPILOG = """examples:
@@ -41,6 +41,7 @@ def add_parser(sub) -> None:
     s.add_argument("--tiles", metavar="DIR", help="AEF tile store: georeferenced images get their anchors from it")
     s.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                    help="torch (default) or onnxruntime (the bundle's onnx/ export)")
+    add_device_args(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     s.add_argument("--token-file", metavar="FILE", help="file holding the bearer token clients must send (at least 16 characters)")
@@ -140,7 +141,8 @@ def run(args) -> int:
     threads = resolve_threads(args.threads, share=args.workers)  # workers share the cores we may use
     if args.backend == "torch":  # the edge install has no torch; ONNX Runtime takes threads= below
         set_torch_threads(threads)  # workers share the cores instead of each taking all of them
-    rt = Runtime.open(args.bundle, tiles=args.tiles, backend=args.backend, threads=threads)
+    rt = Runtime.open(args.bundle, tiles=args.tiles, backend=args.backend, threads=threads, device=args.device,
+                      dtype=args.dtype)
     if args.batch > 1:  # each worker hands its image to one vision thread, its sequence to one decode thread
         rt.enable_batching(max_batch=args.batch)
     app = build_app(rt, settings)

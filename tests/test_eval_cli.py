@@ -22,8 +22,9 @@ def test_eval_writes_reference_rows_and_metrics(ds, tmp_path, capsys):
     manifest = ds / "stage2-val.jsonl"
     n = len(manifest.read_text().splitlines())
     out = tmp_path / "ev"
-    assert main(["eval", "tiny", "--data", str(manifest), "--out", str(out), "--json"]) == 0
+    assert main(["eval", "tiny", "--data", str(manifest), "--out", str(out), "--json", "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out)
+    assert (report["device"], report["dtype"]) == ("cpu", "float32")  # where the numbers came from
     preds = [json.loads(s) for s in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == n == report["rows"]
     rows = [json.loads(s) for s in manifest.read_text().splitlines()]
@@ -69,7 +70,8 @@ def test_eval_bad_input_is_one_line(ds, tmp_path, capsys):
     for argv, words in ((["--data", str(bad)], ["missing.png", "not found"]),
                         *((["--data", path], words) for path, words in cases),
                         (["--data", str(tmp_path / "none.jsonl")], ["none.jsonl"]),
-                        (["--data", str(ds / "stage2-val.jsonl"), "--limit", "0"], ["--limit"])):
+                        (["--data", str(ds / "stage2-val.jsonl"), "--limit", "0"], ["--limit"]),
+                        (["--data", str(ds / "stage2-val.jsonl"), "--device", "gpu0"], ["device", "'gpu0'"])):
         assert main(["eval", "tiny", *argv, "--out", str(tmp_path / "o")]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and all(w in err[0] for w in words), err

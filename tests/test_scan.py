@@ -330,6 +330,7 @@ def test_scan_cli_names_what_is_wrong_with_its_inputs(scene, tmp_path, capsys):
              ([str(a), str(b)], f"scenes {a} and {b}: both would write OUT/s/"),
              ([str(a), "--date", "2021-13-01"], "expected a calendar date"),
              ([str(a), "--max-new-tokens", "0"], "--max-new-tokens: expected a positive integer"),
+             ([str(a), "--device", "gpu0"], "expected auto, cpu, cuda or cuda:N, got 'gpu0'"),
              ([str(a), "--out", str(a)], "is a file, not a folder")]
     for argv, message in cases:
         argv = [*argv, "--out", str(tmp_path / "o")] if "--out" not in argv else argv

@@ -62,7 +62,7 @@ def check_scoreable(data, rows: list[dict]) -> None:
 
 def evaluate(bundle, data: str | Path, out: str | Path, backend: str = "torch", no_anchors: bool = False,
              limit: int | None = None, threads: int | None = None,
-             progress: Callable[[int, int], None] | None = None) -> dict:
+             progress: Callable[[int, int], None] | None = None, device: str = "auto", dtype=None) -> dict:
     from ..runtime import Runtime
 
     rows = read_manifest(data, need_aef=not no_anchors)
@@ -75,7 +75,7 @@ def evaluate(bundle, data: str | Path, out: str | Path, backend: str = "torch", 
             if not (Path(row["_root"]) / row[key]).is_file():
                 raise InputError(f"{data}: row {row.get('id', '?')}: {key} {row[key]!r} not found")
     check_scoreable(data, rows)  # a bad ground truth is named now, not after every row is answered
-    rt = Runtime.open(bundle, backend=backend, threads=threads)
+    rt = Runtime.open(bundle, backend=backend, threads=threads, device=device, dtype=dtype)
     sizes = {int(r["coordinate_size"]) for r in rows if r.get("coordinate_size") is not None}
     if sizes - {rt.config.chip_size}:
         raise InputError(f"{data}: coordinate_size {sorted(sizes)} but the model's chip is {rt.config.chip_size} px: "
@@ -84,7 +84,10 @@ def evaluate(bundle, data: str | Path, out: str | Path, backend: str = "torch", 
     preds = eval_rows(rt, rows, no_anchors, progress)
     seconds = time.perf_counter() - t0
     scores = M.score(preds)
-    report = {"bundle": rt.source, "weights": rt.weights, "backend": backend, "anchors": not no_anchors,
+    # where the numbers came from: bf16 on a GPU can answer a near-tie differently from fp32
+    where = ({"device": str(rt.model.device), "dtype": str(rt.model.dtype).replace("torch.", "")} if rt.model is not None
+             else {"device": rt.stages.device_type, "dtype": rt.stages.spec["dtype"]})
+    report = {"bundle": rt.source, "weights": rt.weights, "backend": backend, **where, "anchors": not no_anchors,
               "data": str(data), "rows": len(rows), "seconds": round(seconds, 1),
               "rows_per_s": round(len(rows) / seconds, 2) if seconds else None,
               "metrics": scores, "headline": M.headline(scores)}
