@@ -442,3 +442,43 @@ def test_a_run_killed_at_random_chips_over_and_over_ends_byte_identical(scene, o
     across = _rewrite(scene["scene_tif"], tmp_path / "across.tif", crs="EPSG:4326",
                       transform=rasterio.transform.Affine(1e-4, 0, 179.98, 0, -1e-4, 54.0))
     assert main(["ask", str(across), "How many ships?", "--no-anchors", "--threads", "1"]) == 0
+
+
+def test_outputs_are_written_from_a_journal_read_chip_by_chip(tmp_path):
+    """A 22,500-chip scene whose journal is ~35 MB: writing its outputs holds a few numbers per
+    chip, not the records (`Journal.records()` of this journal peaks at 60 MB), and a line torn by a kill, longer
+    than the journal's backward read, is dropped whole."""
+    import tracemalloc
+    from types import SimpleNamespace
+
+    from fusar_edge.scan.grid import chip_grid
+    from fusar_edge.scan.journal import Journal
+    from fusar_edge.scan.run import _write_outputs
+
+    grid = chip_grid(150 * 224, 150 * 224, 224, 0)
+    header = {"identity": {"scene": "big"}, "weights": "w", "preset": "p", "task": "detect", "label": "ship",
+              "chip": 224, "overlap": 0, "chips": len(grid), "no_anchors": True, "band": 1, "anchors": None}
+    journal = Journal(tmp_path / JOURNAL, header)
+    pad = "x" * 1500  # a long answer text, as a chatty model writes
+    with open(journal.path, "a", encoding="utf-8") as f:
+        for c in reversed(grid):  # finished in another order than the grid's: chips.jsonl is in grid order
+            f.write(json.dumps({"chip": c.index, "status": "done" if c.index % 7 else "nodata", "answer": [],
+                                "text": pad, "timings": {"total": 1.0}}, sort_keys=True) + "\n")
+        f.write('{"chip": 0, "text": "' + "y" * 200_000)  # killed mid-line, longer than one backward read
+    assert journal.path.stat().st_size > 35e6
+    journal = Journal(journal.path, header)  # reopened as a resumed scan does: the torn line goes
+    reader = SimpleNamespace(width=150 * 224, height=150 * 224, date=None, overview=np.zeros((64, 64), np.uint8),
+                             georef=SimpleNamespace(kind="none", describe=lambda: {"kind": "none"}))
+    tracemalloc.start()
+    try:
+        summary = _write_outputs(tmp_path, reader, grid, journal, header)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 15e6, f"peak {peak / 1e6:.1f} MB"
+    assert summary["chips"] == len(grid) and summary["chips_nodata"] == len(range(0, len(grid), 7))
+    with open(tmp_path / "chips.jsonl", encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            r = json.loads(line)
+            assert r["chip"] == i and "timings" not in r and r["text"] == pad
+    assert i == len(grid) - 1

@@ -10,39 +10,60 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 from ..errors import InputError
 from ..fsutil import write_text_atomic
 
 JOURNAL = "journal.jsonl"
+_CHUNK = 1 << 16  # bytes read backwards at a time looking for the last whole line
+_MAX_HEADER = 1 << 20  # a header line is well under this; a longer first line is not a journal
 
 
 class Journal:
-    """Append-only record of finished chips; refuses a folder that belongs to another run."""
+    """Append-only record of finished chips; refuses a folder that belongs to another run.
+
+    Read as a stream: a scan of 100k chips never holds their records in memory at once, only
+    where each chip's line starts (``offsets``), and reads a record back when it is needed."""
 
     def __init__(self, path: Path, header: dict):
         self.path, self.header = path, header
         if path.exists():
+            self._drop_torn_line()
             self._check_header()
         else:
             write_text_atomic(path, json.dumps({"header": header}, sort_keys=True) + "\n")
 
-    def _lines(self) -> list[str]:
-        raw = self.path.read_bytes()
-        if raw and not raw.endswith(b"\n"):  # a line cut by a kill (or a full disk): drop it, the chip runs again
-            raw = raw[: raw.rfind(b"\n") + 1]
-            with open(self.path, "r+b") as f:
-                f.truncate(len(raw))
-        return raw.decode("utf-8").splitlines()
+    def _drop_torn_line(self) -> None:
+        """A line cut by a kill (or a full disk) is dropped, and that chip runs again. Only the
+        file's tail is read."""
+        with open(self.path, "r+b") as f:
+            end = f.seek(0, os.SEEK_END)
+            pos = end
+            while pos > 0:
+                step = min(_CHUNK, pos)
+                f.seek(pos - step)
+                chunk = f.read(step)
+                cut = chunk.rfind(b"\n")
+                if cut >= 0:
+                    keep = pos - step + cut + 1
+                    break
+                pos -= step
+            else:
+                keep = 0
+            if keep != end:
+                f.truncate(keep)
 
     def _check_header(self) -> None:
-        lines = self._lines()
+        with open(self.path, "rb") as f:
+            first = f.readline(_MAX_HEADER)
         try:
-            found = json.loads(lines[0])["header"] if lines else None
-        except (json.JSONDecodeError, KeyError, TypeError):
+            found = json.loads(first)["header"] if first.endswith(b"\n") else None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             found = None
-        if found is None:
+        if not isinstance(found, dict):
             raise InputError(f"{self.path}: not a scan journal; choose another --out")
         for key in self.header:
             if found.get(key) != self.header[key]:
@@ -55,19 +76,42 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
 
-    def records(self) -> dict[int, dict]:
+    def _parse(self, line: bytes, number: int) -> dict:
+        try:
+            record = json.loads(line)
+            int(record["chip"])
+            return record
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            raise InputError(f"{self.path}: line {number} is not a chip record (the journal was edited or "
+                             "damaged); delete the folder to scan the scene again") from None
+
+    def offsets(self) -> dict[int, tuple[int, int]]:
+        """Chip -> (byte offset, line number) of its record; a chip recorded twice: the last one."""
         out = {}
-        for number, line in enumerate(self._lines()[1:], 2):
-            try:
-                r = json.loads(line)
-                out[int(r["chip"])] = r
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                raise InputError(f"{self.path}: line {number} is not a chip record (the journal was edited or "
-                                 "damaged); delete the folder to scan the scene again") from None
+        with open(self.path, "rb") as f:
+            offset = len(f.readline())  # the header
+            for number, line in enumerate(f, 2):
+                out[int(self._parse(line, number)["chip"])] = (offset, number)
+                offset += len(line)
         return out
 
     def done(self) -> set[int]:
-        return set(self.records())
+        return set(self.offsets())
+
+    @contextmanager
+    def reader(self) -> Iterator[Callable[[tuple[int, int]], dict]]:
+        """``read(offsets()[chip])`` -> that chip's record, read from the file when asked."""
+        with open(self.path, "rb") as f:
+            def read(where: tuple[int, int]) -> dict:
+                f.seek(where[0])
+                return self._parse(f.readline(), where[1])
+
+            yield read
+
+    def records(self) -> dict[int, dict]:
+        """Every record in memory: for tests and small scenes (the scan itself streams them)."""
+        with self.reader() as read:
+            return {chip: read(where) for chip, where in self.offsets().items()}
 
 
 def _what(key: str) -> str:

@@ -25,9 +25,10 @@ TEXT = (255, 255, 0)
 MIN_BOX_PX = 3
 
 
-def quicklook_png(overview: np.ndarray, scene_size: tuple[int, int], grid: Sequence[Chip], records: dict[int, dict],
+def quicklook_png(overview: np.ndarray, scene_size: tuple[int, int], grid: Sequence[Chip], answered: set[int],
                   detections: list[Detection], counts: dict[int, int], without_anchors: set[int] = frozenset()) -> bytes:
-    """``overview``: uint8 [h, w]; ``scene_size``: (width, height) in scene pixels;
+    """``overview``: uint8 [h, w]; ``scene_size``: (width, height) in scene pixels; ``answered``:
+    the chips with image data (the others are outlined as no-data);
     ``without_anchors``: the chips the summary lists as ``chips_without_anchors`` (a scan run
     with --no-anchors asked for none, and flags none)."""
     h, w = overview.shape
@@ -35,8 +36,7 @@ def quicklook_png(overview: np.ndarray, scene_size: tuple[int, int], grid: Seque
     img = Image.fromarray(np.repeat(overview[:, :, None], 3, axis=2), "RGB")
     draw = ImageDraw.Draw(img)
     for c in grid:
-        r = records[c.index]
-        flag = NODATA if r["status"] != "done" else NO_ANCHORS if c.index in without_anchors else None
+        flag = NODATA if c.index not in answered else NO_ANCHORS if c.index in without_anchors else None
         if flag:
             draw.rectangle(_scaled((c.x0, c.y0, c.x0 + c.width, c.y0 + c.height), sx, sy), outline=flag)
     for d in detections:

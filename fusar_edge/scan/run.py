@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import FusarError, InputError
-from ..fsutil import write_bytes_atomic, write_text_atomic
+from ..fsutil import atomic_writer, write_bytes_atomic, write_text_atomic
 from .answerers import ChipQuestion, LocalAnswerer, timed
 from .geojson import dumps, feature, feature_collection
 from .grid import Chip, chip_grid
@@ -89,7 +89,7 @@ def scan_scene(runner, scene: Path, out: Path, *, task: str = "detect", label: s
             except InputError as exc:  # a chip's error: say which scene (a batch scans several)
                 raise InputError(f"scene {scene}: {exc}") from None
             t_write = time.perf_counter()
-            summary = _disk_guard(lambda: _write_outputs(folder, reader, grid, journal.records(), header), folder,
+            summary = _disk_guard(lambda: _write_outputs(folder, reader, grid, journal, header), folder,
                                   finished, len(grid))
             profile["write"] = (time.perf_counter() - t_write) * 1e3
     seconds = time.perf_counter() - t0
@@ -162,72 +162,75 @@ def _chip_detections(record: dict, c: Chip, reader: SceneReader) -> list[Detecti
     return out
 
 
-def _anchor_flags(records: dict[int, dict], no_anchors: bool) -> tuple[list[int], list[int]]:
-    """Answered chips the tile store left without anchors (TLM skipped: ``--allow-no-coverage``),
-    and those it covered only in part."""
-    if no_anchors:
-        return [], []  # none were asked for
-    none, partly = [], []
-    for i, r in sorted(records.items()):
-        anchor = r.get("anchor") or {}
-        if r["status"] != "done" or not str(anchor.get("source", "")).startswith("tiles:"):
-            continue
-        if anchor.get("tlm") == "skipped":
-            none.append(i)
-        elif (anchor.get("coverage") or 0.0) < 1.0:
-            partly.append(i)
-    return none, partly
+def _anchor_flag(record: dict) -> str | None:
+    """"none" for an answered chip the tile store left without anchors (TLM skipped:
+    ``--allow-no-coverage``), "partly" for one it covered only in part, else None."""
+    anchor = record.get("anchor") or {}
+    if record["status"] != "done" or not str(anchor.get("source", "")).startswith("tiles:"):
+        return None
+    if anchor.get("tlm") == "skipped":
+        return "none"
+    return "partly" if (anchor.get("coverage") or 0.0) < 1.0 else None
 
 
-def _write_outputs(folder: Path, reader: SceneReader, grid: Sequence[Chip], records: dict[int, dict],
-                   header: dict) -> dict:
+def _write_outputs(folder: Path, reader: SceneReader, grid: Sequence[Chip], journal: Journal, header: dict) -> dict:
+    """The scene's outputs from its journal, read chip by chip: memory follows the detections and a
+    few numbers per chip, not the records (a 100k-chip scene's journal is hundreds of MB)."""
     task = header["task"]
-    chips_log = []
+    where = journal.offsets()
     detections: list[Detection] = []
-    counts = {}
-    for c in grid:
-        r = records[c.index]
-        chips_log.append({k: v for k, v in r.items() if k != "timings"})  # timings vary run to run: kept out
-        if r["status"] != "done":
-            continue
-        if task == "detect":
-            detections += _chip_detections(r, c, reader)
-        elif task == "count" and isinstance(r.get("answer"), int):
-            counts[c.index] = r["answer"]
+    counts, anchors, answered = {}, {}, set()
+    without, partly = [], []
+    degenerate = parse_errors = 0
+    with journal.reader() as read, atomic_writer(folder / "chips.jsonl") as chips_log:
+        for c in grid:
+            r = read(where[c.index])
+            # timings vary run to run: kept out
+            chips_log.write((json.dumps({k: v for k, v in r.items() if k != "timings"}, sort_keys=True) + "\n")
+                            .encode("utf-8"))
+            if isinstance(r.get("answer"), list):
+                degenerate += sum(1 for b in r["answer"] if isinstance(b, dict) and b.get("degenerate"))
+            parse_errors += bool(r.get("parse_error"))
+            flag = None if header["no_anchors"] else _anchor_flag(r)  # none asked for: none flagged
+            if flag == "none":
+                without.append(c.index)
+            elif flag == "partly":
+                partly.append(c.index)
+            if r["status"] != "done":
+                continue
+            answered.add(c.index)
+            if task == "detect":
+                found = _chip_detections(r, c, reader)
+                if found:
+                    a = r.get("anchor") or {}
+                    anchors[c.index] = {"anchors": a.get("tlm"), "anchor_coverage": a.get("coverage")}
+                detections += found
+            elif task == "count" and isinstance(r.get("answer"), int):
+                counts[c.index] = r["answer"]
     meta = {"scene": header["identity"]["scene"], "date": reader.date.isoformat() if reader.date else None,
             "georef": reader.georef.describe(), "model": header["preset"], "weights": header["weights"],
             "task": task, "label": header["label"], "chip": header["chip"], "overlap": header["overlap"],
             "coordinates": ("EPSG:4326" if reader.georef.kind != "none"
                             else "none: the scene has no georeference (geometry null; scene_box in pixels)")}
     merged = merge_detections(detections) if task == "detect" else []
-
-    def anchors_of(chip: int) -> dict:
-        a = records[chip].get("anchor") or {}
-        return {"anchors": a.get("tlm"), "anchor_coverage": a.get("coverage")}
-
     features = [feature(d, reader.georef, {"label": d.label, "chip": d.chip, "chip_box": d.chip_box,
                                            "scene_box": [round(v, 2) for v in d.box], "model": header["preset"],
                                            "weights": header["weights"], "scene": meta["scene"], "date": meta["date"],
-                                           **anchors_of(d.chip)})
+                                           **anchors[d.chip]})
                 for d in merged]
-    without, partly = _anchor_flags(records, header["no_anchors"])
-    n_done = sum(1 for r in records.values() if r["status"] == "done")
-    summary = {**meta, "chips": len(grid), "chips_answered": n_done, "chips_nodata": len(grid) - n_done,
+    summary = {**meta, "chips": len(grid), "chips_answered": len(answered), "chips_nodata": len(grid) - len(answered),
                "chips_without_anchors": without, "chips_partly_covered": partly,
                "detections_before_merge": len(detections), "detections": len(merged),
-               "boxes_without_area": sum(1 for r in records.values() if isinstance(r.get("answer"), list)
-                                         for b in r["answer"] if isinstance(b, dict) and b.get("degenerate")),
-               "parse_errors": sum(1 for r in records.values() if r.get("parse_error"))}
+               "boxes_without_area": degenerate, "parse_errors": parse_errors}
     if task == "count":
         summary["count_per_chip"] = {str(k): v for k, v in sorted(counts.items())}
         summary["count_sum"] = sum(counts.values())
         if header["overlap"]:
             summary["count_note"] = ("the sum of per-chip counts: objects in chip overlaps count twice; --overlap 0, "
                                      "or --task detect for a deduplicated count")
-    # summary.json last: its presence says every other output is complete
-    write_text_atomic(folder / "chips.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in chips_log))
+    # summary.json last: its presence says every other output is complete (chips.jsonl is in place)
     write_text_atomic(folder / "detections.geojson", dumps(feature_collection(features, meta)))
     write_bytes_atomic(folder / "quicklook.png", quicklook_png(reader.overview, (reader.width, reader.height), grid,
-                                                               records, merged, counts, set(without)))
+                                                               answered, merged, counts, set(without)))
     write_text_atomic(folder / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
