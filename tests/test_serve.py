@@ -22,9 +22,9 @@ TOKEN = "s3cret-token-0123456789"
 class Served:
     """A uvicorn server on 127.0.0.1 (a free port) in a thread."""
 
-    def __init__(self, app):
+    def __init__(self, app, graceful_s: float = 30):
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error",
-                                                    timeout_graceful_shutdown=30))
+                                                    timeout_graceful_shutdown=graceful_s))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -239,6 +239,27 @@ def test_shutdown_finishes_the_question_in_flight():
     srv.stop()  # like SIGTERM: stop taking requests, finish the admitted one
     t.join()
     assert results["r"].status_code == 200 and results["r"].json()["answer"] == 3
+
+
+def test_an_upload_stalled_at_shutdown_is_told_503_in_json():
+    """Past the graceful-shutdown time uvicorn cancels what still runs; a client whose upload stalled
+    is told the server is stopping (503, Retry-After, the API's JSON), not a plain-text 500."""
+    srv = Served(build_app(SlowRuntime(delay=0.01), ServeSettings()), graceful_s=1)
+    port = int(srv.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+        conn.sendall(b"POST /v1/ask HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"question\"\r\n\r\n"
+                     b"q\r\n--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n\r\n" + b"0" * 1000)
+        time.sleep(0.3)  # the request is in; the rest of its body never comes
+        srv.server.should_exit = True
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    srv.thread.join(timeout=60)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 2" in head.lower(), data
+    error = json.loads(body)["error"]
+    assert error["type"] == "unavailable" and "server stopping" in error["message"]
 
 
 def test_serve_checks_its_flags_before_loading_a_model(tmp_path, capsys):

@@ -19,6 +19,7 @@ with the field named; never a stack trace (those go to the server log).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -32,7 +33,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -111,6 +112,44 @@ class BodyLimit:
             await send(message)
 
         await self.app(scope, counting_receive, guarded_send)
+
+
+class ShutdownGuard:
+    """A request the server's shutdown cuts off gets a 503 in the API's JSON shape.
+
+    When its graceful-shutdown time (``--timeout``) is up, uvicorn cancels the requests still
+    running: an upload that stalled, a question still being answered. With nothing sent yet,
+    uvicorn would answer a plain-text 500 and log a traceback; the client is told instead that
+    the server is stopping and when to retry, and the log gets one line."""
+
+    def __init__(self, app, on_cut: Callable[[dict], None] | None = None):
+        self.app, self.on_cut = app, on_cut
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except asyncio.CancelledError:
+            if started:  # part of the answer is out: nothing better to say
+                raise
+            log.warning("%s %s: cut off by the server's shutdown before it was answered", scope.get("method"),
+                        scope.get("path"))
+            if self.on_cut is not None:
+                self.on_cut(scope)
+            body = JSONResponse(_error_body("server stopping: the request was cut off before it was answered; retry "
+                                            "once the server is back", "unavailable", None, 503), status_code=503,
+                                headers={"Retry-After": str(RETRY_AFTER_S), "Connection": "close"})
+            await send({"type": "http.response.start", "status": 503, "headers": body.raw_headers})
+            await send({"type": "http.response.body", "body": body.body})
+            # returned, not re-raised: the task ends cleanly and uvicorn's shutdown goes on
 
 
 def _parse_bbox(text: str | list | None, param: str = "bbox") -> tuple[float, float, float, float] | None:
@@ -364,7 +403,12 @@ def build_app(runtime, settings: ServeSettings) -> FastAPI:
                 "usage": {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new},
                 "fusar": out}
 
-    return BodyLimit(app, settings.max_upload_bytes)
+    def count_cut(scope: dict) -> None:
+        route = _route_label(Request(scope))
+        metrics.requests.labels(route, "503").inc()
+        metrics.errors.labels(route, "unavailable").inc()
+
+    return ShutdownGuard(BodyLimit(app, settings.max_upload_bytes), count_cut)
 
 
 KNOWN_ROUTES = {"/v1/ask", "/v1/chat/completions", "/healthz", "/metrics"}
