@@ -446,7 +446,7 @@ def test_a_run_killed_at_random_chips_over_and_over_ends_byte_identical(scene, o
 
 def test_outputs_are_written_from_a_journal_read_chip_by_chip(tmp_path):
     """A 22,500-chip scene whose journal is ~35 MB: writing its outputs holds a few numbers per
-    chip, not the records (`Journal.records()` of this journal peaks at 60 MB), and a line torn by a kill, longer
+    chip, not the records (all of this journal's records at once: 60 MB), and a line torn by a kill, longer
     than the journal's backward read, is dropped whole."""
     import tracemalloc
     from types import SimpleNamespace

@@ -108,11 +108,6 @@ class Journal:
 
             yield read
 
-    def records(self) -> dict[int, dict]:
-        """Every record in memory: for tests and small scenes (the scan itself streams them)."""
-        with self.reader() as read:
-            return {chip: read(where) for chip, where in self.offsets().items()}
-
 
 def _what(key: str) -> str:
     return {"identity": "scene (or the scene file changed)", "weights": "model", "preset": "model"}.get(key, "setting")
