@@ -61,7 +61,7 @@ def test_anchor_fields_and_year():
     ((-181, 0, 1, 1), "lon_min"), ((0, -91, 1, 1), "lat_min"), ((0, 0, 181, 1), "lon_max"),
     ((0, 0, 1, 90.5), "lat_max"), ((1, 0, 1, 1), "lon_min"), ((0, 2, 1, 1), "lat_min"),
     ((float("nan"), 0, 1, 1), "lon_min"), ((0, 0, float("inf"), 1), "lon_max"), ((0, 0, 1), "4 numbers"),
-    (("a", 0, 1, 1), "4 numbers"), ((179.9, 0, -179.9, 1), "antimeridian"),
+    (("a", 0, 1, 1), "4 numbers"), ((3.0, 0, 2.9, 1), "antimeridian"), ((10, 0, -169, 1), "at least 180"),
 ])
 def test_anchor_rejects_bad_bbox(bbox, field):
     with pytest.raises(InputError) as e:

@@ -244,3 +244,47 @@ def test_rewrite_keeps_one_generation_and_old_readers_work(small_store):
     assert TileStore.open(small_store).years == [2021, 2022]
     after = old.lookup_points(np.array([3.0001]), np.array([54.1]), 2021)  # still mapped
     np.testing.assert_array_equal(before[0], after[0])
+
+
+def test_footprints_across_the_antimeridian_are_looked_up_on_both_sides(tmp_path):
+    """A UTM 60N tile ending west of lon 180 and a UTM 1N tile starting east of it (Bering Sea,
+    60 N). A box given across lon 180 (lon_min > lon_max, GDAL's convention) and a GeoTIFF in
+    UTM 60N that runs over it both find data on both sides, as the independent lookup does, on
+    the C reader and the numpy one; `ask` applies TLM with them."""
+    from rasterio.transform import from_origin
+
+    from fusar_edge.runtime import Runtime
+    from fusar_edge.tiles.store import grid_lonlat
+    from tilestore_fixtures import _tile
+
+    rng = np.random.default_rng(1)
+    tiles = [_tile(rng, 2021, 32660, 615000, 6697000, 200, 250, 250, hole=False),   # lon ~179.1 .. 179.95
+             _tile(rng, 2021, 32601, 335000, 6697000, 200, 250, 250, hole=False)]   # lon ~-179.95 .. -179.1
+    path = tmp_path / "store"
+    write_store(path, tiles)
+    scene = tmp_path / "bering.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=300, height=300, count=1, dtype="float32",
+                       crs="EPSG:32660", transform=from_origin(650000, 6690000, 100, 100)) as ds:
+        ds.write(rng.gamma(1.0, 1.0, (1, 300, 300)).astype(np.float32))
+        ds.update_tags(ACQUISITION_DATE="2021-07-01")
+    boxed = Anchor((179.5, 60.0, -179.5, 60.3), "2021-07-01")
+    imaged = Anchor.from_geotiff(scene)
+    assert boxed.crosses_antimeridian and imaged.crosses_antimeridian
+    for backend in ("auto", "numpy"):
+        ts = TileStore.open(path, backend=backend)
+        for anchor in (boxed, imaged):
+            got = ts.lookup(anchor, (6, 8))
+            lon, lat = grid_lonlat(anchor, 6, 8)
+            want_f, want_m = expected_lookup(tiles, lon, lat, 2021)
+            np.testing.assert_array_equal(got.mask, want_m)
+            np.testing.assert_array_equal(got.features, want_f)
+            assert got.mask[lon > 0].any() and got.mask[lon < 0].any(), backend  # data from both sides
+            assert got.crs == "EPSG:32601+EPSG:32660"
+    ans = Runtime.open("tiny", tiles=path).ask(scene, "How many ships are there?", max_new_tokens=2)
+    assert ans.anchor["tlm"] == "applied" and ans.anchor["bounds"][0] > ans.anchor["bounds"][2]
+
+
+def test_a_box_with_its_longitudes_swapped_is_refused_not_read_the_long_way():
+    with pytest.raises(InputError, match="lon_min = 3.017 must be below lon_max = 2.983"):
+        Anchor((3.017, 53.99, 2.983, 54.01), None)  # 359.97 degrees east: a typo, not a footprint
+    assert Anchor((10.0, 0.0, -170.0, 1.0), None).lonlat_boxes() == [(10.0, 0.0, 180.0, 1.0), (-180.0, 0.0, -170.0, 1.0)]

@@ -70,7 +70,10 @@ class Anchor:
     """Footprint ``bbox = (lon_min, lat_min, lon_max, lat_max)`` (WGS84) and acquisition date.
 
     ``crs``/``transform``/``size`` describe the image's own pixel grid when known
-    (``size`` = (height, width)). Footprints crossing the antimeridian are not supported.
+    (``size`` = (height, width)). A footprint across the antimeridian has ``lon_min > lon_max``
+    (GDAL's convention, what ``transform_bounds`` gives for such a scene): it runs east from
+    ``lon_min`` over lon 180 to ``lon_max``, and may span at most 180 degrees that way, so that a
+    box with its longitudes swapped by mistake is refused rather than read the long way round.
     """
 
     bbox: tuple[float, float, float, float]
@@ -91,10 +94,12 @@ class Anchor:
         for name, value, limit in zip(("lon_min", "lat_min", "lon_max", "lat_max"), bbox, (180, 90, 180, 90)):
             if not math.isfinite(value) or abs(value) > limit:
                 raise InputError(f"anchor bbox: {name} = {value} is outside [-{limit}, {limit}]")
-        for axis, lo, hi in (("lon", bbox[0], bbox[2]), ("lat", bbox[1], bbox[3])):
-            if not lo < hi:
-                note = " (footprints crossing the antimeridian are not supported)" if axis == "lon" else ""
-                raise InputError(f"anchor bbox: {axis}_min = {lo} must be below {axis}_max = {hi}{note}")
+        if not bbox[1] < bbox[3]:
+            raise InputError(f"anchor bbox: lat_min = {bbox[1]} must be below lat_max = {bbox[3]}")
+        if not bbox[0] < bbox[2] and not (bbox[0] > bbox[2] and bbox[2] + 360.0 - bbox[0] <= 180.0):
+            raise InputError(f"anchor bbox: lon_min = {bbox[0]} must be below lon_max = {bbox[2]} (or, for a "
+                             "footprint across the antimeridian, above it by at least 180: east from lon_min over "
+                             "lon 180 to lon_max)")
         object.__setattr__(self, "bbox", bbox)
         date = self.date
         if isinstance(date, str):
@@ -113,6 +118,17 @@ class Anchor:
     @property
     def year(self) -> int | None:
         return self.date.year if self.date else None
+
+    @property
+    def crosses_antimeridian(self) -> bool:
+        return self.bbox[0] > self.bbox[2]
+
+    def lonlat_boxes(self) -> list[tuple[float, float, float, float]]:
+        """The footprint as ordinary boxes (lon_min < lon_max): itself, or its two sides of lon 180."""
+        lon_min, lat_min, lon_max, lat_max = self.bbox
+        if not self.crosses_antimeridian:
+            return [self.bbox]
+        return [(lon_min, lat_min, 180.0, lat_max), (-180.0, lat_min, lon_max, lat_max)]
 
     @classmethod
     def from_geotiff(cls, path: str | Path, date: dt.date | str | None = None) -> "Anchor":

@@ -233,7 +233,7 @@ class TileStore:
                              f"date='YYYY-MM-DD')), got {type(anchor).__name__}")
         rows, cols = check_grid(grid)
         year, note = self.pick_year(anchor.date)
-        if self._native is not None and not _has_image_grid(anchor):
+        if self._native is not None and not _has_image_grid(anchor) and not anchor.crosses_antimeridian:
             features, _, mask = self._native.lookup_bbox(anchor.bbox, year, (rows, cols))  # grid laid in C
         else:
             lon, lat = grid_lonlat(anchor, rows, cols)
@@ -244,7 +244,7 @@ class TileStore:
                               f"{self.root} (its {year} tiles cover {_fmt_box(extent)}); ingest tiles for "
                               f"this area, or allow an empty anchor set ({ALLOW_EMPTY_HINT})")
         used = sorted({f"EPSG:{t.record.epsg}" for t in self._tiles[year]
-                       if _box_overlaps(t.record.lonlat_bounds, anchor.bbox)})
+                       if any(_box_overlaps(t.record.lonlat_bounds, box) for box in anchor.lonlat_boxes())})
         # positions are valid by construction: skip AnchorSet's input checks (a third of the time)
         return AnchorSet.trusted(features, grid_positions(rows, cols).copy(), mask, year, f"tiles:{self.root}",
                                  "+".join(used) or None, anchor.bbox, [note] if note else [])
@@ -283,7 +283,10 @@ def grid_lonlat(anchor: Anchor, rows: int, cols: int) -> tuple[np.ndarray, np.nd
         lon, lat = warp(anchor.crs, "EPSG:4326", x, y)
         return np.asarray(lon, np.float64), np.asarray(lat, np.float64)
     lon_min, lat_min, lon_max, lat_max = anchor.bbox
-    lon = lon_min + (lon_max - lon_min) * fx
+    span = (lon_max - lon_min) % 360.0 if anchor.crosses_antimeridian else lon_max - lon_min
+    lon = lon_min + span * fx
+    if anchor.crosses_antimeridian:  # east over lon 180: back into [-180, 180)
+        lon = (lon + 180.0) % 360.0 - 180.0
     lat = lat_max - (lat_max - lat_min) * fy
     return np.tile(lon, rows), np.repeat(lat, cols)
 
