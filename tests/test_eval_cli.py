@@ -37,6 +37,7 @@ def test_eval_writes_reference_rows_and_metrics(ds, tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["metrics"] == json.loads(json.dumps(score(preds)))
     assert set(report["metrics"]) == {r["task"] for r in rows}
     assert (out / "metrics.md").read_text().startswith("| run |") and (out / "metrics.png").stat().st_size > 1000
+    assert "| true count | rows | exact |" in (out / "metrics.md").read_text()  # counting's confusion rows
 
     assert main(["eval", "tiny", "--data", str(manifest), "--out", str(tmp_path / "na"), "--no-anchors",
                  "--limit", "2"]) == 0

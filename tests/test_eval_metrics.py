@@ -21,6 +21,25 @@ def test_count_exact_and_mae_with_a_parse_error():
     assert m["mae"] == pytest.approx((0 + 2 + 0) / 3)
 
 
+def test_count_answers_by_true_count():
+    """The confusion rows: a model that answers 5 for 4 and 6 shows it."""
+    from fusar_edge.evaluate.report import count_answers_table
+
+    rows = [row("count", "4", "5"), row("count", "4", "5"), row("count", "4", "4"), row("count", "6", "5"),
+            row("count", "0", "0"), row("count", "6", "I cannot tell")]
+    m = score(rows)["count"]
+    assert m["by_truth"] == {
+        "0": {"n": 1, "exact": 1.0, "answers": {"0": 1}},
+        "4": {"n": 3, "exact": pytest.approx(1 / 3), "answers": {"4": 1, "5": 2}},
+        "6": {"n": 2, "exact": 0.0, "answers": {"5": 1, "unparsed": 1}},
+    }
+    assert list(m["by_truth"]["6"]["answers"]) == ["5", "unparsed"]  # counts first, parse errors last
+    table = count_answers_table({"metrics": {"count": m}}).splitlines()
+    assert table[0] == "| true count | rows | exact | answered 0 | answered 4 | answered 5 | answered unparsed |"
+    assert table[3] == "| 4 | 3 | 0.333 |  | 1 | 2 |  |" and table[4] == "| 6 | 2 | 0.000 |  |  | 1 | 1 |"
+    assert count_answers_table({"metrics": {"classify": {"n": 1}}}) == ""
+
+
 def test_classify_and_locate():
     rows = [row("classify", "Ship", "ship"), row("classify", "oil tank", "It is an Oil Tank."),
             row("classify", "aircraft", "ship")]

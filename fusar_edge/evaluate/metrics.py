@@ -7,7 +7,9 @@ separately). Predictions are parsed from ``prediction_text`` with ``fusar_edge.t
 
 - **count**: ``exact`` = share of rows whose parsed count equals the ground truth (a parse
   error is a wrong answer); ``mae`` = mean absolute error over the rows that parsed
-  (``unparsed`` says how many did not; null when none did).
+  (``unparsed`` says how many did not; null when none did). ``by_truth``: for each true count,
+  its rows, the share answered exactly and what was answered (a row of the confusion matrix;
+  ``unparsed`` for parse errors): where a model collapses onto favourite answers, it shows.
 - **classify**: ``exact`` = share of rows whose parsed class, lower-cased and trimmed, equals
   the ground truth lower-cased and trimmed.
 - **locate**: ``top1`` = share of rows whose 3x3 grid cell (``top-left`` ... ``bottom-right``)
@@ -141,15 +143,19 @@ def _score_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     res: dict[str, Any] = {"n": n}
     if task == "count":
         right, errors, unparsed = 0, [], 0
+        answers: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for r in rows:
-            value = _parsed("count", r).value
+            value, truth = _parsed("count", r).value, gt_count(r["gt"])
+            answers[truth]["unparsed" if value is None else str(value)] += 1
             if value is None:
                 unparsed += 1
                 continue
-            truth = gt_count(r["gt"])
             right += value == truth
             errors.append(abs(value - truth))
-        res.update(exact=right / n, mae=(sum(errors) / len(errors)) if errors else None, unparsed=unparsed)
+        res.update(exact=right / n, mae=(sum(errors) / len(errors)) if errors else None, unparsed=unparsed,
+                   by_truth={str(t): {"n": sum(a.values()), "exact": a.get(str(t), 0) / sum(a.values()),
+                                      "answers": dict(sorted(a.items(), key=_answer_order))}
+                             for t, a in sorted(answers.items())})
     elif task == "classify":
         right = sum(1 for r in rows if (_parsed("classify", r).value or "").strip().lower()
                     == str(r["gt"]).strip().lower())
@@ -170,6 +176,11 @@ def _score_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         res.update(predicted=n_pred, ground_truth=n_gt,
                    parse_errors=sum(1 for r in rows if r.get("parse_error")))
     return res
+
+
+def _answer_order(item: tuple[str, int]) -> tuple[int, int]:
+    key = item[0]
+    return (1, 0) if key == "unparsed" else (0, int(key))  # counts in order, parse errors last
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float]:

@@ -38,6 +38,22 @@ def markdown_table(reports: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def count_answers_table(report: dict) -> str:
+    """Counting's confusion matrix: a row per true count, how often each count was answered
+    (empty when the run has no counting rows)."""
+    by_truth = (report["metrics"].get("count") or {}).get("by_truth")
+    if not by_truth:
+        return ""
+    keys = sorted({k for row in by_truth.values() for k in row["answers"]},
+                  key=lambda k: (1, 0) if k == "unparsed" else (0, int(k)))
+    lines = ["| true count | rows | exact | " + " | ".join(f"answered {k}" for k in keys) + " |",
+             "|" + " --- |" * (len(keys) + 3)]
+    for truth, row in by_truth.items():
+        lines.append(f"| {truth} | {row['n']} | {_fmt(row['exact'])} | "
+                     + " | ".join(str(row["answers"].get(k, "")) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(reports: list[dict], path: str | Path) -> Path | None:
     """Grouped bars: one group per task's headline metric, one bar per run. None without matplotlib."""
     try:
