@@ -482,3 +482,32 @@ def test_outputs_are_written_from_a_journal_read_chip_by_chip(tmp_path):
             r = json.loads(line)
             assert r["chip"] == i and "timings" not in r and r["text"] == pad
     assert i == len(grid) - 1
+
+
+@pytest.mark.parametrize("overviews", [False, True])
+def test_the_scene_overview_is_read_in_strips_equal_to_one_read(tmp_path, overviews, monkeypatch):
+    """The decimated read behind the stretch and the quick-look goes to GDAL in strips when the
+    file has no overviews (all of it is read: Ctrl-C is handled between strips) and gives the
+    pixels one call gives (a ratio that is not a whole number: 5003 rows to 2048); with overviews,
+    one quick call."""
+    from rasterio.enums import Resampling
+    from rasterio.transform import from_origin
+
+    from fusar_edge.scan import reader as R
+
+    path = tmp_path / "wide.tif"
+    data = np.random.default_rng(3).gamma(1.0, 900.0, (5003, 2101)).astype(np.uint16)
+    with rasterio.open(path, "w", driver="GTiff", width=2101, height=5003, count=1, dtype="uint16", tiled=True,
+                       crs="EPSG:32631", transform=from_origin(500000, 5000000, 10, 10)) as ds:
+        ds.write(data, 1)
+        if overviews:
+            ds.build_overviews([2, 4], Resampling.average)
+    calls = []
+    with R.SceneReader(path) as scene:
+        shape = scene.overview.shape
+        real = scene.ds.read
+        monkeypatch.setattr(scene.ds, "read", lambda *a, **kw: calls.append(kw) or real(*a, **kw), raising=False)
+        strips = scene._decimated(shape)
+        whole = real(1, out_shape=shape, resampling=Resampling.average)
+    assert shape == (2048, 860) and len(calls) == (1 if overviews else 32)
+    np.testing.assert_array_equal(strips, whole)

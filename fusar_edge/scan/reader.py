@@ -25,6 +25,7 @@ from .georef import SceneGeoref
 from .grid import Chip
 
 OVERVIEW_SIDE = 2048  # the decimated read that sets the stretch: enough pixels for stable percentiles
+OVERVIEW_STRIP = 64  # output rows per GDAL call of that read: Ctrl-C is seen between calls
 GDAL_CACHE_MB = 128  # a row of 512-px uint16 blocks across a 25,000-px scene is 25 MB; float32 SLC 50 MB
 
 
@@ -62,7 +63,7 @@ class SceneReader:
         k = max(1.0, side / OVERVIEW_SIDE)
         shape = (max(1, round(self.height / k)), max(1, round(self.width / k)))
         try:
-            pixels = self.ds.read(self.band, out_shape=shape, resampling=Resampling.average)
+            pixels = self._decimated(shape)
         except RasterioError as exc:
             raise InputError(f"scene {self.path}: unreadable ({exc_reason(exc)}); is the file truncated "
                              "or corrupt?") from None
@@ -73,6 +74,24 @@ class SceneReader:
         limits = stretch_limits(self.path, db, valid)
         self.overview = np.round(stretch(self.path, db, valid, limits) * 255.0).astype(np.uint8)
         return kind, limits
+
+    def _decimated(self, shape: tuple[int, int]) -> np.ndarray:
+        """The band averaged down to ``shape``. A scene without overviews is read whole for it
+        (minutes for a 100k-px mosaic), and Python handles Ctrl-C only between GDAL calls, so it
+        is read in strips of output rows; their windows are fractional, so GDAL averages the same
+        source pixels as one call would (tested equal). With overviews GDAL reads a small one:
+        one call, quick (strips there would round their edges on the overview's grid)."""
+        if self.ds.overviews(self.band):
+            return self.ds.read(self.band, out_shape=shape, resampling=Resampling.average)
+        out_h, out_w = shape
+        rows_per_out = self.height / out_h
+        out = np.empty(shape, dtype=self.ds.dtypes[self.band - 1])
+        for r0 in range(0, out_h, OVERVIEW_STRIP):
+            r1 = min(out_h, r0 + OVERVIEW_STRIP)
+            window = Window(0, r0 * rows_per_out, self.width, (r1 - r0) * rows_per_out)
+            out[r0:r1] = self.ds.read(self.band, window=window, out_shape=(r1 - r0, out_w),
+                                      resampling=Resampling.average)
+        return out
 
     def read(self, chip: Chip) -> SarImage | None:
         window = Window(chip.x0, chip.y0, chip.width, chip.height)
