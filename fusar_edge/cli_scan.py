@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def add_parser(sub) -> None:
                         "for the one `ray start` runs here, or nothing to start a local one")
     s.add_argument("--ray-workers", type=positive_int, metavar="N",
                    help="Ray workers (default: the cluster's CPUs / --threads)")
+    s.add_argument("--ray-gpus", type=float, metavar="G",
+                   help="GPUs per Ray worker (default: 1 when --device is cuda, or auto on a cluster with GPUs, "
+                        "else 0; 0.5 puts two workers on each GPU)")
     s.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads (default: the physical cores we may use, less those busy at start; "
                         "with --ray: per worker, default 1)")
@@ -105,6 +109,9 @@ def run(args) -> int:
                          "write --ray=ADDRESS")
     if args.ray_workers and args.ray is None:
         raise InputError("--ray-workers: only with --ray")
+    if args.ray_gpus is not None and (args.ray is None or not math.isfinite(args.ray_gpus) or args.ray_gpus < 0):
+        raise InputError("--ray-gpus: only with --ray" if args.ray is None else
+                         f"--ray-gpus: expected a number of GPUs >= 0, got {args.ray_gpus}")
     check_grid_settings(args.chip, args.overlap)  # before a model loads: a typo costs a second
     if args.task != "caption" and not args.label.strip():
         raise InputError(f"--label: expected an object class such as 'ship', got {args.label!r}")
@@ -184,7 +191,8 @@ def _answerer(args):
     if args.ray is not None:
         from .scan.ray_pool import RayAnswerer
 
-        return RayAnswerer(open_kwargs, address=args.ray, workers=args.ray_workers, threads=args.threads or 1)
+        return RayAnswerer(open_kwargs, address=args.ray, workers=args.ray_workers, threads=args.threads or 1,
+                           gpus_per_worker=args.ray_gpus)
     threads = resolve_threads(args.threads)
     if args.backend == "torch":
         set_torch_threads(threads)

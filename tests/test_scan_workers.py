@@ -92,3 +92,39 @@ def test_more_ray_workers_than_the_cluster_has_cpus_is_refused(scene, local_ray,
                  "--ray", "--ray-workers", "2", "--threads", "2"]) == 2
     assert capsys.readouterr().err.strip() == ("fusar-edge: error: --ray-workers 2 x --threads 2 needs 4 CPUs; the "
                                                "Ray cluster has 2")
+    # GPU workers on a cluster without GPUs: refused, not left pending (nor quietly run on CPUs)
+    assert main(["scan", str(scene["scene_tif"]), "--out", str(tmp_path / "o"), "--no-anchors", "--quiet",
+                 "--ray", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == ("fusar-edge: error: 1 Ray worker(s) x --ray-gpus 1 needs 1 GPUs; the Ray "
+                                               "cluster has 0 (--device cpu to answer on CPUs)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_ray_workers_ask_for_the_gpus_they_use():
+    """Ray hides GPUs from an actor that asked for none: the plan gives workers GPUs when they may
+    use one, sizes the pool by them, and refuses what the cluster cannot hold (one line)."""
+    from fusar_edge.errors import InputError
+    from fusar_edge.scan.ray_pool import plan_workers
+
+    assert plan_workers(16, 0, 1, None, None, "auto") == (16, 0.0)  # a CPU cluster: as before
+    assert plan_workers(16, 4, 2, None, None, "auto") == (4, 1.0)  # one worker per GPU
+    assert plan_workers(16, 4, 2, None, 0.5, "cuda") == (8, 0.5)  # two per GPU
+    assert plan_workers(16, 4, 2, None, None, "cpu") == (8, 0.0)  # told the CPU: no GPU asked for
+    assert plan_workers(16, 4, 1, 3, None, "cuda:1") == (3, 1.0)
+    for args, words in [((16, 0, 1, None, None, "cuda"), ["needs", "has 0", "--device cpu"]),
+                        ((16, 2, 1, 3, 1.0, "auto"), ["3 Ray worker(s) x --ray-gpus 1 needs 3 GPUs", "has 2"]),
+                        ((16, 4, 1, None, 1.0, "cpu"), ["--ray-gpus 1", "--device cpu"]),
+                        ((16, 4, 1, None, 0.0, "cuda"), ["--ray-gpus 0", "hide the GPUs"]),
+                        ((4, 4, 2, 3, None, "auto"), ["needs 6 CPUs", "has 4"])]:
+        with pytest.raises(InputError) as exc:
+            plan_workers(*args)
+        assert all(w in str(exc.value) for w in words) and "\n" not in str(exc.value), (args, exc.value)
+
+
+def test_ray_gpus_flag_is_checked(scene, tmp_path, capsys):
+    base = ["scan", str(scene["scene_tif"]), "--out", str(tmp_path / "o"), "--no-anchors", "--quiet"]
+    assert main(base + ["--ray-gpus", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "fusar-edge: error: --ray-gpus: only with --ray"
+    assert main(base + ["--ray", "--ray-gpus", "-1"]) == 2
+    assert "expected a number of GPUs >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -11,6 +11,11 @@ any Ray batch-inference job.
 Ray's own ``ActorPool`` schedules the chips: each worker holds one chip at a time, and the
 driver reads a chip only when a worker is free, so driver memory follows the number of workers,
 not the scene.
+
+GPUs: Ray hides every GPU from an actor that did not ask for one (``CUDA_VISIBLE_DEVICES`` is
+empty there), so a worker on a GPU node would quietly answer on its CPU. Workers ask for
+``gpus_per_worker`` GPUs (``plan_workers``: by default one each whenever the device may be a GPU
+and the cluster has GPUs) and open the model on ``cuda``, the GPU Ray gave them.
 """
 
 from __future__ import annotations
@@ -47,12 +52,36 @@ class _ChipWorker:
             return {"error": "input" if isinstance(exc, InputError) else "fusar", "message": str(exc)}
 
 
+def plan_workers(cpus: int, gpus: float, threads: int, workers: int | None, gpus_per_worker: float | None,
+                 device: str) -> tuple[int, float]:
+    """-> (workers, GPUs per worker) for a cluster of ``cpus`` and ``gpus``; a plan the cluster
+    cannot hold is an InputError (Ray would leave the extra workers pending and the scan wait)."""
+    on_cpu = device == "cpu"
+    if gpus_per_worker is None:
+        gpus_per_worker = 0.0 if on_cpu or (device == "auto" and gpus == 0) else 1.0
+    if on_cpu and gpus_per_worker > 0:
+        raise InputError(f"--ray-gpus {gpus_per_worker:g}: the workers run on the CPU (--device cpu)")
+    if device.startswith("cuda") and gpus_per_worker == 0:
+        raise InputError(f"--device {device} with --ray-gpus 0: Ray would hide the GPUs from the workers")
+    n = workers or max(1, cpus // threads)
+    if gpus_per_worker > 0 and not workers:
+        n = min(n, int(gpus // gpus_per_worker))
+    if n * threads > cpus:
+        raise InputError(f"--ray-workers {n} x --threads {threads} needs {n * threads} CPUs; the Ray cluster "
+                         f"has {cpus}")
+    if gpus_per_worker > 0 and (n == 0 or n * gpus_per_worker > gpus + 1e-9):
+        n = max(n, 1)
+        raise InputError(f"{n} Ray worker(s) x --ray-gpus {gpus_per_worker:g} needs {n * gpus_per_worker:g} GPUs; "
+                         f"the Ray cluster has {gpus:g}" + (" (--device cpu to answer on CPUs)" if gpus == 0 else ""))
+    return n, gpus_per_worker
+
+
 class RayAnswerer:
     """Chips answered on a Ray cluster (``address`` None: the cluster this process is already
     connected to, else ``RAY_ADDRESS``, else a local one started here)."""
 
     def __init__(self, open_kwargs: dict, address: str | None = None, workers: int | None = None,
-                 threads: int = 1):
+                 threads: int = 1, gpus_per_worker: float | None = None):
         try:
             import ray
             from ray.util import ActorPool
@@ -63,13 +92,15 @@ class RayAnswerer:
                 ray.init(address=address or None, include_dashboard=False, log_to_driver=False)
             except ConnectionError as exc:
                 raise FusarError(f"--ray {address}: {_last_line(exc)}") from None
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        n = workers or max(1, cpus // threads)
-        if n * threads > cpus:  # Ray would leave the extra workers pending and the scan would wait forever
-            raise InputError(f"--ray-workers {n} x --threads {threads} needs {n * threads} CPUs; the Ray cluster "
-                             f"has {cpus}")
-        worker = ray.remote(num_cpus=threads)(_ChipWorker)
+        resources = ray.cluster_resources()
+        device = str(open_kwargs.get("device") or "auto")
+        n, gpus = plan_workers(int(resources.get("CPU", 1)), float(resources.get("GPU", 0)), threads, workers,
+                               gpus_per_worker, device)
+        if gpus > 0:  # each worker sees only the GPU(s) Ray gave it: "cuda" is that one
+            open_kwargs = {**open_kwargs, "device": "cuda"}
+        worker = ray.remote(num_cpus=threads, num_gpus=gpus)(_ChipWorker)
         self.actors = [worker.remote(open_kwargs, threads) for _ in range(n)]
+        self.gpus_per_worker = gpus
         self._ray = ray
         try:
             seen = ray.get([a.describe.remote() for a in self.actors])
