@@ -154,7 +154,7 @@ def _score_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
             errors.append(abs(value - truth))
         res.update(exact=right / n, mae=(sum(errors) / len(errors)) if errors else None, unparsed=unparsed,
                    by_truth={str(t): {"n": sum(a.values()), "exact": a.get(str(t), 0) / sum(a.values()),
-                                      "answers": dict(sorted(a.items(), key=_answer_order))}
+                                      "answers": dict(sorted(a.items(), key=lambda kv: answer_order(kv[0])))}
                              for t, a in sorted(answers.items())})
     elif task == "classify":
         right = sum(1 for r in rows if (_parsed("classify", r).value or "").strip().lower()
@@ -178,9 +178,9 @@ def _score_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     return res
 
 
-def _answer_order(item: tuple[str, int]) -> tuple[int, int]:
-    key = item[0]
-    return (1, 0) if key == "unparsed" else (0, int(key))  # counts in order, parse errors last
+def answer_order(key: str) -> tuple[int, int]:
+    """Sort key of a count answer: the counts in order, then ``unparsed``."""
+    return (1, 0) if key == "unparsed" else (0, int(key))
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float]:

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from ..fsutil import atomic_writer
+from .metrics import answer_order
 
 TASK_METRIC = {"count": "count exact", "locate": "locate top-1", "classify": "classify exact",
                "detect": "detect F1@0.5"}
@@ -44,8 +45,7 @@ def count_answers_table(report: dict) -> str:
     by_truth = (report["metrics"].get("count") or {}).get("by_truth")
     if not by_truth:
         return ""
-    keys = sorted({k for row in by_truth.values() for k in row["answers"]},
-                  key=lambda k: (1, 0) if k == "unparsed" else (0, int(k)))
+    keys = sorted({k for row in by_truth.values() for k in row["answers"]}, key=answer_order)
     lines = ["| true count | rows | exact | " + " | ".join(f"answered {k}" for k in keys) + " |",
              "|" + " --- |" * (len(keys) + 3)]
     for truth, row in by_truth.items():
