@@ -72,8 +72,8 @@ def add_parser(sub) -> None:
     s.add_argument("--ray-workers", type=positive_int, metavar="N",
                    help="Ray workers (default: the cluster's CPUs / --threads)")
     s.add_argument("--ray-gpus", type=float, metavar="G",
-                   help="GPUs per Ray worker (default: 1 when --device is cuda, or auto on a cluster with GPUs, "
-                        "else 0; 0.5 puts two workers on each GPU)")
+                   help="share of a GPU per Ray worker, 0 to 1 (default: 1 when --device is cuda, or auto on a "
+                        "cluster with GPUs, else 0; 0.5 puts two workers on each GPU)")
     s.add_argument("--threads", type=positive_int, metavar="N",
                    help="CPU threads (default: the physical cores we may use, less those busy at start; "
                         "with --ray: per worker, default 1)")
@@ -109,9 +109,10 @@ def run(args) -> int:
                          "write --ray=ADDRESS")
     if args.ray_workers and args.ray is None:
         raise InputError("--ray-workers: only with --ray")
-    if args.ray_gpus is not None and (args.ray is None or not math.isfinite(args.ray_gpus) or args.ray_gpus < 0):
-        raise InputError("--ray-gpus: only with --ray" if args.ray is None else
-                         f"--ray-gpus: expected a number of GPUs >= 0, got {args.ray_gpus}")
+    if args.ray_gpus is not None and (args.ray is None or not math.isfinite(args.ray_gpus)
+                                      or not 0 <= args.ray_gpus <= 1):
+        raise InputError("--ray-gpus: only with --ray" if args.ray is None else  # a worker runs on one GPU
+                         f"--ray-gpus: expected a share of one GPU, 0 to 1, got {args.ray_gpus}")
     check_grid_settings(args.chip, args.overlap)  # before a model loads: a typo costs a second
     if args.task != "caption" and not args.label.strip():
         raise InputError(f"--label: expected an object class such as 'ship', got {args.label!r}")

@@ -125,6 +125,7 @@ def test_ray_gpus_flag_is_checked(scene, tmp_path, capsys):
     base = ["scan", str(scene["scene_tif"]), "--out", str(tmp_path / "o"), "--no-anchors", "--quiet"]
     assert main(base + ["--ray-gpus", "1"]) == 2
     assert capsys.readouterr().err.strip() == "fusar-edge: error: --ray-gpus: only with --ray"
-    assert main(base + ["--ray", "--ray-gpus", "-1"]) == 2
-    assert "expected a number of GPUs >= 0" in capsys.readouterr().err
+    for bad in ("-1", "2", "nan"):
+        assert main(base + ["--ray", "--ray-gpus", bad]) == 2
+        assert f"expected a share of one GPU, 0 to 1, got {float(bad)}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
