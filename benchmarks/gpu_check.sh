@@ -6,8 +6,9 @@
 #   4. training on CUDA against the same run on the CPU (tests/test_train.py's CUDA test),
 #   5. `fusar-edge bench` on CUDA: the built-in demo, and random 7B weights at true size,
 #   6. the demo's answers on CUDA (bf16) against the CPU's (fp32) on fresh synthetic scenes (validation rows),
-#   7. ONNX Runtime's CUDA provider, when the installed onnxruntime has it,
-#   8. with the time left, the whole test suite on the GPU machine.
+#   7. a scene scanned on CUDA in batches of 8 beside the same scan on the CPU (summaries kept),
+#   8. ONNX Runtime's CUDA provider, when the installed onnxruntime has it,
+#   9. with the time left, the whole test suite on the GPU machine.
 #
 #     benchmarks/gpu_check.sh OUTDIR [SECONDS]      # default budget 540 s
 #     GPU_CHECK_SKIP="bench-demo train-cuda" benchmarks/gpu_check.sh OUTDIR   # steps by name
@@ -53,6 +54,11 @@ WORK=$(mktemp -d)  # scratch data and bundles: only the small reports go to OUTD
 step eval-demo-cuda 180 bash -c "$PY -m fusar_edge.cli data synth --out $WORK/set --n 200 --seed 7 --chip 224 \
     --per-region 4 --json > /dev/null && for d in cpu cuda; do $PY -m fusar_edge.cli eval --data $WORK/set/stage2-val.jsonl \
     --out $WORK/eval-\$d --device \$d --json > $OUTDIR/eval-demo-\$d.json || exit 1; done"
+step scan-cuda 150 bash -c "$PY -m fusar_edge.cli sample $WORK/scan-scene --size 1024 > /dev/null && \
+    $PY -m fusar_edge.cli scan $WORK/scan-scene/scene.tif --out $WORK/scan-cuda --tiles $WORK/scan-scene/tiles \
+    --device cuda --batch 8 --quiet && $PY -m fusar_edge.cli scan $WORK/scan-scene/scene.tif --out $WORK/scan-cpu \
+    --tiles $WORK/scan-scene/tiles --device cpu --quiet && cp $WORK/scan-cuda/scene/summary.json $OUTDIR/scan-cuda.json \
+    && cp $WORK/scan-cpu/scene/summary.json $OUTDIR/scan-cpu.json"
 step ort-cuda 120 bash -c "if ! $PY -c 'import onnxruntime as o, sys; sys.exit(\"CUDAExecutionProvider\" not in o.get_available_providers())'; \
     then echo 'skipped: this onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)'; exit 0; fi; \
     $PY -m fusar_edge.cli sample $WORK/sample && $PY -m fusar_edge.cli export --out $WORK/demo-onnx --onnx && \

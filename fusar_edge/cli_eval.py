@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from .evaluate.report import markdown_table
+    from .evaluate.report import count_answers_table, markdown_table
     from .evaluate.runner import evaluate
 
     from .threads import resolve_threads, set_torch_threads
@@ -70,6 +70,9 @@ def run(args) -> int:
         print(json.dumps(report))
     else:
         print(markdown_table([report]), end="")
+        answers = count_answers_table(report)
+        if answers:
+            print(f"\ncounting, by true count:\n{answers}", end="")
         print(f"wrote {args.out} ({report['rows']} rows in {report['seconds']} s)")
         if report.get("note"):
             print(f"note: {report['note']}", file=sys.stderr)
