@@ -136,10 +136,14 @@ def test_stage0_on_cuda_follows_the_cpu_run_and_saves_cpu_tensors(data, stage0, 
     """The same run on the GPU: same initial weights (built on the CPU), so the first steps' losses
     agree to fp32 accumulation-order noise (TF32 off); the saved weights load on a CPU-only box."""
     ds, small = data
+    tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     out = tmp_path / "s0-cuda"
-    run_stage(StageArgs(stage=0, data=[str(small)], out=out, device="cuda",
-                        settings=TrainSettings(epochs=8, lr=3e-3, grad_accum=2, seed=1)), show_progress=False)
+    try:
+        run_stage(StageArgs(stage=0, data=[str(small)], out=out, device="cuda",
+                            settings=TrainSettings(epochs=8, lr=3e-3, grad_accum=2, seed=1)), show_progress=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32  # the next tests' setting
     cpu, gpu = losses(stage0), losses(out)
     assert len(gpu) == len(cpu) == 8
     assert abs(gpu[0] - cpu[0]) < 1e-3 * abs(cpu[0])  # step 1: the same weights on the same rows
