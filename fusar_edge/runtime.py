@@ -194,6 +194,13 @@ class Runtime:
         self.batcher = self.vision_batcher = None
         self.model = self.stages = None
 
+    def placement(self) -> dict:
+        """``{"device", "dtype"}`` the answers are computed on (torch's device and weights dtype,
+        or ONNX Runtime's device type and the exported graphs' dtype)."""
+        if self.model is not None:
+            return {"device": str(self.model.device), "dtype": str(self.model.dtype).replace("torch.", "")}
+        return {"device": self.stages.device_type, "dtype": self.stages.spec["dtype"]}
+
     def __enter__(self) -> "Runtime":
         return self
 

@@ -179,6 +179,7 @@ def test_runtime_onnxruntime_answers_like_torch(exported, demo):
     rt_torch = Runtime.open(bundle, device="cpu")  # fp32, like the CPU graphs
     rt_onnx = Runtime.open(bundle, backend="onnxruntime", device="cpu")
     assert rt_onnx.model is None and rt_onnx.backend == "onnxruntime" and rt_onnx.weights == rt_torch.weights
+    assert rt_onnx.placement() == rt_torch.placement() == {"device": "cpu", "dtype": "float32"}  # what eval records
     for anchors in (demo["anchors"], None):
         kw = dict(anchors=anchors, no_anchors=anchors is None, max_new_tokens=12)
         a = rt_torch.ask(demo["scene_tif"], "How many ships are there?", **kw)

@@ -297,13 +297,12 @@ def _size_mb(rt, baseline: bool = False) -> float:
 
 
 def _describe(rt, backend: str) -> dict:
-    out = {"weights": rt.weights, "model_size_mb": _size_mb(rt, backend == "baseline")}
+    out = {"weights": rt.weights, "model_size_mb": _size_mb(rt, backend == "baseline"), **rt.placement()}
     if rt.model is not None:
-        out.update(device=str(rt.model.device), dtype=str(rt.model.dtype).replace("torch.", ""),
-                   threads={"torch": torch.get_num_threads()})
+        out.update(threads={"torch": torch.get_num_threads()})
     else:
         st = rt.stages
-        out.update(device=st.device_type, dtype=st.spec["dtype"], providers=list(st.providers), variant=st.dir.name,
+        out.update(providers=list(st.providers), variant=st.dir.name,
                    threads={"onnxruntime_intra_op": st.intra_op_threads})
     return out
 

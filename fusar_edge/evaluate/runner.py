@@ -85,9 +85,7 @@ def evaluate(bundle, data: str | Path, out: str | Path, backend: str = "torch", 
     seconds = time.perf_counter() - t0
     scores = M.score(preds)
     # where the numbers came from: bf16 on a GPU can answer a near-tie differently from fp32
-    where = ({"device": str(rt.model.device), "dtype": str(rt.model.dtype).replace("torch.", "")} if rt.model is not None
-             else {"device": rt.stages.device_type, "dtype": rt.stages.spec["dtype"]})
-    report = {"bundle": rt.source, "weights": rt.weights, "backend": backend, **where, "anchors": not no_anchors,
+    report = {"bundle": rt.source, "weights": rt.weights, "backend": backend, **rt.placement(), "anchors": not no_anchors,
               "data": str(data), "rows": len(rows), "seconds": round(seconds, 1),
               "rows_per_s": round(len(rows) / seconds, 2) if seconds else None,
               "metrics": scores, "headline": M.headline(scores)}

@@ -100,7 +100,6 @@ class RayAnswerer:
             open_kwargs = {**open_kwargs, "device": "cuda"}
         worker = ray.remote(num_cpus=threads, num_gpus=gpus)(_ChipWorker)
         self.actors = [worker.remote(open_kwargs, threads) for _ in range(n)]
-        self.gpus_per_worker = gpus
         self._ray = ray
         try:
             seen = ray.get([a.describe.remote() for a in self.actors])
