@@ -3,8 +3,9 @@
 Without a GPU the Triton kernel runs through Triton's interpreter (conftest.py sets
 ``TRITON_INTERPRET=1`` before anything imports the kernels), so these tests check the
 kernel's indexing, masking, tiling and batching on the CPU. With one, the inputs are made on
-the CPU (the same seeded values) and moved to CUDA for the kernel, which compiles for real and
-autotunes (benchmarks/gpu_check.sh runs them there); speed is benchmarks/kernels.py's.
+the CPU (the same seeded values) and moved to CUDA for the kernel, which compiles for real with
+one config per path (benchmarks/gpu_check.sh runs them there); autotuning and speed are
+benchmarks/kernels.py's.
 
 Every kernel run writes into an output buffer filled with NaN first, so an element the
 kernel fails to write shows up as NaN. Error bounds, relative Frobenius norm
