@@ -2,7 +2,7 @@
 # Every GPU path that the CPU-only CI cannot run, in one go, within a time budget:
 #   1. the machine (nvidia-smi, versions, ONNX Runtime's providers),
 #   2. the Triton kernel tests compiled for real (no TRITON_INTERPRET) on the GPU,
-#   3. benchmarks/kernels.py (fused TLM / GRASP vs eager vs torch.compile at the 7B shapes),
+#   3. benchmarks/triton_kernels.py (fused TLM / GRASP vs eager vs torch.compile at the 7B shapes),
 #   4. training on CUDA against the same run on the CPU (tests/test_train.py's CUDA test),
 #   5. `fusar-edge bench` on CUDA: the built-in demo, and random 7B weights at true size,
 #   6. the demo's answers on CUDA (bf16) against the CPU's (fp32) on fresh synthetic scenes (validation rows),
@@ -44,7 +44,7 @@ print(\"triton\", triton.__version__, \"transformers\", transformers.__version__
 print(\"onnxruntime\", ort.__version__, ort.get_available_providers())'"
 step kernel-tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_tlm.py tests/test_kernels_grasp.py
 step grasp-rows 60 $PY benchmarks/gpu_grasp_rows.py
-step kernel-bench 150 $PY benchmarks/kernels.py --out "$OUTDIR/kernels.json"
+step kernel-bench 150 $PY benchmarks/triton_kernels.py --out "$OUTDIR/kernels.json"
 step train-cuda 90 $PY -m pytest -q -p no:cacheprovider tests/test_train.py -k cuda -rs
 step bench-demo 90 $PY -m fusar_edge.cli bench --device cuda --runs 20 --json "$OUTDIR/bench-demo-cuda.json"
 step bench-7b 150 $PY -m fusar_edge.cli bench --preset qwen2.5-vl-7b --device cuda --runs 5 \

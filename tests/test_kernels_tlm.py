@@ -5,7 +5,7 @@ Without a GPU the Triton kernel runs through Triton's interpreter (conftest.py s
 kernel's indexing, masking, tiling and batching on the CPU. With one, the inputs are made on
 the CPU (the same seeded values) and moved to CUDA for the kernel, which compiles for real with
 one config per path (benchmarks/gpu_check.sh runs them there); autotuning and speed are
-benchmarks/kernels.py's.
+benchmarks/triton_kernels.py's.
 
 Every kernel run writes into an output buffer filled with NaN first, so an element the
 kernel fails to write shows up as NaN. Error bounds, relative Frobenius norm
@@ -42,7 +42,7 @@ def on_device(*tensors):
 @pytest.fixture(autouse=True)
 def one_config_per_path(monkeypatch):
     """The interpreter's one config per path on a GPU too: each test shape compiles once instead
-    of autotuning every config (benchmarks/kernels.py runs the autotuned kernel at the 7B shapes)."""
+    of autotuning every config (benchmarks/triton_kernels.py runs the autotuned kernel at the 7B shapes)."""
     import fusar_edge.kernels.tlm as tlm_mod
 
     configs = tlm_mod._configs

@@ -56,7 +56,7 @@ MAX_TRITON_BLOCKS = 256  # the selection holds an [N_PAD, N_PAD] comparison tile
 # round trip chose wrong blocks for 1-4 of 16 rows (benchmarks/results/gpu-h200.md); the round
 # trip is the fix, and has run only under the interpreter so far. Turn this on once
 # benchmarks/gpu_check.sh's kernel-tests and grasp-rows pass on a GPU. The reference costs
-# 0.3-1 ms per question there (kernels.py), once per request.
+# 0.3-1 ms per question there (benchmarks/triton_kernels.py), once per request.
 AUTO_RUNS_KERNEL = False
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

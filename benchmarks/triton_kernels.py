@@ -11,7 +11,11 @@ Writes benchmarks/results/kernels-<gpu>.json with the device name and versions.
 Needs a CUDA GPU and Triton: it says so and exits with code 2 otherwise (CPU runs of the
 kernels are correctness checks in tests/, not benchmarks).
 
-    python benchmarks/kernels.py [--dtype bfloat16] [--batches 1 32] [--out FILE]
+    python benchmarks/triton_kernels.py [--dtype bfloat16] [--batches 1 32] [--out FILE]
+
+Not named kernels.py: a script's folder comes first on sys.path, and transformers imports the
+hub's ``kernels`` package whenever one is importable, so a benchmarks/kernels.py broke every
+other script here that builds a model (ImportError: CUDAProperties).
 """
 
 from __future__ import annotations
@@ -122,13 +126,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py: no CUDA GPU visible; the kernel benchmark needs one "
+        print("benchmarks/triton_kernels.py: no CUDA GPU visible; the kernel benchmark needs one "
               "(on CPU, tests/test_kernels_*.py check the kernels through Triton's interpreter)", file=sys.stderr)
         return 2
     try:
         import triton  # noqa: F401
     except ImportError:
-        print("benchmarks/kernels.py: Triton is not installed (pip install triton)", file=sys.stderr)
+        print("benchmarks/triton_kernels.py: Triton is not installed (pip install triton)", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
     info = machine()
