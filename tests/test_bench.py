@@ -80,6 +80,17 @@ def test_decode_bandwidth_is_weight_bytes_times_tokens_per_s(cli_run):
         assert entry["decode_read_gbs"] == pytest.approx(want * entry["decode_tokens_per_s"] / 1e9, rel=0.01, abs=0.01)
         assert entry["read_ceiling_gbs"] == ceiling  # on the CPU: host memory's
         assert entry["decode_read_of_ceiling"] == pytest.approx(entry["decode_read_gbs"] / ceiling, abs=1e-3)
+        same = entry["same_size_read_ceiling_gbs"]  # a read of the weights' own size (tiny's: the cache)
+        assert same > 0
+        assert entry["decode_read_of_same_size_ceiling"] == pytest.approx(entry["decode_read_gbs"] / same, abs=1e-3)
+
+
+def test_cache_note_only_when_the_weights_read_faster_than_memory():
+    from fusar_edge.bench.bandwidth import cache_note
+
+    assert cache_note(600.0, 30.0, 31.0) is None  # a 600 MB decoder reads from memory
+    note = cache_note(49.1, 30.0, 57.3)
+    assert note is not None and "49 MB" in note and "57.3" in note and "30.0" in note
 
 
 def test_noise_notes_name_the_load_and_the_spread():

@@ -79,6 +79,8 @@ def format_table(result: dict) -> str:
             ("decode read GB/s", lambda e: _num(e.get("decode_read_gbs"))),
             ("  of read ceiling", lambda e: f"{100 * e['decode_read_of_ceiling']:.0f} %"
              if e.get("decode_read_of_ceiling") else "-"),
+            ("  of a same-size read", lambda e: f"{100 * e['decode_read_of_same_size_ceiling']:.0f} %"
+             if e.get("decode_read_of_same_size_ceiling") else "-"),
             ("peak host MB", lambda e: _num(e["peak_mem_mb"]["host"])),
             ("peak device MB", lambda e: _num(e["peak_mem_mb"]["device"])),
             ("model size MB", lambda e: _num(e["model_size_mb"])),

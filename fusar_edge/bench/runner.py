@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from ..errors import FusarError, InputError
-from .bandwidth import bandwidth_entry, decoder_weight_bytes, noise_notes, read_ceiling_gbs
+from .bandwidth import (bandwidth_entry, cache_note, decoder_weight_bytes, noise_notes, read_ceiling_gbs,
+                        same_size_ceiling_gbs)
 from .clock import PeakMemory, StageClock
 from .stats import summarize
 
@@ -423,12 +424,21 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None,
                 entry["read_ceiling_gbs"] = ceilings[where]
                 if entry.get("decode_read_gbs"):
                     entry["decode_read_of_ceiling"] = round(entry["decode_read_gbs"] / ceilings[where], 3)
+                    if where == "cpu":  # the weights' own working set: in the cache or not
+                        same = same_size_ceiling_gbs(int(entry["decode_weight_mb"] * 2**20))
+                        entry["same_size_read_ceiling_gbs"] = same
+                        entry["decode_read_of_same_size_ceiling"] = round(entry["decode_read_gbs"] / same, 3)
         weights = {e["weights"] for e in result["backends"].values()}
         result["notes"] = []
         if "random" in weights:
             result["notes"].append("weights are random (a preset at its true size): timings are the architecture's, "
                                    "the answers are meaningless")
         result["notes"] += noise_notes(result)
+        for entry in result["backends"].values():
+            note = entry.get("same_size_read_ceiling_gbs") and cache_note(
+                entry["decode_weight_mb"], entry["read_ceiling_gbs"], entry["same_size_read_ceiling_gbs"])
+            if note and note not in result["notes"]:
+                result["notes"].append(note)
     return result
 
 
