@@ -85,6 +85,17 @@ def test_decode_bandwidth_is_weight_bytes_times_tokens_per_s(cli_run):
         assert entry["decode_read_of_same_size_ceiling"] == pytest.approx(entry["decode_read_gbs"] / same, abs=1e-3)
 
 
+def test_same_size_read_never_allocates_past_the_memory_ceilings_buffer(monkeypatch):
+    from fusar_edge.bench import bandwidth
+
+    asked = []
+    monkeypatch.setattr(bandwidth, "read_ceiling_gbs", lambda mib, repeats: asked.append(mib) or 1.0)
+    bandwidth.same_size_ceiling_gbs(49 * 2**20 + 1)  # small's decoder: its own size, rounded up
+    bandwidth.same_size_ceiling_gbs(28 * 2**30)  # a 7B in fp32: memory's buffer, not 28 GB
+    bandwidth.same_size_ceiling_gbs(10)
+    assert asked == [50, bandwidth.CEILING_MIB, 1]
+
+
 def test_cache_note_only_when_the_weights_read_faster_than_memory():
     from fusar_edge.bench.bandwidth import cache_note
 

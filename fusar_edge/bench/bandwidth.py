@@ -18,6 +18,7 @@ import torch
 
 NOISY_SPREAD = 1.25  # end-to-end p90 / p50 above this: the runs were disturbed
 LOADED = 0.5  # 1-minute load average per core above this at the start: other work was running
+CEILING_MIB = 512  # the memory ceiling's buffer: past any CPU's last-level cache we have met (480 MB)
 CACHED = 1.25  # a same-size read this much faster than memory's: the weights live in the cache
 
 
@@ -37,7 +38,7 @@ def decoder_weight_bytes(rt) -> int:
     return total
 
 
-def read_ceiling_gbs(mib: int = 512, repeats: int = 3, device: str = "cpu") -> float:
+def read_ceiling_gbs(mib: int = CEILING_MIB, repeats: int = 3, device: str = "cpu") -> float:
     """The best of ``repeats`` full reads (a sum) of a ``mib`` MiB buffer, in GB/s: on the CPU with
     torch's threads (what the decode threads could read at most), on a CUDA device its memory's
     (a decoder on the GPU reads its weights from there, not from host memory)."""
@@ -64,8 +65,10 @@ def same_size_ceiling_gbs(weight_bytes: int, repeats: int = 5) -> float:
     A decoder whose weights fit the cache (``small``'s 49 MB on a Xeon with a large L3: a same-size
     read ran 57 GB/s where memory gave 27-32) reads much of them from the cache, and set against
     memory alone it looks closer to the ceiling than it is; this one holds it to the same working set.
+    Weights larger than the memory ceiling's buffer read from memory anyway: the buffer stays at that
+    size (a 7B's 28 GB of fp32 weights must not be allocated a second time to learn it).
     """
-    return read_ceiling_gbs(mib=max(1, -(-int(weight_bytes) // 2**20)), repeats=repeats)
+    return read_ceiling_gbs(mib=min(CEILING_MIB, max(1, -(-int(weight_bytes) // 2**20))), repeats=repeats)
 
 
 def cache_note(weight_mb: float, memory_gbs: float, same_size_gbs: float) -> str | None:
