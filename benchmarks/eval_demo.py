@@ -40,7 +40,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", type=Path, required=True)
     p.add_argument("--noaef", type=Path, required=True)
-    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="dataset whose stage2-test.jsonl is scored")
+    p.add_argument("--train-data", type=Path,
+                   help="the dataset the runs were trained on, for the recorded commands (default: --data)")
     p.add_argument("--work", type=Path, default=Path("runs/eval-demo"))
     p.add_argument("--threads", default="2")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "eval-demo-vm")
@@ -74,8 +76,8 @@ def main() -> None:
     train = {name: json.loads((a.demo / name / "train.json").read_text()) for name in ("s0", "s1", "s2")}
     result = {"what": "demo model, held-out test split, every metric", "data": str(a.data),
               "dataset": json.loads((a.data / "dataset.json").read_text()),
-              "commands": [f"python scripts/train_demo.py --out {a.demo} --data {a.data}",
-                           f"python scripts/train_demo.py --out {a.noaef} --no-aef --data {a.data}",
+              "commands": [f"python scripts/train_demo.py --out {a.demo} --data {a.train_data or a.data}",
+                           f"python scripts/train_demo.py --out {a.noaef} --no-aef --data {a.train_data or a.data}",
                            f"python benchmarks/eval_demo.py --demo {a.demo} --noaef {a.noaef} --data {a.data} "
                            f"--work {a.work}", *commands],
               "shipped_bundle": "fusar_edge/assets/demo-bundle = " + str(bundle),
