@@ -3,7 +3,7 @@
     python benchmarks/sample_counts.py [--bundle DIR] [--seeds 20] [--threads 2]
 
 For seeds 0..N-1: `fusar-edge sample` (the quick start's scene is seed 0), then
-"How many ships are there?" with its tile store, as the quick start asks it (the runtime opened
+"How many ships are there in this image?" with its tile store, as the quick start asks it (the runtime opened
 on each scene's own tile store, as `ask --tiles` does).
 Prints each seed's true count and answer and how many were right (the README quotes it).
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-QUESTION = "How many ships are there?"  # the README quick start's
+QUESTION = "How many ships are there in this image?"  # the README quick start's
 
 
 def main() -> int:

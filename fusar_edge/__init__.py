@@ -4,7 +4,7 @@ The Python API ground-station software embeds::
 
     from fusar_edge import Runtime, AnchorSet
     rt = Runtime.open("bundles/fusar-7b")          # or Runtime.open() for the built-in trained demo
-    ans = rt.ask("scene.tif", "How many ships are there?", anchors="anchors.npz")
+    ans = rt.ask("scene.tif", "How many ships are there in this image?", anchors="anchors.npz")
     ans.answer, ans.text, ans.timings_ms
 """
 

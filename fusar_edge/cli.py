@@ -25,8 +25,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 EPILOG_ASK = """examples:
   fusar-edge sample demo/                      # a synthetic SAR scene, anchors and AEF tile store
-  fusar-edge ask demo/scene.tif "How many ships are there?" --tiles demo/tiles --json
-  fusar-edge ask demo/scene.tif "How many ships are there?" --anchors demo/anchors.npz
+  fusar-edge ask demo/scene.tif "How many ships are there in this image?" --tiles demo/tiles --json
+  fusar-edge ask demo/scene.tif "How many ships are there in this image?" --anchors demo/anchors.npz
   fusar-edge ask demo/scene.png "Where is the ship?" --tiles demo/tiles --bbox 2.983 53.99 3.017 54.01 --date 2020-02-20
   fusar-edge ask chip.png "detect" --bundle bundles/fusar-7b --task detect --label plane --anchors chip.npz
 
@@ -100,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="Answer a question about one SAR image (GeoTIFF, PNG/JPEG or .npy).",
                        epilog=EPILOG_ASK, formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("image", help="SAR image: GeoTIFF (georeferenced), PNG/JPEG, or .npy (real or complex)")
-    a.add_argument("question", help='the question, e.g. "How many ships are there?"')
+    a.add_argument("question", help='the question, e.g. "How many ships are there in this image?"')
     a.add_argument("--bundle", help="bundle directory or preset name (default: the built-in trained demo)")
     a.add_argument("--verify", action="store_true",
                    help="recompute every bundle file's sha256 against its manifest.json before loading (every "
@@ -237,7 +237,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "scene.tif (georeferenced uint16 amplitude with an acquisition date), scene.png, "
                                    "tiles/ (its AEF tile store) and anchors.npz; prints the true ship count.",
                        epilog="examples:\n"
-                              "  fusar-edge sample demo && fusar-edge ask demo/scene.tif \"How many ships are there?\" --tiles demo/tiles\n"
+                              "  fusar-edge sample demo && fusar-edge ask demo/scene.tif \"How many ships are there in this image?\" --tiles demo/tiles\n"
                               "  fusar-edge sample demo2 --seed 3            # another scene\n"
                               "  fusar-edge ask demo/scene.png \"Where is the ship?\" --anchors demo/anchors.npz  # a PNG has no georeference",
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,7 +18,7 @@ EPILOG = """examples:
   fusar-edge serve --host 0.0.0.0 --token-file /etc/fusar/token --workers 4 --max-queue 32
   fusar-edge serve --workers 8 --batch 8                # concurrent questions share ViT calls and decode steps
 
-  curl -F image=@demo/scene.tif -F question="How many ships are there?" http://127.0.0.1:8000/v1/ask
+  curl -F image=@demo/scene.tif -F question="How many ships are there in this image?" http://127.0.0.1:8000/v1/ask
   curl -F path=scene.tif -F question="Where is the ship?" http://127.0.0.1:8000/v1/ask   # under --allow-dir
   curl http://127.0.0.1:8000/healthz ; curl http://127.0.0.1:8000/metrics
 

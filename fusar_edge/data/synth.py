@@ -256,7 +256,7 @@ def sample_scene(out: str | Path, seed: int = 0, size: int = 224) -> dict:
     its AEF tile store ``tiles/`` and its anchors ``anchors.npz`` (16 x 16, looked up in ``tiles/``).
 
     A coastal or open-sea region with at least one ship, so the README's "How many ships are
-    there?" has an answer; ``ships`` lists their boxes (scene pixels, x2/y2 exclusive).
+    there in this image?" has an answer; ``ships`` lists their boxes (scene pixels, x2/y2 exclusive).
 
     Everything is written into a hidden work directory first (``.NAME.sample-PID-*``; a later
     run removes a killed run's), then moved into place: a new ``out`` appears whole, and into
