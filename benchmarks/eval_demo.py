@@ -79,7 +79,7 @@ def main() -> None:
               "commands": [f"python scripts/train_demo.py --out {a.demo} --data {a.train_data or a.data}",
                            f"python scripts/train_demo.py --out {a.noaef} --no-aef --data {a.train_data or a.data}",
                            f"python benchmarks/eval_demo.py --demo {a.demo} --noaef {a.noaef} --data {a.data} "
-                           f"--work {a.work}", *commands],
+                           f"--work {a.work}" + (f" --train-data {a.train_data}" if a.train_data else ""), *commands],
               "shipped_bundle": "fusar_edge/assets/demo-bundle = " + str(bundle),
               "bundle_weights": reports[0]["weights"],
               "training": {k: {kk: v[kk] for kk in ("steps", "samples", "seconds", "final_loss", "settings", "dense")
