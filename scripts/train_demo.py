@@ -10,6 +10,7 @@ checkpoints, so the script can be restarted after an interruption.
 """
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
@@ -80,8 +81,12 @@ def main() -> None:
     d, o = a.data, a.out
     aef = ["--no-aef"] if a.no_aef else []
     common = ["--threads", a.threads, "--seed", "0"]
-    step(["data", "synth", "--out", str(d), *_override(SYNTH, {"--n": a.n, "--per-region": a.per_region})],
-         done=d / "dataset.json")
+    if (d / "dataset.json").exists():  # say what the existing dataset is, not the command that was not run
+        made = json.loads((d / "dataset.json").read_text())
+        print(f"# skipped: {d} exists (n {made.get('n')}, seed {made.get('seed')}, chip {made.get('chip')}, "
+              f"per region {made.get('per_region')})", flush=True)
+    else:
+        step(["data", "synth", "--out", str(d), *_override(SYNTH, {"--n": a.n, "--per-region": a.per_region})])
     stage0 = _override(STAGE0, {"--dense-warmup-epochs": a.dense_warmup_epochs, "--epochs": a.stage0_epochs,
                                 "--dense-pos-weight": a.dense_pos_weight})
     stage0 += ["--dense-weight", a.dense_weight] if a.dense_weight else []
