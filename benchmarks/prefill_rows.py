@@ -6,7 +6,8 @@
 Each bundle's `onnx-int4/` decoder (optionally rewritten to other MatMulNBits accuracy levels: a
 throwaway copy in a temporary folder, the same 4-bit weights) runs, every round and taking turns,
 a text-only pass over each of ``--lengths`` tokens (as GRASP's question pass and a prompt's prefill
-do: `OnnxStages.question_hidden`), then a 141-token prefill and 32 greedy decode steps. Medians over
+do: `OnnxStages.question_hidden`), then a 141-token prefill and 32 greedy decode steps
+(`decode_profile.decode_seconds`: the mean step). Medians over
 rounds (the first two dropped). Says where time to first token goes once the decoder is 4-bit: a
 prompt token costs the same in every pass, so prefill is bound by the 4-bit matmul over many rows.
 Prints a table and writes JSON with ``--out``.
@@ -59,6 +60,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
 
+    from decode_profile import decode_seconds  # the same timed decode loop as the profile's
+
     from fusar_edge.backends.onnxruntime import OnnxStages
     from fusar_edge.bench.machine import machine_info
     from fusar_edge.model.rope import text_positions
@@ -79,14 +82,8 @@ def main() -> int:
                     t0 = time.perf_counter()
                     st.question_hidden(ids[:n])
                     times[name][f"pass_{n}"].append(time.perf_counter() - t0)
-                logits, state = st.prefill(st.embed(ids[:141]), text_positions(0, 141))
-                tok, steps = int(np.argmax(logits)), []
-                for i in range(32):
-                    t0 = time.perf_counter()
-                    logits, state = st.step(tok, 141 + i, state)
-                    steps.append(time.perf_counter() - t0)
-                    tok = int(np.argmax(logits))
-                times[name]["decode_step"].append(statistics.median(steps))
+                times[name]["decode_step"].append(
+                    decode_seconds(st, st.sessions, st.embed(ids[:141]), text_positions(0, 141), 32))
             print(f"\rround {r + 1}/{a.rounds + 2}", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
     finally:
