@@ -308,7 +308,7 @@ def main() -> None:
             step = statistics.median(decode[e.name])
             # against a read of the engine's own weight bytes too: weights that fit the CPU's
             # cache (small's ~50 MB on a large-L3 Xeon) read faster than memory's ceiling
-            same = same_size_ceiling_gbs(e.weight_bytes)
+            same = same_size_ceiling_gbs(e.weight_bytes, memory_gbs=ceiling)
             rows.append({"engine": e.name, "decode_tok_s": round(1 / step, 1),
                          "prefill_ms": round(statistics.median(prefill[e.name]) * 1e3, 1),
                          "weights_read_mb_per_token": round(e.weight_bytes / 1e6, 1),

@@ -94,6 +94,10 @@ def test_same_size_read_never_allocates_past_the_memory_ceilings_buffer(monkeypa
     bandwidth.same_size_ceiling_gbs(28 * 2**30)  # a 7B in fp32: memory's buffer, not 28 GB
     bandwidth.same_size_ceiling_gbs(10)
     assert asked == [50, bandwidth.CEILING_MIB, 1]
+    # with memory's ceiling already measured, weights that large reuse it instead of a second read
+    assert bandwidth.same_size_ceiling_gbs(28 * 2**30, memory_gbs=27.5) == 27.5
+    assert bandwidth.same_size_ceiling_gbs(49 * 2**20, memory_gbs=27.5) == 1.0  # small ones still read
+    assert asked == [50, bandwidth.CEILING_MIB, 1, 49]
 
 
 def test_cache_note_only_when_the_weights_read_faster_than_memory():

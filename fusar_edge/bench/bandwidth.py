@@ -58,7 +58,7 @@ def read_ceiling_gbs(mib: int = CEILING_MIB, repeats: int = 3, device: str = "cp
     return round(mib * 2**20 / best / 1e9, 2)
 
 
-def same_size_ceiling_gbs(weight_bytes: int, repeats: int = 5) -> float:
+def same_size_ceiling_gbs(weight_bytes: int, repeats: int = 5, memory_gbs: float | None = None) -> float:
     """What this CPU reads from a buffer the size of the decoder's weights, in GB/s.
 
     The main ceiling reads 512 MiB, past the last-level cache, so it is the memory's bandwidth.
@@ -66,9 +66,13 @@ def same_size_ceiling_gbs(weight_bytes: int, repeats: int = 5) -> float:
     read ran 57 GB/s where memory gave 27-32) reads much of them from the cache, and set against
     memory alone it looks closer to the ceiling than it is; this one holds it to the same working set.
     Weights larger than the memory ceiling's buffer read from memory anyway: the buffer stays at that
-    size (a 7B's 28 GB of fp32 weights must not be allocated a second time to learn it).
+    size (a 7B's 28 GB of fp32 weights must not be allocated a second time to learn it), and that
+    read is the memory ceiling itself: ``memory_gbs``, when the caller has measured it, is returned.
     """
-    return read_ceiling_gbs(mib=min(CEILING_MIB, max(1, -(-int(weight_bytes) // 2**20))), repeats=repeats)
+    mib = min(CEILING_MIB, max(1, -(-int(weight_bytes) // 2**20)))
+    if mib == CEILING_MIB and memory_gbs is not None:
+        return memory_gbs
+    return read_ceiling_gbs(mib=mib, repeats=repeats)
 
 
 def cache_note(weight_mb: float, memory_gbs: float, same_size_gbs: float) -> str | None:

@@ -425,7 +425,7 @@ def run_bench(settings: BenchSettings, progress: Progress | None = None,
                 if entry.get("decode_read_gbs"):
                     entry["decode_read_of_ceiling"] = round(entry["decode_read_gbs"] / ceilings[where], 3)
                     if where == "cpu":  # the weights' own working set: in the cache or not
-                        same = same_size_ceiling_gbs(int(entry["decode_weight_mb"] * 2**20))
+                        same = same_size_ceiling_gbs(int(entry["decode_weight_mb"] * 2**20), memory_gbs=ceilings["cpu"])
                         entry["same_size_read_ceiling_gbs"] = same
                         entry["decode_read_of_same_size_ceiling"] = round(entry["decode_read_gbs"] / same, 3)
         weights = {e["weights"] for e in result["backends"].values()}
