@@ -3,8 +3,10 @@
     python benchmarks/prefill_rows.py --bundle S-x [--bundle S64-x ...] [--accuracy-levels 4 0]
         [--lengths 12 40 141] [--rounds 10] [--threads 2]
 
-Each bundle's `onnx-int4/` decoder (optionally rewritten to other MatMulNBits accuracy levels: a
-throwaway copy in a temporary folder, the same 4-bit weights) runs, every round and taking turns,
+Each bundle's `onnx-int4/` decoder runs as the runtime runs it (prompts on `decoder-prefill.onnx`,
+the integer GEMM, when the export has it: `export/int8_prefill.py`), and, beside it, with prompts
+on the 4-bit graph too ("prompts 4-bit") and optionally rewritten to other MatMulNBits accuracy
+levels (a throwaway copy in a temporary folder, the same 4-bit weights); each runs, every round and taking turns,
 a text-only pass over each of ``--lengths`` tokens (as GRASP's question pass and a prompt's prefill
 do: `OnnxStages.question_hidden`), then a 141-token prefill and 32 greedy decode steps
 (`decode_profile.decode_seconds`: the mean step). Medians over
@@ -70,10 +72,13 @@ def main() -> int:
     try:
         stages = {}
         for b in a.bundle:
-            stages[f"{b.name}"] = OnnxStages(b / "onnx-int4", device="cpu", threads=a.threads)
+            stages[f"{b.name}"] = OnnxStages(b / "onnx-int4", device="cpu", threads=a.threads, int8_prefill=True)
+            if stages[f"{b.name}"].prefill_session is not None:
+                stages[f"{b.name} prompts 4-bit"] = OnnxStages(b / "onnx-int4", device="cpu", threads=a.threads,
+                                                               int8_prefill=False)
             for level in a.accuracy_levels:
                 d = with_accuracy_level(b / "onnx-int4", level, tmp / f"{b.name}-level{level}")
-                stages[f"{b.name} level {level}"] = OnnxStages(d, device="cpu", threads=a.threads)
+                stages[f"{b.name} level {level}"] = OnnxStages(d, device="cpu", threads=a.threads, int8_prefill=False)
         ids = (np.arange(max(max(a.lengths), 141)) * 7) % 500 + 5  # plain text ids of any vocabulary
         times = {name: {**{f"pass_{n}": [] for n in a.lengths}, "decode_step": []} for name in stages}
         for r in range(a.rounds + 2):

@@ -65,7 +65,21 @@ def test_export_tiny_end_to_end(tmp_path, capfd):
     assert check_bundle(again) == check_bundle(out)
 
 
-def test_export_gptq4_writes_every_form_and_runs_4bit(tmp_path, capsys):
+class _Spy:
+    """An ONNX Runtime session that counts its IO-binding runs."""
+
+    def __init__(self, session):
+        self.session, self.runs = session, 0
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def run_with_iobinding(self, io):
+        self.runs += 1
+        return self.session.run_with_iobinding(io)
+
+
+def test_export_gptq4_writes_every_form_and_runs_4bit(tmp_path, capsys, monkeypatch):
     from fusar_edge.geo.synthetic import write_demo_scene
     from fusar_edge.runtime import Runtime
     from fusar_edge.export.gptq_format import load_gptq_checkpoint
@@ -91,6 +105,19 @@ def test_export_gptq4_writes_every_form_and_runs_4bit(tmp_path, capsys):
     ans = Runtime.open(out, backend="onnxruntime").ask(scene["scene_tif"], "How many ships?", max_new_tokens=4,
                                                      anchors=scene["anchors"])
     assert ans.model["onnx"] == "onnx-int4"
+    # the prompt ran on the int8 prefill graph (CPU), the decode steps on the 4-bit one; without it, the same
+    # export still runs (and so does an export made with --no-int8-prefill: no such file, no such stage).
+    # Forced: by default only CPUs with VNNI or AMX take it (int8_gemm_kind), and CI's may have neither
+    monkeypatch.setenv("FUSAR_ORT_PREFILL", "int8")
+    rt = Runtime.open(out, backend="onnxruntime")
+    assert rt.stages.prefill_session is not None
+    spy = rt.stages.prefill_session = _Spy(rt.stages.prefill_session)
+    again = rt.ask(scene["scene_tif"], "How many ships?", max_new_tokens=4, anchors=scene["anchors"])
+    assert spy.runs >= 1 and again.text == ans.text
+    from fusar_edge.backends.onnxruntime import OnnxStages
+    from fusar_edge.errors import FusarError
+
+    assert OnnxStages(out / "onnx-int4", device="cpu", int8_prefill=False).prefill_session is None
     # `info` says what can run the exported bundle
     assert main(["info", str(out), "--json"]) == 0
     backends = json.loads(capsys.readouterr().out)["backends"]
@@ -98,6 +125,9 @@ def test_export_gptq4_writes_every_form_and_runs_4bit(tmp_path, capsys):
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "onnx-int4: onnxruntime (GPTQ 4-bit, MatMulNBits)" in text and "{" not in text.split("files")[-1]
+    (out / "onnx-int4" / "decoder-prefill.onnx").unlink()  # listed in stages.json, gone: one clear line
+    with pytest.raises(FusarError, match="decoder-prefill.onnx: missing"):
+        OnnxStages(out / "onnx-int4", device="cpu")
 
 
 def test_tensorrt_engine_build_is_retired(tmp_path, capsys):
@@ -144,3 +174,10 @@ def test_gptq_flags_without_gptq_are_refused(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
     assert main(["info", "--json"]) == 0  # no argument: the built-in demo
     assert json.loads(capsys.readouterr().out)["kind"] == "bundle"
+
+
+def test_no_int8_prefill_only_with_gptq4(tmp_path, capsys):
+    assert main(["export", "tiny", "--out", str(tmp_path / "x"), "--no-int8-prefill"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--no-int8-prefill: only with --gptq4" in err[0], err
+    assert not (tmp_path / "x").exists()

@@ -35,7 +35,7 @@ class DecoderState:
         self._host: list = []  # on CPU their numpy memory (None per buffer elsewhere)
         self.cos = np.zeros((0, head_dim // 2), self.dtype)
         self.sin = np.zeros((0, head_dim // 2), self.dtype)
-        self.binding = None  # the caller's IO binding of the buffers; dropped when they are replaced
+        self.bindings: dict = {}  # the caller's IO binding of the buffers, per session; dropped when they are replaced
         self.step_io = None  # a decode step's bindings, made once (onnxruntime.StepBinding); dropped likewise
         # A decode step's small inputs live in host arrays wrapped once: ONNX Runtime reads numpy
         # memory in place, so a step rewrites a few numbers instead of building new values.
@@ -71,7 +71,7 @@ class DecoderState:
         shape = (self.batch, self.kv_heads, capacity, self.head_dim)
         old = self.cached_rows() if self.length else None
         self._host, self.buffers = map(list, zip(*(self._buffer(shape) for _ in range(2 * self.layers))))
-        self.binding = self.step_io = None
+        self.bindings, self.step_io = {}, None
         if old is not None:
             for index, rows in enumerate(old):
                 self._write_rows(index, rows)

@@ -42,6 +42,10 @@ from .tlm_host import tlm_weights_numpy
 STAGES = ("vision", "embed", "fusion", "decoder")
 PREFIX_CACHE_SIZE = 8  # distinct prompt heads kept (one per system prompt in practice)
 PREFIX_MAX_BYTES = 32 << 20  # a longer head's rows are not kept: the cache stays under 8 x 32 MB
+# Calls of at least this many rows (tokens x sequences) run on the int8 prefill graph when the export
+# has one (export/int8_prefill.py); fewer (decode steps) on the 4-bit graph, which reads half the bytes.
+# At 16 rows the integer GEMM was already ~5x faster on a 1024 x 2816 weight (2-core Xeon with AMX).
+PREFILL_MIN_ROWS = 16
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
        "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -80,6 +84,8 @@ def check_export(onnx_dir: str | Path, bundle: str | Path | None = None) -> dict
             raise FusarError(f"{onnx_dir / name}: missing ({hint})")
     spec = read_stages(onnx_dir)
     for stage in spec["stages"].values():
+        if not (onnx_dir / stage["file"]).is_file():
+            raise FusarError(f"{onnx_dir / stage['file']}: missing (listed in stages.json; {hint})")
         if stage.get("data") and not (onnx_dir / stage["data"]).is_file():
             raise FusarError(f"{onnx_dir / stage['data']}: missing (external weights of {stage['file']}; {hint})")
     return spec
@@ -120,6 +126,60 @@ def spin_policy(setting: str) -> dict[str, bool]:
     return {name: setting == "1" or (setting == "decoder" and name == "decoder") for name in STAGES}
 
 
+EXACT_INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # x86 int8 dot products that sum in int32
+
+
+def int8_gemm_kind(machine: str | None = None, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """What ONNX Runtime's uint8 x int8 GEMM is on this CPU: ``exact`` (x86 with VNNI or AMX: int8
+    dot products summed in int32; where the int8 prefill was measured fast), ``saturating`` (x86
+    without them: pairs of products summed in int16 by ``vpmaddubsw``; also an x86 whose flags
+    cannot be read, the safe answer) or ``other`` (not x86: ARM's dot products sum in int32)."""
+    import platform
+
+    machine = (machine or platform.machine()).lower()
+    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+        return "other"
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "saturating"
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "exact" if any(f in flags for f in EXACT_INT8_FLAGS) else "saturating"
+
+
+def prefill_policy(setting: str, kind: str) -> bool:
+    """Whether prompts run on the export's int8 prefill graph. ``FUSAR_ORT_PREFILL``: ``auto`` (the
+    default: on x86 CPUs with VNNI or AMX, ``kind`` ``exact``, the only kind measured; elsewhere on
+    ``decoder.onnx``), ``int8`` (wherever the export has the graph) or ``int4`` (never)."""
+    if setting not in ("auto", "int8", "int4"):
+        raise InputError(f"FUSAR_ORT_PREFILL: expected auto, int8 or int4, got {setting!r}")
+    return setting == "int8" or (setting == "auto" and kind == "exact")
+
+
+def _stage_options(ort, threads: int | None, spins: bool):
+    """Our session options for one stage: ``threads`` intra-op threads, and whether its workers spin.
+
+    Idle ONNX Runtime workers spin before they sleep. The stages run in turn with host work
+    between them: spinning pools of the vision, embed and fusion sessions starved the next stage
+    on a small CPU (`fusar-edge bench`, 2 cores: vision 77 -> 4 ms without). The decoder is the
+    exception on idle cores: waking a sleeping worker for each of a decode step's ~50 ops cost
+    1.2-1.4x in decode speed (small, 2 cores, quiet; README). With both cores taken by other
+    processes spinning made it 1.6x slower instead (one busy neighbour: 1.02-1.12x faster still),
+    so by default (auto) the decoder spins only when no other work was running at open
+    (threads.others_running). FUSAR_ORT_SPIN=decoder / 0 / 1: the decoder always / no session /
+    every session.
+    """
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spins else "0")
+    if spins:  # between the ops of a run only: after it the workers sleep at once, not ~50 ms more
+        # on the CPU the next stage (or request) needs
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
+    return opts
+
+
 def cache_bindings(state: DecoderState):
     """``(past input name, present output name, buffer)`` per layer and side: one buffer is both."""
     for i in range(state.layers):
@@ -137,9 +197,9 @@ def run_decoder(session, state: DecoderState, embeds, positions: np.ndarray, out
     and the outputs (the same buffers as ``present.*``).
     """
     feeds = state.feeds(positions)
-    io = state.binding
-    if io is None:  # a new state, or one whose buffers grew
-        io = state.binding = session.io_binding()
+    io = state.bindings.get(id(session))
+    if io is None:  # a new state, one whose buffers grew, or the other decoder graph (int8 prefill)
+        io = state.bindings[id(session)] = session.io_binding()
         for past, _, buffer in cache_bindings(state):
             io.bind_ortvalue_input(past, buffer)
     io.bind_ortvalue_input("inputs_embeds", embeds)
@@ -210,7 +270,8 @@ class OnnxStages:
     """
 
     def __init__(self, onnx_dir: str | Path, providers=None, device: str = "auto", bundle=None,
-                 session_options=None, threads: int | None = None, question_cache: int = 256):
+                 session_options=None, threads: int | None = None, question_cache: int = 256,
+                 int8_prefill: bool | None = None):
         ort = _ort()
         self.dir = Path(onnx_dir)
         self.spec = check_export(self.dir, bundle)
@@ -219,28 +280,8 @@ class OnnxStages:
         # only then is the CPU sampled for other work, ~40 ms)
         spinning = spin_policy(os.environ.get("FUSAR_ORT_SPIN", "auto")) if session_options is None else None
         self.decoder_spins = bool(spinning and spinning["decoder"])
-        per_stage = {}
-        for name in STAGES:
-            opts = session_options
-            if opts is None:
-                opts = ort.SessionOptions()
-                opts.log_severity_level = 3
-                if threads:
-                    opts.intra_op_num_threads = int(threads)
-                # Idle ONNX Runtime workers spin before they sleep. The stages run in turn with host
-                # work between them: spinning pools of the vision, embed and fusion sessions starved
-                # the next stage on a small CPU (`fusar-edge bench`, 2 cores: vision 77 -> 4 ms without).
-                # The decoder is the exception on idle cores: waking a sleeping worker for each of a
-                # decode step's ~50 ops cost 1.2-1.4x in decode speed (small, 2 cores, quiet; README).
-                # With both cores taken by other processes spinning made it 1.6x slower instead (one
-                # busy neighbour: 1.02-1.12x faster still), so by default (auto) the decoder spins
-                # only when no other work was running at open (threads.others_running).
-                # FUSAR_ORT_SPIN=decoder / 0 / 1: the decoder always / no session / every session.
-                opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning[name] else "0")
-                if spinning[name]:  # between the ops of a run only: after it the workers sleep at once,
-                    # not ~50 ms more on the CPU the next stage (or request) needs
-                    opts.add_session_config_entry("session.force_spinning_stop", "1")
-            per_stage[name] = opts
+        per_stage = {name: session_options if session_options is not None
+                     else _stage_options(ort, threads, spinning[name]) for name in STAGES}
         self.intra_op_threads = per_stage["decoder"].intra_op_num_threads  # 0: ONNX Runtime's default
         self.sessions = {}
         for name in STAGES:
@@ -250,6 +291,24 @@ class OnnxStages:
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise FusarError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
         self.providers = self.sessions["decoder"].get_providers()
+        # Prompts on the integer GEMM (export/int8_prefill.py): CPU only (unmeasured on CUDA, where
+        # the 4-bit kernels are not what holds prefill back), and with our session options only.
+        prefill = self.spec["stages"].get("decoder_prefill")
+        self.prefill_session = None
+        kind = int8_gemm_kind() if prefill else "other"
+        if int8_prefill is None:
+            int8_prefill = prefill_policy(os.environ.get("FUSAR_ORT_PREFILL", "auto"), kind)
+        if prefill and int8_prefill and session_options is None and self.providers[0] == "CPUExecutionProvider":
+            path = self.dir / prefill["file"]
+            opts = _stage_options(ort, threads, spinning["decoder"])
+            if kind == "saturating":  # ONNX Runtime's exact uint8 x uint8 kernels instead; not set on
+                # VNNI / AMX CPUs, where it would switch them too (3.5x slower on a 1024 x 2816
+                # weight, Xeon with AMX) though their uint8 x int8 kernels are exact
+                opts.add_session_config_entry("session.x64quantprecision", "1")
+            try:
+                self.prefill_session = ort.InferenceSession(str(path), sess_options=opts, providers=chosen)
+            except Exception as exc:
+                raise FusarError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from None
         self.device_type, self.device_id = "cpu", 0
         if self.providers[0] == "CUDAExecutionProvider":
             self.device_type = "cuda"
@@ -359,8 +418,11 @@ class OnnxStages:
         """One decoder call adding ``embeds``' tokens to ``state``'s cache (``run_decoder``)."""
         if not isinstance(embeds, _ort().OrtValue):
             embeds = self._value(np.asarray(embeds))
-        return run_decoder(self.sessions["decoder"], state, embeds, positions, outputs,
-                           (self.device_type, self.device_id))
+        shape = embeds.shape()
+        session = self.sessions["decoder"]
+        if self.prefill_session is not None and shape[0] * shape[1] >= PREFILL_MIN_ROWS:
+            session = self.prefill_session
+        return run_decoder(session, state, embeds, positions, outputs, (self.device_type, self.device_id))
 
     def question_hidden(self, question_ids):
         """The decoder's final hidden states over the question alone (GRASP's text-only pass)."""

@@ -5,7 +5,9 @@ artifacts in sub-folders:
 
     onnx/             the three stages in fp32 (ONNX Runtime, and the source of the others)
     gptq/             Hugging Face GPTQ checkpoint of the language model's linear layers
-    onnx-int4/        decoder with com.microsoft.MatMulNBits weights (ONNX Runtime CPU/CUDA)
+    onnx-int4/        decoder with com.microsoft.MatMulNBits weights (ONNX Runtime CPU/CUDA), and
+                      decoder-prefill.onnx: the same 4-bit weights as 8-bit for prompts on the CPU's
+                      integer GEMM (int8_prefill.py; --no-int8-prefill leaves it out)
     edgellm/          TensorRT Edge-LLM (Jetson): its GPTQ checkpoint, its exporter's llm/ when
                       installed, our fp16 vision.onnx / grasp.onnx, fusar_edgellm.json (edgellm.py)
     export.json       what was exported, from what, with the parity checks (below)
@@ -32,6 +34,7 @@ and measurements that are only reported (``onnx-int4``):
 
     accuracy_level_4_vs_dequantised the shipped graph (accuracy level 4: int8 activations inside
                                     ONNX Runtime) vs the dequantised torch model
+    int8_prefill_vs_dequantised     the same with prompts on decoder-prefill.onnx (as the CPU runs it)
     quantisation_vs_fp32            the 4-bit weights alone (the level-0 graph) vs the fp32 model
 
 ``failed_checks`` lists the gating checks a ``force``d export was written despite.
@@ -46,6 +49,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from fusar_edge.errors import BundleError, FusarError
@@ -65,7 +69,7 @@ def _noop(message: str) -> None:
 
 def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = True, gptq4: bool = False,
                   calib: int = 16, group_size: int | None = None, edgellm: bool = False, force: bool = False,
-                  parity_prompts: int = 3, progress: Progress | None = None) -> dict:
+                  parity_prompts: int = 3, progress: Progress | None = None, int8_prefill: bool = True) -> dict:
     """Export ``source`` (bundle directory or preset name; None = the built-in demo) into ``out``; -> the report.
 
     A gating parity check that fails raises ``FusarError`` and publishes nothing; ``force``
@@ -73,6 +77,7 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
     ``group_size`` None: 128 when it divides every decoder input width (Edge-LLM's), else 64.
     ``edgellm`` takes the GPTQ weights of the source's ``gptq/`` (or ``edgellm/checkpoint/``) when
     they are group 128 and ``gptq4`` is not asked (GPTQ of a 7B model takes hours), else runs GPTQ.
+    ``int8_prefill``: onnx-int4/ also gets ``decoder-prefill.onnx`` (twice the 4-bit weights' bytes).
     """
     progress = progress or _noop
     out = Path(out)
@@ -134,7 +139,7 @@ def export_bundle(source: str | Path | None, out: str | Path, *, onnx: bool = Tr
             weights = _gptq_weights(model, tokenizer, calib, group_size, progress)
         if gptq4:
             report["artifacts"].update(_export_gptq4(model, tokenizer, stage, work, weights, calib, group_size,
-                                                     parity_prompts, gate, progress))
+                                                     parity_prompts, gate, progress, int8_prefill))
         if edgellm:
             report["artifacts"]["edgellm"] = _export_edgellm(model, tokenizer, stage, weights, reused, gate,
                                                              progress, out)
@@ -215,11 +220,14 @@ def _module_of(initializer: str) -> str | None:
 
 
 def _pack_decoder(src: Path, target: Path, weights: dict, form: str, group_size: int, level: int,
-                  link: bool = False, int8_head: bool = False):
+                  link: bool = False, int8_head: bool = False, prefill_samples: list | None = None,
+                  scratch: Path | None = None):
     """``src``'s stages with the decoder's linears in 4-bit ``form`` (and, with ``int8_head``, the LM
-    head in 8 bits) -> ``target``; -> the packing result."""
+    head in 8 bits; with ``prefill_samples``, calibration prompts, ``decoder-prefill.onnx`` beside
+    it, smoothed by their activations) -> ``target``; -> the packing result."""
     from .int4_onnx import quantize_onnx_model, save_model
     from .int8_head import quantize_head_int8
+    from .int8_prefill import PREFILL_FILE, activation_ranges, prefill_decoder
 
     _copy_stages(src, target, link=link)
     result = quantize_onnx_model(src / "decoder.onnx", weights, form=form, block_size=group_size,
@@ -229,7 +237,40 @@ def _pack_decoder(src: Path, target: Path, weights: dict, form: str, group_size:
         result.skipped = [s for s in result.skipped if not s.startswith("lm_head/")]
     result.path = save_model(result.model, target / "decoder.onnx")
     _restamp_stages(target, form, group_size, head_block)
+    if prefill_samples:
+        ranges = activation_ranges(result.model, _probe_runner(target, scratch), prefill_samples)
+        prefill_model, rewritten = prefill_decoder(result.model, ranges)
+        if rewritten:
+            save_model(prefill_model, target / PREFILL_FILE)
+            _restamp_stages(target, form, group_size, head_block, rewritten)
     return result
+
+
+def _probe_runner(stage_dir: Path, scratch: Path):
+    """``make_runner`` for ``int8_prefill.activation_ranges``: the probe graph in ONNX Runtime over
+    ``stage_dir``'s KV-cache layout, one calibration prompt (``inputs_embeds``, ``position_ids``) a call."""
+    import onnxruntime as ort
+
+    from fusar_edge.backends.onnxruntime import OnnxStages, run_decoder
+
+    from .int4_onnx import save_model
+
+    def make_runner(probe, names):
+        stages = OnnxStages(stage_dir, device="cpu", int8_prefill=False)
+        path = save_model(probe, scratch / "activation-probe" / "decoder.onnx")  # > 2 GiB: external data
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        shutil.rmtree(path.parent, ignore_errors=True)  # loaded: a decoder's worth of disk freed
+
+        def run(sample):
+            embeds = sample["inputs_embeds"].detach().float().numpy()
+            positions = sample["position_ids"].detach().numpy().astype(np.int64)
+            state = stages.new_state(1, embeds.shape[1])
+            outs = run_decoder(session, state, stages._value(embeds), positions, names)
+            return [o.numpy() for o in outs]
+
+        return run
+
+    return make_runner
 
 
 def _gptq_weights(model, tokenizer, calib: int, group_size: int, progress: Progress) -> dict:
@@ -288,7 +329,7 @@ def _export_edgellm(model, tokenizer, stage: Path, weights: dict | None, reused:
 
 
 def _export_gptq4(model, tokenizer, stage: Path, scratch: Path, weights: dict, calib: int, group_size: int,
-                  prompts: int, gate: _Gate, progress: Progress) -> dict:
+                  prompts: int, gate: _Gate, progress: Progress, int8_prefill: bool = True) -> dict:
     """``weights`` (GPTQ) -> gptq/ checkpoint and onnx-int4/ (MatMulNBits).
 
     The packing is checked on a MatMulNBits graph at accuracy level 0 built in ``scratch`` (not
@@ -314,13 +355,24 @@ def _export_gptq4(model, tokenizer, stage: Path, scratch: Path, weights: dict, c
         gate.require("4-bit packing check (MatMulNBits at accuracy level 0 vs the dequantised torch model)",
                      packing)
         progress("packing the decoder as MatMulNBits into onnx-int4/ (LM head: 8-bit)")
+        samples = None
+        if int8_prefill:
+            from .gptq import fusar_calibration_inputs
+
+            progress(f"measuring activation ranges on {calib} calibration prompts for decoder-prefill.onnx")
+            samples = fusar_calibration_inputs(model, tokenizer, n=calib)
         result = _pack_decoder(stage / "onnx", stage / "onnx-int4", weights, "matmulnbits", group_size, 4,
-                               int8_head=True)
+                               int8_head=True, prefill_samples=samples, scratch=scratch)
         out["onnx-int4"] = {"dir": "onnx-int4", "form": "matmulnbits", "quantized_layers": len(result.quantized),
                             "kept_float": [str(s) for s in result.skipped]}
         progress("measuring accuracy level 4 (int8 activations) and the 8-bit LM head against the dequantised "
                  "torch model")
-        level4 = parity_report(model, tokenizer, stage / "onnx-int4", n_prompts=prompts)
+        level4 = parity_report(model, tokenizer, stage / "onnx-int4", n_prompts=prompts, int8_prefill=False)
+        prefill8 = None
+        if int8_prefill:
+            progress("measuring the int8 prefill graph (prompts on the integer GEMM) against the dequantised "
+                     "torch model")
+            prefill8 = parity_report(model, tokenizer, stage / "onnx-int4", n_prompts=prompts, int8_prefill=True)
     finally:
         restore_weights(model, originals)
     progress("measuring the 4-bit quantisation error against the fp32 torch model")
@@ -334,6 +386,11 @@ def _export_gptq4(model, tokenizer, stage: Path, scratch: Path, weights: dict, c
             level4, "this graph (MatMulNBits accuracy level 4: int8 activations inside ONNX Runtime; the LM "
                     "head 8-bit, export/int8_head.py) vs the torch model holding the same dequantised 4-bit "
                     "weights and an fp32 head: the error level 4 and the 8-bit head add"),
+        **({"int8_prefill_vs_dequantised": _measurement(
+            prefill8, "as the CPU runs this folder: prompts on decoder-prefill.onnx (the same 4-bit weights "
+                      "requantised to 8 bits per output channel, activations 8-bit per token, ONNX Runtime's "
+                      "integer GEMM; export/int8_prefill.py), decode steps on the 4-bit graph, vs the torch "
+                      "model holding the dequantised 4-bit weights")} if prefill8 else {}),
         "quantisation_vs_fp32": _measurement(
             quantisation, "the 4-bit weights alone (MatMulNBits at accuracy level 0) vs the fp32 torch model: "
                           "the error GPTQ's quantisation adds"),
@@ -360,6 +417,7 @@ def describe(report: dict) -> list[str]:
                          f"{_verdict(art['packing_check'])}")
         for key, label in (
                 ("accuracy_level_4_vs_dequantised", "accuracy level 4 + 8-bit LM head vs dequantised torch"),
+                ("int8_prefill_vs_dequantised", "the same with prompts on the int8 prefill graph"),
                 ("quantisation_vs_fp32", "4-bit quantisation vs fp32 torch")):
             if key in art:
                 lines.append(f"{name}: {label} (measured only): {_parity_summary(art[key])}")
@@ -412,14 +470,26 @@ def _copy_stages(src: Path, dst: Path, link: bool = False) -> None:
             shutil.copy2(p, dst / p.name)
 
 
-def _restamp_stages(folder: Path, form: str, group_size: int, head_block: int | None = None) -> None:
+def _restamp_stages(folder: Path, form: str, group_size: int, head_block: int | None = None,
+                    prefill_linears: int | None = None) -> None:
     """stages.json of a 4-bit folder: say what its decoder holds (``head_block``: the 8-bit LM head's
-    block size) and refresh file hashes/sizes."""
+    block size; ``prefill_linears``: how many linears decoder-prefill.onnx has on the integer GEMM)
+    and refresh file hashes/sizes."""
+    from .int8_prefill import PREFILL_FILE
+
     path = folder / "stages.json"
     spec = json.loads(path.read_text(encoding="utf-8"))
     spec["weights"] = {"decoder": f"int4 {form}, symmetric, block {group_size} (GPTQ)"
                                   + (f"; lm_head int8, symmetric, block {head_block} (round to nearest)"
                                      if head_block else "")}
+    if prefill_linears:
+        spec["weights"]["decoder_prefill"] = (f"{prefill_linears} linears: the same 4-bit weights as int8 per "
+                                              "output channel, int8 activations per token (MatMulInteger)")
+        spec["stages"]["decoder_prefill"] = {
+            "file": PREFILL_FILE,
+            "what": "the decoder for prompts on the CPU's integer GEMM (calls of >= 16 rows: "
+                    "backends/onnxruntime.py PREFILL_MIN_ROWS); decode steps run decoder.onnx; same inputs "
+                    "and outputs"}
     files = spec.get("files")
     if isinstance(files, dict):
         for name in list(files):
@@ -428,10 +498,11 @@ def _restamp_stages(folder: Path, form: str, group_size: int, head_block: int | 
                 files[name] = file_record(p)
             else:
                 files.pop(name)
-        for p in folder.glob("decoder.onnx*"):
+        for p in [*folder.glob("decoder.onnx*"), *folder.glob(PREFILL_FILE + "*")]:
             files[p.name] = file_record(p)
-    dec = spec.get("stages", {}).get("decoder")
-    if isinstance(dec, dict):
-        data = [p.name for p in folder.glob("decoder.onnx.*")]
-        dec["data"] = data[0] if data else None
+    for key, name in (("decoder", "decoder.onnx"), ("decoder_prefill", PREFILL_FILE)):
+        dec = spec.get("stages", {}).get(key)
+        if isinstance(dec, dict):
+            data = [p.name for p in folder.glob(name + ".*")]
+            dec["data"] = data[0] if data else None
     write_report(path, spec, indent=1)

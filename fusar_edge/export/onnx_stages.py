@@ -516,7 +516,8 @@ def _rel(a, b) -> float:
 
 def parity_report(model, tokenizer, onnx_dir: str | Path, n_prompts: int = 3, *, new_tokens: int = 16,
                   providers: list[str] | None = None, images: list[np.ndarray] | None = None,
-                  questions: list[str] | None = None, progress: Progress | None = None, seed: int = 0) -> dict:
+                  questions: list[str] | None = None, progress: Progress | None = None, seed: int = 0,
+                  int8_prefill: bool = True) -> dict:
     """Each stage of the export vs the torch model, and greedy-token agreement.
 
     ``n_prompts`` synthetic SAR chips (or ``images``: uint8 ``[H, W, 3]`` chips of the
@@ -528,7 +529,8 @@ def parity_report(model, tokenizer, onnx_dir: str | Path, n_prompts: int = 3, *,
     two sides shows in the greedy agreement, not as a logits error); then
     ``new_tokens`` greedy tokens on each side (stop tokens not honoured, so the whole
     length is compared). ``ok``: every error below ``tolerance`` (1e-4 fp32, 2e-2 half) and
-    identical greedy tokens.
+    identical greedy tokens. ``int8_prefill``: prompts on the export's int8 prefill graph when it
+    has one (as the CPU runtime runs them), else on ``decoder.onnx``.
     """
     from fusar_edge.backends.onnxruntime import OnnxStages
     from fusar_edge.model.preprocess import chip_to_patches
@@ -539,7 +541,7 @@ def parity_report(model, tokenizer, onnx_dir: str | Path, n_prompts: int = 3, *,
 
     progress = progress or _noop
     cfg = model.config
-    ort_side = OnnxStages(onnx_dir, providers=providers)
+    ort_side = OnnxStages(onnx_dir, providers=providers, int8_prefill=int8_prefill)
     torch_side = TorchStages(model)
     questions = list(questions or PARITY_QUESTIONS)
     if images is None:
