@@ -540,7 +540,9 @@ class Runtime:
                    **({"vision_batch": timer.vision_batch} if timer.vision_batch else {}),
                    "prompt_tokens": int(seq.input_ids.size), "new_tokens": len(ids), "max_new_tokens": limit, "prompt_style": cfg.prompt_style,
                    "prompt": req.prompt, "generation": generation.record(),
-                   **({"onnx": self.stages.dir.name} if hasattr(self.stages, "dir") else {})},
+                   **({"onnx": self.stages.dir.name} if hasattr(self.stages, "dir") else {}),
+                   **({"prompt_graph": "int8 (decoder-prefill.onnx)"}
+                      if getattr(self.stages, "prefill_session", None) is not None else {})},
             grasp_weights=[round(float(w), 6) for w in grasp_w] if grasp_w is not None else None,
             token_ids=ids,
         )

@@ -113,7 +113,12 @@ def test_export_gptq4_writes_every_form_and_runs_4bit(tmp_path, capsys, monkeypa
     assert rt.stages.prefill_session is not None
     spy = rt.stages.prefill_session = _Spy(rt.stages.prefill_session)
     again = rt.ask(scene["scene_tif"], "How many ships?", max_new_tokens=4, anchors=scene["anchors"])
-    assert spy.runs >= 1 and again.text == ans.text
+    assert spy.runs >= 1 and again.model["prompt_graph"] == "int8 (decoder-prefill.onnx)"
+    monkeypatch.setenv("FUSAR_ORT_PREFILL", "int4")
+    plain = Runtime.open(out, backend="onnxruntime")
+    assert plain.stages.prefill_session is None
+    assert "prompt_graph" not in plain.ask(scene["scene_tif"], "How many ships?", max_new_tokens=4,
+                                           anchors=scene["anchors"]).model
     from fusar_edge.backends.onnxruntime import OnnxStages
     from fusar_edge.errors import FusarError
 
