@@ -114,6 +114,15 @@ def test_export_gptq4_writes_every_form_and_runs_4bit(tmp_path, capsys, monkeypa
     spy = rt.stages.prefill_session = _Spy(rt.stages.prefill_session)
     again = rt.ask(scene["scene_tif"], "How many ships?", max_new_tokens=4, anchors=scene["anchors"])
     assert spy.runs >= 1 and again.model["prompt_graph"] == "int8 (decoder-prefill.onnx)"
+    # a prompt's numbers do not depend on its batch (activations quantised per token): alone = in a batch of 2
+    import numpy as np
+
+    from fusar_edge.model.rope import text_positions
+
+    embeds = rt.stages.to_numpy(rt.stages.embed(np.arange(5, 25)[None]))
+    alone, _ = rt.stages.prefill_batch(embeds, text_positions(0, 20))
+    pair, _ = rt.stages.prefill_batch(np.concatenate([embeds, embeds * 0.5]), text_positions(0, 20))
+    np.testing.assert_allclose(pair[0], alone[0], rtol=1e-5, atol=1e-5 * np.abs(alone).max())
     monkeypatch.setenv("FUSAR_ORT_PREFILL", "int4")
     plain = Runtime.open(out, backend="onnxruntime")
     assert plain.stages.prefill_session is None

@@ -42,9 +42,11 @@ from .tlm_host import tlm_weights_numpy
 STAGES = ("vision", "embed", "fusion", "decoder")
 PREFIX_CACHE_SIZE = 8  # distinct prompt heads kept (one per system prompt in practice)
 PREFIX_MAX_BYTES = 32 << 20  # a longer head's rows are not kept: the cache stays under 8 x 32 MB
-# Calls of at least this many rows (tokens x sequences) run on the int8 prefill graph when the export
-# has one (export/int8_prefill.py); fewer (decode steps) on the 4-bit graph, which reads half the bytes.
+# Calls of at least this many tokens per sequence run on the int8 prefill graph when the export has one
+# (export/int8_prefill.py); shorter ones and decode steps on the 4-bit graph, which reads half the bytes.
 # At 16 rows the integer GEMM was already ~5x faster on a 1024 x 2816 weight (2-core Xeon with AMX).
+# Per sequence, not per call: a prompt then takes the same graph alone or in a serve batch (and its
+# activations are quantised per token, so batching does not change its numbers).
 PREFILL_MIN_ROWS = 16
 
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
@@ -420,7 +422,7 @@ class OnnxStages:
             embeds = self._value(np.asarray(embeds))
         shape = embeds.shape()
         session = self.sessions["decoder"]
-        if self.prefill_session is not None and shape[0] * shape[1] >= PREFILL_MIN_ROWS:
+        if self.prefill_session is not None and shape[1] >= PREFILL_MIN_ROWS:
             session = self.prefill_session
         return run_decoder(session, state, embeds, positions, outputs, (self.device_type, self.device_id))
 

@@ -487,7 +487,7 @@ def _restamp_stages(folder: Path, form: str, group_size: int, head_block: int | 
                                               "output channel, int8 activations per token (MatMulInteger)")
         spec["stages"]["decoder_prefill"] = {
             "file": PREFILL_FILE,
-            "what": "the decoder for prompts on the CPU's integer GEMM (calls of >= 16 rows: "
+            "what": "the decoder for prompts on the CPU's integer GEMM (>= 16 tokens a sequence: "
                     "backends/onnxruntime.py PREFILL_MIN_ROWS); decode steps run decoder.onnx; same inputs "
                     "and outputs"}
     files = spec.get("files")
