@@ -139,3 +139,37 @@ def test_which_cpus_run_prompts_on_the_int8_graph(tmp_path):
     assert all(prefill_policy("int8", k) and not prefill_policy("int4", k) for k in ("exact", "saturating", "other"))
     with pytest.raises(InputError, match="FUSAR_ORT_PREFILL: expected auto, int8 or int4, got 'fast'"):
         prefill_policy("fast", "exact")
+
+
+def test_smoothing_moves_a_loud_channel_into_the_weights():
+    """With activation ranges, the graph is the smoothed reference, and the loud channel costs less."""
+    from fusar_edge.export.int8_prefill import activation_ranges, smoothing
+
+    rng = np.random.default_rng(7)
+    k, n = 128, 64
+    w = rtn_int4(torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32) * 0.05), 64)
+    model = _graph([w], [None], True, 2)
+    a = rng.standard_normal((48, k)).astype(np.float32)
+    a[:, 5] *= 60  # one channel far louder than the rest, as silu(gate) * up has
+
+    # activation_ranges: the per-channel peak of |A| over the samples the runner is given
+    def make_runner(probe, names):
+        assert names == ["A"] and probe.graph.output[-1].name == "A"
+        return lambda sample: [sample]
+
+    ranges = activation_ranges(model, make_runner, [a[:24], a[24:]])
+    np.testing.assert_array_equal(ranges["A"], np.abs(a).max(axis=0))
+
+    smooth_graph, _ = prefill_decoder(model, ranges)
+    plain_graph, _ = prefill_decoder(model)
+    deq = w.dequantize().numpy()
+    m = smoothing(ranges["A"], np.abs(deq).max(axis=0))
+    assert m[5] > 3 * np.median(m)  # the loud channel is divided down the most
+    codes, scales = int8_channels(deq * m[None, :])
+    got = _run(smooth_graph, {"A": a})[0]
+    ref = int8_linear_reference(a, codes, scales, smooth=m)
+    np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max(), rtol=1e-5)
+    exact = a @ deq.T
+    err = {name: np.linalg.norm(y - exact) / np.linalg.norm(exact)
+           for name, y in (("smoothed", got), ("plain", _run(plain_graph, {"A": a})[0]))}
+    assert err["smoothed"] < 0.5 * err["plain"], err

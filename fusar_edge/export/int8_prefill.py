@@ -17,13 +17,17 @@ with ``W8 = round(W / s_w)``, ``s_w = max(|W| over K) / 127`` per output channel
 weights requantised to 8 bits (a 4-bit code times its block's scale is held to within half a
 step of ``s_w``; per channel and not per block because the integer GEMM takes one scale per
 column; on random weights that rounding is ~0.8 % of a weight, the larger part of this graph's
-error). x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) sum pairs of uint8 x int8
-products in int16 (``vpmaddubsw``), which saturates for 8-bit weights: on those CPUs the runtime
-opens this graph with ONNX Runtime's ``session.x64quantprecision``, which turns the weights to
-uint8 for its exact (slower) uint8 x uint8 kernel (``backends/onnxruntime.x86_int8_saturates``;
-the option does so on VNNI and AMX CPUs too, where the uint8 x int8 kernels are exact, so it is
-left off there). 7-bit weights would avoid it on every CPU, at twice the rounding. Activations per row, not per tensor, so one loud token does not coarsen the others.
-Only fp32 graphs (the CPU export); the 8-bit LM head (one row in prefill) is left as it is.
+error). Activations per row, not per tensor, so one loud token does not coarsen the others (and a
+prompt's numbers do not depend on what else is in its batch). Only fp32 graphs (the CPU export);
+the 8-bit LM head (one row in prefill) is left as it is.
+
+x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) sum pairs of uint8 x int8 products in
+int16 (``vpmaddubsw``), which saturates for 8-bit weights. The runtime uses this graph by default
+only on x86 CPUs with VNNI or AMX (``backends/onnxruntime.int8_gemm_kind``: exact int32 sums, and
+the only kind measured); forced elsewhere (``FUSAR_ORT_PREFILL=int8``) it opens it with ONNX
+Runtime's ``session.x64quantprecision``, which turns the weights to uint8 for the exact, slower
+uint8 x uint8 kernel (left off on VNNI / AMX CPUs, where it would do the same). 7-bit weights
+would avoid saturation on every CPU, at twice the rounding.
 
 Loud input channels (the MLP's down projection reads ``silu(gate) * up``, whose few large
 channels set every row's scale) are smoothed as SmoothQuant does (Xiao et al. 2023): with each
@@ -31,8 +35,8 @@ input channel's largest activation ``a_k`` measured on calibration prompts
 (:func:`activation_ranges`), ``A`` is divided and ``W``'s column multiplied by
 ``m_k = sqrt(a_k / max_n |W[n, k]|)`` before both are quantised, so ``A @ W^T`` is unchanged
 and the range moves from the activations into the weights. On the demo this took the prefill
-logits' error against the dequantised 4-bit model from 4.6e-2 to the 4-bit graph's own level
-(``benchmarks/results/int8-prefill-*.json``).
+logits' error against the dequantised 4-bit model from 4.6e-2 to 6.4e-3, under the 4-bit graph's
+own 1.2e-2 (``export.json``: ``int8_prefill_vs_dequantised``; README).
 
 :func:`int8_linear_reference` is the same arithmetic in numpy, for the tests.
 """
