@@ -239,6 +239,8 @@ def test_external_data_roundtrip(exported, tmp_path):
     src = tmp_path / "ext" / "float.onnx"
     save_model(onnx.load(str(path)), src, external_data=True)
     assert (tmp_path / "ext" / "float.onnx.data").stat().st_size > 1 << 20
+    # the weights are as readable as their graph (onnx writes them owner-only)
+    assert (tmp_path / "ext" / "float.onnx.data").stat().st_mode & 0o777 == src.stat().st_mode & 0o777
     out = tmp_path / "ext" / "q.onnx"
     res = quantize_onnx_model(src, weights, out_path=out, external_data=True)
     assert res.path == out and (tmp_path / "ext" / "q.onnx.data").exists()

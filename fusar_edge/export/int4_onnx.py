@@ -28,6 +28,7 @@ from __future__ import annotations
 import ast
 import logging
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,6 +264,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, external_data: b
     if external_data:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)
+        # onnx creates the data file owner-only (0600); give it the graph file's mode, so a service
+        # account that can read the bundle's graphs can read their weights too
+        shutil.copymode(path, data)
     else:
         onnx.save_model(model, str(path))
     return path
