@@ -220,7 +220,8 @@ def _parser() -> argparse.ArgumentParser:
                         "--edgellm takes 128 only)")
     x.add_argument("--no-int8-prefill", dest="int8_prefill", action="store_false",
                    help="--gptq4: leave out onnx-int4/decoder-prefill.onnx, the decoder for prompts on the CPU's "
-                        "integer GEMM (2-4x faster time to first token; twice the 4-bit weights' bytes on disk)")
+                        "integer GEMM (measured on a Xeon with AMX: prefill 2.3x faster on `small`, 3.2x on a 3B-shaped "
+                        "decoder; it costs twice the 4-bit weights' bytes on disk)")
     x.add_argument("--force", action="store_true", help="replace DIR if it exists, and write the export even "
                                                         "when a parity check fails (export.json records it)")
     x.add_argument("--json", action="store_true", help="print the export report as JSON")

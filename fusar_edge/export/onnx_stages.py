@@ -530,7 +530,8 @@ def parity_report(model, tokenizer, onnx_dir: str | Path, n_prompts: int = 3, *,
     ``new_tokens`` greedy tokens on each side (stop tokens not honoured, so the whole
     length is compared). ``ok``: every error below ``tolerance`` (1e-4 fp32, 2e-2 half) and
     identical greedy tokens. ``int8_prefill``: prompts on the export's int8 prefill graph when it
-    has one (as the CPU runtime runs them), else on ``decoder.onnx``.
+    has one, whatever this CPU (the runtime's default takes it on x86 with VNNI or AMX), else on
+    ``decoder.onnx``.
     """
     from fusar_edge.backends.onnxruntime import OnnxStages
     from fusar_edge.model.preprocess import chip_to_patches
