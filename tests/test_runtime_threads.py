@@ -19,8 +19,8 @@ QUESTIONS = ["How many ships are there in this image?", "Where is the ship in th
 @pytest.fixture(scope="module")
 def scenes(tmp_path_factory):
     root = tmp_path_factory.mktemp("threads")
-    # scenes with 3, 4 and 5 ships: the shipped demo answers them (and their oil-tank counts)
-    # differently, so an answer handed to the wrong request would show
+    # scenes the shipped demo answers differently (3, 4 and 5 ships; their oil-tank counts too), so
+    # an answer handed to the wrong request would show
     return [sample_scene(root / f"s{seed}", seed=seed) for seed in (2, 9, 16)]
 
 

@@ -182,6 +182,22 @@ def _stage_options(ort, threads: int | None, spins: bool):
     return opts
 
 
+def kv_dtype(session) -> type:
+    """The KV cache's numpy dtype of a decoder graph's session."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    return _NP.get(inputs["past_key_values.0.key"].type, np.float32)
+
+
+def new_decoder_state(spec: dict, batch: int, capacity: int, dtype, device: tuple[str, int] = ("cpu", 0)
+                      ) -> DecoderState:
+    """An empty KV cache for a decoder of the export ``spec`` (``stages.json``): ``batch`` sequences,
+    room for ``capacity`` tokens (it grows)."""
+    dec = spec["decoder"]
+    return DecoderState(_ort(), batch=batch, layers=int(dec["num_layers"]), kv_heads=int(dec["num_kv_heads"]),
+                        head_dim=int(dec["head_dim"]), capacity=capacity, dtype=dtype, rope=dec["rope"],
+                        device=device)
+
+
 def cache_bindings(state: DecoderState):
     """``(past input name, present output name, buffer)`` per layer and side: one buffer is both."""
     for i in range(state.layers):
@@ -323,9 +339,7 @@ class OnnxStages:
         dec = s["decoder"]
         self.num_layers = int(dec["num_layers"])
         self.kv_heads, self.head_dim = int(dec["num_kv_heads"]), int(dec["head_dim"])
-        self.rope = dec["rope"]  # the host computes each slot's M-RoPE rotation (kv_cache.DecoderState)
-        dec_inputs = {i.name: i for i in self.sessions["decoder"].get_inputs()}
-        self.kv_dtype = _NP.get(dec_inputs["past_key_values.0.key"].type, np.float32)
+        self.kv_dtype = kv_dtype(self.sessions["decoder"])
         self.questions = QuestionCache(question_cache)  # GRASP's question pass, by token ids
         self.prefixes = BoundedCache(PREFIX_CACHE_SIZE)  # KV rows of prompt heads, by their content
 
@@ -412,9 +426,7 @@ class OnnxStages:
 
     def new_state(self, batch: int, capacity: int) -> DecoderState:
         """An empty KV cache for ``batch`` sequences, room for ``capacity`` tokens (it grows)."""
-        return DecoderState(_ort(), batch=batch, layers=self.num_layers, kv_heads=self.kv_heads,
-                            head_dim=self.head_dim, capacity=capacity, dtype=self.kv_dtype, rope=self.rope,
-                            device=(self.device_type, self.device_id))
+        return new_decoder_state(self.spec, batch, capacity, self.kv_dtype, (self.device_type, self.device_id))
 
     def _decoder(self, embeds, positions: np.ndarray, state: DecoderState, outputs: list[str]) -> list:
         """One decoder call adding ``embeds``' tokens to ``state``'s cache (``run_decoder``)."""

@@ -236,36 +236,40 @@ def _pack_decoder(src: Path, target: Path, weights: dict, form: str, group_size:
     if head_block:
         result.skipped = [s for s in result.skipped if not s.startswith("lm_head/")]
     result.path = save_model(result.model, target / "decoder.onnx")
-    _restamp_stages(target, form, group_size, head_block)
+    rewritten = None
     if prefill_samples:
         ranges = activation_ranges(result.model, _probe_runner(target, scratch), prefill_samples)
         prefill_model, rewritten = prefill_decoder(result.model, ranges)
         if rewritten:
             save_model(prefill_model, target / PREFILL_FILE)
-            _restamp_stages(target, form, group_size, head_block, rewritten)
+    _restamp_stages(target, form, group_size, head_block, rewritten)  # once: it hashes every graph
     return result
 
 
 def _probe_runner(stage_dir: Path, scratch: Path):
     """``make_runner`` for ``int8_prefill.activation_ranges``: the probe graph in ONNX Runtime over
-    ``stage_dir``'s KV-cache layout, one calibration prompt (``inputs_embeds``, ``position_ids``) a call."""
+    ``stage_dir``'s KV-cache layout, one calibration prompt (``inputs_embeds``, ``position_ids``) a call.
+    Only the probe's session is opened (not the export's other graphs: a 7B's would be gigabytes)."""
     import onnxruntime as ort
 
-    from fusar_edge.backends.onnxruntime import OnnxStages, run_decoder
+    from fusar_edge.backends.onnxruntime import kv_dtype, new_decoder_state, run_decoder
 
     from .int4_onnx import save_model
+    from .stages_format import read_stages
+
+    spec = read_stages(stage_dir)  # the decoder's layout is the fp32 export's, copied in
 
     def make_runner(probe, names):
-        stages = OnnxStages(stage_dir, device="cpu", int8_prefill=False)
         path = save_model(probe, scratch / "activation-probe" / "decoder.onnx")  # > 2 GiB: external data
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         shutil.rmtree(path.parent, ignore_errors=True)  # loaded: a decoder's worth of disk freed
+        dtype = kv_dtype(session)
 
         def run(sample):
-            embeds = sample["inputs_embeds"].detach().float().numpy()
+            embeds = np.ascontiguousarray(sample["inputs_embeds"].detach().float().numpy())
             positions = sample["position_ids"].detach().numpy().astype(np.int64)
-            state = stages.new_state(1, embeds.shape[1])
-            outs = run_decoder(session, state, stages._value(embeds), positions, names)
+            state = new_decoder_state(spec, 1, embeds.shape[1], dtype)
+            outs = run_decoder(session, state, ort.OrtValue.ortvalue_from_numpy(embeds), positions, names)
             return [o.numpy() for o in outs]
 
         return run
