@@ -23,16 +23,17 @@ from pathlib import Path
 # demo, commit c4e05ee: 42 % counting, detection F1 0): benchmarks/results/eval-demo-recipes-vm.md.
 # The reference's defaults (stage 1: 30 epochs at 1e-4; stage 2: 5 epochs at 1e-5) are for a real
 # Qwen2.5-VL base.
-# 16,000 scenes (12,800 for training), each seen about 3 times in the warm-up (2,400 steps of 16
+# 16,000 scenes (12,800 for training), each seen about 6 times in the warm-up (4,800 steps of 16
 # images) and once in stage 0's main loop (6,400 images): the vision tower generalises with unseen
 # scenes and more steps, not with more passes over few scenes (eval-demo-recipes-vm.md, "Twice the
-# steps over unique scenes": 0.480 -> 0.616 validation counting against the 2,000-scene recipe).
+# steps over unique scenes": 0.480 -> 0.616 validation counting against the 2,000-scene recipe;
+# "Twice the warm-up again": 2,400 -> 4,800 steps, 0.646 -> 0.703, 37 min of warm-up at one thread).
 # Occupied cells weigh 5x in the dense loss (97 % of cell/label pairs are empty).
 # Stage 2 runs half an epoch of synth16k's task rows (24,000) at 3e-4: four times the earlier
 # 0.125 epoch at 1e-4, +3.0 points of counting on validation, +4.1 on test (eval-demo-recipes-vm.md,
-# "A longer stage 2"), 23 min at one thread.
+# "A longer stage 2"), 20-23 min at one thread.
 SYNTH = ["--n", "16000", "--seed", "0", "--chip", "224", "--per-region", "80"]
-STAGE0 = ["--epochs", "0.5", "--lr", "1e-3", "--grad-accum", "1", "--group-by-image", "--dense-warmup-epochs", "3",
+STAGE0 = ["--epochs", "0.5", "--lr", "1e-3", "--grad-accum", "1", "--group-by-image", "--dense-warmup-epochs", "6",
           "--dense-pos-weight", "5"]
 STAGE1 = ["--epochs", "0.0625", "--lr", "1e-4"]
 STAGE2 = ["--epochs", "0.5", "--lr", "3e-4"]
@@ -66,7 +67,7 @@ def main() -> None:
     p.add_argument("--no-aef", action="store_true")
     p.add_argument("--preset", default="demo", help="architecture preset of stage 0 (default: demo, the shipped one)")
     p.add_argument("--threads", default="2")
-    p.add_argument("--dense-warmup-epochs", help="stage 0's dense warm-up epochs (default: the recipe's 3)")
+    p.add_argument("--dense-warmup-epochs", help="stage 0's dense warm-up epochs (default: the recipe's 6)")
     p.add_argument("--dense-weight", help="stage 0's dense term beside the answers (default: the recipe's 1)")
     p.add_argument("--dense-augment", action="store_true", help="stage 0: random flips in the dense warm-up")
     p.add_argument("--dense-pos-weight", help="stage 0: weight of occupied cells in the dense loss (default: the recipe's 5)")

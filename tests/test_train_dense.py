@@ -253,7 +253,7 @@ def test_train_demo_script_passes_its_recipe_overrides(tmp_path, monkeypatch):
 
     default = stage0([])
     assert "--dense-augment" not in default and "--dense-weight" not in default
-    assert default[default.index("--dense-warmup-epochs") + 1] == "3" and default[default.index("--epochs") + 1] == "0.5"
+    assert default[default.index("--dense-warmup-epochs") + 1] == "6" and default[default.index("--epochs") + 1] == "0.5"
     assert default[default.index("--dense-pos-weight") + 1] == "5"
     changed = stage0(["--dense-augment", "--dense-warmup-epochs", "20", "--dense-weight", "3", "--stage0-epochs", "3",
                       "--dense-pos-weight", "1", "--dense-density", "0.5"])
@@ -261,7 +261,7 @@ def test_train_demo_script_passes_its_recipe_overrides(tmp_path, monkeypatch):
     assert "--dense-density" not in default and changed[changed.index("--dense-density") + 1] == "0.5"
     assert changed.count("--dense-pos-weight") == 1 and changed[changed.index("--dense-pos-weight") + 1] == "1"
     assert changed[changed.index("--dense-warmup-epochs") + 1] == "20" and changed[changed.index("--epochs") + 1] == "3"
-    assert mod.STAGE0[mod.STAGE0.index("--dense-warmup-epochs") + 1] == "3"  # the recipe itself is unchanged
+    assert mod.STAGE0[mod.STAGE0.index("--dense-warmup-epochs") + 1] == "6"  # the recipe itself is unchanged
 
 
 def test_pos_weight_counts_the_occupied_cells_more_and_one_is_the_plain_loss():

@@ -1,0 +1,137 @@
+"""How long does the demo recipe take at one thread and at two? Each training phase timed both ways.
+
+    python benchmarks/train_threads.py --run runs/demo --data data/synth16k
+    python benchmarks/train_threads.py --run runs/demo --data data/synth16k --phases "warm-up,stage 2"
+
+The issue asks for a demo that learns on 2 CPU cores in under an hour; the recipe's published
+times come from two runs side by side (the AEF run and its no-AEF twin) at one thread each. This
+runs each phase of ``scripts/train_demo.py``'s recipe (stage 0's dense warm-up, stage 0's main
+loop, stage 1, stage 2) for ``--seconds`` at ``--threads`` 1 and then 2, alternating, each time
+alone on the machine, reads the steps done from the progress bar, and projects each phase's
+whole length from its steps per second (measured after the first ``--settle`` seconds, so start-up
+and the first slow steps are left out). ``--run`` is a finished run of the recipe: stage 0's main
+loop starts from its ``s0/dense-warmup.pt`` and stages 1-2 from its ``s0/base`` / ``s1``. Nothing
+is written there; the timed runs live in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("warm-up", "stage 0", "stage 1", "stage 2")
+_BAR = re.compile(r"(?P<label>vision warm-up|train):\s+\d+%\|[^|]*\|\s*(?P<n>\d+)/(?P<total>\d+) \[(?P<elapsed>[\d:]+)<")
+
+
+def _recipe():
+    """scripts/train_demo.py's recipe constants: the timed phases are the recipe's own."""
+    spec = importlib.util.spec_from_file_location("train_demo", ROOT / "scripts" / "train_demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _seconds(clock: str) -> int:
+    parts = [int(p) for p in clock.split(":")]
+    return sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+
+
+def bar_samples(text: str, label: str) -> list[tuple[int, int, int]]:
+    """(steps done, total, elapsed s) of every progress-bar refresh of ``label`` in ``text``."""
+    return [(int(m["n"]), int(m["total"]), _seconds(m["elapsed"]))
+            for m in _BAR.finditer(text.replace("\r", "\n")) if m["label"] == label]
+
+
+def rate(samples: list[tuple[int, int, int]], settle: int) -> tuple[float, int]:
+    """Steps per second between the first refresh after ``settle`` s and the last; and the total."""
+    later = [s for s in samples if s[2] >= settle]
+    if len(later) < 2 or later[-1][2] == later[0][2]:
+        raise SystemExit(f"train_threads: too few progress refreshes after {settle} s; raise --seconds")
+    (n0, total, t0), (n1, _, t1) = later[0], later[-1]
+    return (n1 - n0) / (t1 - t0), total
+
+
+def timed(argv: list[str], seconds: float, log: Path) -> str:
+    """Run ``fusar-edge argv`` for ``seconds``, then stop it (its whole process group); its stderr."""
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "fusar_edge.cli", *argv], stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True, cwd=ROOT)
+        try:
+            proc.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+    return log.read_text(errors="replace")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", type=Path, required=True, help="a finished run of scripts/train_demo.py (with anchors)")
+    p.add_argument("--data", type=Path, required=True, help="the dataset it was trained on")
+    p.add_argument("--seconds", type=float, default=180,
+                   help="wall time of each timed run (default 180: stage 0 and 2 spend ~100 s reading synth16k first)")
+    p.add_argument("--phases", default=",".join(PHASES), help="which phases, comma-separated (default: all)")
+    p.add_argument("--settle", type=int, default=15, help="seconds left out at the start of each (default 15)")
+    p.add_argument("--out", type=Path, help="write the JSON report here too; phases already in it and not timed "
+                                              "again are kept (time the phases in several sittings)")
+    a = p.parse_args()
+    recipe, d, r = _recipe(), a.data, a.run
+    for need in (r / "s0" / "dense-warmup.pt", r / "s0" / "base", r / "s1", d / "scenes.jsonl"):
+        if not need.exists():
+            raise SystemExit(f"train_threads: {need} is missing (expected a finished recipe run and its dataset)")
+    stage0 = ["train", "--stage", "0", "--preset", "demo", "--data", str(d / "stage1-train.jsonl"),
+              str(d / "stage2-train.jsonl"), *recipe.STAGE0, "--dense-truth", str(d / "scenes.jsonl"), "--seed", "0"]
+    phases = {  # name (in PHASES order): (argv without --out/--threads, progress-bar label, whether the warm-up is reused)
+        "warm-up": (stage0, "vision warm-up", False),
+        "stage 0": (stage0, "train", True),
+        "stage 1": (["train", "--stage", "1", "--base", str(r / "s0" / "base"), "--init-tlm", str(r / "s0"),
+                     "--data", str(d / "stage1-train.jsonl"), *recipe.STAGE1, "--seed", "0"], "train", False),
+        "stage 2": (["train", "--stage", "2", "--base", str(r / "s0" / "base"), "--init-adapter", str(r / "s1"),
+                     "--data", str(d / "stage2-train.jsonl"), *recipe.STAGE2, "--seed", "0"], "train", False),
+    }
+    wanted = [name.strip() for name in a.phases.split(",")]
+    if unknown := set(wanted) - set(phases):
+        raise SystemExit(f"train_threads: --phases: unknown {sorted(unknown)}; expected some of {list(phases)}")
+    phases = {name: phases[name] for name in wanted}
+    report = {"recipe": {"STAGE0": recipe.STAGE0, "STAGE1": recipe.STAGE1, "STAGE2": recipe.STAGE2},
+              "seconds": a.seconds, "settle": a.settle, "cpu_count": os.cpu_count(), "phases": {}}
+    with tempfile.TemporaryDirectory(prefix="train-threads-") as tmp:
+        for name, (argv, label, reuse_warmup) in phases.items():
+            row = {}
+            for threads in (1, 2):  # alternating, each alone: the two share the same machine state
+                out = Path(tmp) / f"{name.replace(' ', '')}-{threads}"
+                out.mkdir()
+                if reuse_warmup:
+                    shutil.copy(r / "s0" / "dense-warmup.pt", out / "dense-warmup.pt")
+                text = timed([*argv, "--out", str(out), "--threads", str(threads)], a.seconds, out.with_suffix(".log"))
+                steps_per_s, total = rate(bar_samples(text, label), a.settle)
+                row[str(threads)] = {"steps_per_s": round(steps_per_s, 3), "steps": total,
+                                     "projected_min": round(total / steps_per_s / 60, 1)}
+                print(f"{name}, {threads} thread(s): {steps_per_s:.2f} steps/s, {total} steps -> "
+                      f"{total / steps_per_s / 60:.1f} min", flush=True)
+            row["speedup"] = round(row["2"]["steps_per_s"] / row["1"]["steps_per_s"], 2)
+            report["phases"][name] = row
+    if a.out and a.out.is_file():  # earlier sittings' phases, unless timed again now
+        earlier = json.loads(a.out.read_text()).get("phases", {})
+        merged = earlier | report["phases"]
+        report["phases"] = {name: merged[name] for name in PHASES if name in merged}
+    for threads in ("1", "2"):  # of the phases in the report
+        report[f"total_min_{threads}_thread"] = round(sum(v[threads]["projected_min"] for v in report["phases"].values()), 1)
+    print(json.dumps(report, indent=1))
+    if a.out:
+        a.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""benchmarks/train_threads.py reads steps per second from the training progress bar; the reading is tested here."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("train_threads", Path(__file__).resolve().parents[1] / "benchmarks" / "train_threads.py")
+train_threads = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_threads)
+
+
+def _bar(label: str, n: int, total: int, elapsed: str) -> str:
+    return f"\r{label}:  {100 * n // total}%|##   | {n}/{total} [{elapsed}<00:10,  2.00step/s, loss=0.5]"
+
+
+def test_rate_uses_refreshes_after_settling():
+    text = "loading\n" + "".join([_bar("vision warm-up", 1, 4800, "00:01"), _bar("vision warm-up", 30, 4800, "00:20"),
+                                  _bar("vision warm-up", 130, 4800, "01:10"), _bar("train", 999, 6400, "01:11")])
+    samples = train_threads.bar_samples(text, "vision warm-up")
+    assert samples == [(1, 4800, 1), (30, 4800, 20), (130, 4800, 70)]
+    rate, total = train_threads.rate(samples, settle=15)
+    assert total == 4800 and rate == pytest.approx(100 / 50)  # the first second's step is left out
+    assert train_threads.bar_samples(text, "train") == [(999, 6400, 71)]
+    assert train_threads.bar_samples(_bar("train", 5, 10, "1:02:03"), "train") == [(5, 10, 3723)]
+
+
+def test_rate_refuses_too_short_a_run():
+    samples = train_threads.bar_samples(_bar("train", 3, 100, "00:05"), "train")
+    with pytest.raises(SystemExit, match="raise --seconds"):
+        train_threads.rate(samples, settle=15)
