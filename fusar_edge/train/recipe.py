@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -182,7 +183,12 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
                           density_weight=args.dense.density, image_count_weight=args.dense.image_count).to(device)
         targets = DenseTargets(load_truth(args.dense.truth), chip, cfg.token_grid)
         params.update({f"dense_head.{n}": p for n, p in dense.named_parameters()})
-    for row in rows:  # every row is checked (length, files, truth) before the first step, not hours later
+    checking = rows
+    if show_progress:  # reading every image and anchor set takes minutes on a large dataset: say so
+        from tqdm import tqdm
+
+        checking = tqdm(rows, desc="checking rows", unit="row", file=sys.stderr, dynamic_ncols=True, leave=False)
+    for row in checking:  # every row is checked (length, files, truth) before the first step, not hours later
         builder(row)
         if dense is not None:
             targets(row)
