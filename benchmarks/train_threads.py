@@ -11,7 +11,10 @@ alone on the machine, reads the steps done from the progress bar, and projects e
 whole length from its steps per second (measured after the first ``--settle`` seconds, so start-up
 and the first slow steps are left out). ``--run`` is a finished run of the recipe: stage 0's main
 loop starts from its ``s0/dense-warmup.pt`` and stages 1-2 from its ``s0/base`` / ``s1``. Nothing
-is written there; the timed runs live in a temporary folder.
+is written there; the timed runs live in a temporary folder. Each timed run records how many cores
+were busy just before it and warns when the machine was not idle: a two-thread run beside another
+busy process was measured ~40x slower (stage 1: 0.13 steps/s beside the test suite, 5.30 alone;
+its threads wait on each other), not 1.3x faster.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import argparse
 import importlib.util
 import json
 import os
+import platform
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -40,6 +45,31 @@ def _recipe():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def busy_cores(window: float = 2.0) -> float:
+    """Cores busy over the next ``window`` seconds (from /proc/stat; 0.0 where it cannot be read).
+    Not the load average: its minute-long memory would still count the previous timed run."""
+    def ticks():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values) - idle, sum(values)
+
+    try:
+        busy0, total0 = ticks()
+        time.sleep(window)
+        busy1, total1 = ticks()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return (busy1 - busy0) / max(total1 - total0, 1) * (os.cpu_count() or 1)
 
 
 def _seconds(clock: str) -> int:
@@ -105,7 +135,8 @@ def main() -> None:
         raise SystemExit(f"train_threads: --phases: unknown {sorted(unknown)}; expected some of {list(phases)}")
     phases = {name: phases[name] for name in wanted}
     report = {"recipe": {"STAGE0": recipe.STAGE0, "STAGE1": recipe.STAGE1, "STAGE2": recipe.STAGE2},
-              "seconds": a.seconds, "settle": a.settle, "cpu_count": os.cpu_count(), "phases": {}}
+              "seconds": a.seconds, "settle": a.settle, "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+              "commands": [shlex.join(["python", "benchmarks/train_threads.py", *sys.argv[1:]])], "phases": {}}
     with tempfile.TemporaryDirectory(prefix="train-threads-") as tmp:
         for name, (argv, label, reuse_warmup) in phases.items():
             row = {}
@@ -114,16 +145,22 @@ def main() -> None:
                 out.mkdir()
                 if reuse_warmup:
                     shutil.copy(r / "s0" / "dense-warmup.pt", out / "dense-warmup.pt")
+                load = busy_cores()  # another busy process skews the two-thread run most (threads wait on each other)
+                if load > 0.3:
+                    print(f"train_threads: warning: {load:.1f} cores busy before timing {name} at {threads} "
+                          "thread(s); the machine is not idle, so the numbers are not", file=sys.stderr, flush=True)
                 text = timed([*argv, "--out", str(out), "--threads", str(threads)], a.seconds, out.with_suffix(".log"))
                 steps_per_s, total = rate(bar_samples(text, label), a.settle)
-                row[str(threads)] = {"steps_per_s": round(steps_per_s, 3), "steps": total,
+                row[str(threads)] = {"steps_per_s": round(steps_per_s, 3), "steps": total, "load_before": round(load, 2),
                                      "projected_min": round(total / steps_per_s / 60, 1)}
                 print(f"{name}, {threads} thread(s): {steps_per_s:.2f} steps/s, {total} steps -> "
                       f"{total / steps_per_s / 60:.1f} min", flush=True)
             row["speedup"] = round(row["2"]["steps_per_s"] / row["1"]["steps_per_s"], 2)
             report["phases"][name] = row
     if a.out and a.out.is_file():  # earlier sittings' phases, unless timed again now
-        earlier = json.loads(a.out.read_text()).get("phases", {})
+        before = json.loads(a.out.read_text())
+        earlier = before.get("phases", {})
+        report["commands"] = before.get("commands", []) + report["commands"]
         merged = earlier | report["phases"]
         report["phases"] = {name: merged[name] for name in PHASES if name in merged}
     for threads in ("1", "2"):  # of the phases in the report
