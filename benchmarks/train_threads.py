@@ -120,15 +120,14 @@ def main() -> None:
     for need in (r / "s0" / "dense-warmup.pt", r / "s0" / "base", r / "s1", d / "scenes.jsonl"):
         if not need.exists():
             raise SystemExit(f"train_threads: {need} is missing (expected a finished recipe run and its dataset)")
-    stage0 = ["train", "--stage", "0", "--preset", "demo", "--data", str(d / "stage1-train.jsonl"),
-              str(d / "stage2-train.jsonl"), *recipe.STAGE0, "--dense-truth", str(d / "scenes.jsonl"), "--seed", "0"]
-    phases = {  # name (in PHASES order): (argv without --out/--threads, progress-bar label, whether the warm-up is reused)
-        "warm-up": (stage0, "vision warm-up", False),
-        "stage 0": (stage0, "train", True),
-        "stage 1": (["train", "--stage", "1", "--base", str(r / "s0" / "base"), "--init-tlm", str(r / "s0"),
-                     "--data", str(d / "stage1-train.jsonl"), *recipe.STAGE1, "--seed", "0"], "train", False),
-        "stage 2": (["train", "--stage", "2", "--base", str(r / "s0" / "base"), "--init-adapter", str(r / "s1"),
-                     "--data", str(d / "stage2-train.jsonl"), *recipe.STAGE2, "--seed", "0"], "train", False),
+    # the recipe's own commands for this run (stages 1-2 start from its s0 / s1); --out and --threads are set per timed run
+    steps = {stage: argv for stage, (argv, _) in recipe.training_steps(recipe.parser().parse_args(
+        ["--out", str(r), "--data", str(d)])).items()}
+    phases = {  # name (in PHASES order): (argv, progress-bar label, whether the warm-up is reused)
+        "warm-up": (steps["s0"], "vision warm-up", False),
+        "stage 0": (steps["s0"], "train", True),
+        "stage 1": (steps["s1"], "train", False),
+        "stage 2": (steps["s2"], "train", False),
     }
     wanted = [name.strip() for name in a.phases.split(",")]
     if unknown := set(wanted) - set(phases):
@@ -149,7 +148,8 @@ def main() -> None:
                 if load > 0.3:
                     print(f"train_threads: warning: {load:.1f} cores busy before timing {name} at {threads} "
                           "thread(s); the machine is not idle, so the numbers are not", file=sys.stderr, flush=True)
-                text = timed([*argv, "--out", str(out), "--threads", str(threads)], a.seconds, out.with_suffix(".log"))
+                text = timed(recipe.override(argv, {"--out": str(out), "--threads": str(threads)}), a.seconds,
+                             out.with_suffix(".log"))
                 steps_per_s, total = rate(bar_samples(text, label), a.settle)
                 row[str(threads)] = {"steps_per_s": round(steps_per_s, 3), "steps": total, "load_before": round(load, 2),
                                      "projected_min": round(total / steps_per_s / 60, 1)}

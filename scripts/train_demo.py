@@ -51,7 +51,7 @@ def step(argv: list[str], done: Path | None = None) -> None:
         raise SystemExit(code)
 
 
-def _override(argv: list[str], values: dict[str, str | None]) -> list[str]:
+def override(argv: list[str], values: dict[str, str | None]) -> list[str]:
     """``argv`` with the value after each flag in ``values`` replaced (None: kept)."""
     out = list(argv)
     for flag, value in values.items():
@@ -60,7 +60,7 @@ def _override(argv: list[str], values: dict[str, str | None]) -> list[str]:
     return out
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--data", type=Path, default=Path("data/synth16k"), help="dataset (made if missing)")
@@ -81,35 +81,48 @@ def main() -> None:
     p.add_argument("--stage2-epochs", help="stage 2's epochs (default: the recipe's)")
     p.add_argument("--n", help="scenes of the dataset made when --data is missing (default: the recipe's)")
     p.add_argument("--per-region", help="scenes per region of that dataset (default: the recipe's)")
-    a = p.parse_args()
+    return p
+
+
+def training_steps(a: argparse.Namespace) -> dict[str, tuple[list[str], Path]]:
+    """The three training commands of ``parser()``'s arguments ``a``, by stage ("s0", "s1", "s2"),
+    each with the file that says it is done (benchmarks/train_threads.py times these same commands)."""
     d, o = a.data, a.out
     aef = ["--no-aef"] if a.no_aef else []
     common = ["--threads", a.threads, "--seed", "0"]
-    if (d / "dataset.json").exists():  # say what the existing dataset is, not the command that was not run
-        made = json.loads((d / "dataset.json").read_text())
-        print(f"# skipped: {d} exists (n {made.get('n')}, seed {made.get('seed')}, chip {made.get('chip')}, "
-              f"per region {made.get('per_region')})", flush=True)
-    else:
-        step(["data", "synth", "--out", str(d), *_override(SYNTH, {"--n": a.n, "--per-region": a.per_region})])
-    stage0 = _override(STAGE0, {"--dense-warmup-epochs": a.dense_warmup_epochs, "--epochs": a.stage0_epochs,
-                                "--dense-pos-weight": a.dense_pos_weight})
+    stage0 = override(STAGE0, {"--dense-warmup-epochs": a.dense_warmup_epochs, "--epochs": a.stage0_epochs,
+                               "--dense-pos-weight": a.dense_pos_weight})
     stage0 += ["--dense-weight", a.dense_weight] if a.dense_weight else []
     stage0 += ["--dense-augment"] if a.dense_augment else []
     stage0 += ["--dense-position"] if a.dense_position else []
     stage0 += ["--dense-density", a.dense_density] if a.dense_density else []
     stage0 += ["--dense-image-count", a.dense_image_count] if a.dense_image_count else []
     grid = [str(d / "stage0-grid-train.jsonl")] if a.grid else []
-    step(["train", "--stage", "0", "--preset", a.preset, "--data", str(d / "stage1-train.jsonl"),
-          str(d / "stage2-train.jsonl"), *grid, "--out", str(o / "s0"), *stage0, "--dense-truth", str(d / "scenes.jsonl"),
-          *aef, *common], done=o / "s0" / "train.json")
-    step(["train", "--stage", "1", "--base", str(o / "s0" / "base"), *([] if a.no_aef else ["--init-tlm", str(o / "s0")]),
-          "--data", str(d / "stage1-train.jsonl"), "--out", str(o / "s1"),
-          *_override(STAGE1, {"--epochs": a.stage1_epochs}), *aef, *common],
-         done=o / "s1" / "train.json")
-    step(["train", "--stage", "2", "--base", str(o / "s0" / "base"), "--init-adapter", str(o / "s1"),
-          "--data", str(d / "stage2-train.jsonl"), "--out", str(o / "s2"),
-          *_override(STAGE2, {"--epochs": a.stage2_epochs}), *aef, *common],
-         done=o / "s2" / "train.json")
+    return {
+        "s0": (["train", "--stage", "0", "--preset", a.preset, "--data", str(d / "stage1-train.jsonl"),
+                str(d / "stage2-train.jsonl"), *grid, "--out", str(o / "s0"), *stage0, "--dense-truth",
+                str(d / "scenes.jsonl"), *aef, *common], o / "s0" / "train.json"),
+        "s1": (["train", "--stage", "1", "--base", str(o / "s0" / "base"),
+                *([] if a.no_aef else ["--init-tlm", str(o / "s0")]), "--data", str(d / "stage1-train.jsonl"),
+                "--out", str(o / "s1"), *override(STAGE1, {"--epochs": a.stage1_epochs}), *aef, *common],
+               o / "s1" / "train.json"),
+        "s2": (["train", "--stage", "2", "--base", str(o / "s0" / "base"), "--init-adapter", str(o / "s1"),
+                "--data", str(d / "stage2-train.jsonl"), "--out", str(o / "s2"),
+                *override(STAGE2, {"--epochs": a.stage2_epochs}), *aef, *common], o / "s2" / "train.json"),
+    }
+
+
+def main() -> None:
+    a = parser().parse_args()
+    d, o = a.data, a.out
+    if (d / "dataset.json").exists():  # say what the existing dataset is, not the command that was not run
+        made = json.loads((d / "dataset.json").read_text())
+        print(f"# skipped: {d} exists (n {made.get('n')}, seed {made.get('seed')}, chip {made.get('chip')}, "
+              f"per region {made.get('per_region')})", flush=True)
+    else:
+        step(["data", "synth", "--out", str(d), *override(SYNTH, {"--n": a.n, "--per-region": a.per_region})])
+    for argv, done in training_steps(a).values():
+        step(argv, done=done)
     tlm = ["--no-tlm", "--chip", "224"] if a.no_aef else [str(o / "s2")]
     step(["import-fusar-gpt", str(o / "s0" / "base"), str(o / "s2"), *tlm, "--out", str(o / "bundle")],
          done=o / "bundle")
