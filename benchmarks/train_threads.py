@@ -72,6 +72,12 @@ def busy_cores(window: float = 2.0) -> float:
     return (busy1 - busy0) / max(total1 - total0, 1) * (os.cpu_count() or 1)
 
 
+def _refuse(message: str):
+    """Bad input: one line on stderr, exit 2 (as fusar-edge's own commands do)."""
+    print(f"train_threads: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _seconds(clock: str) -> int:
     parts = [int(p) for p in clock.split(":")]
     return sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
@@ -119,7 +125,7 @@ def main() -> None:
     recipe, d, r = _recipe(), a.data, a.run
     for need in (r / "s0" / "dense-warmup.pt", r / "s0" / "base", r / "s1", d / "scenes.jsonl"):
         if not need.exists():
-            raise SystemExit(f"train_threads: {need} is missing (expected a finished recipe run and its dataset)")
+            _refuse(f"{need} is missing (expected a finished recipe run and its dataset)")
     # the recipe's own commands for this run (stages 1-2 start from its s0 / s1); --out and --threads are set per timed run
     steps = {stage: argv for stage, (argv, _) in recipe.training_steps(recipe.parser().parse_args(
         ["--out", str(r), "--data", str(d)])).items()}
@@ -131,7 +137,7 @@ def main() -> None:
     }
     wanted = [name.strip() for name in a.phases.split(",")]
     if unknown := set(wanted) - set(phases):
-        raise SystemExit(f"train_threads: --phases: unknown {sorted(unknown)}; expected some of {list(phases)}")
+        _refuse(f"--phases: unknown {sorted(unknown)}; expected some of {list(phases)}")
     phases = {name: phases[name] for name in wanted}
     report = {"recipe": {"STAGE0": recipe.STAGE0, "STAGE1": recipe.STAGE1, "STAGE2": recipe.STAGE2},
               "seconds": a.seconds, "settle": a.settle, "cpu": _cpu_model(), "cpu_count": os.cpu_count(),

@@ -29,3 +29,23 @@ def test_rate_refuses_too_short_a_run():
     samples = train_threads.bar_samples(_bar("train", 3, 100, "00:05"), "train")
     with pytest.raises(SystemExit, match="raise --seconds"):
         train_threads.rate(samples, settle=15)
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "train_threads.py"
+    missing = subprocess.run([sys.executable, str(script), "--run", str(tmp_path / "none"), "--data", str(tmp_path)],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert f"{tmp_path / 'none' / 's0' / 'dense-warmup.pt'} is missing" in missing.stderr
+    run, data = tmp_path / "run", tmp_path / "data"
+    for need in (run / "s0" / "base", run / "s1", data):
+        need.mkdir(parents=True)
+    (run / "s0" / "dense-warmup.pt").write_bytes(b"")
+    (data / "scenes.jsonl").write_text("")
+    bad = subprocess.run([sys.executable, str(script), "--run", str(run), "--data", str(data), "--phases", "stage 9"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--phases: unknown ['stage 9']" in bad.stderr
+    assert not any(tmp_path.glob("**/*.log"))  # refused before any timed run
