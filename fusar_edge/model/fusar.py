@@ -22,6 +22,7 @@ from ..tokenizer import SequenceLayout  # noqa: F401  (defined beside the sequen
 from .grasp import GRASP
 from .rope import text_positions
 from .tlm import TLM
+from .vision_fast import use_fast_vision
 
 
 def as_tensor(x, device=None, dtype=None) -> torch.Tensor:
@@ -43,6 +44,7 @@ class FusarModel(nn.Module):
         config.validate()
         self.config = config
         self.backbone = backbone if backbone is not None else Qwen2_5_VLForConditionalGeneration(config.backbone_config())
+        use_fast_vision(self.visual)  # same weights and math, fewer and larger kernels (vision_fast.py)
         c = config.hidden_size
         t, g = config.tlm, config.grasp
         self.tlm = TLM(c, t.vec_dim, t.hidden_mult, t.sigma, t.eps) if t.enabled else None
