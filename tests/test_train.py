@@ -318,3 +318,49 @@ def test_sample_builder_keeps_a_bounded_number_of_images(data):
     assert again[0] is not first[0]  # read anew, not kept
     assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
     assert all(torch.equal(a, b) for a, b in zip(again[2], first[2]))
+
+
+def test_row_check_refuses_what_building_refuses_and_reads_each_file_once(data, tmp_path, monkeypatch):
+    """``SampleBuilder.check`` (train's up-front pass over every row) raises the error building the
+    sample would (truncated image, broken anchors, over-long, other chip), and reads a file shared
+    by several rows once."""
+    import shutil
+
+    from fusar_edge.config import preset
+    from fusar_edge.tokenizer import TextTokenizer
+    from fusar_edge.train import samples
+    from fusar_edge.train.samples import SampleBuilder, read_manifest
+
+    ds, _ = data
+    rows = read_manifest(ds / "stage2-train.jsonl")
+    assert len(rows) > len({r["image"] for r in rows})  # several rows per image
+    reads = []
+    monkeypatch.setattr(samples, "read_sar", lambda p, _read=samples.read_sar: reads.append(str(p)) or _read(p))
+    build = SampleBuilder(preset("demo"), TextTokenizer.demo())
+    for row in rows:
+        build.check(row)
+    assert sorted(reads) == sorted({str(Path(r["_root"]) / r["image"]) for r in rows})  # once each
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ds, broken)
+    row = read_manifest(broken / "stage2-train.jsonl")[0]
+    image, aef = broken / row["image"], broken / row["aef"]
+    cases = {
+        "truncated image": (lambda: image.write_bytes(image.read_bytes()[:200]), {}, [row["image"].split("/")[-1]]),
+        "broken anchors": (lambda: aef.write_bytes(aef.read_bytes()[:100]), {}, ["anchors", aef.name]),
+        "over-long": (lambda: None, {"answer": "ship " * 3000}, ["max_length"]),
+        "other chip": (lambda: None, {"coordinate_size": 504}, ["coordinate_size 504"]),
+    }
+    for name, (damage, change, words) in cases.items():
+        saved = image.read_bytes(), aef.read_bytes()
+        damage()
+        bad = {**row, **change}
+        errors = []
+        for run in (SampleBuilder(preset("demo"), TextTokenizer.demo()).check,
+                    SampleBuilder(preset("demo"), TextTokenizer.demo())):
+            with pytest.raises(InputError) as exc:
+                run(bad)
+            errors.append(str(exc.value))
+        assert errors[0] == errors[1] and all(w in errors[0] for w in words), (name, errors)
+        image.write_bytes(saved[0])
+        aef.write_bytes(saved[1])

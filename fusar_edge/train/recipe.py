@@ -184,12 +184,12 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
         targets = DenseTargets(load_truth(args.dense.truth), chip, cfg.token_grid)
         params.update({f"dense_head.{n}": p for n, p in dense.named_parameters()})
     checking = rows
-    if show_progress:  # reading every image and anchor set takes minutes on a large dataset: say so
+    if show_progress:  # reading every image and anchor set takes a while on a large dataset (~30 s on synth16k): say so
         from tqdm import tqdm
 
         checking = tqdm(rows, desc="checking rows", unit="row", file=sys.stderr, dynamic_ncols=True, leave=False)
     for row in checking:  # every row is checked (length, files, truth) before the first step, not hours later
-        builder(row)
+        builder.check(row)
         if dense is not None:
             targets(row)
     out.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves nothing behind

