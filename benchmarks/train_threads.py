@@ -20,7 +20,9 @@ its threads wait on each other), not 1.3x faster.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import platform
@@ -99,16 +101,23 @@ def rate(samples: list[tuple[int, int, int]], settle: int) -> tuple[float, int]:
 
 
 def timed(argv: list[str], seconds: float, log: Path) -> str:
-    """Run ``fusar-edge argv`` for ``seconds``, then stop it (its whole process group); its stderr."""
+    """Run ``fusar-edge argv`` for ``seconds``, then stop it (its whole process group); its stderr.
+    A command that fails before then (say, a warm-up checkpoint of other settings) is refused with
+    its own last line, not timed."""
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "fusar_edge.cli", *argv], stdout=subprocess.DEVNULL,
                                 stderr=err, start_new_session=True, cwd=ROOT)
         try:
-            proc.wait(timeout=seconds)
+            code = proc.wait(timeout=seconds)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait()
-    return log.read_text(errors="replace")
+            code = 0
+    text = log.read_text(errors="replace")
+    if code != 0:
+        last = next((line for line in reversed(text.replace("\r", "\n").splitlines()) if line.strip()), "")
+        _refuse(f"`fusar-edge {shlex.join(argv[:3])} ...` failed (exit {code}): {last.strip()}")
+    return text
 
 
 def main() -> None:
@@ -121,14 +130,22 @@ def main() -> None:
     p.add_argument("--settle", type=int, default=15, help="seconds left out at the start of each (default 15)")
     p.add_argument("--out", type=Path, help="write the JSON report here too; phases already in it and not timed "
                                               "again are kept (time the phases in several sittings)")
+    p.add_argument("--recipe-args", default="",
+                   help="scripts/train_demo.py options of the run's own recipe variant, e.g. \"--dense-warmup-epochs 8\" "
+                        "for a run trained so (stage 0 reuses the run's warm-up, which must match them)")
     a = p.parse_args()
     recipe, d, r = _recipe(), a.data, a.run
     for need in (r / "s0" / "dense-warmup.pt", r / "s0" / "base", r / "s1", d / "scenes.jsonl"):
         if not need.exists():
             _refuse(f"{need} is missing (expected a finished recipe run and its dataset)")
     # the recipe's own commands for this run (stages 1-2 start from its s0 / s1); --out and --threads are set per timed run
-    steps = {stage: argv for stage, (argv, _) in recipe.training_steps(recipe.parser().parse_args(
-        ["--out", str(r), "--data", str(d)])).items()}
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as said:  # argparse's usage lines: kept to one line below
+            recipe_args = recipe.parser().parse_args(["--out", str(r), "--data", str(d), *shlex.split(a.recipe_args)])
+    except SystemExit:
+        why = said.getvalue().strip().splitlines()[-1:] or [""]
+        _refuse(f"--recipe-args {a.recipe_args!r}: {why[0].split('error: ')[-1]} (options of scripts/train_demo.py)")
+    steps = {stage: argv for stage, (argv, _) in recipe.training_steps(recipe_args).items()}
     phases = {  # name (in PHASES order): (argv, progress-bar label, whether the warm-up is reused)
         "warm-up": (steps["s0"], "vision warm-up", False),
         "stage 0": (steps["s0"], "train", True),

@@ -49,3 +49,19 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--phases: unknown ['stage 9']" in bad.stderr
     assert not any(tmp_path.glob("**/*.log"))  # refused before any timed run
+    wrong = subprocess.run([sys.executable, str(script), "--run", str(run), "--data", str(data), "--recipe-args",
+                            "--dense-warmup-epochz 8"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, wrong.stderr
+    assert "--recipe-args '--dense-warmup-epochz 8': unrecognized arguments: --dense-warmup-epochz 8" in wrong.stderr
+
+
+def test_a_timed_command_that_fails_is_refused_with_its_own_error(tmp_path, capsys):
+    # e.g. stage 0 handed a warm-up checkpoint of other settings: its InputError, not "raise --seconds"
+    with pytest.raises(SystemExit) as stop:
+        train_threads.timed(["train", "--stage", "0", "--data", str(tmp_path / "none.jsonl"), "--out",
+                             str(tmp_path / "out")], 120, tmp_path / "run.log")
+    assert stop.value.code == 2
+    said = capsys.readouterr().err
+    assert said.count("\n") == 1 and "`fusar-edge train --stage 0 ...` failed (exit 2)" in said
+    assert "none.jsonl" in said.split("failed (exit 2):")[1]  # the command's own last line
+
