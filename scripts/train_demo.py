@@ -28,8 +28,8 @@ from pathlib import Path
 # scenes and more steps, not with more passes over few scenes (eval-demo-recipes-vm.md, "Twice the
 # steps over unique scenes": 0.480 -> 0.616 validation counting against the 2,000-scene recipe;
 # "Twice the warm-up again": 2,400 -> 4,800 steps, 0.646 -> 0.703, 37 min of warm-up at one thread).
-# 8 epochs (6,400 steps) gave a better warm-up head but a worse model (0.682 validation counting):
-# not adopted ("Faster vision forwards, and 8 warm-up epochs").
+# 8 epochs (6,400 steps) gave no better warm-up head (0.742 and 0.787 in two runs against 0.754) and a
+# worse model (0.682 validation counting): not adopted ("Faster vision forwards, and 8 warm-up epochs").
 # Occupied cells weigh 5x in the dense loss (97 % of cell/label pairs are empty).
 # Stage 2 runs half an epoch of synth16k's task rows (24,000) at 3e-4: four times the earlier
 # 0.125 epoch at 1e-4, +3.0 points of counting on validation, +4.1 on test (eval-demo-recipes-vm.md,
