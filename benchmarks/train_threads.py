@@ -140,8 +140,12 @@ def main() -> None:
             _refuse(f"{need} is missing (expected a finished recipe run and its dataset)")
     # the recipe's own commands for this run (stages 1-2 start from its s0 / s1); --out and --threads are set per timed run
     try:
+        extra = shlex.split(a.recipe_args)
+    except ValueError as e:  # unbalanced quotes
+        _refuse(f"--recipe-args {a.recipe_args!r}: {e}")
+    try:
         with contextlib.redirect_stderr(io.StringIO()) as said:  # argparse's usage lines: kept to one line below
-            recipe_args = recipe.parser().parse_args(["--out", str(r), "--data", str(d), *shlex.split(a.recipe_args)])
+            recipe_args = recipe.parser().parse_args(["--out", str(r), "--data", str(d), *extra])
     except SystemExit:
         why = said.getvalue().strip().splitlines()[-1:] or [""]
         _refuse(f"--recipe-args {a.recipe_args!r}: {why[0].split('error: ')[-1]} (options of scripts/train_demo.py)")

@@ -53,6 +53,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
                             "--dense-warmup-epochz 8"], capture_output=True, text=True)
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, wrong.stderr
     assert "--recipe-args '--dense-warmup-epochz 8': unrecognized arguments: --dense-warmup-epochz 8" in wrong.stderr
+    unquoted = subprocess.run([sys.executable, str(script), "--run", str(run), "--data", str(data), "--recipe-args",
+                               "--dense-warmup-epochs '8"], capture_output=True, text=True)
+    assert unquoted.returncode == 2 and unquoted.stderr.count("\n") == 1, unquoted.stderr
+    assert "No closing quotation" in unquoted.stderr
 
 
 def test_a_timed_command_that_fails_is_refused_with_its_own_error(tmp_path, capsys):
