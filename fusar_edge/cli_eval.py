@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from .evaluate.report import count_answers_table, markdown_table
+    from .evaluate.report import count_answers_table, count_labels_table, markdown_table
     from .evaluate.runner import evaluate
 
     from .threads import resolve_threads, set_torch_threads
@@ -73,6 +73,9 @@ def run(args) -> int:
         answers = count_answers_table(report)
         if answers:
             print(f"\ncounting, by true count:\n{answers}", end="")
+        labels = count_labels_table(report)
+        if labels:
+            print(f"\ncounting, by counted class:\n{labels}", end="")
         print(f"wrote {args.out} ({report['rows']} rows in {report['seconds']} s)")
         if report.get("note"):
             print(f"note: {report['note']}", file=sys.stderr)

@@ -38,6 +38,8 @@ def test_eval_writes_reference_rows_and_metrics(ds, tmp_path, capsys):
     assert set(report["metrics"]) == {r["task"] for r in rows}
     assert (out / "metrics.md").read_text().startswith("| run |") and (out / "metrics.png").stat().st_size > 1000
     assert "| true count | rows | exact |" in (out / "metrics.md").read_text()  # counting's confusion rows
+    md = (out / "metrics.md").read_text()
+    assert "Counting, by counted class:\n\n| counted class | rows | exact | MAE |" in md and "\n| ship | " in md
 
     assert main(["eval", "tiny", "--data", str(manifest), "--out", str(tmp_path / "na"), "--no-anchors",
                  "--limit", "2"]) == 0

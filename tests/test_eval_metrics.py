@@ -40,6 +40,32 @@ def test_count_answers_by_true_count():
     assert count_answers_table({"metrics": {"classify": {"n": 1}}}) == ""
 
 
+def test_count_by_counted_class():
+    """Each class the questions name scored on its own: ships right, aircraft guessed."""
+    from fusar_edge.evaluate.report import count_labels_table
+
+    rows = [row("count", "3", "3", question="How many ships are in the image?"),
+            row("count", "0", "0", question="Count the ships in this image."),
+            row("count", "1", "2", question="How many aircraft are there in this image?"),
+            row("count", "3", "2", question="What is the number of aircraft in this SAR image?"),
+            row("count", "2", "2", question="Count the aircraft in this image."),
+            row("count", "2", "I cannot tell", question="How many oil tanks are in the image?"),
+            row("count", "4", "4", question="What do you see?")]  # names no class
+    m = score(rows)["count"]
+    assert m["by_label"] == {
+        "aircraft": {"n": 3, "exact": pytest.approx(1 / 3), "mae": pytest.approx(2 / 3), "unparsed": 0},
+        "oil tank": {"n": 1, "exact": 0.0, "mae": None, "unparsed": 1},
+        "other": {"n": 1, "exact": 1.0, "mae": 0.0, "unparsed": 0},
+        "ship": {"n": 2, "exact": 1.0, "mae": 0.0, "unparsed": 0},
+    }
+    assert m["exact"] == pytest.approx(4 / 7) and m["unparsed"] == 1  # the whole is unchanged by the split
+    table = count_labels_table({"metrics": {"count": m}}).splitlines()
+    assert table[2] == "| aircraft | 3 | 0.333 | 0.667 |" and table[3] == "| oil tank | 1 | 0.000 | — |"
+    # questions that name no class: no per-class split at all
+    assert "by_label" not in score([row("count", "1", "1")])["count"]
+    assert count_labels_table({"metrics": {"count": score([row("count", "1", "1")])["count"]}}) == ""
+
+
 def test_classify_and_locate():
     rows = [row("classify", "Ship", "ship"), row("classify", "oil tank", "It is an Oil Tank."),
             row("classify", "aircraft", "ship")]

@@ -10,6 +10,10 @@ separately). Predictions are parsed from ``prediction_text`` with ``fusar_edge.t
   (``unparsed`` says how many did not; null when none did). ``by_truth``: for each true count,
   its rows, the share answered exactly and what was answered (a row of the confusion matrix;
   ``unparsed`` for parse errors): where a model collapses onto favourite answers, it shows.
+  ``by_label``: ``n``, ``exact`` and ``mae`` per object class the question names
+  (``tasks.extract_label``; ``other`` when it names none), present when any question names one:
+  a model that counts ships and guesses aircraft shows it (the overall number hides a class
+  that is a fifth of the rows).
 - **classify**: ``exact`` = share of rows whose parsed class, lower-cased and trimmed, equals
   the ground truth lower-cased and trimmed.
 - **locate**: ``top1`` = share of rows whose 3x3 grid cell (``top-left`` ... ``bottom-right``)
@@ -142,20 +146,18 @@ def _score_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(rows)
     res: dict[str, Any] = {"n": n}
     if task == "count":
-        right, errors, unparsed = 0, [], 0
+        pairs = [(_parsed("count", r).value, gt_count(r["gt"])) for r in rows]
         answers: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for r in rows:
-            value, truth = _parsed("count", r).value, gt_count(r["gt"])
+        labels: dict[str, list[tuple[int | None, int]]] = defaultdict(list)
+        for r, (value, truth) in zip(rows, pairs):
             answers[truth]["unparsed" if value is None else str(value)] += 1
-            if value is None:
-                unparsed += 1
-                continue
-            right += value == truth
-            errors.append(abs(value - truth))
-        res.update(exact=right / n, mae=(sum(errors) / len(errors)) if errors else None, unparsed=unparsed,
+            labels[tasks.extract_label(str(r.get("question") or "")) or "other"].append((value, truth))
+        res.update(_count_scores(pairs),
                    by_truth={str(t): {"n": sum(a.values()), "exact": a.get(str(t), 0) / sum(a.values()),
                                       "answers": dict(sorted(a.items(), key=lambda kv: answer_order(kv[0])))}
                              for t, a in sorted(answers.items())})
+        if set(labels) != {"other"}:
+            res["by_label"] = {label: {"n": len(p), **_count_scores(p)} for label, p in sorted(labels.items())}
     elif task == "classify":
         right = sum(1 for r in rows if (_parsed("classify", r).value or "").strip().lower()
                     == str(r["gt"]).strip().lower())
@@ -176,6 +178,13 @@ def _score_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         res.update(predicted=n_pred, ground_truth=n_gt,
                    parse_errors=sum(1 for r in rows if r.get("parse_error")))
     return res
+
+
+def _count_scores(pairs: list[tuple[int | None, int]]) -> dict[str, Any]:
+    """exact / mae / unparsed of (parsed answer or None, truth) pairs, as defined above."""
+    errors = [abs(value - truth) for value, truth in pairs if value is not None]
+    return {"exact": sum(1 for value, truth in pairs if value == truth) / len(pairs),
+            "mae": sum(errors) / len(errors) if errors else None, "unparsed": len(pairs) - len(errors)}
 
 
 def answer_order(key: str) -> tuple[int, int]:

@@ -54,6 +54,16 @@ def count_answers_table(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def count_labels_table(report: dict) -> str:
+    """Counting per object class the questions name (empty without counting rows or named classes)."""
+    by_label = (report["metrics"].get("count") or {}).get("by_label")
+    if not by_label:
+        return ""
+    lines = ["| counted class | rows | exact | MAE |", "| --- | --- | --- | --- |"]
+    lines += [f"| {label} | {m['n']} | {_fmt(m['exact'])} | {_fmt(m['mae'])} |" for label, m in by_label.items()]
+    return "\n".join(lines) + "\n"
+
+
 def plot(reports: list[dict], path: str | Path) -> Path | None:
     """Grouped bars: one group per task's headline metric, one bar per run. None without matplotlib."""
     try:

@@ -93,10 +93,11 @@ def evaluate(bundle, data: str | Path, out: str | Path, backend: str = "torch", 
     out.mkdir(parents=True, exist_ok=True)
     _atomic_text(out / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in preds))
     _atomic_text(out / "metrics.json", json.dumps(report, indent=2, allow_nan=False) + "\n")  # strict JSON
-    from .report import count_answers_table, markdown_table, plot
+    from .report import count_answers_table, count_labels_table, markdown_table, plot
 
-    answers = count_answers_table(report)
-    _atomic_text(out / "metrics.md", markdown_table([report]) + (f"\nCounting, by true count:\n\n{answers}" if answers else ""))
+    answers, labels = count_answers_table(report), count_labels_table(report)
+    _atomic_text(out / "metrics.md", markdown_table([report]) + (f"\nCounting, by true count:\n\n{answers}" if answers else "")
+                 + (f"\nCounting, by counted class:\n\n{labels}" if labels else ""))
     if plot([report], out / "metrics.png") is None:  # matplotlib is not on the edge install
         report["note"] = "metrics.png not written: matplotlib is not installed (pip install matplotlib)"
     return report
