@@ -10,6 +10,15 @@ from pathlib import Path
 from .cli import nonnegative_int, positive_float, positive_int
 from .errors import InputError
 
+def oversample_factor(text: str) -> tuple[str, int]:
+    """``CLASS=K`` of ``--oversample`` -> (class, K): the class as tasks.extract_label names it, K >= 1."""
+    label, sep, k = text.rpartition("=")
+    label = " ".join(label.lower().split())
+    if not sep or not label or not k.strip().isdigit() or int(k) < 1:
+        raise argparse.ArgumentTypeError(f"expected CLASS=K with K a whole number >= 1 (e.g. aircraft=8), got {text!r}")
+    return label, int(k)
+
+
 EPILOG = """the demo recipe (2 CPU cores; see README "Data, training and evaluation"):
   fusar-edge data synth --out data/synth --n 2000 --seed 0 --chip 224 --per-region 10
   fusar-edge train --stage 0 --preset demo --data data/synth/stage1-train.jsonl data/synth/stage2-train.jsonl \\
@@ -85,6 +94,11 @@ def add_parser(sub) -> None:
     t.add_argument("--group-by-image", action="store_true",
                    help="one sample = every row of one image, sharing one vision forward (ours; about twice as "
                         "fast when the ViT trains, as in stage 0; the reference trains row by row)")
+    t.add_argument("--oversample", action="append", type=oversample_factor, metavar="CLASS=K",
+                   help="draw every sample whose question names CLASS (singular: aircraft, oil tank) K times per "
+                        "epoch (ours; repeatable; an epoch grows by the repeats). The demo's data asks about "
+                        "aircraft in one scene of ten: stage 0 with aircraft=8 counts them far better "
+                        "(benchmarks/results/eval-demo-recipes-vm.md)")
     t.add_argument("--seed", type=nonnegative_int, default=42, help="initialisation and data order (default 42)")
     t.add_argument("--sigma", type=positive_float, default=2.0, help="TLM Gaussian width for a new TLM (default 2.0)")
     t.add_argument("--max-length", type=positive_int, default=2048, help="longest sequence; longer rows are an error")
@@ -149,7 +163,7 @@ def run(args) -> int:
     settings = TrainSettings(epochs=args.epochs if args.epochs is not None else d["epochs"],
                              lr=args.lr if args.lr is not None else d["lr"], grad_accum=args.grad_accum,
                              seed=args.seed, save_every=args.save_every,
-                             group_by_image=args.group_by_image)
+                             group_by_image=args.group_by_image, oversample=dict(args.oversample or []) or None)
     stage_args = StageArgs(stage=args.stage, data=args.data, out=Path(args.out), preset=args.preset or "demo",
                            base=Path(args.base) if args.base else None,
                            init_adapter=Path(args.init_adapter) if args.init_adapter else None,

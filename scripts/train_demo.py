@@ -79,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="store_true",
                    help="stage 0 also trains on the grid rows (what lies in each 3x3 cell; stage0-grid-train.jsonl)")
     p.add_argument("--stage0-epochs", help="stage 0's answer epochs (default: the recipe's 0.5)")
+    p.add_argument("--oversample", action="append", metavar="CLASS=K",
+                   help="stage 0: draw the scenes whose questions name CLASS K times per epoch (train --oversample; "
+                        "default: none)")
     p.add_argument("--stage1-epochs", help="stage 1's epochs (default: the recipe's)")
     p.add_argument("--stage2-epochs", help="stage 2's epochs (default: the recipe's)")
     p.add_argument("--n", help="scenes of the dataset made when --data is missing (default: the recipe's)")
@@ -99,6 +102,7 @@ def training_steps(a: argparse.Namespace) -> dict[str, tuple[list[str], Path]]:
     stage0 += ["--dense-position"] if a.dense_position else []
     stage0 += ["--dense-density", a.dense_density] if a.dense_density else []
     stage0 += ["--dense-image-count", a.dense_image_count] if a.dense_image_count else []
+    stage0 += [arg for o in a.oversample or [] for arg in ("--oversample", o)]
     grid = [str(d / "stage0-grid-train.jsonl")] if a.grid else []
     return {
         "s0": (["train", "--stage", "0", "--preset", a.preset, "--data", str(d / "stage1-train.jsonl"),

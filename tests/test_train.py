@@ -174,6 +174,8 @@ def test_bad_input_stops_before_training(data, tmp_path, capsys):
                         (["--stage", "0", "--save-every", "0"], ["--save-every", "positive"]),
                         (["--stage", "0", "--epochs", "inf"], ["--epochs", "finite"]),
                         (["--stage", "0", "--threads", "0"], ["--threads"]),
+                        (["--stage", "0", "--oversample", "aircraft"], ["--oversample", "CLASS=K"]),
+                        (["--stage", "0", "--oversample", "aircraft=0"], ["--oversample", ">= 1"]),
                         (["--stage", "0", "--device", "gpu0"], ["device", "'gpu0'"]),
                         (["--stage", "1", "--preset", "demo"], ["--preset", "stage 0 only"]),
                         (["--stage", "1", "--base", str(base), "--init-adapter", str(tmp_path)], ["stage 2 only"]),
@@ -364,3 +366,30 @@ def test_row_check_refuses_what_building_refuses_and_reads_each_file_once(data, 
         assert errors[0] == errors[1] and all(w in errors[0] for w in words), (name, errors)
         image.write_bytes(saved[0])
         aef.write_bytes(saved[1])
+
+
+def test_oversample_repeats_the_samples_that_name_a_class(data):
+    """--oversample CLASS=K: a sample (row, or image group) whose question names CLASS is drawn K times
+    per epoch; the others once; without it the units and the checkpoint's run id are as before."""
+    from dataclasses import asdict
+
+    from fusar_edge.cli_train import oversample_factor
+    from fusar_edge.tasks import extract_label
+
+    ds, _ = data
+    rows = [json.loads(s) for s in (ds / "stage2-train.jsonl").read_text().splitlines()]
+    single = [[i] for i in range(len(rows))]
+    named = [u for u in single if extract_label(rows[u[0]]["question"]) == "ship"]
+    assert 0 < len(named) < len(single)
+    out = loop.oversampled(single, rows, {"ship": 3, "submarine": 5})
+    assert out[:len(single)] == single and out[len(single):] == named * 2  # in rounds: all named, then again
+    groups = loop.image_groups(rows)  # a group counts once, at the largest factor its rows name
+    out = loop.oversampled(groups, rows, {"ship": 2, "building": 4})
+    assert len(out) == 2 * len(groups) and out[len(groups):] == groups  # every scene is asked about ships
+    assert loop.oversampled(groups, rows, None) is groups
+    plain = TrainSettings(epochs=1, lr=1e-3)
+    assert plain.identity() == {k: v for k, v in asdict(plain).items() if k != "oversample"}  # old checkpoints resume
+    assert TrainSettings(epochs=1, lr=1e-3, oversample={"ship": 2}).identity()["oversample"] == {"ship": 2}
+    with pytest.raises(InputError, match="--oversample ship"):
+        TrainSettings(epochs=1, lr=1e-3, oversample={"ship": 0}).check()
+    assert oversample_factor("Oil  Tank=3") == ("oil tank", 3)
