@@ -10,6 +10,7 @@ from pathlib import Path
 from .cli import nonnegative_int, positive_float, positive_int
 from .errors import InputError
 
+
 def oversample_factor(text: str) -> tuple[str, int]:
     """``CLASS=K`` of ``--oversample`` -> (class, K): the class as tasks.extract_label names it, K >= 1."""
     label, sep, k = text.rpartition("=")

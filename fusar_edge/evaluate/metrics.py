@@ -10,7 +10,7 @@ separately). Predictions are parsed from ``prediction_text`` with ``fusar_edge.t
   (``unparsed`` says how many did not; null when none did). ``by_truth``: for each true count,
   its rows, the share answered exactly and what was answered (a row of the confusion matrix;
   ``unparsed`` for parse errors): where a model collapses onto favourite answers, it shows.
-  ``by_label``: ``n``, ``exact`` and ``mae`` per object class the question names
+  ``by_label``: ``n``, ``exact``, ``mae`` and ``unparsed`` per object class the question names
   (``tasks.extract_label``; ``other`` when it names none), present when any question names one:
   a model that counts ships and guesses aircraft shows it (the overall number hides a class
   that is a fifth of the rows).
