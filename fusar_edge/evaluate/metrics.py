@@ -127,11 +127,28 @@ def _parsed(task: str, row: dict[str, Any]):
     return tasks.parse_answer(task, row.get("prediction_text") or "", chip_size=size, image_size=(size, size))
 
 
+def row_task(row: dict[str, Any]) -> str:
+    return row.get("task") or tasks.infer_task(row["question"])
+
+
+def row_right(task: str, row: dict[str, Any]) -> bool | None:
+    """Whether one row's answer is right, as the task's headline score counts it (count and
+    classify exact, locate top-1); None for tasks scored only over all rows (detect, caption)."""
+    if task == "count":
+        return _parsed("count", row).value == gt_count(row["gt"])
+    if task == "classify":
+        return (_parsed("classify", row).value or "").strip().lower() == str(row["gt"]).strip().lower()
+    if task == "locate":
+        value = _parsed("locate", row).value
+        return bool(value) and value["cell"] == str(row["gt"]).strip().lower()
+    return None
+
+
 def score(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Metrics per task over ``rows``, and per ``group`` within each task."""
     by_task: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        by_task[row.get("task") or tasks.infer_task(row["question"])].append(row)
+        by_task[row_task(row)].append(row)
     out: dict[str, Any] = {}
     for task, task_rows in sorted(by_task.items()):
         out[task] = _score_task(task, task_rows)
@@ -159,15 +176,9 @@ def _score_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         if set(labels) != {"other"}:
             res["by_label"] = {label: {"n": len(p), **_count_scores(p)} for label, p in sorted(labels.items())}
     elif task == "classify":
-        right = sum(1 for r in rows if (_parsed("classify", r).value or "").strip().lower()
-                    == str(r["gt"]).strip().lower())
-        res.update(exact=right / n)
+        res.update(exact=sum(row_right(task, r) for r in rows) / n)
     elif task == "locate":
-        right = 0
-        for r in rows:
-            value = _parsed("locate", r).value
-            right += bool(value) and value["cell"] == str(r["gt"]).strip().lower()
-        res.update(top1=right / n)
+        res.update(top1=sum(row_right(task, r) for r in rows) / n)
     elif task == "detect":
         pairs = [(predicted_boxes(r), gt_boxes(r["gt"])) for r in rows]  # parsed once, matched per threshold
         n_pred = sum(len(p) for p, _ in pairs)
