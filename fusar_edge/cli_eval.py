@@ -11,6 +11,7 @@ from .cli import add_device_args, positive_int
 EPILOG = """examples:
   fusar-edge eval bundles/demo --data data/synth/stage2-test.jsonl --out runs/eval-demo
   fusar-edge eval bundles/demo --data data/synth/stage2-test.jsonl --out runs/eval-noaef --no-anchors
+  fusar-edge eval bundles/demo --data data/synth/stage2-val.jsonl --out runs/eval-count --tasks count
   fusar-edge eval bundles/demo-int4 --data data/synth/stage2-test.jsonl --out runs/eval-int4 --backend onnxruntime
 
 Writes predictions.jsonl (the reference infer_val.py rows + task, group, token_ids),
@@ -33,7 +34,9 @@ def add_parser(sub) -> None:
                    help="torch (default) or onnxruntime (BUNDLE must hold an onnx/ export)")
     add_device_args(e)
     e.add_argument("--no-anchors", action="store_true", help="answer without the rows' AEF anchors (TLM skipped)")
-    e.add_argument("--limit", type=int, metavar="N", help="only the first N rows")
+    e.add_argument("--tasks", type=lambda text: [t.strip() for t in text.split(",") if t.strip()], metavar="T[,T]",
+                   help="only the rows of these tasks, e.g. count or count,classify (default: every row)")
+    e.add_argument("--limit", type=int, metavar="N", help="only the first N rows (of --tasks' rows, if given)")
     e.add_argument("--threads", type=positive_int, help="intra-op threads, torch or ONNX Runtime (default: the physical "
                                                "cores this process may use, within any container CPU quota)")
     e.add_argument("--json", action="store_true", help="print metrics.json instead of the table")
@@ -62,7 +65,7 @@ def run(args) -> int:
     try:
         report = evaluate(args.bundle, args.data, args.out, backend=args.backend, no_anchors=args.no_anchors,
                           limit=args.limit, threads=args.threads, progress=progress, device=args.device,
-                          dtype=args.dtype)
+                          dtype=args.dtype, tasks=args.tasks)
     finally:
         if "bar" in bar:
             bar["bar"].close()

@@ -84,3 +84,29 @@ def test_eval_bad_input_is_one_line(ds, tmp_path, capsys):
     assert main(["eval", "tiny", "--data", str(no_aef), "--out", str(tmp_path / "o"), "--no-anchors"]) == 0
     assert main(["eval", "tiny", "--data", str(no_aef), "--out", str(tmp_path / "o2")]) == 2
     assert "missing 'aef'" in capsys.readouterr().err
+
+
+def test_eval_tasks_scores_only_those_rows_and_limit_counts_among_them(ds, tmp_path, capsys):
+    manifest = ds / "stage2-val.jsonl"
+    rows = [json.loads(s) for s in manifest.read_text().splitlines()]
+    wanted = [r["id"] for r in rows if r["task"] in ("count", "classify")]
+    assert 0 < len(wanted) < len(rows)
+    out = tmp_path / "cc"
+    assert main(["eval", "tiny", "--data", str(manifest), "--out", str(out), "--json", "--device", "cpu",
+                 "--tasks", "count, classify"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    preds = [json.loads(s) for s in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["id"] for p in preds] == wanted and report["rows"] == len(wanted)
+    assert set(report["metrics"]) == {"count", "classify"} and report["tasks"] == ["count", "classify"]
+    assert main(["eval", "tiny", "--data", str(manifest), "--out", str(tmp_path / "c1"), "--json", "--device", "cpu",
+                 "--tasks", "count", "--limit", "1"]) == 0
+    capsys.readouterr()
+    first = json.loads((tmp_path / "c1" / "predictions.jsonl").read_text())
+    assert first["id"] == next(r["id"] for r in rows if r["task"] == "count")  # the first count row, wherever it lies
+    only_count = ds / "only-count.jsonl"
+    only_count.write_text("".join(json.dumps(r) + "\n" for r in rows if r["task"] == "count"))
+    for data, tasks, words in ((manifest, "grid", ["--tasks", "'grid'", "count, locate"]),
+                               (only_count, "detect", ["only-count.jsonl", "no row of task detect"])):
+        assert main(["eval", "tiny", "--data", str(data), "--out", str(tmp_path / "bad"), "--tasks", tasks]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and all(w in err[0] for w in words), err

@@ -60,12 +60,28 @@ def check_scoreable(data, rows: list[dict]) -> None:
             raise InputError(f"{where}: answer: {exc}") from None
 
 
+def only_tasks(data, rows: list[dict], tasks: list[str]) -> list[dict]:
+    """The rows of ``tasks`` (``eval --tasks``), in manifest order."""
+    from ..tasks import TASKS, infer_task
+
+    for task in tasks:
+        if task not in TASKS:
+            raise InputError(f"--tasks: expected tasks among {', '.join(TASKS)}, got {task!r}")
+    kept = [r for r in rows if (r.get("task") or infer_task(r["question"])) in tasks]
+    if not kept:
+        raise InputError(f"{data}: no row of task {', '.join(tasks)} (--tasks)")
+    return kept
+
+
 def evaluate(bundle, data: str | Path, out: str | Path, backend: str = "torch", no_anchors: bool = False,
              limit: int | None = None, threads: int | None = None,
-             progress: Callable[[int, int], None] | None = None, device: str = "auto", dtype=None) -> dict:
+             progress: Callable[[int, int], None] | None = None, device: str = "auto", dtype=None,
+             tasks: list[str] | None = None) -> dict:
     from ..runtime import Runtime
 
     rows = read_manifest(data, need_aef=not no_anchors)
+    if tasks:  # before --limit: "the first N count rows", not "the count rows among the first N"
+        rows = only_tasks(data, rows, tasks)
     if limit is not None:
         if limit < 1:
             raise InputError(f"--limit: expected a positive number of rows, got {limit}")
@@ -86,7 +102,8 @@ def evaluate(bundle, data: str | Path, out: str | Path, backend: str = "torch", 
     scores = M.score(preds)
     # where the numbers came from: bf16 on a GPU can answer a near-tie differently from fp32
     report = {"bundle": rt.source, "weights": rt.weights, "backend": backend, **rt.placement(), "anchors": not no_anchors,
-              "data": str(data), "rows": len(rows), "seconds": round(seconds, 1),
+              "data": str(data), **({"tasks": list(tasks)} if tasks else {}), "rows": len(rows),
+              "seconds": round(seconds, 1),
               "rows_per_s": round(len(rows) / seconds, 2) if seconds else None,
               "metrics": scores, "headline": M.headline(scores)}
     out = Path(out)
