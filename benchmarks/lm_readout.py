@@ -9,7 +9,9 @@ language model trains, in batches of ``--batch`` rows (right-padded; causal atte
 padding out of every real token's view), AdamW at a constant ``--lr``. That is ~15 training rows
 a second on one thread, several times stage 0's rate, which pays a vision backward per image.
 Every 200 steps it scores 96 validation rows per task teacher-forced: the share of rows whose
-every answer token is the argmax ("exact"), and the share of answer tokens that are ("tokens").
+every answer token is the argmax ("exact"), the share of answer tokens that are ("tokens"), and
+the share of the answer's digit tokens that are ("digits": for detection, the box coordinates
+alone, without the JSON around them that any model learns first).
 Grid rows (``stage0-grid-*.jsonl``) need a dataset made by this version of ``data synth``.
 
 It asks the question benchmarks/position_readout_toy.py asks of noise tokens, on the real ones:
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fusar_edge.model.bundle import load_bundle  # noqa: E402
 from fusar_edge.train.samples import SampleBuilder, read_manifest  # noqa: E402
 
-SCORED = ("locate", "count", "classify", "grid")
+SCORED = ("locate", "count", "classify", "grid", "detect")
 
 
 def main() -> None:
@@ -49,6 +51,7 @@ def main() -> None:
     rng = random.Random(0)
     model, tok = load_bundle(a.bundle)
     builder = SampleBuilder(model.config, tok, use_anchors=model.config.tlm.enabled)
+    digit_ids = torch.tensor([i for d in range(10) for i in tok.encode(str(d))])
 
     def rows(split: str) -> list[dict]:
         return read_manifest(a.data / f"stage2-{split}.jsonl") + read_manifest(a.data / f"stage0-grid-{split}.jsonl")
@@ -90,13 +93,16 @@ def main() -> None:
         out = {}
         with torch.no_grad():
             for task, rs in val.items():
-                exact = right = total = 0
+                exact = right = total = digits_right = digits = 0
                 for i in range(0, len(rs), a.batch):
                     logits, labels = forward(rs[i:i + a.batch])
                     keep, hit = labels != -100, logits.argmax(-1) == labels
                     exact += int((hit | ~keep).all(-1).sum())
                     right, total = right + int((hit & keep).sum()), total + int(keep.sum())
-                out[task] = {"exact": round(exact / max(len(rs), 1), 3), "tokens": round(right / max(total, 1), 3)}
+                    digit = torch.isin(labels, digit_ids)
+                    digits_right, digits = digits_right + int((hit & digit).sum()), digits + int(digit.sum())
+                out[task] = {"exact": round(exact / max(len(rs), 1), 3), "tokens": round(right / max(total, 1), 3),
+                             "digits": round(digits_right / digits, 3) if digits else None}
         model.train()
         return out
 
