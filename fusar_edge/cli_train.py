@@ -98,8 +98,8 @@ def add_parser(sub) -> None:
     t.add_argument("--oversample", action="append", type=oversample_factor, metavar="CLASS=K",
                    help="draw every sample whose question names CLASS (singular: aircraft, oil tank) K times per "
                         "epoch (ours; repeatable; an epoch grows by the repeats). The demo's data asks about "
-                        "aircraft in one scene of ten: stage 0 with aircraft=8 counts them far better "
-                        "(benchmarks/results/eval-demo-recipes-vm.md)")
+                        "aircraft in one scene of ten: stage 0 with aircraft=8 counts them far better, ships "
+                        "a little worse (benchmarks/results/eval-demo-recipes-vm.md)")
     t.add_argument("--seed", type=nonnegative_int, default=42, help="initialisation and data order (default 42)")
     t.add_argument("--sigma", type=positive_float, default=2.0, help="TLM Gaussian width for a new TLM (default 2.0)")
     t.add_argument("--max-length", type=positive_int, default=2048, help="longest sequence; longer rows are an error")

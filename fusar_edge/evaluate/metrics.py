@@ -131,6 +131,11 @@ def row_task(row: dict[str, Any]) -> str:
     return row.get("task") or tasks.infer_task(row["question"])
 
 
+def counted_label(row: dict[str, Any]) -> str:
+    """The object class a count question names (``by_label``'s key), ``other`` when it names none."""
+    return tasks.extract_label(str(row.get("question") or "")) or "other"
+
+
 def row_right(task: str, row: dict[str, Any]) -> bool | None:
     """Whether one row's answer is right, as the task's headline score counts it (count and
     classify exact, locate top-1); None for tasks scored only over all rows (detect, caption)."""
@@ -168,7 +173,7 @@ def _score_task(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         labels: dict[str, list[tuple[int | None, int]]] = defaultdict(list)
         for r, (value, truth) in zip(rows, pairs):
             answers[truth]["unparsed" if value is None else str(value)] += 1
-            labels[tasks.extract_label(str(r.get("question") or "")) or "other"].append((value, truth))
+            labels[counted_label(r)].append((value, truth))
         res.update(_count_scores(pairs),
                    by_truth={str(t): {"n": sum(a.values()), "exact": a.get(str(t), 0) / sum(a.values()),
                                       "answers": dict(sorted(a.items(), key=lambda kv: answer_order(kv[0])))}

@@ -17,9 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .. import tasks
 from ..errors import InputError
-from .metrics import row_right, row_task
+from .metrics import counted_label, row_right, row_task
 
 
 def read_predictions(path: str | Path) -> list[dict[str, Any]]:
@@ -75,7 +74,7 @@ def compare(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], where_a:
             continue
         cells[task].append((right_a, right_b))
         if task == "count":
-            cells[f"count: {tasks.extract_label(str(ra['question'])) or 'other'}"].append((right_a, right_b))
+            cells[f"count: {counted_label(ra)}"].append((right_a, right_b))
     out = {}
     for key, pairs in sorted(cells.items()):
         only_a = sum(1 for x, y in pairs if x and not y)

@@ -47,10 +47,10 @@ def eval_rows(runtime, rows: list[dict], no_anchors: bool = False,
 
 def check_scoreable(data, rows: list[dict]) -> None:
     """Every row has a task the metrics score and a ground truth they can read."""
-    from ..tasks import TASKS, infer_task
+    from ..tasks import TASKS
 
     for i, row in enumerate(rows):
-        task = row.get("task") or infer_task(row["question"])
+        task = M.row_task(row)
         where = f"{data}: row {i + 1}"
         if task not in TASKS:
             raise InputError(f"{where}: task: expected one of {', '.join(TASKS)} (eval scores these), got {task!r}")
@@ -62,12 +62,12 @@ def check_scoreable(data, rows: list[dict]) -> None:
 
 def only_tasks(data, rows: list[dict], tasks: list[str]) -> list[dict]:
     """The rows of ``tasks`` (``eval --tasks``), in manifest order."""
-    from ..tasks import TASKS, infer_task
+    from ..tasks import TASKS
 
     for task in tasks:
         if task not in TASKS:
             raise InputError(f"--tasks: expected tasks among {', '.join(TASKS)}, got {task!r}")
-    kept = [r for r in rows if (r.get("task") or infer_task(r["question"])) in tasks]
+    kept = [r for r in rows if M.row_task(r) in tasks]
     if not kept:
         raise InputError(f"{data}: no row of task {', '.join(tasks)} (--tasks)")
     return kept
