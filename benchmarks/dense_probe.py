@@ -18,7 +18,9 @@ as ``fusar-edge eval`` does (precision / recall / F1 at IoU 0.25 and 0.5; the tr
 decoded the same way score F1@0.5 0.99 on synth2k's validation split: cells with two ships lose one).
 A ``--dense-density`` head's density layer is read too (each label's per-token densities summed over
 the tokens and rounded), and a ``--dense-image-count`` head's image-count layer (its logits averaged
-over the tokens), each scored on the same count rows. ``ship cells`` says where the ship count goes
+over the tokens), each scored on the same count rows. A ``--dense-digits`` head's digit layer is
+scored on the detection rows as well: the same cells the head says hold a ship, each box spelt from
+its corners' digit classes (what a language model copying those digits would write). ``ship cells`` says where the ship count goes
 wrong: scenes over- or under-counted, and the head's false ship cells next to a true one (one ship
 lit in two cells) or not.
 """
@@ -99,7 +101,8 @@ def main() -> None:
     # read them too (the density's sum over the tokens is a count; the image-count layer reads one)
     saved = _saved_modules(a.run, a.after_stage0)
     head = DenseHead(cfg.hidden_size, density_weight=float("density.weight" in saved["head"]),
-                     image_count_weight=float("image_count.weight" in saved["head"]))
+                     image_count_weight=float("image_count.weight" in saved["head"]),
+                     digits_weight=float("digits.weight" in saved["head"]))
     _load(model, head, saved)
     density_by_scene: dict[str, dict[str, int]] = {}
     image_count_by_scene: dict[str, dict[str, int]] = {}
@@ -109,6 +112,7 @@ def main() -> None:
     ceiling: dict[str, list[int]] = {}
     got_by_scene: dict[str, dict[str, int]] = {}
     boxes_by_scene: dict[str, list[dict]] = {}
+    digit_boxes_by_scene: dict[str, list[dict]] = {}
     ship_cells = {"scenes over": 0, "scenes under": 0, "false cells": 0, "false cells next to a true one": 0,
                   "missed cells": 0, "true cells found": 0}
     rows = list(read_manifest(a.data / f"stage1-{a.split}.jsonl"))[:a.limit]  # one row per scene
@@ -120,6 +124,11 @@ def main() -> None:
             cls = out[:, :n].reshape(-1, len(LABELS), COUNT_CLASSES).argmax(-1)
             boxes_by_scene[row["scene"]] = [{"bbox_2d": b, "label": "ship"} for b in cell_boxes(
                 cls[:, LABELS.index("ship")] > 0, out[:, -4:], cfg.chip_size, cfg.token_grid)]
+            if head.digits is not None:
+                ship_cells_marked = torch.nonzero(cls[:, LABELS.index("ship")] > 0).flatten()
+                spelt = head.read_digits(tokens)
+                digit_boxes_by_scene[row["scene"]] = [{"bbox_2d": spelt[c].tolist(), "label": "ship"}
+                                                      for c in ship_cells_marked.tolist()]
             true_cls = cell_labels(truth[row["scene"]], cfg.chip_size, cfg.token_grid)[0]
             _tally_ship_cells(ship_cells, cls[:, LABELS.index("ship")], true_cls[:, LABELS.index("ship")],
                               cfg.token_grid)
@@ -155,14 +164,17 @@ def main() -> None:
                 if row["scene"] in by_scene:
                     table.setdefault(key, []).append(abs(by_scene[row["scene"]][label] - int(row["answer"])))
     # the split's detection rows, scored as `fusar-edge eval` scores them (raw chip coordinates)
-    det = {t: [0, 0, 0] for t in (0.25, 0.5)}
-    for row in read_manifest(a.data / f"stage2-{a.split}.jsonl"):
-        if row.get("task") == "detect" and row["scene"] in boxes_by_scene:
-            preds, gts = boxes_by_scene[row["scene"]], gt_boxes(row["answer"])
-            for t in det:
-                det[t] = [det[t][0] + match(preds, gts, t), det[t][1] + len(preds), det[t][2] + len(gts)]
-    report["detect rows (ship boxes from the head)"] = {f"iou{t}": {k: round(v, 3) for k, v in prf(*det[t]).items()}
-                                                         for t in det}
+    for name, by_scene in (("detect rows (ship boxes from the head)", boxes_by_scene),
+                           ("detect rows (ship boxes spelt by the digit layer)", digit_boxes_by_scene)):
+        if not by_scene:
+            continue
+        det = {t: [0, 0, 0] for t in (0.25, 0.5)}
+        for row in read_manifest(a.data / f"stage2-{a.split}.jsonl"):
+            if row.get("task") == "detect" and row["scene"] in by_scene:
+                preds, gts = by_scene[row["scene"]], gt_boxes(row["answer"])
+                for t in det:
+                    det[t] = [det[t][0] + match(preds, gts, t), det[t][1] + len(preds), det[t][2] + len(gts)]
+        report[name] = {f"iou{t}": {k: round(v, 3) for k, v in prf(*det[t]).items()} for t in det}
     for name, table in (("count rows", errs), ("count rows (density sum, rounded)", density_errs),
                         ("count rows (image-count layer)", image_count_errs)):
         if table:

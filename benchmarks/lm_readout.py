@@ -14,6 +14,10 @@ the share of the answer's digit tokens that are ("digits": for detection, the bo
 alone, without the JSON around them that any model learns first).
 Grid rows (``stage0-grid-*.jsonl``) need a dataset made by this version of ``data synth``.
 
+``--warmup OUT/dense-warmup.pt`` swaps in the vision tower and TLM of a dense warm-up (say, one
+with ``--digits``) under the bundle's language model, to ask what the language model reads off
+those tokens without a whole recipe run.
+
 It asks the question benchmarks/position_readout_toy.py asks of noise tokens, on the real ones:
 after how many examples does the readout jump? Results: benchmarks/results/eval-demo-recipes-vm.md.
 """
@@ -45,11 +49,18 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--warmup", type=Path, help="a dense-warmup.pt (train --stage 0, benchmarks/vision_warmup.py) whose "
+                                               "vision tower and TLM replace the bundle's (its language model stays)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     rng = random.Random(0)
     model, tok = load_bundle(a.bundle)
+    if a.warmup:  # the tokens of another warm-up, read by the bundle's language model as a starting point
+        saved = torch.load(a.warmup, map_location="cpu", weights_only=True)
+        model.visual.load_state_dict(saved["visual"])
+        if model.tlm is not None:
+            model.tlm.load_state_dict(saved["tlm"])
     builder = SampleBuilder(model.config, tok, use_anchors=model.config.tlm.enabled)
     digit_ids = torch.tensor([i for d in range(10) for i in tok.encode(str(d))])
 

@@ -6,7 +6,7 @@
 Runs only the warm-up of ``train --stage 0 --dense-truth ... --dense-warmup-epochs`` (the same
 ``train.dense.warmup``, the same images in the same order, occupied cells weighted ``--pos-weight``
 as the `pw5` recipe) for a number of steps rather than epochs, with any of the dense head's
-optional terms (``--density``, ``--image-count``), and writes ``OUT/dense-warmup.pt`` in the form
+optional terms (``--density``, ``--image-count``, ``--digits``), and writes ``OUT/dense-warmup.pt`` in the form
 ``benchmarks/dense_probe.py`` reads. No language model is built or trained: a quarter of an hour
 per 1,200 steps on one thread, where a whole demo recipe takes 40 minutes. ``--vision-width``
 widens the ViT (hidden size W, MLP 2W, max(4, W / 32) heads) to ask whether its capacity is the
@@ -75,6 +75,7 @@ def main() -> None:
     p.add_argument("--pos-weight", type=float, default=5.0, help="occupied cells' weight (default 5, the pw5 recipe)")
     p.add_argument("--density", type=float, default=0.0, help="weight of the density term (default 0: off)")
     p.add_argument("--image-count", type=float, default=0.0, help="weight of the image-count term (default 0: off)")
+    p.add_argument("--digits", type=float, default=0.0, help="weight of the box-digit term (default 0: off)")
     add_vision_args(p)
     p.add_argument("--preset", default="demo")
     p.add_argument("--lr", type=float, default=2e-3, help="default 2e-3, the recipe's")
@@ -85,7 +86,8 @@ def main() -> None:
     model = build_random(cfg, seed=0)
     builder = SampleBuilder(cfg, TextTokenizer.demo(), use_anchors=True)
     first_rows = first_row_per_image(read_manifest(a.data / "stage1-train.jsonl"))  # as stage 0's warm-up
-    head = DenseHead(cfg.hidden_size, a.pos_weight, density_weight=a.density, image_count_weight=a.image_count)
+    head = DenseHead(cfg.hidden_size, a.pos_weight, density_weight=a.density, image_count_weight=a.image_count,
+                     digits_weight=a.digits)
     images = _WarmupImages(first_rows, builder, DenseTargets(load_truth(a.data / "scenes.jsonl"), cfg.chip_size,
                                                              cfg.token_grid))
     t0 = time.perf_counter()

@@ -85,6 +85,11 @@ def add_parser(sub) -> None:
                         "objects of each label the image holds, so the language model can read a count from any "
                         "one token rather than sum 64 of them (default 0: off; measured: the demo's ViT does not learn to gather "
                         "a count in its warm-up, even supervised: benchmarks/results/eval-demo-recipes-vm.md)")
+    t.add_argument("--dense-digits", type=float, default=0.0, metavar="WEIGHT",
+                   help="stage 0: weight of a box-digit term: the visual token holding one object's centre also "
+                        "learns each digit of that object's box corners as a detection answer writes them, so the "
+                        "language model can copy a coordinate rather than compute it (default 0: off; see "
+                        "fusar_edge/train/dense.py)")
     t.add_argument("--dense-augment", action="store_true",
                    help="stage 0: flip each warm-up image at random (left-right, up-down), with its anchors and "
                         "truth (default off; the main loop's answers are never flipped)")
@@ -118,7 +123,7 @@ DEPENDENT_FLAGS = {  # flag -> the flag it tunes; given without it, it would do 
     "grasp_grid": "grasp", "grasp_k": "grasp", "grasp_prompt_len": "grasp", "grasp_proj_dim": "grasp",
     "dense_weight": "dense_truth", "dense_warmup_epochs": "dense_truth", "dense_warmup_lr": "dense_truth",
     "dense_pos_weight": "dense_truth", "dense_position": "dense_truth", "dense_density": "dense_truth",
-    "dense_image_count": "dense_truth", "dense_augment": "dense_truth",
+    "dense_image_count": "dense_truth", "dense_augment": "dense_truth", "dense_digits": "dense_truth",
 }
 
 
@@ -160,7 +165,7 @@ def run(args) -> int:
         dense = DenseSettings(Path(args.dense_truth), args.dense_weight, args.dense_warmup_epochs, args.dense_warmup_lr,
                               augment=args.dense_augment, pos_weight=args.dense_pos_weight,
                               position=args.dense_position, density=args.dense_density,
-                              image_count=args.dense_image_count)
+                              image_count=args.dense_image_count, digits=args.dense_digits)
     settings = TrainSettings(epochs=args.epochs if args.epochs is not None else d["epochs"],
                              lr=args.lr if args.lr is not None else d["lr"], grad_accum=args.grad_accum,
                              seed=args.seed, save_every=args.save_every,

@@ -331,6 +331,17 @@ def _demo_wide() -> FusarConfig:
     return cfg
 
 
+def _demo_deep() -> FusarConfig:
+    """``demo`` with a deeper language model at the same width: 6 layers instead of 4 (everything
+    else, the vision tower's output width included, as the demo's, so a demo run's saved dense
+    warm-up serves it). An experiment on the language model's counting readout
+    (benchmarks/results/eval-demo-recipes-vm.md), not the shipped demo."""
+    cfg = _demo()
+    cfg.name = "demo-deep"
+    cfg.backbone["text_config"]["num_hidden_layers"] = 6
+    return cfg
+
+
 def _qwen_vision(out_hidden: int) -> dict[str, Any]:
     # Identical in the official 3B and 7B checkpoints except for out_hidden_size.
     return {
@@ -405,7 +416,7 @@ def _qwen_7b() -> FusarConfig:
                  num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4)
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "demo": _demo, "demo-wide": _demo_wide, "qwen2.5-vl-3b": _qwen_3b,
+PRESETS = {"tiny": _tiny, "small": _small, "demo": _demo, "demo-wide": _demo_wide, "demo-deep": _demo_deep, "qwen2.5-vl-3b": _qwen_3b,
            "qwen2.5-vl-7b": _qwen_7b}
 
 

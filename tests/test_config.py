@@ -107,6 +107,14 @@ def test_demo_wide_is_the_demo_with_a_wider_language_model_and_the_demo_tokenize
     assert tok.vocab_size <= wide.text["vocab_size"] and tok.vocab_size == TextTokenizer.demo().vocab_size
 
 
+def test_demo_deep_differs_from_the_demo_only_in_its_language_model_depth():
+    demo, deep = preset("demo"), preset("demo-deep")
+    assert deep.text["num_hidden_layers"] == 6 and demo.text["num_hidden_layers"] == 4
+    assert {k: v for k, v in deep.text.items() if k != "num_hidden_layers"} == \
+        {k: v for k, v in demo.text.items() if k != "num_hidden_layers"}
+    assert deep.vision == demo.vision  # a demo run's dense warm-up (vision tower, TLM) loads into it
+
+
 def test_saved_config_reads_without_transformers_as_transformers_reads_it(tmp_path, tiny_model, tiny_tokenizer):
     """A config.json transformers wrote is taken as it is (the edge runtime has no transformers);
     that must equal transformers' own normalisation of the file, on every bundle we ship or save."""

@@ -10,8 +10,8 @@ import torch
 from fusar_edge.cli import main
 from fusar_edge.data.synth import synth
 from fusar_edge.errors import InputError
-from fusar_edge.train.dense import (LABELS, DenseHead, DenseSettings, cell_boxes, cell_density, cell_labels,
-                                     load_truth)
+from fusar_edge.train.dense import (IGNORE, LABELS, DenseHead, DenseSettings, cell_boxes, cell_density, cell_digits,
+                                     cell_labels, load_truth)
 from fusar_edge.train.loop import TrainSettings
 from fusar_edge.train.recipe import StageArgs, run_stage
 
@@ -159,7 +159,8 @@ def test_flip_image_moves_chip_anchors_and_truth_together():
              2: (chip[::-1], 7 * 8 + 1, [[0.9, 0.2], [0.5, 0.75]]),
              3: (chip[::-1, ::-1], 7 * 8 + 6, [[0.9, 0.8], [0.5, 0.25]])}
     for flip, (want_chip, cell, positions) in cases.items():
-        pixels, grid, got_anchors, (counts, boxes, has_box, density) = flip_image(chip, anchors, targets, flip, cfg)
+        pixels, grid, got_anchors, (counts, boxes, has_box, density, digits) = flip_image(chip, anchors, targets,
+                                                                                          flip, cfg)
         want_pixels, want_grid = chip_to_patches(np.ascontiguousarray(want_chip))
         assert torch.equal(pixels, torch.from_numpy(want_pixels)) and torch.equal(grid, torch.from_numpy(want_grid))
         assert torch.allclose(got_anchors[1], torch.tensor(positions)), flip
@@ -167,6 +168,10 @@ def test_flip_image_moves_chip_anchors_and_truth_together():
         assert int(counts[:, ship].sum()) == 1 and counts[cell, ship] == 1 and has_box[cell], flip
         assert density[cell, ship] == 1 and float(density.sum()) == 1, flip  # the box lies in that one cell
         assert torch.allclose(boxes[cell, 2:], torch.tensor([20 / 28, 10 / 28]))  # the size is kept
+        x1, y1 = 224 - 50 if flip & 1 else 30, 224 - 20 if flip & 2 else 10  # the flipped box's top-left corner
+        assert digits[cell].tolist() == [x1 // 100, x1 // 10 % 10, x1 % 10, y1 // 100, y1 // 10 % 10, y1 % 10,
+                                         (x1 + 20) // 100, (x1 + 20) // 10 % 10, (x1 + 20) % 10,
+                                         (y1 + 10) // 100, (y1 + 10) // 10 % 10, (y1 + 10) % 10], flip
     assert torch.allclose(anchors[1], torch.tensor([[0.1, 0.2], [0.5, 0.75]]))  # the input is not changed
 
 
@@ -390,3 +395,40 @@ def test_image_count_term_teaches_every_token_the_whole_image_counts():
     assert counted.image_count_loss(visual, cell_density(many, 224, (8, 8))).isfinite()
     with pytest.raises(InputError, match="--dense-image-count"):
         DenseSettings(Path("x"), image_count=-1).check()
+
+
+def test_cell_digits_spell_each_single_objects_corners_as_the_answer_writes_them():
+    targets = [
+        {"label": "ship", "box": [102.6, 29.4, 131.2, 40]},  # centre (116.9, 34.7): cell row 1, col 4
+        {"label": "ship", "box": [0, 0, 10, 6]},  # two centres in cell (0, 0): no digits there
+        {"label": "rock", "box": [2, 2, 8, 8]},
+        {"label": "oil tank", "box": [210, 212, 230, 229]},  # past the chip: clipped to 224 as the answer's box
+    ]
+    d = cell_digits(targets, 224, (8, 8))
+    assert d.shape == (64, 12) and d.dtype == torch.long
+    assert d[1 * 8 + 4].tolist() == [1, 0, 3, 0, 2, 9, 1, 3, 1, 0, 4, 0]  # 103, 29, 131, 40
+    assert d[63].tolist() == [2, 1, 0, 2, 1, 2, 2, 2, 4, 2, 2, 4]  # 210, 212, 224, 224
+    assert (d[0] == IGNORE).all()
+    has_box = cell_labels(targets, 224, (8, 8))[2]
+    assert torch.equal((d != IGNORE).all(1), has_box) and torch.equal((d == IGNORE).all(1), ~has_box)
+
+
+def test_digit_term_is_off_by_default_and_its_reading_recovers_the_corners_when_fitted():
+    targets = [{"label": "ship", "box": [30, 30, 40, 36]}, {"label": "ship", "box": [150, 200, 171, 209]},
+               {"label": "rock", "box": [100, 0, 120, 8]}]
+    torch.manual_seed(0)
+    labels = (*cell_labels(targets, 224, (8, 8)), cell_density(targets, 224, (8, 8)),
+              cell_digits(targets, 224, (8, 8)))
+    plain, head = DenseHead(32), DenseHead(32, digits_weight=0.5)
+    head.proj.load_state_dict(plain.proj.state_dict())
+    assert plain.digits is None and "digits.weight" not in plain.state_dict()
+    visual = torch.randn(64, 32)
+    extra = head.loss(visual, labels) - plain.loss(visual, labels)
+    assert torch.allclose(extra, 0.5 * head.digits_loss(visual, labels[4]), atol=1e-5)
+    at_zero = _zero_then_fit(head.digits, lambda: head.digits_loss(visual, labels[4]), 150)
+    assert at_zero == pytest.approx(math.log(10), rel=1e-5)  # ten equally likely digits
+    read = head.read_digits(visual)
+    has_box = labels[2]
+    assert sorted(read[has_box].tolist()) == sorted([[30, 30, 40, 36], [150, 200, 171, 209], [100, 0, 120, 8]])
+    with pytest.raises(InputError, match="--dense-digits"):
+        DenseSettings(Path("x"), digits=-1).check()

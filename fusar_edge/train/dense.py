@@ -40,6 +40,16 @@ Measured on the warm-up alone (benchmarks/vision_warmup.py): neither counts bett
 without it (a 96-wide ViT shares its width among the terms; the density term costs the ship boxes,
 and the image-count layer is the worst count reader), so the shipped recipe uses neither.
 
+``--dense-digits W`` is for detection. The language model writes a box as decimal digits
+(``[103, 220, 131, 241]``, one token per digit, as Qwen's tokenizer), and a ship's box at IoU 0.5
+needs each corner within ~3 px, a ninth of a token's cell. A token whose features only regress the
+box (the L1 term above) leaves the language model to turn a position into digits: a function of
+the token's place and its regression that it never learned from the detection rows (F1 0, the
+coordinate digits flat at 0.47 in ``benchmarks/lm_readout.py``). With this term, the token holding
+a single object's centre classifies each digit of each corner of that object's box as the answer
+writes it (hundreds, tens, units of ``round(x1)``, ``round(y1)``, ``round(x2)``, ``round(y2)``): 12
+ten-way classes, so the language model only has to copy a digit it can read off one token.
+
 The head exists only while training: it is not part of the saved model, and the runtime never
 sees it. Real FUSAR-GPT training has no such labels and no such stage; a real Qwen2.5-VL vision
 tower was pretrained by its authors on far more data. This is how the 2-core demo gets a vision
@@ -72,6 +82,8 @@ from ..errors import InputError
 from .loop import _lr_factor
 
 LABELS = TARGET_LABELS + DISTRACTOR_LABELS
+BOX_DIGITS = 12  # --dense-digits: hundreds, tens and units of each of a box's four corners (x1, y1, x2, y2)
+IGNORE = -100  # F.cross_entropy's ignore_index: a cell without exactly one object centre has no box digits
 COUNT_CLASSES = 3  # 0, 1, 2-or-more object centres of a label in one cell
 IMAGE_COUNT_CLASSES = 8  # 0..6, 7-or-more objects of a label in the whole image (--dense-image-count)
 
@@ -141,6 +153,27 @@ def cell_density(targets: list[dict], chip: int, token_grid: tuple[int, int]) ->
     return density
 
 
+def cell_digits(targets: list[dict], chip: int, token_grid: tuple[int, int]) -> torch.Tensor:
+    """-> ``[T, 12]`` long, raster order: for a cell holding exactly one object centre (``cell_labels``'
+    ``has_box``), the hundreds, tens and units digits of that object's ``x1, y1, x2, y2``, each rounded
+    and clipped to ``[0, chip]`` as a detection answer writes it in the chip frame; ``IGNORE`` elsewhere."""
+    gh, gw = token_grid
+    cell_h, cell_w = chip / gh, chip / gw
+    digits = torch.full((gh * gw, BOX_DIGITS), IGNORE, dtype=torch.long)
+    centres = torch.zeros(gh * gw, dtype=torch.long)
+    for t in targets:
+        if t["label"] not in LABELS:
+            continue
+        x1, y1, x2, y2 = (float(v) for v in t["box"])
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        cell = min(int(cy / cell_h), gh - 1) * gw + min(int(cx / cell_w), gw - 1)
+        centres[cell] += 1
+        corners = [min(max(int(round(v)), 0), chip) for v in (x1, y1, x2, y2)]
+        digits[cell] = torch.tensor([d for v in corners for d in (v // 100 % 10, v // 10 % 10, v % 10)])
+    digits[centres != 1] = IGNORE
+    return digits
+
+
 def cell_boxes(occupied: torch.Tensor, box_out: torch.Tensor, chip: int, token_grid: tuple[int, int]) -> list[list[float]]:
     """The inverse of ``cell_labels``' box encoding: one ``[x1, y1, x2, y2]`` (chip pixels) per cell
     where ``occupied [T]`` is true, from that cell's (centre in the cell, width, height) in cell units
@@ -160,7 +193,7 @@ class DenseHead(nn.Module):
     """Per-token logits for the per-label counts and the one-object box (training only)."""
 
     def __init__(self, channels: int, pos_weight: float = 1.0, position_grid: tuple[int, int] | None = None,
-                 density_weight: float = 0.0, image_count_weight: float = 0.0):
+                 density_weight: float = 0.0, image_count_weight: float = 0.0, digits_weight: float = 0.0):
         super().__init__()
         self.proj = nn.Linear(channels, len(LABELS) * COUNT_CLASSES + 4)
         # weight of a cell-label pair that holds an object (count class 1 or 2+) in the count term;
@@ -176,10 +209,13 @@ class DenseHead(nn.Module):
         self.image_count_weight = float(image_count_weight)
         self.image_count = (nn.Linear(channels, len(LABELS) * IMAGE_COUNT_CLASSES) if self.image_count_weight > 0
                             else None)
+        # --dense-digits: weight of the box-digit term (0: off); see digits_loss
+        self.digits_weight = float(digits_weight)
+        self.digits = nn.Linear(channels, BOX_DIGITS * 10) if self.digits_weight > 0 else None
 
     def loss(self, visual: torch.Tensor, labels: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """``labels``: ``cell_labels``' three tensors, then ``cell_density``'s (needed by the density and
-        image-count terms), as ``DenseTargets`` gives them."""
+        image-count terms) and ``cell_digits``' (the digit term), as ``DenseTargets`` gives them."""
         counts, boxes, has_box = (x.to(visual.device) for x in labels[:3])
         out = self.proj(visual.float())
         count_logits = out[:, :len(LABELS) * COUNT_CLASSES].reshape(-1, COUNT_CLASSES)
@@ -196,7 +232,20 @@ class DenseHead(nn.Module):
             loss = loss + self.density_weight * self.density_loss(visual, labels[3].to(visual.device))
         if self.image_count is not None:
             loss = loss + self.image_count_weight * self.image_count_loss(visual, labels[3].to(visual.device))
+        if self.digits is not None and bool(has_box.any()):
+            loss = loss + self.digits_weight * self.digits_loss(visual, labels[4].to(visual.device))
         return loss
+
+    def digits_loss(self, visual: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the 12 box digits (``cell_digits``) of each cell holding one object centre,
+        averaged over those cells and digits."""
+        logits = self.digits(visual.float()).reshape(-1, 10)
+        return F.cross_entropy(logits, digits.reshape(-1), ignore_index=IGNORE)
+
+    def read_digits(self, visual: torch.Tensor) -> torch.Tensor:
+        """``[T, 4]`` long: each token's reading of its object's ``x1, y1, x2, y2`` from the digit classes."""
+        d = self.digits(visual.float()).reshape(visual.shape[0], 4, 3, 10).argmax(-1)
+        return d[..., 0] * 100 + d[..., 1] * 10 + d[..., 2]
 
     def image_count_loss(self, visual: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of every token's guess at the whole image's count of each label (a class
@@ -229,7 +278,8 @@ class DenseHead(nn.Module):
 
 
 class DenseTargets:
-    """Row -> ``(*cell_labels, cell_density)`` of its scene (cached), for one chip size and token grid."""
+    """Row -> ``(*cell_labels, cell_density, cell_digits)`` of its scene (cached), for one chip size and
+    token grid."""
 
     def __init__(self, truth: dict[str, list[dict]], chip: int, token_grid: tuple[int, int]):
         self.truth, self.chip, self.grid = truth, chip, token_grid
@@ -243,7 +293,7 @@ class DenseTargets:
         if sid not in self._cache:
             targets = self.truth[sid]
             self._cache[sid] = (*cell_labels(targets, self.chip, self.grid),
-                                cell_density(targets, self.chip, self.grid))
+                                cell_density(targets, self.chip, self.grid), cell_digits(targets, self.chip, self.grid))
         return self._cache[sid]
 
 
@@ -285,7 +335,8 @@ def flip_image(chip, anchors, targets: list[dict], flip: int, config) -> tuple:
         flipped.append({**t, "box": [x1, y1, x2, y2]})
     return (torch.from_numpy(pixels), torch.from_numpy(grid), anchors,
             (*cell_labels(flipped, config.chip_size, config.token_grid),
-             cell_density(flipped, config.chip_size, config.token_grid)))
+             cell_density(flipped, config.chip_size, config.token_grid),
+             cell_digits(flipped, config.chip_size, config.token_grid)))
 
 
 def warmup(model, head: DenseHead, images: list[tuple], epochs: float, lr: float, batch: int = 16, seed: int = 0,
@@ -357,6 +408,7 @@ class DenseSettings:
     position: bool = False  # also predict each token's row and column (where it lies)
     density: float = 0.0  # weight of the per-token density term (each token's share of each object; 0: off)
     image_count: float = 0.0  # weight of the whole-image count term (every token guesses the counts; 0: off)
+    digits: float = 0.0  # weight of the box-digit term (the one-object cells' box digits; 0: off)
 
     def check(self) -> None:
         if not self.weight >= 0:
@@ -367,6 +419,8 @@ class DenseSettings:
             raise InputError(f"--dense-warmup-lr: expected a positive number, got {self.warmup_lr}")
         if not self.image_count >= 0:
             raise InputError(f"--dense-image-count: expected a number >= 0, got {self.image_count}")
+        if not self.digits >= 0:
+            raise InputError(f"--dense-digits: expected a number >= 0, got {self.digits}")
         if not self.density >= 0:
             raise InputError(f"--dense-density: expected a number >= 0, got {self.density}")
         if not self.pos_weight > 0:

@@ -180,7 +180,8 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
     if args.dense is not None:
         dense = DenseHead(cfg.hidden_size, args.dense.pos_weight,
                           position_grid=cfg.token_grid if args.dense.position else None,
-                          density_weight=args.dense.density, image_count_weight=args.dense.image_count).to(device)
+                          density_weight=args.dense.density, image_count_weight=args.dense.image_count,
+                          digits_weight=args.dense.digits).to(device)
         targets = DenseTargets(load_truth(args.dense.truth), chip, cfg.token_grid)
         params.update({f"dense_head.{n}": p for n, p in dense.named_parameters()})
     checking = rows
@@ -255,7 +256,8 @@ def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, see
                         | ({"pos_weight": dense.pos_weight} if dense.pos_weight != 1.0 else {})
                         | ({"position": True} if dense.position else {})
                         | ({"density": dense.density} if dense.density else {})
-                        | ({"image_count": dense.image_count} if dense.image_count else {}))
+                        | ({"image_count": dense.image_count} if dense.image_count else {})
+                        | ({"digits": dense.digits} if dense.digits else {}))
     if done.is_file():
         saved = torch.load(done, map_location="cpu", weights_only=True)
         if saved.get("run_id") != run_id:
