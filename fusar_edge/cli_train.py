@@ -88,8 +88,8 @@ def add_parser(sub) -> None:
     t.add_argument("--dense-digits", type=float, default=0.0, metavar="WEIGHT",
                    help="stage 0: weight of a box-digit term: the visual token holding one object's centre also "
                         "learns each digit of that object's box corners as a detection answer writes them, so the "
-                        "language model can copy a coordinate rather than compute it (default 0: off; see "
-                        "fusar_edge/train/dense.py)")
+                        "language model can copy a coordinate rather than compute it (default 0: off; measured at weight 1: the copying starts, the counts lose 14 "
+                        "points: benchmarks/results/eval-demo-recipes-vm.md)")
     t.add_argument("--dense-augment", action="store_true",
                    help="stage 0: flip each warm-up image at random (left-right, up-down), with its anchors and "
                         "truth (default off; the main loop's answers are never flipped)")

@@ -49,6 +49,9 @@ coordinate digits flat at 0.47 in ``benchmarks/lm_readout.py``). With this term,
 a single object's centre classifies each digit of each corner of that object's box as the answer
 writes it (hundreds, tens, units of ``round(x1)``, ``round(y1)``, ``round(x2)``, ``round(y2)``): 12
 ten-way classes, so the language model only has to copy a digit it can read off one token.
+Measured (benchmarks/results/eval-demo-recipes-vm.md): at weight 1 the language model's coordinate
+digits leave the shipped tokens' plateau (0.47 -> 0.58 over 44,800 detection examples, still rising),
+but the head counts 14 points worse: off by default.
 
 The head exists only while training: it is not part of the saved model, and the runtime never
 sees it. Real FUSAR-GPT training has no such labels and no such stage; a real Qwen2.5-VL vision
