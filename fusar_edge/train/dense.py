@@ -111,6 +111,19 @@ def load_truth(path: str | Path) -> dict[str, list[dict]]:
     return truth
 
 
+def _centre_cells(targets: list[dict], chip: int, token_grid: tuple[int, int]):
+    """``(label, (x1, y1, x2, y2) floats, raster index of the cell holding the box centre)`` for each
+    target of a label the head knows (others are skipped)."""
+    gh, gw = token_grid
+    cell_h, cell_w = chip / gh, chip / gw
+    for t in targets:
+        if t["label"] not in LABELS:
+            continue
+        x1, y1, x2, y2 = (float(v) for v in t["box"])
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        yield t["label"], (x1, y1, x2, y2), min(int(cy / cell_h), gh - 1) * gw + min(int(cx / cell_w), gw - 1)
+
+
 def cell_labels(targets: list[dict], chip: int, token_grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor,
                                                                                       torch.Tensor]:
     """-> ``(counts [T, L] long in 0..2, boxes [T, 4] float, has_box [T] bool)`` in raster order."""
@@ -119,14 +132,10 @@ def cell_labels(targets: list[dict], chip: int, token_grid: tuple[int, int]) -> 
     counts = torch.zeros(gh * gw, len(LABELS), dtype=torch.long)
     boxes = torch.zeros(gh * gw, 4)
     centres = torch.zeros(gh * gw, dtype=torch.long)
-    for t in targets:
-        if t["label"] not in LABELS:
-            continue
-        x1, y1, x2, y2 = (float(v) for v in t["box"])
+    for label, (x1, y1, x2, y2), cell in _centre_cells(targets, chip, token_grid):
         cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-        gx, gy = min(int(cx / cell_w), gw - 1), min(int(cy / cell_h), gh - 1)
-        cell = gy * gw + gx
-        counts[cell, LABELS.index(t["label"])] += 1
+        gy, gx = divmod(cell, gw)
+        counts[cell, LABELS.index(label)] += 1
         centres[cell] += 1
         boxes[cell] = torch.tensor([cx / cell_w - gx, cy / cell_h - gy, (x2 - x1) / cell_w, (y2 - y1) / cell_h])
     return counts.clamp_(max=COUNT_CLASSES - 1), boxes, centres == 1
@@ -161,17 +170,11 @@ def cell_digits(targets: list[dict], chip: int, token_grid: tuple[int, int]) -> 
     ``has_box``), the hundreds, tens and units digits of that object's ``x1, y1, x2, y2``, each rounded
     and clipped to ``[0, chip]`` as a detection answer writes it in the chip frame; ``IGNORE`` elsewhere."""
     gh, gw = token_grid
-    cell_h, cell_w = chip / gh, chip / gw
     digits = torch.full((gh * gw, BOX_DIGITS), IGNORE, dtype=torch.long)
     centres = torch.zeros(gh * gw, dtype=torch.long)
-    for t in targets:
-        if t["label"] not in LABELS:
-            continue
-        x1, y1, x2, y2 = (float(v) for v in t["box"])
-        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-        cell = min(int(cy / cell_h), gh - 1) * gw + min(int(cx / cell_w), gw - 1)
+    for _, box, cell in _centre_cells(targets, chip, token_grid):
         centres[cell] += 1
-        corners = [min(max(int(round(v)), 0), chip) for v in (x1, y1, x2, y2)]
+        corners = [min(max(int(round(v)), 0), chip) for v in box]
         digits[cell] = torch.tensor([d for v in corners for d in (v // 100 % 10, v // 10 % 10, v % 10)])
     digits[centres != 1] = IGNORE
     return digits
