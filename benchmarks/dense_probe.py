@@ -153,7 +153,8 @@ def main() -> None:
     errs: dict[str, list[int]] = {}
     density_errs: dict[str, list[int]] = {}
     image_count_errs: dict[str, list[int]] = {}
-    for row in read_manifest(a.data / f"stage2-{a.split}.jsonl"):
+    stage2 = read_manifest(a.data / f"stage2-{a.split}.jsonl")  # the split's task rows, read once
+    for row in stage2:
         if row.get("task") != "count" or row["scene"] not in got_by_scene:
             continue
         label = label_of[row["id"].rsplit("count-", 1)[1]]
@@ -169,7 +170,7 @@ def main() -> None:
         if not by_scene:
             continue
         det = {t: [0, 0, 0] for t in (0.25, 0.5)}
-        for row in read_manifest(a.data / f"stage2-{a.split}.jsonl"):
+        for row in stage2:
             if row.get("task") == "detect" and row["scene"] in by_scene:
                 preds, gts = by_scene[row["scene"]], gt_boxes(row["answer"])
                 for t in det:

@@ -60,6 +60,8 @@ def main() -> None:
         saved = torch.load(a.warmup, map_location="cpu", weights_only=True)
         model.visual.load_state_dict(saved["visual"])
         if model.tlm is not None:
+            if "tlm" not in saved:
+                raise SystemExit(f"--warmup {a.warmup}: a warm-up without TLM (--no-aef), but {a.bundle} has one")
             model.tlm.load_state_dict(saved["tlm"])
     builder = SampleBuilder(model.config, tok, use_anchors=model.config.tlm.enabled)
     digit_ids = torch.tensor([i for d in range(10) for i in tok.encode(str(d))])
