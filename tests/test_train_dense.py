@@ -199,18 +199,21 @@ def test_dense_augment_flag_trains_on_flips_and_is_its_own_warmup(data, tmp_path
     assert "different run" in capsys.readouterr().err
 
 
-def test_density_and_image_count_terms_train_through_stage0_and_are_their_own_warmup(data, tmp_path, capsys):
+def test_density_image_count_and_digit_terms_train_through_stage0_and_are_their_own_warmup(data, tmp_path, capsys):
     ds, small = data
     out = tmp_path / "s0"
     argv = ["train", "--stage", "0", "--data", str(small), "--out", str(out), "--epochs", "0.5", "--grad-accum", "1",
             "--dense-truth", str(ds / "scenes.jsonl"), "--dense-warmup-epochs", "2", "--json", "--seed", "1"]
     # with --dense-augment too: flipped images carry their densities (the terms' labels) as well
-    assert main([*argv, "--dense-density", "0.5", "--dense-image-count", "2", "--dense-augment"]) == 0
+    assert main([*argv, "--dense-density", "0.5", "--dense-image-count", "2", "--dense-digits", "0.25",
+                 "--dense-augment"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["dense"]["density"] == 0.5 and summary["dense"]["image_count"] == 2.0
+    assert summary["dense"]["digits"] == 0.25
     assert summary["dense"]["warmup"]["steps"] > 0 and summary["steps"] > 0
     head = torch.load(out / "dense-warmup.pt", weights_only=True)["head"]
     assert head["density.weight"].shape[0] == len(LABELS) and head["image_count.weight"].shape[0] == len(LABELS) * 8
+    assert head["digits.weight"].shape[0] == 12 * 10
     params = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["params"]
     assert "dense_head.density.weight" in params and "dense_head.image_count.weight" in params  # kept in the main loop
     # the same folder without the terms is another warm-up: refused, not mixed in
@@ -220,6 +223,8 @@ def test_density_and_image_count_terms_train_through_stage0_and_are_their_own_wa
     assert "--dense-density: expected a number >= 0, got -1.0" in capsys.readouterr().err
     assert main([*argv, "--dense-image-count", "-2"]) == 2
     assert "--dense-image-count: expected a number >= 0, got -2.0" in capsys.readouterr().err
+    assert main([*argv, "--dense-digits", "-1"]) == 2
+    assert "--dense-digits: expected a number >= 0, got -1.0" in capsys.readouterr().err
 
 
 def test_train_demo_script_stops_at_a_failed_step_with_its_exit_code_and_one_line(tmp_path):
