@@ -76,6 +76,8 @@ def main() -> None:
     p.add_argument("--density", type=float, default=0.0, help="weight of the density term (default 0: off)")
     p.add_argument("--image-count", type=float, default=0.0, help="weight of the image-count term (default 0: off)")
     p.add_argument("--digits", type=float, default=0.0, help="weight of the box-digit term (default 0: off)")
+    p.add_argument("--digit-labels", type=lambda s: tuple(v for v in s.split(",") if v), default=(),
+                   help="the digit term's labels, comma-separated (default: all)")
     add_vision_args(p)
     p.add_argument("--preset", default="demo")
     p.add_argument("--lr", type=float, default=2e-3, help="default 2e-3, the recipe's")
@@ -89,7 +91,7 @@ def main() -> None:
     head = DenseHead(cfg.hidden_size, a.pos_weight, density_weight=a.density, image_count_weight=a.image_count,
                      digits_weight=a.digits)
     images = _WarmupImages(first_rows, builder, DenseTargets(load_truth(a.data / "scenes.jsonl"), cfg.chip_size,
-                                                             cfg.token_grid))
+                                                             cfg.token_grid, a.digit_labels))
     t0 = time.perf_counter()
     losses = warmup(model, head, images, a.steps * 16 / len(images), a.lr, 16, seed=0)
     seconds = time.perf_counter() - t0

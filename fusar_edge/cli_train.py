@@ -90,6 +90,11 @@ def add_parser(sub) -> None:
                         "learns each digit of that object's box corners as a detection answer writes them, so the "
                         "language model can copy a coordinate rather than compute it (default 0: off; measured at weight 1: the copying starts, the counts lose 14 "
                         "points: benchmarks/results/eval-demo-recipes-vm.md)")
+    t.add_argument("--dense-digit-labels", type=lambda s: tuple(v.strip() for v in s.split(",") if v.strip()),
+                   metavar="LABEL[,LABEL]",
+                   help="stage 0: the box-digit term learns the boxes of these labels only (comma-separated; "
+                        "default: every label). Detection asks for ships: --dense-digit-labels ship spends the "
+                        "tokens on those boxes alone")
     t.add_argument("--dense-augment", action="store_true",
                    help="stage 0: flip each warm-up image at random (left-right, up-down), with its anchors and "
                         "truth (default off; the main loop's answers are never flipped)")
@@ -124,6 +129,7 @@ DEPENDENT_FLAGS = {  # flag -> the flag it tunes; given without it, it would do 
     "dense_weight": "dense_truth", "dense_warmup_epochs": "dense_truth", "dense_warmup_lr": "dense_truth",
     "dense_pos_weight": "dense_truth", "dense_position": "dense_truth", "dense_density": "dense_truth",
     "dense_image_count": "dense_truth", "dense_augment": "dense_truth", "dense_digits": "dense_truth",
+    "dense_digit_labels": "dense_digits",
 }
 
 
@@ -165,7 +171,8 @@ def run(args) -> int:
         dense = DenseSettings(Path(args.dense_truth), args.dense_weight, args.dense_warmup_epochs, args.dense_warmup_lr,
                               augment=args.dense_augment, pos_weight=args.dense_pos_weight,
                               position=args.dense_position, density=args.dense_density,
-                              image_count=args.dense_image_count, digits=args.dense_digits)
+                              image_count=args.dense_image_count, digits=args.dense_digits,
+                              digit_labels=args.dense_digit_labels or ())
     settings = TrainSettings(epochs=args.epochs if args.epochs is not None else d["epochs"],
                              lr=args.lr if args.lr is not None else d["lr"], grad_accum=args.grad_accum,
                              seed=args.seed, save_every=args.save_every,

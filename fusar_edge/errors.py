@@ -30,3 +30,8 @@ class CoverageError(AnchorError):
 
 class BundleError(FusarError):
     """A missing, incomplete or inconsistent model bundle or checkpoint."""
+
+
+class DivergedError(FusarError):
+    """A training loss that is no longer finite: stopped before the step that would spread it into the
+    weights (the last checkpoint stays as it was); a lower learning rate is the usual cure."""

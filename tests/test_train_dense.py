@@ -11,7 +11,7 @@ from fusar_edge.cli import main
 from fusar_edge.data.synth import synth
 from fusar_edge.errors import InputError
 from fusar_edge.train.dense import (IGNORE, LABELS, DenseHead, DenseSettings, cell_boxes, cell_density, cell_digits,
-                                     cell_labels, load_truth)
+                                     cell_labels, load_truth, warmup)
 from fusar_edge.train.loop import TrainSettings
 from fusar_edge.train.recipe import StageArgs, run_stage
 
@@ -216,8 +216,11 @@ def test_density_image_count_and_digit_terms_train_through_stage0_and_are_their_
     assert head["digits.weight"].shape[0] == 12 * 10
     params = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["params"]
     assert "dense_head.density.weight" in params and "dense_head.image_count.weight" in params  # kept in the main loop
-    # the same folder without the terms is another warm-up: refused, not mixed in
+    # the same folder without the terms, or with the digits of ships alone, is another warm-up: refused
     assert main([*argv, "--dense-augment"]) == 2
+    assert "different run" in capsys.readouterr().err
+    assert main([*argv, "--dense-density", "0.5", "--dense-image-count", "2", "--dense-digits", "0.25",
+                 "--dense-digit-labels", "ship", "--dense-augment"]) == 2
     assert "different run" in capsys.readouterr().err
     assert main([*argv, "--dense-density", "-1"]) == 2
     assert "--dense-density: expected a number >= 0, got -1.0" in capsys.readouterr().err
@@ -225,6 +228,10 @@ def test_density_image_count_and_digit_terms_train_through_stage0_and_are_their_
     assert "--dense-image-count: expected a number >= 0, got -2.0" in capsys.readouterr().err
     assert main([*argv, "--dense-digits", "-1"]) == 2
     assert "--dense-digits: expected a number >= 0, got -1.0" in capsys.readouterr().err
+    assert main([*argv, "--dense-digit-labels", "ship"]) == 2
+    assert "--dense-digit-labels: only with --dense-digits" in capsys.readouterr().err
+    assert main([*argv, "--dense-digits", "1", "--dense-digit-labels", "ship,boat"]) == 2
+    assert "--dense-digit-labels: unknown label 'boat'" in capsys.readouterr().err
 
 
 def test_train_demo_script_stops_at_a_failed_step_with_its_exit_code_and_one_line(tmp_path):
@@ -437,3 +444,43 @@ def test_digit_term_is_off_by_default_and_its_reading_recovers_the_corners_when_
     assert sorted(read[has_box].tolist()) == sorted([[30, 30, 40, 36], [150, 200, 171, 209], [100, 0, 120, 8]])
     with pytest.raises(InputError, match="--dense-digits"):
         DenseSettings(Path("x"), digits=-1).check()
+
+
+def test_digit_labels_keep_only_those_objects_cells_and_an_image_without_one_adds_nothing():
+    targets = [{"label": "ship", "box": [30, 30, 40, 36]}, {"label": "oil tank", "box": [150, 200, 171, 209]},
+               {"label": "ship", "box": [100, 0, 120, 8]}, {"label": "rock", "box": [104, 2, 118, 6]}]
+    every, ships = cell_digits(targets, 224, (8, 8)), cell_digits(targets, 224, (8, 8), ("ship",))
+    kept = (ships != IGNORE).all(1)
+    assert kept.sum() == 1 and ships[kept].tolist() == [[0, 3, 0, 0, 3, 0, 0, 4, 0, 0, 3, 6]]
+    assert (every != IGNORE).all(1).sum() == 2  # the oil tank's cell too; the ship beside a rock in neither
+    assert torch.equal(ships[kept], every[kept])
+    # no ship in the image: the digit term adds nothing (not the NaN of a mean over no cells)
+    no_ship = [{"label": "oil tank", "box": [10, 10, 30, 30]}]
+    labels = (*cell_labels(no_ship, 224, (8, 8)), cell_density(no_ship, 224, (8, 8)),
+              cell_digits(no_ship, 224, (8, 8), ("ship",)))
+    plain, head = DenseHead(32), DenseHead(32, digits_weight=1.0)
+    head.proj.load_state_dict(plain.proj.state_dict())
+    visual = torch.randn(64, 32)
+    assert torch.allclose(head.loss(visual, labels), plain.loss(visual, labels))
+    with pytest.raises(InputError, match="--dense-digit-labels: unknown label 'ships'"):
+        DenseSettings(Path("x"), digits=1, digit_labels=("ships",)).check()
+
+
+def test_a_loss_that_is_no_longer_finite_stops_the_warm_up_before_the_weights_take_it():
+    from fusar_edge.errors import DivergedError
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.visual, self.tlm = torch.nn.Linear(4, 32), None
+
+        def vision_many(self, images):
+            return [self.visual(torch.full((64, 4), float("inf")) * image[0]) for image in images]
+
+    targets = [{"label": "ship", "box": [30, 30, 40, 36]}]
+    labels = (*cell_labels(targets, 224, (8, 8)), cell_density(targets, 224, (8, 8)), cell_digits(targets, 224, (8, 8)))
+    model = Model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(DivergedError, match="at step 1 of 2; try a lower --dense-warmup-lr"):
+        warmup(model, DenseHead(32), [(torch.ones(1), None, None, labels)] * 2, 1.0, 1e-3, batch=1, show_progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.scene import DISTRACTOR_LABELS, TARGET_LABELS
-from ..errors import InputError
+from ..errors import DivergedError, InputError
 from .loop import _lr_factor
 
 LABELS = TARGET_LABELS + DISTRACTOR_LABELS
@@ -165,15 +165,20 @@ def cell_density(targets: list[dict], chip: int, token_grid: tuple[int, int]) ->
     return density
 
 
-def cell_digits(targets: list[dict], chip: int, token_grid: tuple[int, int]) -> torch.Tensor:
+def cell_digits(targets: list[dict], chip: int, token_grid: tuple[int, int],
+                labels: tuple[str, ...] = ()) -> torch.Tensor:
     """-> ``[T, 12]`` long, raster order: for a cell holding exactly one object centre (``cell_labels``'
     ``has_box``), the hundreds, tens and units digits of that object's ``x1, y1, x2, y2``, each rounded
-    and clipped to ``[0, chip]`` as a detection answer writes it in the chip frame; ``IGNORE`` elsewhere."""
+    and clipped to ``[0, chip]`` as a detection answer writes it in the chip frame; ``IGNORE`` elsewhere.
+    ``labels``, when given, keeps only the cells whose one object has one of those labels (the others
+    still count as centres: a ship beside an oil tank in one cell has no digits)."""
     gh, gw = token_grid
     digits = torch.full((gh * gw, BOX_DIGITS), IGNORE, dtype=torch.long)
     centres = torch.zeros(gh * gw, dtype=torch.long)
-    for _, box, cell in _centre_cells(targets, chip, token_grid):
+    for label, box, cell in _centre_cells(targets, chip, token_grid):
         centres[cell] += 1
+        if labels and label not in labels:
+            continue
         corners = [min(max(int(round(v)), 0), chip) for v in box]
         digits[cell] = torch.tensor([d for v in corners for d in (v // 100 % 10, v // 10 % 10, v % 10)])
     digits[centres != 1] = IGNORE
@@ -238,7 +243,7 @@ class DenseHead(nn.Module):
             loss = loss + self.density_weight * self.density_loss(visual, labels[3].to(visual.device))
         if self.image_count is not None:
             loss = loss + self.image_count_weight * self.image_count_loss(visual, labels[3].to(visual.device))
-        if self.digits is not None and bool(has_box.any()):
+        if self.digits is not None and bool((labels[4] != IGNORE).any()):  # an image with no such cell adds nothing
             loss = loss + self.digits_weight * self.digits_loss(visual, labels[4].to(visual.device))
         return loss
 
@@ -287,8 +292,9 @@ class DenseTargets:
     """Row -> ``(*cell_labels, cell_density, cell_digits)`` of its scene (cached), for one chip size and
     token grid."""
 
-    def __init__(self, truth: dict[str, list[dict]], chip: int, token_grid: tuple[int, int]):
-        self.truth, self.chip, self.grid = truth, chip, token_grid
+    def __init__(self, truth: dict[str, list[dict]], chip: int, token_grid: tuple[int, int],
+                 digit_labels: tuple[str, ...] = ()):
+        self.truth, self.chip, self.grid, self.digit_labels = truth, chip, token_grid, tuple(digit_labels)
         self._cache: dict[str, tuple] = {}
 
     def __call__(self, row: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -299,11 +305,12 @@ class DenseTargets:
         if sid not in self._cache:
             targets = self.truth[sid]
             self._cache[sid] = (*cell_labels(targets, self.chip, self.grid),
-                                cell_density(targets, self.chip, self.grid), cell_digits(targets, self.chip, self.grid))
+                                cell_density(targets, self.chip, self.grid),
+                                cell_digits(targets, self.chip, self.grid, self.digit_labels))
         return self._cache[sid]
 
 
-def flip_image(chip, anchors, targets: list[dict], flip: int, config) -> tuple:
+def flip_image(chip, anchors, targets: list[dict], flip: int, config, digit_labels: tuple[str, ...] = ()) -> tuple:
     """One image flipped: ``flip`` bit 0 left-right, bit 1 up-down (0: as it is).
 
     ``chip`` uint8 ``[H, W, 3]``; ``anchors`` ``(features, positions (y, x) in [0, 1], mask)`` or
@@ -342,7 +349,7 @@ def flip_image(chip, anchors, targets: list[dict], flip: int, config) -> tuple:
     return (torch.from_numpy(pixels), torch.from_numpy(grid), anchors,
             (*cell_labels(flipped, config.chip_size, config.token_grid),
              cell_density(flipped, config.chip_size, config.token_grid),
-             cell_digits(flipped, config.chip_size, config.token_grid)))
+             cell_digits(flipped, config.chip_size, config.token_grid, digit_labels)))
 
 
 def warmup(model, head: DenseHead, images: list[tuple], epochs: float, lr: float, batch: int = 16, seed: int = 0,
@@ -386,6 +393,9 @@ def warmup(model, head: DenseHead, images: list[tuple], epochs: float, lr: float
             del order[:batch]
             tokens = model.vision_many([c[:3] for c in chosen])
             loss = torch.stack([head.loss(t, c[3]) for t, c in zip(tokens, chosen)]).mean()
+            if not torch.isfinite(loss):
+                raise DivergedError(f"vision warm-up: the dense loss is {float(loss)} at step {step + 1} of {total}; "
+                                    "try a lower --dense-warmup-lr")
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -415,6 +425,7 @@ class DenseSettings:
     density: float = 0.0  # weight of the per-token density term (each token's share of each object; 0: off)
     image_count: float = 0.0  # weight of the whole-image count term (every token guesses the counts; 0: off)
     digits: float = 0.0  # weight of the box-digit term (the one-object cells' box digits; 0: off)
+    digit_labels: tuple[str, ...] = ()  # the digit term's labels (empty: all; detection asks for ships)
 
     def check(self) -> None:
         if not self.weight >= 0:
@@ -427,6 +438,9 @@ class DenseSettings:
             raise InputError(f"--dense-image-count: expected a number >= 0, got {self.image_count}")
         if not self.digits >= 0:
             raise InputError(f"--dense-digits: expected a number >= 0, got {self.digits}")
+        unknown = [label for label in self.digit_labels if label not in LABELS]
+        if unknown:
+            raise InputError(f"--dense-digit-labels: unknown label {unknown[0]!r}; expected some of {', '.join(LABELS)}")
         if not self.density >= 0:
             raise InputError(f"--dense-density: expected a number >= 0, got {self.density}")
         if not self.pos_weight > 0:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import DivergedError, InputError
 
 CHECKPOINT = "checkpoint"
 
@@ -192,6 +192,9 @@ def train(model, named_params: dict[str, torch.nn.Parameter], rows: list, build:
                 unit = units[int(perm[k % n])]
                 extra = None if aux is None else (lambda visual, row=rows[unit[0]]: aux(visual, row))
                 loss = group_loss(model, [build(rows[i]) for i in unit], extra)
+                if not torch.isfinite(loss):
+                    raise DivergedError(f"training: the loss is {float(loss)} at sample {k + 1} (row "
+                                        f"{rows[unit[0]].get('id', unit[0])}); try a lower --lr")
                 (loss / settings.grad_accum).backward()
                 acc_loss += float(loss.detach())
                 in_step += 1

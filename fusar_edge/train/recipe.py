@@ -182,7 +182,7 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
                           position_grid=cfg.token_grid if args.dense.position else None,
                           density_weight=args.dense.density, image_count_weight=args.dense.image_count,
                           digits_weight=args.dense.digits).to(device)
-        targets = DenseTargets(load_truth(args.dense.truth), chip, cfg.token_grid)
+        targets = DenseTargets(load_truth(args.dense.truth), chip, cfg.token_grid, args.dense.digit_labels)
         params.update({f"dense_head.{n}": p for n, p in dense.named_parameters()})
     checking = rows
     if show_progress:  # reading every image and anchor set takes a while on a large dataset (~30 s on synth16k): say so
@@ -257,7 +257,8 @@ def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, see
                         | ({"position": True} if dense.position else {})
                         | ({"density": dense.density} if dense.density else {})
                         | ({"image_count": dense.image_count} if dense.image_count else {})
-                        | ({"digits": dense.digits} if dense.digits else {}))
+                        | ({"digits": dense.digits} if dense.digits else {})
+                        | ({"digit_labels": sorted(dense.digit_labels)} if dense.digit_labels else {}))
     if done.is_file():
         saved = torch.load(done, map_location="cpu", weights_only=True)
         if saved.get("run_id") != run_id:
@@ -277,7 +278,8 @@ def _dense_warmup(model, head, rows, builder, targets, dense: DenseSettings, see
                 return images[i]
             row = first_rows[i]
             chip = to_chip(read_sar(Path(row["_root"]) / row["image"]), cfg.chip_size)
-            return flip_image(chip, builder.anchors(row), targets.truth[str(row["scene"])], flip, cfg)
+            return flip_image(chip, builder.anchors(row), targets.truth[str(row["scene"])], flip, cfg,
+                              targets.digit_labels)
 
     losses = warmup(model, head, images, dense.warmup_epochs, dense.warmup_lr, dense.batch, seed, show_progress,
                     augment=augment)
