@@ -393,3 +393,24 @@ def test_oversample_repeats_the_samples_that_name_a_class(data):
     with pytest.raises(InputError, match="--oversample ship"):
         TrainSettings(epochs=1, lr=1e-3, oversample={"ship": 0}).check()
     assert oversample_factor("Oil  Tank=3") == ("oil tank", 3)
+
+
+def test_a_loss_that_is_no_longer_finite_stops_training_before_the_weights_take_it(data, tmp_path):
+    from fusar_edge.config import preset
+    from fusar_edge.errors import DivergedError
+    from fusar_edge.model.bundle import build_random
+    from fusar_edge.tokenizer import TextTokenizer
+    from fusar_edge.train.samples import SampleBuilder, read_manifest
+
+    ds, _ = data
+    rows = read_manifest(ds / "stage2-train.jsonl")[:4]
+    cfg = preset("demo")
+    model = build_random(cfg, seed=5)
+    params = dict(model.named_parameters())
+    before = {n: p.detach().clone() for n, p in params.items()}
+    with pytest.raises(DivergedError, match=r"the loss is nan at sample 1 \(row .+\); try a lower --lr"):
+        loop.train(model, params, rows, SampleBuilder(cfg, TextTokenizer.demo()),
+                   TrainSettings(epochs=1, lr=1e-3, grad_accum=2), tmp_path, show_progress=False,
+                   aux=lambda visual, row: visual.sum() * float("nan"))
+    assert all(torch.equal(before[n], p) for n, p in params.items())
+    assert not (tmp_path / loop.CHECKPOINT / "state.pt").exists()
