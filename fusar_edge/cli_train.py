@@ -94,7 +94,7 @@ def add_parser(sub) -> None:
                    metavar="LABEL[,LABEL]",
                    help="stage 0: the box-digit term learns the boxes of these labels only (comma-separated; "
                         "default: every label). Detection asks for ships alone; measured: limiting the term to them "
-                        "costs the counts as much (benchmarks/results/eval-demo-recipes-vm.md)")
+                        "costs the counts no less (benchmarks/results/eval-demo-recipes-vm.md)")
     t.add_argument("--dense-augment", action="store_true",
                    help="stage 0: flip each warm-up image at random (left-right, up-down), with its anchors and "
                         "truth (default off; the main loop's answers are never flipped)")

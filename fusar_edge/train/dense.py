@@ -52,7 +52,7 @@ ten-way classes, so the language model only has to copy a digit it can read off 
 Measured (benchmarks/results/eval-demo-recipes-vm.md): at weight 1 the language model's coordinate
 digits leave the shipped tokens' plateau (0.47 -> 0.58 over 44,800 detection examples, still rising),
 but the head counts 14 points worse: off by default. ``--dense-digit-labels ship`` keeps the term to
-the ship cells (detection's one label); it costs the counts as much (0.745 -> 0.553), so the width the
+the ship cells (detection's one label); it costs the counts no less (0.745 -> 0.553), so the width the
 term takes is not the other labels' boxes.
 
 The head exists only while training: it is not part of the saved model, and the runtime never
