@@ -24,10 +24,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fusar_edge.cli_train import label_list  # noqa: E402
 from fusar_edge.config import preset  # noqa: E402
+from fusar_edge.errors import InputError  # noqa: E402
 from fusar_edge.model.bundle import build_random  # noqa: E402
 from fusar_edge.tokenizer import TextTokenizer  # noqa: E402
-from fusar_edge.train.dense import DenseHead, DenseTargets, load_truth, warmup  # noqa: E402
+from fusar_edge.train.dense import DenseHead, DenseSettings, DenseTargets, load_truth, warmup  # noqa: E402
 from fusar_edge.train.recipe import _WarmupImages, first_row_per_image  # noqa: E402
 from fusar_edge.train.samples import SampleBuilder, read_manifest  # noqa: E402
 
@@ -76,7 +78,7 @@ def main() -> None:
     p.add_argument("--density", type=float, default=0.0, help="weight of the density term (default 0: off)")
     p.add_argument("--image-count", type=float, default=0.0, help="weight of the image-count term (default 0: off)")
     p.add_argument("--digits", type=float, default=0.0, help="weight of the box-digit term (default 0: off)")
-    p.add_argument("--digit-labels", type=lambda s: tuple(v for v in s.split(",") if v), default=(),
+    p.add_argument("--digit-labels", type=label_list, default=(),
                    help="the digit term's labels, comma-separated (default: all)")
     add_vision_args(p)
     p.add_argument("--preset", default="demo")
@@ -85,6 +87,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="initialisation and image order (default 0); two seeds of one "
                                                         "setting say how far a single run's probe can be trusted")
     a = p.parse_args()
+    try:  # the flags `train` checks, checked the same way
+        DenseSettings(a.data / "scenes.jsonl", digits=a.digits, digit_labels=a.digit_labels).check()
+    except InputError as exc:
+        raise SystemExit(f"vision_warmup.py: {exc}") from None
     torch.set_num_threads(a.threads)
     cfg = vision_variant(preset(a.preset), a)
     if a.seed:  # the dense head's initialisation; seed 0 keeps torch's default generator, as the earlier runs

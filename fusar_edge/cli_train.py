@@ -90,7 +90,7 @@ def add_parser(sub) -> None:
                         "learns each digit of that object's box corners as a detection answer writes them, so the "
                         "language model can copy a coordinate rather than compute it (default 0: off; measured at weight 1: the copying starts, the counts lose 14 "
                         "points: benchmarks/results/eval-demo-recipes-vm.md)")
-    t.add_argument("--dense-digit-labels", type=lambda s: tuple(v.strip() for v in s.split(",") if v.strip()),
+    t.add_argument("--dense-digit-labels", type=label_list,
                    metavar="LABEL[,LABEL]",
                    help="stage 0: the box-digit term learns the boxes of these labels only (comma-separated; "
                         "default: every label). Detection asks for ships alone; measured: limiting the term to them "
@@ -119,6 +119,11 @@ def add_parser(sub) -> None:
     t.add_argument("--threads", type=positive_int, help="torch threads (default: torch's choice)")
     t.add_argument("--json", action="store_true", help="print the summary as JSON (no progress bar)")
     DEFAULT_VALUES.update({name: t.get_default(name) for name in [*STAGE_FLAGS, *DEPENDENT_FLAGS]})
+
+
+def label_list(text: str) -> tuple[str, ...]:
+    """``"ship, oil tank"`` -> ``("ship", "oil tank")`` (checked against the known labels by ``DenseSettings``)."""
+    return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 STAGE_FLAGS = {  # flags that mean something in some stages only: elsewhere they are refused, not ignored
