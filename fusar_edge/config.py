@@ -342,6 +342,17 @@ def _demo_deep() -> FusarConfig:
     return cfg
 
 
+def _demo_vit192() -> FusarConfig:
+    """``demo`` with a vision tower twice as wide: hidden 192, MLP 384, 6 heads (the language model
+    as the demo's). Its dense warm-up head counts 0.80 and 0.82 on validation in two seeds against
+    the demo's 0.745 / 0.763, at twice the time per step (benchmarks/vision_warmup.py --vision-width
+    192; eval-demo-recipes-vm.md, "A wider ViT")."""
+    cfg = _demo()
+    cfg.name = "demo-vit192"
+    cfg.backbone["vision_config"].update({"hidden_size": 192, "intermediate_size": 384, "num_heads": 6})
+    return cfg
+
+
 def _qwen_vision(out_hidden: int) -> dict[str, Any]:
     # Identical in the official 3B and 7B checkpoints except for out_hidden_size.
     return {
@@ -416,7 +427,7 @@ def _qwen_7b() -> FusarConfig:
                  num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4)
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "demo": _demo, "demo-wide": _demo_wide, "demo-deep": _demo_deep, "qwen2.5-vl-3b": _qwen_3b,
+PRESETS = {"tiny": _tiny, "small": _small, "demo": _demo, "demo-wide": _demo_wide, "demo-deep": _demo_deep, "demo-vit192": _demo_vit192, "qwen2.5-vl-3b": _qwen_3b,
            "qwen2.5-vl-7b": _qwen_7b}
 
 

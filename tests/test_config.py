@@ -115,6 +115,18 @@ def test_demo_deep_differs_from_the_demo_only_in_its_language_model_depth():
     assert deep.vision == demo.vision  # a demo run's dense warm-up (vision tower, TLM) loads into it
 
 
+def test_demo_vit192_differs_from_the_demo_only_in_its_vision_width():
+    from fusar_edge.model.bundle import count_parameters
+
+    demo, wide = preset("demo"), preset("demo-vit192")
+    assert (wide.vision["hidden_size"], wide.vision["intermediate_size"], wide.vision["num_heads"]) == (192, 384, 6)
+    changed = {"hidden_size", "intermediate_size", "num_heads"}
+    assert {k: v for k, v in wide.vision.items() if k not in changed} == \
+        {k: v for k, v in demo.vision.items() if k not in changed}  # same patches, windows, merger output
+    assert wide.text == demo.text and wide.chip_size == demo.chip_size
+    assert count_parameters(wide) * 4 < 24e6  # fp32 weights: the bundle stays under the 25 MB the repo allows
+
+
 def test_saved_config_reads_without_transformers_as_transformers_reads_it(tmp_path, tiny_model, tiny_tokenizer):
     """A config.json transformers wrote is taken as it is (the edge runtime has no transformers);
     that must equal transformers' own normalisation of the file, on every bundle we ship or save."""
