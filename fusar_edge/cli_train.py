@@ -98,6 +98,9 @@ def add_parser(sub) -> None:
     t.add_argument("--dense-augment", action="store_true",
                    help="stage 0: flip each warm-up image at random (left-right, up-down), with its anchors and "
                         "truth (default off; the main loop's answers are never flipped)")
+    t.add_argument("--freeze-vision", action="store_true",
+                   help="stage 0: after the dense warm-up, keep the vision tower frozen in the main loop (the "
+                        "language model, TLM and dense head still train); default off: it trains with the rest")
     t.add_argument("--no-aef", action="store_true", help="train without anchors or TLM (the paper's ablation)")
     t.add_argument("--epochs", type=positive_float, help="default: stage 0 10, stage 1 30, stage 2 5 (the reference's)")
     t.add_argument("--lr", type=positive_float, help="default: stage 0 1e-3, stage 1 1e-4, stage 2 1e-5 (the reference's)")
@@ -134,7 +137,7 @@ DEPENDENT_FLAGS = {  # flag -> the flag it tunes; given without it, it would do 
     "dense_weight": "dense_truth", "dense_warmup_epochs": "dense_truth", "dense_warmup_lr": "dense_truth",
     "dense_pos_weight": "dense_truth", "dense_position": "dense_truth", "dense_density": "dense_truth",
     "dense_image_count": "dense_truth", "dense_augment": "dense_truth", "dense_digits": "dense_truth",
-    "dense_digit_labels": "dense_digits",
+    "dense_digit_labels": "dense_digits", "freeze_vision": "dense_truth",
 }
 
 
@@ -186,7 +189,7 @@ def run(args) -> int:
                            base=Path(args.base) if args.base else None,
                            init_adapter=Path(args.init_adapter) if args.init_adapter else None,
                            init_tlm=Path(args.init_tlm) if args.init_tlm else None, no_aef=args.no_aef,
-                           grasp=grasp, dense=dense, sigma=args.sigma, max_length=args.max_length, settings=settings,
+                           grasp=grasp, dense=dense, freeze_vision=args.freeze_vision, sigma=args.sigma, max_length=args.max_length, settings=settings,
                            device=args.device)
     try:
         summary = run_stage(stage_args, show_progress=not args.json)

@@ -77,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-density", help="stage 0: weight of the per-token density term (default: off)")
     p.add_argument("--dense-digits", help="stage 0: weight of the box-digit term (default: off)")
     p.add_argument("--dense-digit-labels", help="stage 0: the digit term's labels, comma-separated (default: all)")
+    p.add_argument("--freeze-vision", action="store_true",
+                   help="stage 0: keep the warmed-up vision tower frozen in the main loop (default: it trains)")
     p.add_argument("--dense-image-count", help="stage 0: weight of the whole-image count term (default: off)")
     p.add_argument("--grid", action="store_true",
                    help="stage 0 also trains on the grid rows (what lies in each 3x3 cell; stage0-grid-train.jsonl)")
@@ -106,6 +108,7 @@ def training_steps(a: argparse.Namespace) -> dict[str, tuple[list[str], Path]]:
     stage0 += ["--dense-image-count", a.dense_image_count] if a.dense_image_count else []
     stage0 += ["--dense-digits", a.dense_digits] if a.dense_digits else []
     stage0 += ["--dense-digit-labels", a.dense_digit_labels] if a.dense_digit_labels else []
+    stage0 += ["--freeze-vision"] if a.freeze_vision else []
     stage0 += [arg for o in a.oversample or [] for arg in ("--oversample", o)]
     grid = [str(d / "stage0-grid-train.jsonl")] if a.grid else []
     return {

@@ -95,6 +95,38 @@ def test_stage0_with_dense_warmup_trains_the_vision_and_resumes_without_repeatin
         run_stage(StageArgs(**other), show_progress=False)
 
 
+def test_freeze_vision_keeps_the_warmed_up_tower_and_trains_the_rest(data, tmp_path):
+    from safetensors.torch import load_file
+
+    ds, small = data
+    out = tmp_path / "s0"
+    run_stage(StageArgs(stage=0, data=[str(small)], out=out, freeze_vision=True,
+                        settings=TrainSettings(epochs=1, lr=3e-3, grad_accum=1, seed=1),
+                        dense=DenseSettings(ds / "scenes.jsonl", weight=1.0, warmup_epochs=2, batch=2)),
+              show_progress=False)
+    warmed = torch.load(out / "dense-warmup.pt", weights_only=True)
+    base = load_file(str(out / "base" / "model.safetensors"))
+    visual = {k: v for k, v in base.items() if ".visual." in f".{k}"}
+    assert len(visual) == len(warmed["visual"])
+    for name, value in warmed["visual"].items():  # every tensor of the tower as the warm-up left it
+        saved = next(v for k, v in visual.items() if k.endswith("visual." + name))
+        assert torch.equal(saved, value), name
+    # the language model did train: its weights moved from the same seed's initial ones
+    from fusar_edge.config import preset
+    from fusar_edge.model.bundle import build_random
+
+    initial = build_random(preset("demo"), seed=1).backbone.state_dict()
+    lm = [k for k in base if "visual" not in k and k in initial]
+    assert lm and any(not torch.equal(base[k], initial[k]) for k in lm)
+
+
+def test_freeze_vision_needs_the_dense_warmup(tmp_path, capsys):
+    assert main(["train", "--stage", "0", "--data", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o"),
+                 "--freeze-vision"]) == 2
+    assert "--freeze-vision: only with --dense-truth" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_dense_bad_input_is_one_line_and_writes_nothing(data, tmp_path, capsys):
     ds, small = data
     bad = tmp_path / "scenes.jsonl"

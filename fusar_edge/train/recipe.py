@@ -71,6 +71,7 @@ class StageArgs:
     max_length: int = 2048
     settings: TrainSettings | None = None
     dense: DenseSettings | None = None  # stage 0 only: dense supervision of the visual tokens
+    freeze_vision: bool = False  # stage 0 only: the main loop keeps the warmed-up vision tower as it is
     device: str = "cpu"  # where the model trains (auto, cpu, cuda, cuda:N); the weights are saved from the CPU
 
 
@@ -132,7 +133,10 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
         model = build_random(cfg, seed=settings.seed)
         # the demo vocabulary (demo, demo-wide) or the tiny one
         tok = TextTokenizer.demo() if cfg.text["vocab_size"] == DEMO_VOCAB_SIZE else TextTokenizer.tiny()
-        params = {n: p for n, p in model.named_parameters()}
+        # --freeze-vision: the main loop's answer loss moved the warmed-up tokens away from what the
+        # dense head reads (eval-demo-recipes-vm.md, "The main loop undoes the warm-up")
+        frozen = {id(p) for p in model.visual.parameters()} if args.freeze_vision else set()
+        params = {n: p for n, p in model.named_parameters() if id(p) not in frozen}
     else:
         if args.base is None:
             raise InputError("--base: stages 1 and 2 need the base model folder (stage 0's OUT/base, or a "
