@@ -53,8 +53,11 @@ def _saved_modules(run: Path, after_stage0: bool) -> dict[str, dict]:
         saved = torch.load(run / "dense-warmup.pt", weights_only=True)
         return {name: saved.get(name, {}) for name in ("visual", "head", "tlm")}
     params = torch.load(run / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)["params"]
-    return {name: {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
-            for name, prefix in (("visual", "backbone.model.visual."), ("head", "dense_head."), ("tlm", "tlm."))}
+    modules = {name: {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+               for name, prefix in (("visual", "backbone.model.visual."), ("head", "dense_head."), ("tlm", "tlm."))}
+    if not modules["visual"]:  # `train --freeze-vision`: the checkpoint holds trained modules only; the tower is the warm-up's
+        modules["visual"] = _saved_modules(run, after_stage0=False)["visual"]
+    return modules
 
 
 def _load(model, head, saved: dict[str, dict]) -> None:
