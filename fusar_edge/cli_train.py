@@ -189,8 +189,8 @@ def run(args) -> int:
                            base=Path(args.base) if args.base else None,
                            init_adapter=Path(args.init_adapter) if args.init_adapter else None,
                            init_tlm=Path(args.init_tlm) if args.init_tlm else None, no_aef=args.no_aef,
-                           grasp=grasp, dense=dense, freeze_vision=args.freeze_vision, sigma=args.sigma, max_length=args.max_length, settings=settings,
-                           device=args.device)
+                           grasp=grasp, dense=dense, freeze_vision=args.freeze_vision, sigma=args.sigma,
+                           max_length=args.max_length, settings=settings, device=args.device)
     try:
         summary = run_stage(stage_args, show_progress=not args.json)
     except KeyboardInterrupt:

@@ -346,7 +346,8 @@ def _demo_vit192() -> FusarConfig:
     """``demo`` with a vision tower twice as wide: hidden 192, MLP 384, 6 heads (the language model
     as the demo's). Its dense warm-up head counts 0.80 and 0.82 on validation in two seeds against
     the demo's 0.745 / 0.763, at twice the time per step (benchmarks/vision_warmup.py --vision-width
-    192; eval-demo-recipes-vm.md, "A wider ViT")."""
+    192; eval-demo-recipes-vm.md, "a ViT twice as wide"). Through the whole recipe it counts
+    worse than the demo (0.641 against 0.686 on validation): an experiment, not the shipped demo."""
     cfg = _demo()
     cfg.name = "demo-vit192"
     cfg.backbone["vision_config"].update({"hidden_size": 192, "intermediate_size": 384, "num_heads": 6})

@@ -134,7 +134,7 @@ def run_stage(args: StageArgs, show_progress: bool = True) -> dict:
         # the demo vocabulary (demo, demo-wide) or the tiny one
         tok = TextTokenizer.demo() if cfg.text["vocab_size"] == DEMO_VOCAB_SIZE else TextTokenizer.tiny()
         # --freeze-vision: the main loop's answer loss moved the warmed-up tokens away from what the
-        # dense head reads (eval-demo-recipes-vm.md, "The main loop undoes the warm-up")
+        # dense head reads (eval-demo-recipes-vm.md, "the main loop that undoes the warm-up")
         frozen = {id(p) for p in model.visual.parameters()} if args.freeze_vision else set()
         params = {n: p for n, p in model.named_parameters() if id(p) not in frozen}
     else:
