@@ -428,8 +428,8 @@ def _qwen_7b() -> FusarConfig:
                  num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4)
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "demo": _demo, "demo-wide": _demo_wide, "demo-deep": _demo_deep, "demo-vit192": _demo_vit192, "qwen2.5-vl-3b": _qwen_3b,
-           "qwen2.5-vl-7b": _qwen_7b}
+PRESETS = {"tiny": _tiny, "small": _small, "demo": _demo, "demo-wide": _demo_wide, "demo-deep": _demo_deep,
+           "demo-vit192": _demo_vit192, "qwen2.5-vl-3b": _qwen_3b, "qwen2.5-vl-7b": _qwen_7b}
 
 
 BUILTIN_BUNDLE = "demo-bundle"  # fusar_edge/assets/<this>: the trained demo, the built-in default model
